@@ -1,0 +1,189 @@
+#pragma once
+// One error category for the whole library, and result<T> on Boost.Outcome.
+//
+// Every fallible operation returns result<T> (or takes a std::error_code&);
+// the throwing forms throw std::system_error carrying the same code.
+// Codes are grouped by layer; add new ones inside your layer's block.
+#include <boost/outcome/result.hpp>
+#include <boost/outcome/try.hpp>
+
+#include <string>
+#include <system_error>
+
+namespace supermachine {
+
+enum class errc {
+    success = 0,
+
+    // --- general ---
+    invalid_argument = 1,
+    io_error,
+    not_supported,
+    timeout,
+    cancelled,
+    out_of_resources,
+
+    // --- guest memory ---
+    address_out_of_range = 100, // a guest-physical range not inside guest RAM
+    memory_too_small,
+    memory_too_large,
+
+    // --- boot ---
+    kernel_not_found = 200,
+    kernel_invalid,   // not a bzImage / ELF kernel we can load
+    kernel_truncated, // shorter than its headers say
+    kernel_unsupported, // e.g. boot protocol too old, not relocatable where needed
+    initrd_too_large,
+    cmdline_too_long,
+    acpi_too_large,
+
+    // --- hypervisor backend ---
+    kvm_unavailable = 300, // no /dev/kvm or no permission
+    kvm_api_mismatch,
+    kvm_failed,            // an ioctl failed (errno kept alongside where useful)
+    too_many_vcpus,
+    emulation_failure,     // KVM could not emulate a guest instruction
+    guest_triple_fault,
+    guest_panicked,
+
+    // --- devices / virtio ---
+    descriptor_chain_malformed = 400,
+    queue_not_ready,
+    device_broken,
+    device_read_only,
+    sector_out_of_range,
+
+    // --- snapshot ---
+    snapshot_truncated = 500,
+    snapshot_bad_magic,
+    snapshot_unsupported_version,
+    snapshot_bad_record,
+    snapshot_too_large,
+    snapshot_mismatch, // e.g. taken for another device set
+
+    // --- OCI ---
+    bad_reference = 600,
+    digest_mismatch,
+    bad_digest,
+    manifest_invalid,
+    platform_not_found,
+    registry_error,
+    unauthorized,
+    not_found,
+    rate_limited,
+    archive_malformed, // tar / compression stream
+    path_escape,       // an entry tried to leave the image root
+    image_too_large,
+    filesystem_full,
+
+    // --- agent ---
+    agent_protocol_error = 700,
+    agent_auth_failed,
+    agent_unavailable,
+    command_not_found,
+};
+
+namespace detail {
+class error_category_impl final : public std::error_category {
+public:
+    const char* name() const noexcept override { return "supermachine"; }
+    std::string message(int value) const override {
+        switch (static_cast<errc>(value)) {
+        case errc::success: return "success";
+        case errc::invalid_argument: return "invalid argument";
+        case errc::io_error: return "I/O error";
+        case errc::not_supported: return "not supported";
+        case errc::timeout: return "timed out";
+        case errc::cancelled: return "cancelled";
+        case errc::out_of_resources: return "out of resources";
+
+        case errc::address_out_of_range: return "guest address range outside guest memory";
+        case errc::memory_too_small: return "guest memory too small";
+        case errc::memory_too_large: return "guest memory too large";
+
+        case errc::kernel_not_found: return "kernel file not found or unreadable";
+        case errc::kernel_invalid: return "not a bootable x86-64 Linux kernel (bzImage or ELF)";
+        case errc::kernel_truncated: return "kernel image is truncated";
+        case errc::kernel_unsupported: return "kernel boot protocol not supported";
+        case errc::initrd_too_large: return "initramfs does not fit in guest memory below the kernel's limit";
+        case errc::cmdline_too_long: return "kernel command line too long";
+        case errc::acpi_too_large: return "ACPI tables do not fit their area";
+
+        case errc::kvm_unavailable: return "KVM unavailable (/dev/kvm missing or no permission)";
+        case errc::kvm_api_mismatch: return "unsupported KVM API version or missing capability";
+        case errc::kvm_failed: return "a KVM operation failed";
+        case errc::too_many_vcpus: return "too many vCPUs";
+        case errc::emulation_failure: return "KVM could not emulate a guest instruction";
+        case errc::guest_triple_fault: return "guest triple-faulted";
+        case errc::guest_panicked: return "guest kernel panicked";
+
+        case errc::descriptor_chain_malformed: return "malformed virtqueue descriptor chain";
+        case errc::queue_not_ready: return "virtqueue not ready";
+        case errc::device_broken: return "device needs reset after a guest error";
+        case errc::device_read_only: return "device is read-only";
+        case errc::sector_out_of_range: return "sector out of range";
+
+        case errc::snapshot_truncated: return "snapshot file truncated";
+        case errc::snapshot_bad_magic: return "not a supermachine snapshot (bad magic)";
+        case errc::snapshot_unsupported_version: return "unsupported snapshot format version";
+        case errc::snapshot_bad_record: return "malformed record in snapshot";
+        case errc::snapshot_too_large: return "snapshot field exceeds its bound";
+        case errc::snapshot_mismatch: return "snapshot does not match this machine";
+
+        case errc::bad_reference: return "invalid image reference";
+        case errc::digest_mismatch: return "content does not match its digest";
+        case errc::bad_digest: return "invalid digest";
+        case errc::manifest_invalid: return "invalid image manifest or config";
+        case errc::platform_not_found: return "image has no entry for the requested platform";
+        case errc::registry_error: return "registry error";
+        case errc::unauthorized: return "registry refused access (unauthorized)";
+        case errc::not_found: return "not found";
+        case errc::rate_limited: return "registry rate limit reached";
+        case errc::archive_malformed: return "malformed archive or compressed stream";
+        case errc::path_escape: return "archive entry escapes the image root";
+        case errc::image_too_large: return "image exceeds a size limit";
+        case errc::filesystem_full: return "filesystem image full";
+
+        case errc::agent_protocol_error: return "guest agent protocol error";
+        case errc::agent_auth_failed: return "guest agent authentication failed";
+        case errc::agent_unavailable: return "guest agent unavailable";
+        case errc::command_not_found: return "command not found in the guest";
+        }
+        return "unknown supermachine error " + std::to_string(value);
+    }
+};
+} // namespace detail
+
+inline const std::error_category& error_category() noexcept {
+    static const detail::error_category_impl category;
+    return category;
+}
+
+inline std::error_code make_error_code(errc e) noexcept {
+    return {static_cast<int>(e), error_category()};
+}
+
+template <class T>
+using result = boost::outcome_v2::result<T, std::error_code>;
+
+using boost::outcome_v2::success;
+
+/// An errno value as an error_code (system_category), for syscall failures.
+inline std::error_code errno_code(int value) noexcept { return {value, std::system_category()}; }
+
+/// Throw the error in `r` as std::system_error, else return its value:
+/// the bridge from the error_code& forms to the throwing forms.
+template <class T>
+T value_or_throw(result<T>&& r, const char* what = "supermachine") {
+    if (!r) throw std::system_error(r.error(), what);
+    if constexpr (!std::is_void_v<T>) return std::move(r).value();
+}
+
+} // namespace supermachine
+
+template <>
+struct std::is_error_code_enum<supermachine::errc> : std::true_type {};
+
+// SUPERMACHINE_TRY(name, expr): declare `auto&& name` from a result or return its error.
+// SUPERMACHINE_TRY(expr): the same for result<void>. (Outcome 2.1 syntax, Boost 1.74.)
+#define SUPERMACHINE_TRY BOOST_OUTCOME_TRY
