@@ -173,6 +173,8 @@ void offer_buffer(ram& r, std::uint16_t slot, std::uint16_t descriptor) {
     r.put<std::uint16_t>(d + 12, 2); // WRITE
     r.put<std::uint16_t>(d + 14, 0);
     r.put<std::uint16_t>(avail_gpa + 4 + 2u * (slot % 8), descriptor);
+    r.put<std::uint16_t>(avail_gpa + 4 + 2u * 8,
+                         slot); // used_event (EVENT_IDX): interrupt me for this one
     r.put<std::uint16_t>(avail_gpa + 2, static_cast<std::uint16_t>(slot + 1));
 }
 
@@ -317,7 +319,7 @@ BOOST_AUTO_TEST_CASE(rings_outside_memory_are_refused) {
     BOOST_REQUIRE(f.call(request::set_mem_table, table({{0, ram_size, user_base, 0}}), one) == ok);
     BOOST_TEST(f.call(request::set_vring_num, vu::vring_state_bytes({0, 6})) ==
                fail); // not a power of two
-    BOOST_TEST(f.call(request::set_vring_num, vu::vring_state_bytes({0, 1024})) ==
+    BOOST_TEST(f.call(request::set_vring_num, vu::vring_state_bytes({0, 2048})) ==
                fail); // above the device max
     BOOST_TEST(f.call(request::set_vring_num, vu::vring_state_bytes({1, 8})) ==
                fail); // no such queue

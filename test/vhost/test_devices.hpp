@@ -12,6 +12,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -24,6 +26,20 @@ struct descriptor_segment {
     std::uint64_t address;
     std::uint32_t length;
     bool device_writable;
+};
+
+inline constexpr std::uint64_t virtio_ring_f_indirect_desc = std::uint64_t{1} << 28;
+inline constexpr std::uint64_t virtio_ring_f_event_idx = std::uint64_t{1} << 29;
+/// Ring features the helpers below implement (QEMU's vhost-user-rng acks them
+/// whether or not the back-end offers them, so a device core must offer them).
+inline constexpr std::uint64_t ring_features =
+    virtio_ring_f_indirect_desc | virtio_ring_f_event_idx;
+
+struct raw_descriptor {
+    std::uint64_t address;
+    std::uint32_t length;
+    std::uint16_t flags;
+    std::uint16_t next;
 };
 
 /// Pop the next available chain; nullopt when none. An error means the
@@ -41,21 +57,29 @@ pop_chain(vhost_user::vring& ring) {
     ++ring.next_available;
     if (head >= ring.size) return errc::descriptor_chain_malformed;
     std::vector<descriptor_segment> chain;
+    // The table being walked: the ring's own, or one indirect table (no nesting).
+    std::uint64_t table = ring.descriptor;
+    std::uint32_t table_size = ring.size;
+    bool indirect = false;
     std::uint16_t index = head;
-    for (std::uint32_t hops = 0;; ++hops) {
-        if (hops >= ring.size) return errc::descriptor_chain_malformed; // a loop
-        struct {
-            std::uint64_t address;
-            std::uint32_t length;
-            std::uint16_t flags;
-            std::uint16_t next;
-        } d;
-        SUPERMACHINE_TRY(copy, memory.read_object<decltype(d)>(ring.descriptor + 16u * index));
-        d = copy;
-        if (d.flags & 4) return errc::descriptor_chain_malformed; // indirect: never offered
+    std::uint32_t walked = 0; // descriptors read from the current table
+    for (;;) {
+        if (walked++ >= table_size) return errc::descriptor_chain_malformed; // a loop
+        SUPERMACHINE_TRY(d, memory.read_object<raw_descriptor>(table + 16u * index));
+        if (d.flags & 4) {
+            if (indirect || !(ring.features & virtio_ring_f_indirect_desc) || (d.flags & 1) ||
+                d.length == 0 || d.length % 16 || d.length / 16 > 1024)
+                return errc::descriptor_chain_malformed;
+            table = d.address;
+            table_size = d.length / 16;
+            indirect = true;
+            index = 0;
+            walked = 0;
+            continue;
+        }
         chain.push_back({d.address, d.length, (d.flags & 2) != 0});
         if (!(d.flags & 1)) break;
-        if (d.next >= ring.size) return errc::descriptor_chain_malformed;
+        if (d.next >= table_size) return errc::descriptor_chain_malformed;
         index = d.next;
     }
     return std::optional{std::pair{head, std::move(chain)}};
@@ -72,6 +96,36 @@ inline result<void> push_used(vhost_user::vring& ring, std::uint16_t head, std::
     return success();
 }
 
+/// EVENT_IDX: tell the driver to kick for anything after what we consumed,
+/// then look again — a buffer made available before the driver saw the new
+/// avail_event would otherwise wait for a kick that never comes. Returns
+/// true when more buffers arrived meanwhile (process again).
+inline bool publish_avail_event(vhost_user::vring& ring) {
+    if (!(ring.features & virtio_ring_f_event_idx)) return false;
+    const auto& memory = *ring.memory;
+    (void)memory.write_object<std::uint16_t>(ring.used + 4 + 8u * ring.size, ring.next_available);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    auto available_index = memory.read_object<std::uint16_t>(ring.available + 2);
+    return available_index && available_index.value() != ring.next_available;
+}
+
+/// After a batch: raise the interrupt if the driver wants one for the used
+/// entries from `used_before` on (always, without EVENT_IDX).
+inline void notify_if_wanted(vhost_user::vring& ring, std::uint16_t used_before) {
+    if (ring.next_used == used_before) return;
+    if (!(ring.features & virtio_ring_f_event_idx)) {
+        ring.call.trigger();
+        return;
+    }
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    auto used_event = ring.memory->read_object<std::uint16_t>(ring.available + 4 + 2u * ring.size);
+    if (!used_event) return;
+    const std::uint16_t new_used = ring.next_used;
+    if (static_cast<std::uint16_t>(new_used - used_event.value() - 1) <
+        static_cast<std::uint16_t>(new_used - used_before))
+        ring.call.trigger();
+}
+
 /// virtio-blk over a file descriptor (raw image). One request queue.
 class test_blk {
 public:
@@ -81,10 +135,11 @@ public:
         , read_only_(read_only) {}
 
     std::uint64_t features() const noexcept {
-        return virtio_f_version_1 | (1u << 9) /*FLUSH*/ | (read_only_ ? (1u << 5) : 0u);
+        return virtio_f_version_1 | ring_features | (1u << 9) /*FLUSH*/ |
+               (read_only_ ? (1u << 5) : 0u);
     }
     std::uint32_t queue_count() const noexcept { return 1; }
-    std::uint16_t max_queue_size() const noexcept { return 256; }
+    std::uint16_t max_queue_size() const noexcept { return 1024; } // QEMU asks for 1024
     void read_config(std::uint32_t offset, std::span<std::byte> out) const noexcept {
         std::array<std::byte, 64> config{};
         std::memcpy(config.data(), &sectors_, 8); // capacity in 512-byte sectors
@@ -97,24 +152,28 @@ public:
 
     void process_queue(vhost_user::vring& ring) {
         if (broken_) return;
-        bool any = false;
-        for (;;) {
-            auto next = pop_chain(ring);
-            if (!next) {
-                broken_ = true; // a broken ring: stop serving it (needs reset)
-                break;
+        const std::uint16_t used_before = ring.next_used;
+        do {
+            for (;;) {
+                auto next = pop_chain(ring);
+                if (!next) {
+                    if (std::getenv("SUPERMACHINE_VHOST_TRACE"))
+                        std::fprintf(stderr, "test_blk: broken ring: %s\n",
+                                     next.error().message().c_str());
+                    broken_ = true; // a broken ring: stop serving it (needs reset)
+                    return;
+                }
+                if (!next.value()) break;
+                auto& [head, chain] = *next.value();
+                const std::uint32_t written = serve(*ring.memory, chain);
+                if (!push_used(ring, head, written)) {
+                    broken_ = true;
+                    return;
+                }
+                ++requests_;
             }
-            if (!next.value()) break;
-            auto& [head, chain] = *next.value();
-            const std::uint32_t written = serve(*ring.memory, chain);
-            if (!push_used(ring, head, written)) {
-                broken_ = true;
-                break;
-            }
-            any = true;
-            ++requests_;
-        }
-        if (any) ring.call.trigger();
+        } while (publish_avail_event(ring));
+        notify_if_wanted(ring, used_before);
     }
 
 private:
@@ -178,9 +237,9 @@ private:
 /// virtio-rng: fills every writable buffer with a counter pattern (deterministic for tests).
 class test_rng {
 public:
-    std::uint64_t features() const noexcept { return virtio_f_version_1; }
+    std::uint64_t features() const noexcept { return virtio_f_version_1 | ring_features; }
     std::uint32_t queue_count() const noexcept { return 1; }
-    std::uint16_t max_queue_size() const noexcept { return 64; }
+    std::uint16_t max_queue_size() const noexcept { return 1024; }
     void read_config(std::uint32_t, std::span<std::byte> out) const noexcept {
         std::fill(out.begin(), out.end(), std::byte{0});
     }
@@ -188,31 +247,32 @@ public:
     bool broken = false;
 
     void process_queue(vhost_user::vring& ring) {
-        bool any = false;
-        for (;;) {
-            auto next = pop_chain(ring);
-            if (!next) {
-                broken = true;
-                break;
+        const std::uint16_t used_before = ring.next_used;
+        do {
+            for (;;) {
+                auto next = pop_chain(ring);
+                if (!next) {
+                    broken = true;
+                    return;
+                }
+                if (!next.value()) break;
+                auto& [head, chain] = *next.value();
+                std::uint32_t written = 0;
+                for (const auto& s : chain) {
+                    if (!s.device_writable) continue;
+                    auto host = ring.memory->span(s.address, s.length);
+                    if (!host) break;
+                    for (auto& b : host.value())
+                        b = static_cast<std::byte>(bytes_served++ & 0xff);
+                    written += s.length;
+                }
+                if (!push_used(ring, head, written)) {
+                    broken = true;
+                    return;
+                }
             }
-            if (!next.value()) break;
-            auto& [head, chain] = *next.value();
-            std::uint32_t written = 0;
-            for (const auto& s : chain) {
-                if (!s.device_writable) continue;
-                auto host = ring.memory->span(s.address, s.length);
-                if (!host) break;
-                for (auto& b : host.value())
-                    b = static_cast<std::byte>(bytes_served++ & 0xff);
-                written += s.length;
-            }
-            if (!push_used(ring, head, written)) {
-                broken = true;
-                break;
-            }
-            any = true;
-        }
-        if (any) ring.call.trigger();
+        } while (publish_avail_event(ring));
+        notify_if_wanted(ring, used_before);
     }
 };
 

@@ -48,6 +48,8 @@
 #include <cerrno>
 #include <concepts>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -422,9 +424,16 @@ private:
         socket.non_blocking(true);
         for (;;) {
             message m;
-            if (auto ec = co_await read_message(socket, m)) co_return ec;
-            if (auto valid = validate(m); !valid) co_return valid.error();
+            if (auto ec = co_await read_message(socket, m)) {
+                trace(m, ec);
+                co_return ec;
+            }
+            if (auto valid = validate(m); !valid) {
+                trace(m, valid.error());
+                co_return valid.error();
+            }
             auto reply = handle(m);
+            trace(m, reply ? std::error_code{} : reply.error());
             std::vector<std::byte> bytes;
             if (reply) {
                 bytes = std::move(reply).value();
@@ -442,6 +451,18 @@ private:
                 if (ec) co_return make_error_code(errc::vhost_user_disconnected);
             }
         }
+    }
+
+    /// SUPERMACHINE_VHOST_TRACE=1: one stderr line per request (diagnosing front-ends).
+    static void trace(const message& m, std::error_code ec) {
+        static const bool enabled = std::getenv("SUPERMACHINE_VHOST_TRACE") != nullptr;
+        if (!enabled) return;
+        std::uint64_t first = 0;
+        std::memcpy(&first, m.payload_storage.data(), sizeof first);
+        std::fprintf(stderr,
+                     "vhost-user: request %u size %u fds %zu flags %#x payload %#llx -> %s\n",
+                     m.head.request, m.head.size, m.fds.size(), m.head.flags,
+                     static_cast<unsigned long long>(first), ec ? ec.message().c_str() : "ok");
     }
 
     /// Read `length` bytes into `out`, collecting any SCM_RIGHTS fds into `fds`.
