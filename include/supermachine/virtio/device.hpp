@@ -50,8 +50,10 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
+#include <vector>
 
 namespace supermachine::virtio {
 
@@ -95,6 +97,9 @@ struct activation {
     std::uint64_t driver_features = 0;     // negotiated (a subset of device_features())
     std::span<queue_binding> queues;       // queue_count() entries
     interrupt_sink config_interrupt;
+    /// The core found a ring broken (errc::device_broken): the transport sets
+    /// DEVICE_NEEDS_RESET and tells the driver. Callable from any thread.
+    std::function<void()> needs_reset;
 };
 
 template <class D>

@@ -2,12 +2,13 @@
 // The machinery every device core needs between activate() and reset():
 // wait for each queue's kick eventfd with Asio (posix::stream_descriptor on
 // a strand of the device's executor), run the core's handler for that queue
-// under the core's lock, count I/O in flight off the executor, and stop so
+// under the core's lock, track I/O in flight off the executor, and stop so
 // that nothing touches guest memory after stop() returns.
 //
-// Why a generation counter: completions and kicks already queued on the
-// executor when the driver resets must not touch the old queues. Each
-// activation gets a new generation; work from an older one is dropped.
+// stop() drains rather than abandons: requests already taken from a ring are
+// finished and returned to the driver (so a pause for a snapshot loses none),
+// then a generation counter invalidates whatever is still queued on the
+// executor from the old activation.
 #include <supermachine/error.hpp>
 #include <supermachine/virtio/device.hpp>
 
@@ -41,11 +42,13 @@ public:
 
     /// Start listening on every bound queue's kick fd; each queue is also
     /// polled once at start (buffers made available before DRIVER_OK, or
-    /// after a restore, get no kick).
+    /// before a snapshot was restored, get no kick).
     result<void> start(const activation& act, kick_handler on_kick) {
+        stop();
         std::lock_guard lock(shared_->mutex);
         const std::uint64_t generation = ++shared_->generation;
         shared_->on_kick = std::move(on_kick);
+        shared_->accepting = true;
         for (std::size_t i = 0; i < act.queues.size(); ++i) {
             const auto& q = act.queues[i];
             if (!q.queue) continue;
@@ -71,9 +74,19 @@ public:
         return success();
     }
 
-    /// Stop serving: after return no kick handler runs and I/O in flight has
-    /// finished. Callable from any thread; never blocks on the executor.
+    /// Stop serving. When it returns: no kick handler runs, I/O taken from the
+    /// rings has finished (and was completed through run_if_current), and
+    /// later work stamped with an older generation is dropped. Callable from
+    /// any thread; never waits for the executor.
     void stop() {
+        {
+            std::lock_guard lock(shared_->mutex);
+            shared_->accepting = false; // no new requests are taken from the rings
+        }
+        {
+            std::unique_lock lock(shared_->io_mutex);
+            shared_->idle.wait(lock, [&] { return shared_->in_flight == 0; });
+        }
         std::vector<std::shared_ptr<listener>> old;
         {
             std::lock_guard lock(shared_->mutex);
@@ -86,8 +99,6 @@ public:
                 boost::system::error_code ignored;
                 l->descriptor.close(ignored);
             });
-        std::unique_lock lock(shared_->io_mutex);
-        shared_->idle.wait(lock, [&] { return shared_->in_flight == 0; });
     }
 
     /// The current generation: stamp asynchronous work with it.
@@ -96,8 +107,8 @@ public:
         return shared_->generation;
     }
 
-    /// Run `f` under the core's lock if `generation` is still current.
-    /// Not from inside a kick handler (it already holds the lock).
+    /// Run `f` under the core's lock if `generation` is still current (also
+    /// while stop() drains). Not from inside a kick handler: it holds the lock.
     template <class F>
     bool run_if_current(std::uint64_t generation, F&& f) {
         std::lock_guard lock(shared_->mutex);
@@ -106,9 +117,10 @@ public:
         return true;
     }
 
-    /// Bracket I/O that writes guest memory off the executor (thread pool):
-    /// stop() waits for every begin_io() to be matched by end_io().
-    /// Both may be called with or without the core's lock held.
+    /// Bracket work that touches guest memory off the executor (thread
+    /// pool): stop() waits until every begin_io() has its end_io(). Call
+    /// begin_io() from the kick handler (under the lock), end_io() after the
+    /// completion was pushed.
     void begin_io() {
         std::lock_guard lock(shared_->io_mutex);
         ++shared_->in_flight;
@@ -118,16 +130,14 @@ public:
         if (--shared_->in_flight == 0) shared_->idle.notify_all();
     }
 
-    /// The lock kick handlers run under (for the core's own state).
-    std::mutex& mutex() { return shared_->mutex; }
-
 private:
     struct shared {
-        std::mutex mutex;    // the core's lock: queues and generation
+        std::mutex mutex;    // the core's lock: queues, generation, accepting
         std::mutex io_mutex; // in_flight only, so I/O threads never wait for the core
         std::condition_variable idle;
         std::uint64_t generation = 0;
         std::uint64_t in_flight = 0;
+        bool accepting = false;
         kick_handler on_kick;
     };
 
@@ -142,14 +152,15 @@ private:
 
         void fire() {
             std::lock_guard lock(state->mutex);
-            if (state->generation == generation && state->on_kick) state->on_kick(index);
+            if (state->generation == generation && state->accepting && state->on_kick)
+                state->on_kick(index);
         }
         void wait() {
             descriptor.async_wait(boost::asio::posix::stream_descriptor::wait_read,
                                   [self = shared_from_this()](boost::system::error_code ec) {
                                       if (ec) return; // closed by stop()
                                       std::uint64_t count;
-                                      // Drain the eventfd counter; many kicks, one pass.
+                                      // Drain the eventfd counter: many kicks, one pass.
                                       [[maybe_unused]] auto n = ::read(
                                           self->descriptor.native_handle(), &count, sizeof count);
                                       self->fire();
@@ -167,5 +178,31 @@ private:
     std::shared_ptr<shared> shared_;
     std::vector<std::shared_ptr<listener>> listeners_;
 };
+
+/// Take every available chain from `binding`'s queue, calling
+/// `on_chain(virtqueue::available_chain&&)` for each, with notifications
+/// re-enabled race-free at the end (virtio 1.2 2.7.13 "notification
+/// suppression"). A broken ring returns errc::device_broken.
+template <class F>
+result<void> for_each_available(queue_binding& binding, F&& on_chain) {
+    virtqueue& q = *binding.queue;
+    for (;;) {
+        q.disable_notifications();
+        for (;;) {
+            SUPERMACHINE_TRY(popped, q.pop());
+            if (!popped) break;
+            on_chain(std::move(*popped));
+        }
+        if (!q.enable_notifications()) return success();
+    }
+}
+
+/// Return a chain to the driver and interrupt it if it asked to be.
+inline result<void> complete_chain(queue_binding& binding, std::uint16_t head,
+                                   std::uint32_t written) {
+    SUPERMACHINE_TRY(binding.queue->push_used(head, written));
+    if (binding.queue->should_notify()) binding.interrupt.used_buffer();
+    return success();
+}
 
 } // namespace supermachine::virtio

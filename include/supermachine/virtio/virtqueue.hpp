@@ -37,6 +37,8 @@ struct queue_position {
     std::uint16_t next_used = 0;      // used idx we publish next
     std::uint16_t signalled_used = 0; // used idx at the last interrupt (event index)
     bool signalled_valid = false;     // false: interrupt on the next push regardless
+
+    friend bool operator==(const queue_position&, const queue_position&) = default;
 };
 
 /// vring_need_event from the spec (2.7.7.2 / 2.7.10): true when `new_index`
