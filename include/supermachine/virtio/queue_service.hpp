@@ -107,6 +107,9 @@ public:
         return shared_->generation;
     }
 
+    /// The current generation, from inside a kick handler (the lock is held).
+    std::uint64_t generation_in_handler() const noexcept { return shared_->generation; }
+
     /// Run `f` under the core's lock if `generation` is still current (also
     /// while stop() drains). Not from inside a kick handler: it holds the lock.
     template <class F>
