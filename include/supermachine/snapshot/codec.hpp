@@ -45,12 +45,13 @@ public:
     // by-value std::string parameter in a constant expression.
     constexpr codec_result(T&& value) noexcept(std::is_nothrow_move_constructible_v<T>)
         : value_(std::move(value)) {}
-    constexpr codec_result(const T& value) : value_(value) {}
+    constexpr codec_result(const T& value)
+        : value_(value) {}
     constexpr codec_result(errc error) noexcept(std::is_nothrow_default_constructible_v<T>)
         : error_(error == errc::success ? errc::invalid_argument : error) {}
     // What SUPERMACHINE_TRY returns on failure.
     template <class E>
-        requires std::same_as<E, errc>
+    requires std::same_as<E, errc>
     constexpr codec_result(boost::outcome_v2::failure_type<E> failure) noexcept
         : codec_result(failure.error()) {}
 
@@ -92,9 +93,10 @@ template <>
 class [[nodiscard]] codec_result<void> {
 public:
     constexpr codec_result() noexcept = default;
-    constexpr codec_result(errc error) noexcept : error_(error) {}
+    constexpr codec_result(errc error) noexcept
+        : error_(error) {}
     template <class E>
-        requires std::same_as<E, errc>
+    requires std::same_as<E, errc>
     constexpr codec_result(boost::outcome_v2::failure_type<E> failure) noexcept
         : error_(failure.error()) {}
     constexpr codec_result(boost::outcome_v2::success_type<void>) noexcept {}
@@ -117,7 +119,8 @@ private:
 /// Reads little-endian fields from a slice; never reads past its end.
 class byte_reader {
 public:
-    constexpr explicit byte_reader(std::span<const std::byte> input) noexcept : input_(input) {}
+    constexpr explicit byte_reader(std::span<const std::byte> input) noexcept
+        : input_(input) {}
 
     constexpr std::size_t position() const noexcept { return position_; }
     constexpr std::size_t remaining() const noexcept { return input_.size() - position_; }
@@ -128,8 +131,8 @@ public:
         if (remaining() < sizeof(T)) return errc::snapshot_truncated;
         T value = 0;
         for (std::size_t i = 0; i < sizeof(T); ++i)
-            value |= static_cast<T>(static_cast<T>(std::to_integer<std::uint8_t>(input_[position_ + i]))
-                                    << (8 * i));
+            value |= static_cast<T>(
+                static_cast<T>(std::to_integer<std::uint8_t>(input_[position_ + i])) << (8 * i));
         position_ += sizeof(T);
         return value;
     }
@@ -200,7 +203,8 @@ public:
     /// Measuring writer: counts bytes, stores nothing.
     constexpr byte_writer() noexcept = default;
     constexpr explicit byte_writer(std::span<std::byte> output) noexcept
-        : output_(output), measuring_(false) {}
+        : output_(output)
+        , measuring_(false) {}
 
     constexpr std::size_t position() const noexcept { return position_; }
     constexpr errc error() const noexcept { return error_; }
@@ -212,7 +216,8 @@ public:
     constexpr void unsigned_le(T value) noexcept {
         if (!reserve(sizeof(T))) return;
         for (std::size_t i = 0; i < sizeof(T); ++i)
-            output_[position_ + i] = static_cast<std::byte>(static_cast<std::uint8_t>(value >> (8 * i)));
+            output_[position_ + i] =
+                static_cast<std::byte>(static_cast<std::uint8_t>(value >> (8 * i)));
         position_ += sizeof(T);
     }
     constexpr void u8(std::uint8_t value) noexcept { unsigned_le(value); }
@@ -222,7 +227,8 @@ public:
 
     constexpr void bytes(std::span<const std::byte> data) noexcept {
         if (!reserve(data.size())) return;
-        for (std::size_t i = 0; i < data.size(); ++i) output_[position_ + i] = data[i];
+        for (std::size_t i = 0; i < data.size(); ++i)
+            output_[position_ + i] = data[i];
         position_ += data.size();
     }
 
@@ -301,7 +307,9 @@ constexpr field_descriptor<Record, T> field(T Record::*member, std::uint64_t lim
 /// field_descriptor. It may add `constexpr codec_result<void> validate() const`,
 /// called after decoding and before encoding.
 template <class T>
-concept record = requires { T::fields(); };
+concept record = requires {
+    T::fields();
+};
 
 namespace detail {
 template <class T>
@@ -323,7 +331,7 @@ struct is_byte_array<std::array<std::byte, N>> : std::true_type {};
 
 template <class T>
 concept scalar = std::unsigned_integral<T> || std::same_as<T, bool> ||
-                 (std::is_enum_v<T> && std::unsigned_integral<std::underlying_type_t<T>>);
+    (std::is_enum_v<T>&& std::unsigned_integral<std::underlying_type_t<T>>);
 } // namespace detail
 
 template <class T>
@@ -331,8 +339,10 @@ constexpr std::uint64_t encoded_size_min() noexcept;
 
 template <class T>
 constexpr codec_result<void> validate_record(const T& value) {
-    if constexpr (requires { value.validate(); }) return value.validate();
-    else return {};
+    if constexpr (requires { value.validate(); })
+        return value.validate();
+    else
+        return {};
 }
 
 /// Encode one field value of type T.
@@ -355,12 +365,16 @@ constexpr void encode_value(byte_writer& out, const T& value, std::uint64_t limi
         if (value) encode_value(out, *value, limit);
     } else if constexpr (detail::is_vector<T>::value) {
         out.count(value.size(), limit);
-        for (const auto& element : value) encode_value(out, element, 0);
+        for (const auto& element : value)
+            encode_value(out, element, 0);
     } else {
         static_assert(record<T>, "field type has no codec");
         if (auto valid = validate_record(value); !valid) return out.fail(valid.error());
-        std::apply([&](const auto&... fields) { (encode_value(out, value.*(fields.member), fields.limit), ...); },
-                   T::fields());
+        std::apply(
+            [&](const auto&... fields) {
+                (encode_value(out, value.*(fields.member), fields.limit), ...);
+            },
+            T::fields());
     }
 }
 
@@ -385,7 +399,8 @@ constexpr codec_result<void> decode_value(byte_reader& in, T& value, std::uint64
         value.assign(view.begin(), view.end());
     } else if constexpr (detail::is_byte_array<T>::value) {
         SUPERMACHINE_TRY(view, in.bytes(value.size()));
-        for (std::size_t i = 0; i < value.size(); ++i) value[i] = view[i];
+        for (std::size_t i = 0; i < value.size(); ++i)
+            value[i] = view[i];
     } else if constexpr (detail::is_optional<T>::value) {
         SUPERMACHINE_TRY(present, in.u8());
         if (present > 1) return errc::snapshot_bad_record;
@@ -410,7 +425,9 @@ constexpr codec_result<void> decode_value(byte_reader& in, T& value, std::uint64
         codec_result<void> status;
         std::apply(
             [&](const auto&... fields) {
-                ((status = status ? decode_value(in, value.*(fields.member), fields.limit) : status), ...);
+                ((status =
+                      status ? decode_value(in, value.*(fields.member), fields.limit) : status),
+                 ...);
             },
             T::fields());
         if (!status) return status;
@@ -422,18 +439,25 @@ constexpr codec_result<void> decode_value(byte_reader& in, T& value, std::uint64
 /// The fewest bytes any value of T encodes to (bounds list counts).
 template <class T>
 constexpr std::uint64_t encoded_size_min() noexcept {
-    if constexpr (std::same_as<T, bool>) return 1;
-    else if constexpr (std::is_enum_v<T>) return sizeof(std::underlying_type_t<T>);
-    else if constexpr (std::unsigned_integral<T>) return sizeof(T);
-    else if constexpr (detail::is_byte_array<T>::value) return std::tuple_size_v<T>;
-    else if constexpr (detail::is_optional<T>::value) return 1;
-    else if constexpr (std::same_as<T, std::string> || detail::is_vector<T>::value) return 4;
+    if constexpr (std::same_as<T, bool>)
+        return 1;
+    else if constexpr (std::is_enum_v<T>)
+        return sizeof(std::underlying_type_t<T>);
+    else if constexpr (std::unsigned_integral<T>)
+        return sizeof(T);
+    else if constexpr (detail::is_byte_array<T>::value)
+        return std::tuple_size_v<T>;
+    else if constexpr (detail::is_optional<T>::value)
+        return 1;
+    else if constexpr (std::same_as<T, std::string> || detail::is_vector<T>::value)
+        return 4;
     else {
         static_assert(record<T>, "field type has no codec");
         return std::apply(
             [](const auto&... fields) {
                 return (std::uint64_t{0} + ... +
-                        encoded_size_min<std::remove_cvref_t<decltype(std::declval<T>().*(fields.member))>>());
+                        encoded_size_min<
+                            std::remove_cvref_t<decltype(std::declval<T>().*(fields.member))>>());
             },
             T::fields());
     }

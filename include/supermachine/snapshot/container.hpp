@@ -115,7 +115,8 @@ constexpr codec_result<snapshot_header> decode_header(std::span<const std::byte>
 
 /// Check where the header puts body and RAM against the file's real size,
 /// overflow-safe, before anything is read or mapped.
-constexpr codec_result<void> check_layout(const snapshot_header& h, std::uint64_t file_size) noexcept {
+constexpr codec_result<void> check_layout(const snapshot_header& h,
+                                          std::uint64_t file_size) noexcept {
     if (h.body_offset != header_size) return errc::snapshot_bad_record;
     if (h.body_length > max_body_bytes) return errc::snapshot_too_large;
     if (h.ram_size > max_memory_bytes) return errc::snapshot_too_large;
@@ -123,7 +124,8 @@ constexpr codec_result<void> check_layout(const snapshot_header& h, std::uint64_
         return errc::snapshot_bad_record;
     // body_offset and body_length are bounded above, so this cannot wrap.
     if (h.ram_offset < h.body_offset + h.body_length) return errc::snapshot_bad_record;
-    if (file_size < h.ram_offset || file_size - h.ram_offset < h.ram_size) return errc::snapshot_truncated;
+    if (file_size < h.ram_offset || file_size - h.ram_offset < h.ram_size)
+        return errc::snapshot_truncated;
     if (file_size - h.ram_offset != h.ram_size) return errc::snapshot_bad_record; // trailing bytes
     return {};
 }
@@ -154,16 +156,21 @@ constexpr void encode_tagged(byte_writer& out, record_tag tag, const T& value) {
 
 constexpr void encode_body_into(byte_writer& out, const snapshot_records& r) {
     encode_tagged(out, record_tag::machine, r.machine); // always first
-    for (const auto& v : r.vcpus) encode_tagged(out, record_tag::vcpu, v);
-    if (r.interrupt_controller) encode_tagged(out, record_tag::interrupt_controller, *r.interrupt_controller);
+    for (const auto& v : r.vcpus)
+        encode_tagged(out, record_tag::vcpu, v);
+    if (r.interrupt_controller)
+        encode_tagged(out, record_tag::interrupt_controller, *r.interrupt_controller);
     if (r.uart) encode_tagged(out, record_tag::uart, *r.uart);
-    for (const auto& d : r.virtio_devices) encode_tagged(out, record_tag::virtio_device, d);
+    for (const auto& d : r.virtio_devices)
+        encode_tagged(out, record_tag::virtio_device, d);
     if (r.agent) encode_tagged(out, record_tag::agent, *r.agent);
-    for (const auto& p : r.port_forwards) encode_tagged(out, record_tag::port_forward, p);
+    for (const auto& p : r.port_forwards)
+        encode_tagged(out, record_tag::port_forward, p);
 }
 
 template <class T>
-constexpr codec_result<void> decode_singleton(std::span<const std::byte> payload, std::optional<T>& slot) {
+constexpr codec_result<void> decode_singleton(std::span<const std::byte> payload,
+                                              std::optional<T>& slot) {
     if (slot) return errc::snapshot_bad_record; // duplicate
     SUPERMACHINE_TRY(value, decode_exactly<T>(payload));
     slot = std::move(value);
@@ -276,8 +283,10 @@ constexpr codec_result<std::vector<std::byte>> encode_snapshot(const snapshot_re
     if (ram.size() != records.machine.memory_size) return errc::invalid_argument;
     SUPERMACHINE_TRY(meta, encode_metadata(records));
     std::vector<std::byte> file(meta.header.ram_offset + ram.size());
-    for (std::size_t i = 0; i < meta.bytes.size(); ++i) file[i] = meta.bytes[i];
-    for (std::size_t i = 0; i < ram.size(); ++i) file[meta.header.ram_offset + i] = ram[i];
+    for (std::size_t i = 0; i < meta.bytes.size(); ++i)
+        file[i] = meta.bytes[i];
+    for (std::size_t i = 0; i < ram.size(); ++i)
+        file[meta.header.ram_offset + i] = ram[i];
     return file;
 }
 

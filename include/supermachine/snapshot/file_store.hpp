@@ -31,8 +31,10 @@ namespace detail {
 class unique_fd {
 public:
     unique_fd() = default;
-    explicit unique_fd(int fd) noexcept : fd_(fd) {}
-    unique_fd(unique_fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+    explicit unique_fd(int fd) noexcept
+        : fd_(fd) {}
+    unique_fd(unique_fd&& other) noexcept
+        : fd_(std::exchange(other.fd_, -1)) {}
     unique_fd& operator=(unique_fd&& other) noexcept {
         if (this != &other) {
             reset();
@@ -59,7 +61,8 @@ struct write_statistics {
 };
 
 /// Write `image` to `path` atomically (temp file + fsync + rename + dir fsync).
-inline result<write_statistics> write_snapshot(const std::filesystem::path& path, const snapshot_image& image) {
+inline result<write_statistics> write_snapshot(const std::filesystem::path& path,
+                                               const snapshot_image& image) {
     if (path.filename().empty()) return errc::invalid_argument;
     const auto directory = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
     std::string temp = (directory / ("." + path.filename().string() + ".tmp-XXXXXX")).string();
@@ -91,7 +94,8 @@ inline result<loaded_snapshot> read_snapshot(const std::filesystem::path& path) 
 /// The file policy: one snapshot at one path.
 class file_store {
 public:
-    explicit file_store(std::filesystem::path path) : path_(std::move(path)) {}
+    explicit file_store(std::filesystem::path path)
+        : path_(std::move(path)) {}
     result<void> save(const snapshot_image& image) {
         SUPERMACHINE_TRY(write_snapshot(path_, image));
         return success();

@@ -64,7 +64,8 @@ struct vcpu_record {
     std::vector<std::byte> state;
 
     static constexpr auto fields() {
-        return std::tuple{field(&vcpu_record::index), field(&vcpu_record::state, max_vcpu_state_bytes)};
+        return std::tuple{field(&vcpu_record::index),
+                          field(&vcpu_record::state, max_vcpu_state_bytes)};
     }
     friend constexpr bool operator==(const vcpu_record&, const vcpu_record&) = default;
 };
@@ -74,7 +75,8 @@ struct interrupt_controller_record {
     std::vector<std::byte> state;
 
     static constexpr auto fields() {
-        return std::tuple{field(&interrupt_controller_record::state, max_interrupt_controller_state_bytes)};
+        return std::tuple{
+            field(&interrupt_controller_record::state, max_interrupt_controller_state_bytes)};
     }
     friend constexpr bool operator==(const interrupt_controller_record&,
                                      const interrupt_controller_record&) = default;
@@ -97,10 +99,16 @@ struct uart_record {
 
     static constexpr auto fields() {
         using r = uart_record;
-        return std::tuple{field(&r::divisor_latch_low), field(&r::divisor_latch_high),
-                          field(&r::interrupt_enable), field(&r::interrupt_identification),
-                          field(&r::fifo_control), field(&r::line_control), field(&r::modem_control),
-                          field(&r::line_status), field(&r::modem_status), field(&r::scratch),
+        return std::tuple{field(&r::divisor_latch_low),
+                          field(&r::divisor_latch_high),
+                          field(&r::interrupt_enable),
+                          field(&r::interrupt_identification),
+                          field(&r::fifo_control),
+                          field(&r::line_control),
+                          field(&r::modem_control),
+                          field(&r::line_status),
+                          field(&r::modem_status),
+                          field(&r::scratch),
                           field(&r::transmit_interrupt_pending),
                           field(&r::receive_fifo, max_uart_fifo_bytes)};
     }
@@ -122,7 +130,8 @@ constexpr bool known_virtio_device_kind(virtio_device_kind kind) noexcept {
     case virtio_device_kind::block:
     case virtio_device_kind::console:
     case virtio_device_kind::entropy:
-    case virtio_device_kind::vsock: return true;
+    case virtio_device_kind::vsock:
+        return true;
     }
     return false;
 }
@@ -140,9 +149,10 @@ struct virtqueue_record {
 
     static constexpr auto fields() {
         using r = virtqueue_record;
-        return std::tuple{field(&r::index),          field(&r::size),           field(&r::ready),
-                          field(&r::descriptor_table), field(&r::available_ring), field(&r::used_ring),
-                          field(&r::next_available),  field(&r::next_used)};
+        return std::tuple{field(&r::index),          field(&r::size),
+                          field(&r::ready),          field(&r::descriptor_table),
+                          field(&r::available_ring), field(&r::used_ring),
+                          field(&r::next_available), field(&r::next_used)};
     }
     constexpr codec_result<void> validate() const {
         if (index >= max_virtqueues) return errc::snapshot_bad_record;
@@ -154,17 +164,18 @@ struct virtqueue_record {
 
 /// A block device's host backing, inline so a restore needs nothing else.
 struct block_backing_record {
-    std::string path;             // the disk (or the read-only base of a cow overlay)
+    std::string path; // the disk (or the read-only base of a cow overlay)
     std::uint64_t size_bytes = 0;
     bool read_only = false;
     std::vector<std::byte> overlay_state; // the cow overlay's own state; empty if none
 
     static constexpr auto fields() {
         using r = block_backing_record;
-        return std::tuple{field(&r::path, max_path_bytes), field(&r::size_bytes), field(&r::read_only),
-                          field(&r::overlay_state, max_overlay_state_bytes)};
+        return std::tuple{field(&r::path, max_path_bytes), field(&r::size_bytes),
+                          field(&r::read_only), field(&r::overlay_state, max_overlay_state_bytes)};
     }
-    friend constexpr bool operator==(const block_backing_record&, const block_backing_record&) = default;
+    friend constexpr bool operator==(const block_backing_record&,
+                                     const block_backing_record&) = default;
 };
 
 /// One virtio device: its kind, where it sat, transport and queue state,
@@ -175,7 +186,7 @@ struct virtio_device_record {
     std::uint32_t gsi = 0;
     std::vector<std::byte> transport_state; // feature bits, status, config generation, ...
     std::vector<virtqueue_record> queues;
-    std::vector<std::byte> device_state;    // device-specific (config space, vsock cid, ...)
+    std::vector<std::byte> device_state; // device-specific (config space, vsock cid, ...)
     std::optional<block_backing_record> block_backing;
 
     static constexpr auto fields() {
@@ -195,7 +206,8 @@ struct virtio_device_record {
                 if (queues[i].index == queues[j].index) return errc::snapshot_bad_record;
         return {};
     }
-    friend constexpr bool operator==(const virtio_device_record&, const virtio_device_record&) = default;
+    friend constexpr bool operator==(const virtio_device_record&,
+                                     const virtio_device_record&) = default;
 };
 
 /// The guest agent's credentials.
@@ -216,13 +228,15 @@ struct port_forward_record {
     std::uint16_t guest_port = 0;
 
     static constexpr auto fields() {
-        return std::tuple{field(&port_forward_record::host_port), field(&port_forward_record::guest_port)};
+        return std::tuple{field(&port_forward_record::host_port),
+                          field(&port_forward_record::guest_port)};
     }
     constexpr codec_result<void> validate() const {
         if (guest_port == 0) return errc::snapshot_bad_record;
         return {};
     }
-    friend constexpr bool operator==(const port_forward_record&, const port_forward_record&) = default;
+    friend constexpr bool operator==(const port_forward_record&,
+                                     const port_forward_record&) = default;
 };
 
 /// Everything in a snapshot besides RAM.

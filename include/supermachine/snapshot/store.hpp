@@ -44,7 +44,8 @@ struct loaded_snapshot {
 };
 
 template <class Store>
-concept snapshot_store = requires(Store& store, const Store& const_store, const snapshot_image& image) {
+concept snapshot_store = requires(Store& store, const Store& const_store,
+                                  const snapshot_image& image) {
     { store.save(image) } -> std::same_as<result<void>>;
     { const_store.load() } -> std::same_as<result<loaded_snapshot>>;
 };

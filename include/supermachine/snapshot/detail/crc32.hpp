@@ -15,7 +15,8 @@ inline constexpr std::array<std::uint32_t, 256> crc32_table = [] {
     std::array<std::uint32_t, 256> table{};
     for (std::uint32_t i = 0; i < 256; ++i) {
         std::uint32_t c = i;
-        for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
+        for (int k = 0; k < 8; ++k)
+            c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
         table[i] = c;
     }
     return table;
@@ -36,7 +37,8 @@ constexpr std::uint32_t crc32(std::span<const std::byte> data) noexcept {
         return static_cast<std::uint32_t>(crc);
     }
     std::uint32_t c = 0xffffffffu;
-    for (std::byte b : data) c = crc32_table[(c ^ std::to_integer<std::uint8_t>(b)) & 0xff] ^ (c >> 8);
+    for (std::byte b : data)
+        c = crc32_table[(c ^ std::to_integer<std::uint8_t>(b)) & 0xff] ^ (c >> 8);
     return c ^ 0xffffffffu;
 }
 

@@ -20,7 +20,8 @@
 
 namespace supermachine::snapshot::detail {
 
-inline result<void> write_all_at(int fd, std::span<const std::byte> data, std::uint64_t offset) noexcept {
+inline result<void> write_all_at(int fd, std::span<const std::byte> data,
+                                 std::uint64_t offset) noexcept {
     while (!data.empty()) {
         const ssize_t n = ::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset));
         if (n < 0) {
@@ -35,7 +36,8 @@ inline result<void> write_all_at(int fd, std::span<const std::byte> data, std::u
 }
 
 /// Read exactly data.size() bytes at `offset`; end of file first is snapshot_truncated.
-inline result<void> read_exact_at(int fd, std::span<std::byte> data, std::uint64_t offset) noexcept {
+inline result<void> read_exact_at(int fd, std::span<std::byte> data,
+                                  std::uint64_t offset) noexcept {
     while (!data.empty()) {
         const ssize_t n = ::pread(fd, data.data(), data.size(), static_cast<off_t>(offset));
         if (n < 0) {
@@ -62,14 +64,15 @@ inline bool page_is_zero(const std::byte* page) noexcept {
 
 /// Write the non-zero pages of ram[begin, end) to fd at ram_offset + page
 /// offset, in runs of at most 8 MiB. Zero pages are skipped (left as holes).
-inline result<void> write_nonzero_pages(int fd, std::uint64_t ram_offset, std::span<const std::byte> ram,
-                                        std::uint64_t begin, std::uint64_t end,
-                                        std::uint64_t& data_bytes) noexcept {
+inline result<void> write_nonzero_pages(int fd, std::uint64_t ram_offset,
+                                        std::span<const std::byte> ram, std::uint64_t begin,
+                                        std::uint64_t end, std::uint64_t& data_bytes) noexcept {
     constexpr std::uint64_t max_run = 8u << 20;
     std::uint64_t run_start = begin, run_length = 0;
     auto flush = [&]() -> result<void> {
         if (run_length == 0) return success();
-        SUPERMACHINE_TRY(write_all_at(fd, ram.subspan(run_start, run_length), ram_offset + run_start));
+        SUPERMACHINE_TRY(
+            write_all_at(fd, ram.subspan(run_start, run_length), ram_offset + run_start));
         data_bytes += run_length;
         run_length = 0;
         return success();
@@ -90,8 +93,9 @@ inline result<void> write_nonzero_pages(int fd, std::uint64_t ram_offset, std::s
 
 /// Write guest RAM sparsely into fd (already sized to hold it: holes read as
 /// zero). Returns the bytes of data written.
-inline result<std::uint64_t> write_ram_sparse(int fd, std::uint64_t ram_offset, std::span<const std::byte> ram,
-                                              int hint_fd, std::uint64_t hint_offset) noexcept {
+inline result<std::uint64_t> write_ram_sparse(int fd, std::uint64_t ram_offset,
+                                              std::span<const std::byte> ram, int hint_fd,
+                                              std::uint64_t hint_offset) noexcept {
     std::uint64_t data_bytes = 0;
     const std::uint64_t size = ram.size();
     if (hint_fd < 0) {
@@ -105,7 +109,8 @@ inline result<std::uint64_t> write_ram_sparse(int fd, std::uint64_t ram_offset, 
         if (data < 0) {
             if (errno == ENXIO) break; // no data past here: the rest is holes
             if (errno == EINVAL) {     // fd cannot report holes: scan everything left
-                SUPERMACHINE_TRY(write_nonzero_pages(fd, ram_offset, ram, position, size, data_bytes));
+                SUPERMACHINE_TRY(
+                    write_nonzero_pages(fd, ram_offset, ram, position, size, data_bytes));
                 break;
             }
             return errno_code(errno);
@@ -121,7 +126,8 @@ inline result<std::uint64_t> write_ram_sparse(int fd, std::uint64_t ram_offset, 
         const std::uint64_t begin = clamp(data) / page_size * page_size;
         const std::uint64_t end = round_up_to_page(clamp(hole));
         if (end <= position) break; // no progress: defensive
-        SUPERMACHINE_TRY(write_nonzero_pages(fd, ram_offset, ram, std::max(begin, position), end, data_bytes));
+        SUPERMACHINE_TRY(
+            write_nonzero_pages(fd, ram_offset, ram, std::max(begin, position), end, data_bytes));
         position = end;
     }
     return data_bytes;
@@ -135,7 +141,8 @@ inline result<std::uint64_t> write_snapshot_fd(int fd, const snapshot_image& ima
     // Size the file first: everything not written below stays a hole.
     if (::ftruncate(fd, static_cast<off_t>(meta.header.ram_offset + meta.header.ram_size)) != 0)
         return errno_code(errno);
-    return write_ram_sparse(fd, meta.header.ram_offset, image.ram, image.ram_fd, image.ram_fd_offset);
+    return write_ram_sparse(fd, meta.header.ram_offset, image.ram, image.ram_fd,
+                            image.ram_fd_offset);
 }
 
 /// Validate a snapshot in fd and map its RAM privately. The fd may be
