@@ -91,6 +91,13 @@ inline result<loaded_snapshot> read_snapshot(const std::filesystem::path& path) 
     return detail::read_snapshot_fd(fd.get());
 }
 
+/// Validate the snapshot at `path` and return its records, without mapping RAM.
+inline result<snapshot_metadata> inspect_snapshot(const std::filesystem::path& path) {
+    detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) return errno_code(errno);
+    return detail::read_metadata_fd(fd.get());
+}
+
 /// The file policy: one snapshot at one path.
 class file_store {
 public:

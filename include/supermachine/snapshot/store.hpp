@@ -35,6 +35,13 @@ struct snapshot_image {
     std::uint64_t ram_fd_offset = 0;
 };
 
+/// A validated snapshot's header and records, without its RAM (to inspect a
+/// file, or to check that a cached snapshot matches before restoring it).
+struct snapshot_metadata {
+    snapshot_header header;
+    snapshot_records records;
+};
+
 /// A restored snapshot: the parsed records and the RAM, mapped privately
 /// and lazily (pages are read from the file when the guest touches them).
 struct loaded_snapshot {

@@ -145,9 +145,9 @@ inline result<std::uint64_t> write_snapshot_fd(int fd, const snapshot_image& ima
                             image.ram_fd_offset);
 }
 
-/// Validate a snapshot in fd and map its RAM privately. The fd may be
-/// closed afterwards (the mapping keeps the file).
-inline result<loaded_snapshot> read_snapshot_fd(int fd) {
+/// Validate a snapshot in fd: header, layout against the file size, body.
+/// Reads only the header and body, never RAM.
+inline result<snapshot_metadata> read_metadata_fd(int fd) {
     struct stat st {};
     if (::fstat(fd, &st) != 0) return errno_code(errno);
     if (!S_ISREG(st.st_mode)) return errc::invalid_argument;
@@ -162,8 +162,16 @@ inline result<loaded_snapshot> read_snapshot_fd(int fd) {
     std::vector<std::byte> prefix(h.body_offset + h.body_length);
     SUPERMACHINE_TRY(read_exact_at(fd, prefix, 0));
     SUPERMACHINE_TRY(records, result<snapshot_records>(decode_metadata(h, prefix)));
-    SUPERMACHINE_TRY(memory, guest_memory::map_private_x86(fd, h.ram_offset, h.ram_size));
-    return loaded_snapshot{h, std::move(records), std::move(memory)};
+    return snapshot_metadata{h, std::move(records)};
+}
+
+/// Validate a snapshot in fd and map its RAM privately. The fd may be
+/// closed afterwards (the mapping keeps the file).
+inline result<loaded_snapshot> read_snapshot_fd(int fd) {
+    SUPERMACHINE_TRY(metadata, read_metadata_fd(fd));
+    SUPERMACHINE_TRY(memory, guest_memory::map_private_x86(fd, metadata.header.ram_offset,
+                                                           metadata.header.ram_size));
+    return loaded_snapshot{metadata.header, std::move(metadata.records), std::move(memory)};
 }
 
 } // namespace supermachine::snapshot::detail
