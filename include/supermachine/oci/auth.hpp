@@ -31,10 +31,13 @@ struct credentials {
 };
 
 namespace detail {
-inline char ascii_lower(char c) { return (c >= 'A' && c <= 'Z') ? char(c - 'A' + 'a') : c; }
+inline char ascii_lower(char c) {
+    return (c >= 'A' && c <= 'Z') ? char(c - 'A' + 'a') : c;
+}
 inline std::string lowercase(std::string_view s) {
     std::string out(s);
-    for (auto& c : out) c = ascii_lower(c);
+    for (auto& c : out)
+        c = ascii_lower(c);
     return out;
 }
 inline bool is_token_char(char c) {
@@ -49,11 +52,13 @@ inline result<std::vector<auth_challenge>> parse_www_authenticate(std::string_vi
     std::vector<auth_challenge> out;
     std::size_t i = 0;
     auto skip_space = [&] {
-        while (i < text.size() && (text[i] == ' ' || text[i] == '\t')) ++i;
+        while (i < text.size() && (text[i] == ' ' || text[i] == '\t'))
+            ++i;
     };
     auto read_token = [&] {
         std::size_t start = i;
-        while (i < text.size() && detail::is_token_char(text[i])) ++i;
+        while (i < text.size() && detail::is_token_char(text[i]))
+            ++i;
         return text.substr(start, i - start);
     };
     while (true) {
@@ -77,7 +82,8 @@ inline result<std::vector<auth_challenge>> parse_www_authenticate(std::string_vi
                 if (!name.empty() && challenge.params.empty() && i < text.size()) {
                     // token68 form ("Basic abc=="): skip it
                     read_token();
-                    while (i < text.size() && text[i] == '=') ++i;
+                    while (i < text.size() && text[i] == '=')
+                        ++i;
                 }
                 break;
             }
@@ -89,11 +95,13 @@ inline result<std::vector<auth_challenge>> parse_www_authenticate(std::string_vi
                 bool closed = false;
                 while (i < text.size()) {
                     char c = text[i++];
-                    if (c == '\\' && i < text.size()) value.push_back(text[i++]);
+                    if (c == '\\' && i < text.size())
+                        value.push_back(text[i++]);
                     else if (c == '"') {
                         closed = true;
                         break;
-                    } else value.push_back(c);
+                    } else
+                        value.push_back(c);
                 }
                 if (!closed) return errc::registry_error;
             } else {
@@ -102,8 +110,10 @@ inline result<std::vector<auth_challenge>> parse_www_authenticate(std::string_vi
             if (challenge.params.size() >= 32) return errc::registry_error;
             challenge.params[detail::lowercase(name)] = std::move(value);
             skip_space();
-            if (i < text.size() && text[i] == ',') ++i;
-            else break;
+            if (i < text.size() && text[i] == ',')
+                ++i;
+            else
+                break;
         }
         out.push_back(std::move(challenge));
         if (out.size() > 16) return errc::registry_error;
@@ -118,8 +128,8 @@ inline std::string base64_encode(std::string_view in) {
     out.reserve((in.size() + 2) / 3 * 4);
     std::size_t i = 0;
     for (; i + 2 < in.size(); i += 3) {
-        unsigned v = (unsigned char)in[i] << 16 | (unsigned char)in[i + 1] << 8 |
-                     (unsigned char)in[i + 2];
+        unsigned v =
+            (unsigned char)in[i] << 16 | (unsigned char)in[i + 1] << 8 | (unsigned char)in[i + 2];
         out += {table[v >> 18], table[(v >> 12) & 63], table[(v >> 6) & 63], table[v & 63]};
     }
     if (i + 1 == in.size()) {
@@ -185,8 +195,10 @@ load_docker_credentials(std::string_view registry,
     auto auths = j.find("auths");
     if (auths == j.end() || !auths->is_object()) return std::optional<credentials>();
     auto host_of = [](std::string key) {
-        if (key.starts_with("https://")) key.erase(0, 8);
-        else if (key.starts_with("http://")) key.erase(0, 7);
+        if (key.starts_with("https://"))
+            key.erase(0, 8);
+        else if (key.starts_with("http://"))
+            key.erase(0, 7);
         if (auto slash = key.find('/'); slash != std::string::npos) key.erase(slash);
         return key;
     };
@@ -194,9 +206,9 @@ load_docker_credentials(std::string_view registry,
                registry == "registry-1.docker.io";
     for (auto& [key, entry] : auths->items()) {
         auto host = host_of(key);
-        bool match = host == registry ||
-                     (hub && (host == "index.docker.io" || host == "docker.io" ||
-                              host == "registry-1.docker.io"));
+        bool match =
+            host == registry || (hub && (host == "index.docker.io" || host == "docker.io" ||
+                                         host == "registry-1.docker.io"));
         if (!match || !entry.is_object()) continue;
         credentials c;
         if (auto a = entry.find("auth"); a != entry.end() && a->is_string()) {
@@ -207,9 +219,11 @@ load_docker_credentials(std::string_view registry,
             c.username = decoded->substr(0, colon);
             c.password = decoded->substr(colon + 1);
         }
-        if (auto u = entry.find("username"); u != entry.end() && u->is_string() && c.username.empty())
+        if (auto u = entry.find("username");
+            u != entry.end() && u->is_string() && c.username.empty())
             c.username = u->get<std::string>();
-        if (auto p = entry.find("password"); p != entry.end() && p->is_string() && c.password.empty())
+        if (auto p = entry.find("password");
+            p != entry.end() && p->is_string() && c.password.empty())
             c.password = p->get<std::string>();
         if (auto t = entry.find("identitytoken"); t != entry.end() && t->is_string())
             c.identity_token = t->get<std::string>();

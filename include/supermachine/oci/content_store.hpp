@@ -41,8 +41,10 @@ namespace detail {
 class unique_fd {
 public:
     unique_fd() = default;
-    explicit unique_fd(int fd) noexcept : fd_(fd) {}
-    unique_fd(unique_fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+    explicit unique_fd(int fd) noexcept
+        : fd_(fd) {}
+    unique_fd(unique_fd&& o) noexcept
+        : fd_(std::exchange(o.fd_, -1)) {}
     unique_fd& operator=(unique_fd&& o) noexcept {
         if (this != &o) {
             reset();
@@ -62,7 +64,9 @@ private:
     int fd_ = -1;
 };
 
-inline std::error_code last_errno() { return errno_code(errno); }
+inline std::error_code last_errno() {
+    return errno_code(errno);
+}
 
 inline result<void> write_all(int fd, const void* data, std::size_t size) {
     auto* p = static_cast<const char*>(data);
@@ -85,10 +89,14 @@ inline result<void> write_all(int fd, const void* data, std::size_t size) {
 class blob_writer {
 public:
     blob_writer(blob_writer&& o) noexcept
-        : final_path_(std::move(o.final_path_)), temp_path_(std::move(o.temp_path_)),
-          fd_(std::move(o.fd_)), hasher_(std::move(o.hasher_)), expected_(std::move(o.expected_)),
-          expected_size_(o.expected_size_), resumable_(o.resumable_),
-          finished_(std::exchange(o.finished_, true)) {}
+        : final_path_(std::move(o.final_path_))
+        , temp_path_(std::move(o.temp_path_))
+        , fd_(std::move(o.fd_))
+        , hasher_(std::move(o.hasher_))
+        , expected_(std::move(o.expected_))
+        , expected_size_(o.expected_size_)
+        , resumable_(o.resumable_)
+        , finished_(std::exchange(o.finished_, true)) {}
     blob_writer& operator=(blob_writer&&) = delete;
     ~blob_writer() {
         if (!finished_ && !resumable_) std::filesystem::remove(temp_path_, ignored_);
@@ -164,9 +172,13 @@ private:
     friend class content_store;
     blob_writer(std::filesystem::path final_path, std::filesystem::path temp_path,
                 detail::unique_fd fd, digest expected, std::int64_t expected_size, bool resumable)
-        : final_path_(std::move(final_path)), temp_path_(std::move(temp_path)), fd_(std::move(fd)),
-          hasher_(expected.algorithm()), expected_(std::move(expected)),
-          expected_size_(expected_size), resumable_(resumable) {}
+        : final_path_(std::move(final_path))
+        , temp_path_(std::move(temp_path))
+        , fd_(std::move(fd))
+        , hasher_(expected.algorithm())
+        , expected_(std::move(expected))
+        , expected_size_(expected_size)
+        , resumable_(resumable) {}
 
     std::filesystem::path final_path_, temp_path_;
     detail::unique_fd fd_;
@@ -180,13 +192,13 @@ private:
 
 /// One `supermachine images` record: what a reference resolved to when pulled.
 struct image_record {
-    std::string reference;          // e.g. "127.0.0.1:5000/test/busybox:1", "oci:/path:tag"
-    digest manifest_digest;         // what the reference names (index or manifest)
-    digest image_manifest_digest;   // the platform's image manifest
+    std::string reference;        // e.g. "127.0.0.1:5000/test/busybox:1", "oci:/path:tag"
+    digest manifest_digest;       // what the reference names (index or manifest)
+    digest image_manifest_digest; // the platform's image manifest
     digest config_digest;
-    std::int64_t size = 0;          // config + layers as stored (compressed)
-    std::string platform;           // "linux/amd64"
-    std::int64_t pulled_at = 0;     // unix seconds
+    std::int64_t size = 0;      // config + layers as stored (compressed)
+    std::string platform;       // "linux/amd64"
+    std::int64_t pulled_at = 0; // unix seconds
 };
 
 /// An image whose manifest, config and layers are all in the content store:
@@ -202,7 +214,8 @@ struct pulled_image {
 
 class content_store {
 public:
-    explicit content_store(std::filesystem::path root) : root_(std::move(root)) {}
+    explicit content_store(std::filesystem::path root)
+        : root_(std::move(root)) {}
 
     /// $XDG_CACHE_HOME/supermachine, else $HOME/.cache/supermachine.
     static std::filesystem::path default_root() {
@@ -256,11 +269,20 @@ public:
         SUPERMACHINE_TRY(ensure_directories(expected));
         auto final_path = blob_path(expected);
         auto ingest = root_ / "ingest";
-        auto partial = ingest / (std::string(expected.algorithm_name()) + "-" + expected.hex() +
-                                 ".partial");
-        detail::unique_fd fd(::open(partial.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
-        if (!fd) return detail::last_errno();
-        if (::flock(fd.get(), LOCK_EX | LOCK_NB) == 0) {
+        auto partial =
+            ingest / (std::string(expected.algorithm_name()) + "-" + expected.hex() + ".partial");
+        for (int attempt = 0; attempt < 8; ++attempt) {
+            detail::unique_fd fd(::open(partial.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+            if (!fd) return detail::last_errno();
+            if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) break; // busy: private temp below
+            // The holder before us may have renamed this very inode into blobs/:
+            // only a lock on the file still named .partial counts.
+            struct stat by_fd {
+            }, by_name{};
+            if (::fstat(fd.get(), &by_fd) != 0) return detail::last_errno();
+            if (::stat(partial.c_str(), &by_name) != 0 || by_fd.st_ino != by_name.st_ino ||
+                by_fd.st_dev != by_name.st_dev)
+                continue;
             blob_writer writer(final_path, partial, std::move(fd), expected, expected_size, true);
             SUPERMACHINE_TRY(rehash_partial(writer));
             return writer;
@@ -337,14 +359,14 @@ public:
         std::error_code ec;
         std::filesystem::create_directories(root_, ec);
         if (ec) return ec;
-        detail::unique_fd lock(::open((root_ / "images.lock").c_str(),
-                                      O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+        detail::unique_fd lock(
+            ::open((root_ / "images.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
         if (!lock) return detail::last_errno();
         while (::flock(lock.get(), LOCK_EX) != 0)
             if (errno != EINTR) return detail::last_errno();
         auto existing = list_images();
-        std::vector<image_record> all = existing ? std::move(existing).value()
-                                                 : std::vector<image_record>{};
+        std::vector<image_record> all =
+            existing ? std::move(existing).value() : std::vector<image_record>{};
         if (record.pulled_at == 0)
             record.pulled_at = std::chrono::duration_cast<std::chrono::seconds>(
                                    std::chrono::system_clock::now().time_since_epoch())
@@ -378,7 +400,8 @@ public:
         image.reference = record.reference;
         image.manifest_digest = record.manifest_digest;
         image.image_manifest_digest = record.image_manifest_digest;
-        SUPERMACHINE_TRY(manifest_bytes, read_blob(record.image_manifest_digest, max_manifest_bytes));
+        SUPERMACHINE_TRY(manifest_bytes,
+                         read_blob(record.image_manifest_digest, max_manifest_bytes));
         SUPERMACHINE_TRY(manifest, parse_image_manifest(manifest_bytes));
         SUPERMACHINE_TRY(config_bytes, read_blob(manifest.config.digest, max_config_bytes));
         SUPERMACHINE_TRY(config, parse_image_config(config_bytes));
@@ -406,7 +429,8 @@ private:
         int fd = writer.fd_.get();
         struct stat st {};
         if (::fstat(fd, &st) != 0) return detail::last_errno();
-        if (writer.expected_size_ >= 0 && st.st_size > writer.expected_size_) return writer.restart();
+        if (writer.expected_size_ >= 0 && st.st_size > writer.expected_size_)
+            return writer.restart();
         std::vector<std::byte> buffer(1 << 16);
         if (::lseek(fd, 0, SEEK_SET) != 0) return detail::last_errno();
         while (true) {

@@ -48,7 +48,8 @@ inline result<std::vector<std::string>> parse_key_set(const nlohmann::json& obje
     auto it = object.find(key);
     if (it == object.end() || it->is_null()) return out;
     if (!it->is_object() || it->size() > 65536) return errc::manifest_invalid;
-    for (auto& [k, v] : it->items()) out.push_back(k);
+    for (auto& [k, v] : it->items())
+        out.push_back(k);
     return out;
 }
 } // namespace detail

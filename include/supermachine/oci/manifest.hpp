@@ -44,7 +44,8 @@ struct image_manifest {
     /// Config plus layers, as stored.
     std::int64_t total_size() const {
         std::int64_t total = config.size;
-        for (const auto& layer : layers) total += layer.size;
+        for (const auto& layer : layers)
+            total += layer.size;
         return total;
     }
 };
@@ -65,20 +66,25 @@ inline bool json_depth_within(std::string_view text, std::size_t limit) {
     bool in_string = false, escaped = false;
     for (char c : text) {
         if (in_string) {
-            if (escaped) escaped = false;
-            else if (c == '\\') escaped = true;
-            else if (c == '"') in_string = false;
-        } else if (c == '"') in_string = true;
+            if (escaped)
+                escaped = false;
+            else if (c == '\\')
+                escaped = true;
+            else if (c == '"')
+                in_string = false;
+        } else if (c == '"')
+            in_string = true;
         else if (c == '{' || c == '[') {
             if (++depth > limit) return false;
-        } else if ((c == '}' || c == ']') && depth > 0) --depth;
+        } else if ((c == '}' || c == ']') && depth > 0)
+            --depth;
     }
     return true;
 }
 
 /// Parse bounded JSON; null on any error (size, depth, syntax, not an object).
 inline std::optional<nlohmann::json> parse_bounded_json(std::string_view text,
-                                                         std::size_t max_bytes) {
+                                                        std::size_t max_bytes) {
     if (text.size() > max_bytes || !json_depth_within(text, max_json_depth)) return std::nullopt;
     auto value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (value.is_discarded() || !value.is_object()) return std::nullopt;
@@ -120,7 +126,8 @@ inline result<descriptor> parse_descriptor(const nlohmann::json& j, bool require
     if (size_it == j.end() || !size_it->is_number_integer()) return errc::manifest_invalid;
     auto size = size_it->get<std::int64_t>();
     if (size < 0 || size > max_blob_bytes) return errc::manifest_invalid;
-    if (size_it->is_number_unsigned() && size_it->get<std::uint64_t>() > std::uint64_t(max_blob_bytes))
+    if (size_it->is_number_unsigned() &&
+        size_it->get<std::uint64_t>() > std::uint64_t(max_blob_bytes))
         return errc::manifest_invalid;
     d.size = size;
     if (auto urls = j.find("urls"); urls != j.end() && !urls->is_null()) {
@@ -150,11 +157,14 @@ inline result<descriptor> parse_descriptor(const nlohmann::json& j, bool require
 /// else from the mediaType field, else from the shape (OCI makes it optional).
 inline result<std::string> manifest_kind(const nlohmann::json& j, std::string_view content_type) {
     SUPERMACHINE_TRY(field, optional_string(j, "mediaType"));
-    auto known = [](std::string_view t) { return media_type::is_index(t) || media_type::is_manifest(t); };
+    auto known = [](std::string_view t) {
+        return media_type::is_index(t) || media_type::is_manifest(t);
+    };
     // Content-Type may carry parameters ("; charset=utf-8").
     if (auto semicolon = content_type.find(';'); semicolon != std::string_view::npos)
         content_type = content_type.substr(0, semicolon);
-    while (!content_type.empty() && content_type.back() == ' ') content_type.remove_suffix(1);
+    while (!content_type.empty() && content_type.back() == ' ')
+        content_type.remove_suffix(1);
     if (!field.empty() && !known(field)) {
         if (field == media_type::docker_schema1_signed) return errc::not_supported;
         return errc::manifest_invalid;

@@ -36,15 +36,16 @@ inline std::string normalize_variant(std::string_view arch, std::string_view var
 inline bool valid_platform_word(std::string_view s) {
     if (s.empty() || s.size() > 64) return false;
     for (char c : s)
-        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
-              c == '.'))
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.'))
             return false;
     return true;
 }
 } // namespace detail
 
 /// The platform we run: supermachine boots x86-64 guests.
-inline platform default_platform() { return {"linux", "amd64", ""}; }
+inline platform default_platform() {
+    return {"linux", "amd64", ""};
+}
 
 /// Parse "os/arch[/variant]" (or just "arch", meaning linux/arch).
 inline result<platform> parse_platform(std::string_view text) {

@@ -17,7 +17,7 @@ struct progress_event {
     };
     phase state = phase::started;
     oci::digest digest;
-    std::string kind; // "manifest", "config", "layer"
+    std::string kind;        // "manifest", "config", "layer"
     std::int64_t total = -1; // descriptor size, -1 if unknown
     std::int64_t done = 0;
 };

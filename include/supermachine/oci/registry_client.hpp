@@ -45,7 +45,7 @@
 namespace supermachine::oci {
 
 struct registry_options {
-    bool insecure = false;                        // every registry: plain HTTP / unverified TLS allowed
+    bool insecure = false; // every registry: plain HTTP / unverified TLS allowed
     std::vector<std::string> insecure_registries; // host[:port] treated as with --insecure
     bool loopback_is_insecure = true;             // localhost, 127/8, ::1 (as docker does)
     std::string ca_file;                          // extra PEM CA bundle, besides the system store
@@ -54,9 +54,9 @@ struct registry_options {
     std::filesystem::path docker_config = docker_config_path();
     std::chrono::seconds timeout{60}; // per connect/read/write step
     unsigned max_redirects = 5;
-    unsigned max_retries = 3;                  // resumptions of a blob after a dropped connection
-    std::size_t max_header_bytes = 64 * 1024;  // response header block
-    std::size_t max_error_body = 64 * 1024;    // error / token / redirect bodies
+    unsigned max_retries = 3;                 // resumptions of a blob after a dropped connection
+    std::size_t max_header_bytes = 64 * 1024; // response header block
+    std::size_t max_error_body = 64 * 1024;   // error / token / redirect bodies
     std::string user_agent = "supermachine/0.1";
 };
 
@@ -70,10 +70,10 @@ struct fetched_manifest {
 
 /// What a reference resolved to for one platform.
 struct resolved_manifest {
-    oci::digest top_digest;             // what the tag names (index or manifest)
+    oci::digest top_digest; // what the tag names (index or manifest)
     std::string top_bytes;
-    std::optional<image_index> index;   // when the tag names an index
-    oci::digest manifest_digest;        // the platform's image manifest
+    std::optional<image_index> index; // when the tag names an index
+    oci::digest manifest_digest;      // the platform's image manifest
     std::string manifest_bytes;
     image_manifest manifest;
 };
@@ -115,20 +115,30 @@ inline std::pair<errc, std::string> describe_registry_failure(unsigned status,
         int count = 0;
         for (const auto& e : j["errors"]) {
             if (!e.is_object() || ++count > 4) break;
-            std::string c = e.contains("code") && e["code"].is_string() ? e["code"].get<std::string>() : "";
-            std::string m = e.contains("message") && e["message"].is_string() ? e["message"].get<std::string>() : "";
+            std::string c =
+                e.contains("code") && e["code"].is_string() ? e["code"].get<std::string>() : "";
+            std::string m = e.contains("message") && e["message"].is_string()
+                                ? e["message"].get<std::string>()
+                                : "";
             text += ": " + c.substr(0, 64) + (m.empty() ? "" : " (" + m.substr(0, 256) + ")");
             if (c == "MANIFEST_UNKNOWN" || c == "BLOB_UNKNOWN" || c == "NAME_UNKNOWN")
                 code = errc::not_found;
-            else if (c == "UNAUTHORIZED" || c == "DENIED") code = errc::unauthorized;
-            else if (c == "TOOMANYREQUESTS") code = errc::rate_limited;
+            else if (c == "UNAUTHORIZED" || c == "DENIED")
+                code = errc::unauthorized;
+            else if (c == "TOOMANYREQUESTS")
+                code = errc::rate_limited;
         }
     }
-    if (status == 401) text += " (authentication required or credentials rejected)";
-    else if (status == 403) text += " (access denied)";
-    else if (status == 404) text += " (not found)";
-    else if (status == 429) text += " (too many requests: rate limited)";
-    else if (status >= 500) text += " (registry server error)";
+    if (status == 401)
+        text += " (authentication required or credentials rejected)";
+    else if (status == 403)
+        text += " (access denied)";
+    else if (status == 404)
+        text += " (not found)";
+    else if (status == 429)
+        text += " (too many requests: rate limited)";
+    else if (status >= 500)
+        text += " (registry server error)";
     return {code, text};
 }
 
@@ -140,9 +150,10 @@ public:
     using executor_type = Executor;
 
     explicit basic_registry_client(Executor executor, registry_options options = {})
-        : executor_(std::move(executor)), options_(std::move(options)),
-          verified_tls_(boost::asio::ssl::context::tls_client),
-          unverified_tls_(boost::asio::ssl::context::tls_client) {
+        : executor_(std::move(executor))
+        , options_(std::move(options))
+        , verified_tls_(boost::asio::ssl::context::tls_client)
+        , unverified_tls_(boost::asio::ssl::context::tls_client) {
         boost::system::error_code ignored;
         verified_tls_.set_default_verify_paths(ignored);
         if (!options_.ca_file.empty()) verified_tls_.load_verify_file(options_.ca_file, ignored);
@@ -176,9 +187,9 @@ public:
     template <class Token>
     auto async_fetch_blob(image_reference ref, descriptor blob, content_store& store,
                           progress_callback progress, std::string kind, Token&& token) {
-        return launch<digest>(
-            fetch_blob_coro(std::move(ref), std::move(blob), store, std::move(progress), std::move(kind)),
-            std::forward<Token>(token));
+        return launch<digest>(fetch_blob_coro(std::move(ref), std::move(blob), store,
+                                              std::move(progress), std::move(kind)),
+                              std::forward<Token>(token));
     }
 
     /// Manifest, config and layers into `store`, plus an image record.
@@ -186,8 +197,9 @@ public:
     template <class Token>
     auto async_pull(image_reference ref, platform wanted, content_store& store,
                     progress_callback progress, Token&& token) {
-        return launch<pulled_image>(pull_coro(std::move(ref), std::move(wanted), store, std::move(progress)),
-                                    std::forward<Token>(token));
+        return launch<pulled_image>(
+            pull_coro(std::move(ref), std::move(wanted), store, std::move(progress)),
+            std::forward<Token>(token));
     }
 
 private:
@@ -233,8 +245,8 @@ private:
             [this](auto handler, awaitable<result<T>> op) {
                 boost::asio::co_spawn(
                     executor_,
-                    [this, op = std::move(op), handler = std::move(handler)]() mutable
-                    -> awaitable<void> {
+                    [this, op = std::move(op),
+                     handler = std::move(handler)]() mutable -> awaitable<void> {
                         std::optional<result<T>> outcome;
                         try {
                             outcome.emplace(co_await std::move(op));
@@ -242,12 +254,16 @@ private:
                             last_error_ = e.what();
                             outcome.emplace(make_error_code(errc::io_error));
                         }
-                        auto handler_executor = boost::asio::get_associated_executor(handler, executor_);
-                        boost::asio::dispatch(handler_executor, [handler = std::move(handler),
-                                                                 r = std::move(*outcome)]() mutable {
-                            if (r) handler(std::error_code{}, std::move(r).value());
-                            else handler(r.error(), T{});
-                        });
+                        auto handler_executor =
+                            boost::asio::get_associated_executor(handler, executor_);
+                        boost::asio::dispatch(
+                            handler_executor,
+                            [handler = std::move(handler), r = std::move(*outcome)]() mutable {
+                                if (r)
+                                    handler(std::error_code{}, std::move(r).value());
+                                else
+                                    handler(r.error(), T{});
+                            });
                     },
                     boost::asio::detached);
             },
@@ -261,18 +277,23 @@ private:
         auto use = boost::asio::redirect_error(boost::asio::use_awaitable, ec);
         tcp::resolver resolver(executor_);
         auto endpoints = co_await resolver.async_resolve(spec.url.host, spec.url.port, use);
-        if (ec) co_return fail<detail::http_response>(errc::io_error, "cannot resolve " + spec.url.host + ": " + ec.message());
+        if (ec)
+            co_return fail<detail::http_response>(
+                errc::io_error, "cannot resolve " + spec.url.host + ": " + ec.message());
         boost::beast::tcp_stream stream(executor_);
         stream.expires_after(options_.timeout);
         co_await stream.async_connect(endpoints, use);
-        if (ec) co_return fail<detail::http_response>(errc::io_error, "cannot connect to " + spec.url.authority() + ": " + ec.message());
+        if (ec)
+            co_return fail<detail::http_response>(
+                errc::io_error, "cannot connect to " + spec.url.authority() + ": " + ec.message());
 
         namespace http = boost::beast::http;
         http::request<http::empty_body> request{http::verb::get, spec.url.target, 11};
         request.set(http::field::host, spec.url.authority());
         request.set(http::field::user_agent, options_.user_agent);
         if (!spec.accept.empty()) request.set(http::field::accept, spec.accept);
-        if (!spec.authorization.empty()) request.set(http::field::authorization, spec.authorization);
+        if (!spec.authorization.empty())
+            request.set(http::field::authorization, spec.authorization);
         if (plan.blob && plan.blob->offset() > 0)
             request.set(http::field::range, "bytes=" + std::to_string(plan.blob->offset()) + "-");
         request.keep_alive(false);
@@ -291,15 +312,16 @@ private:
         boost::beast::get_lowest_layer(tls).expires_after(options_.timeout);
         co_await tls.async_handshake(boost::asio::ssl::stream_base::client, use);
         if (ec)
-            co_return fail<detail::http_response>(
-                errc::io_error, "TLS handshake with " + spec.url.authority() + " failed: " + ec.message());
+            co_return fail<detail::http_response>(errc::io_error, "TLS handshake with " +
+                                                                      spec.url.authority() +
+                                                                      " failed: " + ec.message());
         co_return co_await exchange_on(tls, request, plan, spec.url);
     }
 
     template <class Stream, class Request>
     awaitable<result<detail::http_response>> exchange_on(Stream& stream, Request& request,
-                                                          detail::body_plan plan,
-                                                          const detail::http_url& url) {
+                                                         detail::body_plan plan,
+                                                         const detail::http_url& url) {
         namespace http = boost::beast::http;
         using response_t = result<detail::http_response>;
         boost::system::error_code ec;
@@ -307,7 +329,9 @@ private:
         auto& lowest = boost::beast::get_lowest_layer(stream);
         lowest.expires_after(options_.timeout);
         co_await http::async_write(stream, request, use);
-        if (ec) co_return fail<detail::http_response>(errc::io_error, "sending request to " + url.authority() + ": " + ec.message());
+        if (ec)
+            co_return fail<detail::http_response>(
+                errc::io_error, "sending request to " + url.authority() + ": " + ec.message());
 
         boost::beast::flat_buffer buffer(options_.max_header_bytes + 256 * 1024);
         http::response_parser<http::buffer_body> parser;
@@ -315,7 +339,8 @@ private:
         std::uint64_t remaining = 0;
         if (plan.blob) {
             auto size = plan.blob->expected_size();
-            remaining = size >= 0 ? std::uint64_t(size) - plan.blob->offset() : std::uint64_t(max_blob_bytes);
+            remaining = size >= 0 ? std::uint64_t(size) - plan.blob->offset()
+                                  : std::uint64_t(max_blob_bytes);
             parser.body_limit(std::max<std::uint64_t>(remaining, options_.max_error_body));
         } else {
             parser.body_limit(plan.max_string_body);
@@ -323,12 +348,17 @@ private:
         lowest.expires_after(options_.timeout);
         co_await http::async_read_header(stream, buffer, parser, use);
         if (ec == http::error::header_limit)
-            co_return fail<detail::http_response>(errc::registry_error, "response header from " + url.authority() + " exceeds " + std::to_string(options_.max_header_bytes) + " bytes");
+            co_return fail<detail::http_response>(
+                errc::registry_error, "response header from " + url.authority() + " exceeds " +
+                                          std::to_string(options_.max_header_bytes) + " bytes");
         if (ec == http::error::body_limit)
-            co_return fail<detail::http_response>(plan.blob ? errc::digest_mismatch : errc::image_too_large,
+            co_return fail<detail::http_response>(
+                plan.blob ? errc::digest_mismatch : errc::image_too_large,
                 "response from " + url.authority() + " announces a body larger than allowed (" +
-                std::to_string(plan.blob ? remaining : plan.max_string_body) + " bytes)");
-        if (ec) co_return fail<detail::http_response>(errc::io_error, "reading response from " + url.authority() + ": " + ec.message());
+                    std::to_string(plan.blob ? remaining : plan.max_string_body) + " bytes)");
+        if (ec)
+            co_return fail<detail::http_response>(
+                errc::io_error, "reading response from " + url.authority() + ": " + ec.message());
 
         auto& message = parser.get();
         detail::http_response response;
@@ -349,20 +379,26 @@ private:
                 auto& range = response.content_range;
                 bool ok = range.starts_with("bytes ");
                 std::size_t i = 6, digits = 0;
-                for (; ok && i < range.size() && range[i] >= '0' && range[i] <= '9' && digits < 19; ++i, ++digits)
+                for (; ok && i < range.size() && range[i] >= '0' && range[i] <= '9' && digits < 19;
+                     ++i, ++digits)
                     start = start * 10 + std::uint64_t(range[i] - '0');
                 ok = ok && digits > 0 && i < range.size() && range[i] == '-';
                 if (!ok || start != blob.offset())
-                    co_return fail<detail::http_response>(errc::registry_error,
-                        "bad Content-Range '" + range.substr(0, 80) + "' for a resume at byte " + std::to_string(blob.offset()));
+                    co_return fail<detail::http_response>(
+                        errc::registry_error, "bad Content-Range '" + range.substr(0, 80) +
+                                                  "' for a resume at byte " +
+                                                  std::to_string(blob.offset()));
             } else if (blob.offset() > 0) {
                 if (auto r = blob.restart(); !r) co_return r.error(); // Range ignored: start over
-                remaining = blob.expected_size() >= 0 ? std::uint64_t(blob.expected_size()) : remaining;
+                remaining =
+                    blob.expected_size() >= 0 ? std::uint64_t(blob.expected_size()) : remaining;
             }
             if (auto length = parser.content_length(); length && *length > remaining) {
                 blob.discard();
                 co_return fail<detail::http_response>(errc::digest_mismatch,
-                    "server sends " + std::to_string(*length) + " bytes where the descriptor leaves " + std::to_string(remaining));
+                                                      "server sends " + std::to_string(*length) +
+                                                          " bytes where the descriptor leaves " +
+                                                          std::to_string(remaining));
             }
         }
         std::vector<char> chunk(64 * 1024);
@@ -378,28 +414,39 @@ private:
                 if (to_blob) {
                     if (auto r = plan.blob->write(std::as_bytes(std::span(chunk.data(), n))); !r) {
                         if (r.error() == make_error_code(errc::digest_mismatch))
-                            co_return fail<detail::http_response>(errc::digest_mismatch,
-                                "server sent more bytes than the descriptor's size " + std::to_string(plan.blob->expected_size()));
-                        co_return fail<detail::http_response>(r.error(), "writing blob: " + r.error().message());
+                            co_return fail<detail::http_response>(
+                                errc::digest_mismatch,
+                                "server sent more bytes than the descriptor's size " +
+                                    std::to_string(plan.blob->expected_size()));
+                        co_return fail<detail::http_response>(r.error(), "writing blob: " +
+                                                                             r.error().message());
                     }
                     if (plan.progress && *plan.progress) {
                         auto done = std::int64_t(plan.blob->offset());
-                        if (last_report < 0 || done - last_report >= 256 * 1024 || done == plan.blob->expected_size()) {
+                        if (last_report < 0 || done - last_report >= 256 * 1024 ||
+                            done == plan.blob->expected_size()) {
                             last_report = done;
-                            (*plan.progress)({progress_event::phase::progress, plan.blob->expected(), plan.kind, plan.blob->expected_size(), done});
+                            (*plan.progress)({progress_event::phase::progress,
+                                              plan.blob->expected(), plan.kind,
+                                              plan.blob->expected_size(), done});
                         }
                     }
                 } else {
                     if (response.body.size() + n > plan.max_string_body)
-                        co_return fail<detail::http_response>(errc::image_too_large, "response body from " + url.authority() + " too large");
+                        co_return fail<detail::http_response>(errc::image_too_large,
+                                                              "response body from " +
+                                                                  url.authority() + " too large");
                     response.body.append(chunk.data(), n);
                 }
             }
             if (ec == http::error::body_limit)
-                co_return fail<detail::http_response>(to_blob ? errc::digest_mismatch : errc::image_too_large,
+                co_return fail<detail::http_response>(
+                    to_blob ? errc::digest_mismatch : errc::image_too_large,
                     "response body from " + url.authority() + " exceeds its bound");
             if (ec)
-                co_return fail<detail::http_response>(errc::io_error, "connection to " + url.authority() + " broke while reading the body: " + ec.message());
+                co_return fail<detail::http_response>(
+                    errc::io_error, "connection to " + url.authority() +
+                                        " broke while reading the body: " + ec.message());
         }
         co_return response_t(std::move(response));
     }
@@ -414,7 +461,8 @@ private:
         if (state.pinged) co_return success();
         if (!state.credentials_loaded) {
             state.credentials_loaded = true;
-            if (options_.credentials) state.credentials = options_.credentials;
+            if (options_.credentials)
+                state.credentials = options_.credentials;
             else if (options_.use_docker_config) {
                 auto loaded = load_docker_credentials(ref.registry, options_.docker_config);
                 if (loaded) state.credentials = loaded.value();
@@ -423,7 +471,8 @@ private:
         bool insecure = insecure_allowed(endpoint);
         state.tls_unverified = insecure;
         auto https = detail::parse_http_url("https://" + endpoint + "/v2/");
-        if (!https) co_return fail<void>(errc::bad_reference, "cannot make a URL for registry " + endpoint);
+        if (!https)
+            co_return fail<void>(errc::bad_reference, "cannot make a URL for registry " + endpoint);
         detail::body_plan plan;
         plan.max_string_body = options_.max_error_body;
         request_spec ping{*https, "", "", insecure};
@@ -433,40 +482,57 @@ private:
             auto http = detail::parse_http_url("http://" + endpoint + "/v2/");
             request_spec plain{*http, "", "", true};
             response = co_await exchange(plain, plan);
-            if (response) state.plain_http = true;
-            else last_error_ = tls_error + "; plain HTTP: " + last_error_;
+            if (response)
+                state.plain_http = true;
+            else
+                last_error_ = tls_error + "; plain HTTP: " + last_error_;
         }
         if (!response) co_return response.error();
         if (response.value().status == 401) {
             auto challenges = parse_www_authenticate(response.value().www_authenticate);
             if (!challenges || challenges.value().empty())
-                co_return fail<void>(errc::unauthorized, "registry " + endpoint + " answered 401 without a usable WWW-Authenticate challenge");
+                co_return fail<void>(
+                    errc::unauthorized,
+                    "registry " + endpoint +
+                        " answered 401 without a usable WWW-Authenticate challenge");
             for (auto& c : challenges.value())
-                if (c.scheme == "bearer" || (c.scheme == "basic" && !state.challenge)) state.challenge = c;
+                if (c.scheme == "bearer" || (c.scheme == "basic" && !state.challenge))
+                    state.challenge = c;
             if (!state.challenge)
-                co_return fail<void>(errc::not_supported, "registry " + endpoint + " wants an authentication scheme we do not speak: " + challenges.value().front().scheme);
+                co_return fail<void>(errc::not_supported,
+                                     "registry " + endpoint +
+                                         " wants an authentication scheme we do not speak: " +
+                                         challenges.value().front().scheme);
         } else if (response.value().status >= 300) {
-            auto [code, text] = detail::describe_registry_failure(response.value().status, response.value().body);
+            auto [code, text] =
+                detail::describe_registry_failure(response.value().status, response.value().body);
             co_return fail<void>(code, "GET /v2/ on " + endpoint + ": " + text);
         }
         state.pinged = true;
         co_return success();
     }
 
-    awaitable<result<std::string>> authorization_for(const image_reference& ref, const std::string& scope) {
+    awaitable<result<std::string>> authorization_for(const image_reference& ref,
+                                                     const std::string& scope) {
         auto& state = host(ref);
         if (!state.challenge) co_return std::string();
         if (state.challenge->scheme == "basic") {
             if (!state.credentials) co_return std::string();
-            co_return "Basic " + base64_encode(state.credentials->username + ":" + state.credentials->password);
+            co_return "Basic " +
+                base64_encode(state.credentials->username + ":" + state.credentials->password);
         }
-        if (auto cached = state.authorization_by_scope.find(scope); cached != state.authorization_by_scope.end())
+        if (auto cached = state.authorization_by_scope.find(scope);
+            cached != state.authorization_by_scope.end())
             co_return cached->second;
         auto& params = state.challenge->params;
         auto realm = detail::parse_http_url(params["realm"]);
-        if (!realm) co_return fail<std::string>(errc::unauthorized, "token realm '" + params["realm"].substr(0, 200) + "' is not an http(s) URL");
+        if (!realm)
+            co_return fail<std::string>(errc::unauthorized, "token realm '" +
+                                                                params["realm"].substr(0, 200) +
+                                                                "' is not an http(s) URL");
         if (!realm->tls && !insecure_allowed(realm->authority()) && !state.plain_http)
-            co_return fail<std::string>(errc::unauthorized, "refusing a plain-HTTP token realm " + realm->authority());
+            co_return fail<std::string>(errc::unauthorized,
+                                        "refusing a plain-HTTP token realm " + realm->authority());
         std::string query;
         if (auto service = params.find("service"); service != params.end())
             query += "service=" + detail::url_encode(service->second);
@@ -474,48 +540,64 @@ private:
         realm->target += (realm->target.find('?') == std::string::npos ? "?" : "&") + query;
         std::string basic;
         if (state.credentials && !state.credentials->username.empty())
-            basic = "Basic " + base64_encode(state.credentials->username + ":" + state.credentials->password);
+            basic = "Basic " +
+                    base64_encode(state.credentials->username + ":" + state.credentials->password);
         detail::body_plan plan;
         plan.max_string_body = 1 << 20;
-        request_spec token_request{*realm, basic, "application/json", insecure_allowed(realm->authority())};
+        request_spec token_request{*realm, basic, "application/json",
+                                   insecure_allowed(realm->authority())};
         auto response = co_await exchange(token_request, plan);
         if (!response) co_return response.error();
         if (response.value().status != 200) {
-            auto [code, text] = detail::describe_registry_failure(response.value().status, response.value().body);
-            co_return fail<std::string>(code == errc::not_found ? errc::unauthorized : code, "token request to " + realm->authority() + ": " + text);
+            auto [code, text] =
+                detail::describe_registry_failure(response.value().status, response.value().body);
+            co_return fail<std::string>(code == errc::not_found ? errc::unauthorized : code,
+                                        "token request to " + realm->authority() + ": " + text);
         }
         nlohmann::json j = nlohmann::json::parse(response.value().body, nullptr, false);
         std::string token;
         if (!j.is_discarded() && j.is_object()) {
-            if (j.contains("token") && j["token"].is_string()) token = j["token"].get<std::string>();
-            else if (j.contains("access_token") && j["access_token"].is_string()) token = j["access_token"].get<std::string>();
+            if (j.contains("token") && j["token"].is_string())
+                token = j["token"].get<std::string>();
+            else if (j.contains("access_token") && j["access_token"].is_string())
+                token = j["access_token"].get<std::string>();
         }
-        if (token.empty() || token.size() > 64 * 1024 || token.find_first_of("\r\n") != std::string::npos)
-            co_return fail<std::string>(errc::unauthorized, "token server " + realm->authority() + " returned no usable token");
+        if (token.empty() || token.size() > 64 * 1024 ||
+            token.find_first_of("\r\n") != std::string::npos)
+            co_return fail<std::string>(errc::unauthorized, "token server " + realm->authority() +
+                                                                " returned no usable token");
         auto value = "Bearer " + token;
         state.authorization_by_scope[scope] = value;
         co_return value;
     }
 
-    awaitable<result<detail::http_response>> registry_get(image_reference ref, std::string target, std::string accept, detail::body_plan plan) {
+    awaitable<result<detail::http_response>> registry_get(image_reference ref, std::string target,
+                                                          std::string accept,
+                                                          detail::body_plan plan) {
         BOOST_OUTCOME_CO_TRYV(co_await ensure_pinged(ref));
         auto& state = host(ref);
         std::string scope = "repository:" + ref.repository + ":pull";
         BOOST_OUTCOME_CO_TRY(authorization, co_await authorization_for(ref, scope));
-        auto url = detail::parse_http_url(std::string(state.plain_http ? "http://" : "https://") + ref.endpoint() + target);
-        if (!url) co_return fail<detail::http_response>(errc::bad_reference, "cannot make a URL for " + target);
+        auto url = detail::parse_http_url(std::string(state.plain_http ? "http://" : "https://") +
+                                          ref.endpoint() + target);
+        if (!url)
+            co_return fail<detail::http_response>(errc::bad_reference,
+                                                  "cannot make a URL for " + target);
         const auto registry_host = url->host, registry_port = url->port;
         unsigned redirects = 0;
         bool reauthenticated = false;
         while (true) {
             bool same_host = url->host == registry_host && url->port == registry_port;
             request_spec spec{*url, same_host ? authorization : std::string(), accept,
-                              same_host ? state.tls_unverified : insecure_allowed(url->authority())};
+                              same_host ? state.tls_unverified
+                                        : insecure_allowed(url->authority())};
             BOOST_OUTCOME_CO_TRY(response, co_await exchange(spec, plan));
-            if (response.status == 401 && same_host && !reauthenticated && !response.www_authenticate.empty()) {
+            if (response.status == 401 && same_host && !reauthenticated &&
+                !response.www_authenticate.empty()) {
                 // The challenge may name a scope or realm of its own; learn it and retry once.
                 reauthenticated = true;
-                if (auto c = parse_www_authenticate(response.www_authenticate); c && !c.value().empty()) {
+                if (auto c = parse_www_authenticate(response.www_authenticate);
+                    c && !c.value().empty()) {
                     for (auto& challenge : c.value())
                         if (challenge.scheme == "bearer" || challenge.scheme == "basic") {
                             state.challenge = challenge;
@@ -523,7 +605,8 @@ private:
                         }
                     state.authorization_by_scope.erase(scope);
                     if (state.challenge && state.challenge->scheme == "bearer")
-                        if (auto it = state.challenge->params.find("scope"); it != state.challenge->params.end() && it->second.size() < 1024)
+                        if (auto it = state.challenge->params.find("scope");
+                            it != state.challenge->params.end() && it->second.size() < 1024)
                             scope = it->second;
                     BOOST_OUTCOME_CO_TRY(fresh, co_await authorization_for(ref, scope));
                     if (!fresh.empty() && fresh != authorization) {
@@ -535,9 +618,15 @@ private:
             if (response.status == 301 || response.status == 302 || response.status == 303 ||
                 response.status == 307 || response.status == 308) {
                 if (++redirects > options_.max_redirects)
-                    co_return fail<detail::http_response>(errc::registry_error, "more than " + std::to_string(options_.max_redirects) + " redirects for " + target);
+                    co_return fail<detail::http_response>(
+                        errc::registry_error, "more than " +
+                                                  std::to_string(options_.max_redirects) +
+                                                  " redirects for " + target);
                 auto next = detail::resolve_location(*url, response.location);
-                if (!next) co_return fail<detail::http_response>(errc::registry_error, "bad redirect Location '" + response.location.substr(0, 200) + "'");
+                if (!next)
+                    co_return fail<detail::http_response>(
+                        errc::registry_error,
+                        "bad redirect Location '" + response.location.substr(0, 200) + "'");
                 url = next;
                 continue;
             }
@@ -547,7 +636,8 @@ private:
 
     // ---- operations ----
 
-    awaitable<result<fetched_manifest>> fetch_manifest_coro(image_reference ref, std::string reference) {
+    awaitable<result<fetched_manifest>> fetch_manifest_coro(image_reference ref,
+                                                            std::string reference) {
         detail::body_plan plan;
         plan.max_string_body = max_manifest_bytes;
         std::string target = "/v2/" + ref.repository + "/manifests/" + reference;
@@ -555,7 +645,8 @@ private:
         BOOST_OUTCOME_CO_TRY(response, co_await registry_get(ref, target, accept, plan));
         if (response.status != 200) {
             auto [code, text] = detail::describe_registry_failure(response.status, response.body);
-            co_return fail<fetched_manifest>(code, "manifest " + ref.repository + ":" + reference + " on " + ref.endpoint() + ": " + text);
+            co_return fail<fetched_manifest>(code, "manifest " + ref.repository + ":" + reference +
+                                                       " on " + ref.endpoint() + ": " + text);
         }
         fetched_manifest out;
         out.bytes = std::move(response.body);
@@ -566,17 +657,24 @@ private:
         };
         if (auto pinned = digest::parse(reference); pinned) {
             if (!check(pinned.value()))
-                co_return fail<fetched_manifest>(errc::digest_mismatch, "manifest bytes do not match the requested digest " + reference);
+                co_return fail<fetched_manifest>(
+                    errc::digest_mismatch,
+                    "manifest bytes do not match the requested digest " + reference);
             out.digest = pinned.value();
         } else if (auto announced = digest::parse(response.docker_content_digest); announced) {
             if (!check(announced.value()))
-                co_return fail<fetched_manifest>(errc::digest_mismatch, "manifest bytes do not match Docker-Content-Digest " + response.docker_content_digest);
+                co_return fail<fetched_manifest>(
+                    errc::digest_mismatch, "manifest bytes do not match Docker-Content-Digest " +
+                                               response.docker_content_digest);
         }
         auto parsed = parse_manifest(out.bytes, out.content_type);
         if (!parsed)
-            co_return fail<fetched_manifest>(parsed.error(), "manifest " + ref.repository + ":" + reference + " is " +
-                (parsed.error() == make_error_code(errc::not_supported) ? "schema 1 or an unsupported type" : "invalid") +
-                " (Content-Type '" + out.content_type.substr(0, 100) + "')");
+            co_return fail<fetched_manifest>(
+                parsed.error(), "manifest " + ref.repository + ":" + reference + " is " +
+                                    (parsed.error() == make_error_code(errc::not_supported)
+                                         ? "schema 1 or an unsupported type"
+                                         : "invalid") +
+                                    " (Content-Type '" + out.content_type.substr(0, 100) + "')");
         out.document = std::move(parsed).value();
         co_return out;
     }
@@ -599,14 +697,21 @@ private:
             std::string available;
             for (auto& m : index.manifests)
                 if (m.platform) available += (available.empty() ? "" : ", ") + m.platform->str();
-            co_return fail<resolved_manifest>(errc::platform_not_found, ref.familiar() + " has no " + wanted.str() + " image (available: " + (available.empty() ? "none" : available) + ")");
+            co_return fail<resolved_manifest>(
+                errc::platform_not_found,
+                ref.familiar() + " has no " + wanted.str() +
+                    " image (available: " + (available.empty() ? "none" : available) + ")");
         }
         std::string chosen_reference = entry.value().digest.str();
         BOOST_OUTCOME_CO_TRY(chosen, co_await fetch_manifest_coro(ref, chosen_reference));
         if (std::int64_t(chosen.bytes.size()) != entry.value().size)
-            co_return fail<resolved_manifest>(errc::digest_mismatch, "manifest size differs from its index entry");
+            co_return fail<resolved_manifest>(errc::digest_mismatch,
+                                              "manifest size differs from its index entry");
         auto* manifest = std::get_if<image_manifest>(&chosen.document);
-        if (!manifest) co_return fail<resolved_manifest>(errc::manifest_invalid, "index entry for " + wanted.str() + " is not an image manifest");
+        if (!manifest)
+            co_return fail<resolved_manifest>(errc::manifest_invalid,
+                                              "index entry for " + wanted.str() +
+                                                  " is not an image manifest");
         out.index = std::move(index);
         out.manifest_digest = chosen.digest;
         out.manifest_bytes = std::move(chosen.bytes);
@@ -614,8 +719,9 @@ private:
         co_return out;
     }
 
-    awaitable<result<digest>> fetch_blob_coro(image_reference ref, descriptor blob, content_store& store,
-                                              progress_callback progress, std::string kind) {
+    awaitable<result<digest>> fetch_blob_coro(image_reference ref, descriptor blob,
+                                              content_store& store, progress_callback progress,
+                                              std::string kind) {
         auto report = [&](progress_event::phase phase, std::int64_t done) {
             if (progress) progress({phase, blob.digest, kind, blob.size, done});
         };
@@ -624,7 +730,10 @@ private:
             co_return blob.digest;
         }
         auto writer_result = store.begin_write(blob.digest, blob.size);
-        if (!writer_result) co_return fail<digest>(writer_result.error(), "cannot write to the content store " + store.root().string() + ": " + writer_result.error().message());
+        if (!writer_result)
+            co_return fail<digest>(writer_result.error(), "cannot write to the content store " +
+                                                              store.root().string() + ": " +
+                                                              writer_result.error().message());
         auto writer = std::move(writer_result).value();
         report(progress_event::phase::started, std::int64_t(writer.offset()));
         detail::body_plan plan;
@@ -632,56 +741,76 @@ private:
         plan.progress = &progress;
         plan.kind = kind.c_str();
         for (unsigned attempt = 0;; ++attempt) {
-            if (std::int64_t(writer.offset()) == blob.size) break; // a complete partial: just verify
+            if (std::int64_t(writer.offset()) == blob.size)
+                break; // a complete partial: just verify
             std::string target = "/v2/" + ref.repository + "/blobs/" + blob.digest.str();
             std::string no_accept;
             auto response = co_await registry_get(ref, target, no_accept, plan);
             if (!response) {
                 // A dropped connection keeps what arrived; retry with Range.
-                if (response.error() == make_error_code(errc::io_error) && attempt < options_.max_retries) continue;
+                if (response.error() == make_error_code(errc::io_error) &&
+                    attempt < options_.max_retries)
+                    continue;
                 co_return response.error();
             }
             if (response.value().status != 200 && response.value().status != 206) {
-                auto [code, text] = detail::describe_registry_failure(response.value().status, response.value().body);
-                co_return fail<digest>(code, kind + " " + blob.digest.str() + " on " + ref.endpoint() + ": " + text);
+                auto [code, text] = detail::describe_registry_failure(response.value().status,
+                                                                      response.value().body);
+                co_return fail<digest>(code, kind + " " + blob.digest.str() + " on " +
+                                                 ref.endpoint() + ": " + text);
             }
             break;
         }
         auto bytes = writer.offset();
         if (auto committed = writer.commit(); !committed) {
             if (committed.error() == make_error_code(errc::digest_mismatch))
-                co_return fail<digest>(errc::digest_mismatch, kind + " " + blob.digest.str() + ": the " + std::to_string(bytes) + " bytes received do not match the digest (discarded)");
-            co_return fail<digest>(committed.error(), "storing " + blob.digest.str() + ": " + committed.error().message());
+                co_return fail<digest>(errc::digest_mismatch,
+                                       kind + " " + blob.digest.str() + ": the " +
+                                           std::to_string(bytes) +
+                                           " bytes received do not match the digest (discarded)");
+            co_return fail<digest>(committed.error(), "storing " + blob.digest.str() + ": " +
+                                                          committed.error().message());
         }
         report(progress_event::phase::completed, blob.size);
         co_return blob.digest;
     }
 
-    awaitable<result<pulled_image>> pull_coro(image_reference ref, platform wanted, content_store& store,
-                                              progress_callback progress) {
+    awaitable<result<pulled_image>> pull_coro(image_reference ref, platform wanted,
+                                              content_store& store, progress_callback progress) {
         BOOST_OUTCOME_CO_TRY(resolved, co_await pull_manifest_coro(ref, wanted));
         if (auto r = store.write_blob(resolved.top_digest, resolved.top_bytes); !r)
             co_return fail<pulled_image>(r.error(), "storing manifest: " + r.error().message());
         if (auto r = store.write_blob(resolved.manifest_digest, resolved.manifest_bytes); !r)
             co_return fail<pulled_image>(r.error(), "storing manifest: " + r.error().message());
         std::string config_kind = "config", layer_kind = "layer";
-        BOOST_OUTCOME_CO_TRYV(co_await fetch_blob_coro(ref, resolved.manifest.config, store, progress, config_kind));
+        BOOST_OUTCOME_CO_TRYV(
+            co_await fetch_blob_coro(ref, resolved.manifest.config, store, progress, config_kind));
         auto config_bytes = store.read_blob(resolved.manifest.config.digest, max_config_bytes);
-        if (!config_bytes) co_return fail<pulled_image>(config_bytes.error(), "reading config back: " + config_bytes.error().message());
+        if (!config_bytes)
+            co_return fail<pulled_image>(config_bytes.error(),
+                                         "reading config back: " + config_bytes.error().message());
         auto config = parse_image_config(config_bytes.value());
-        if (!config) co_return fail<pulled_image>(config.error(), "image config " + resolved.manifest.config.digest.str() + " is invalid");
+        if (!config)
+            co_return fail<pulled_image>(config.error(), "image config " +
+                                                             resolved.manifest.config.digest.str() +
+                                                             " is invalid");
         pulled_image image;
         for (const auto& layer : resolved.manifest.layers) {
-            BOOST_OUTCOME_CO_TRYV(co_await fetch_blob_coro(ref, layer, store, progress, layer_kind));
+            BOOST_OUTCOME_CO_TRYV(
+                co_await fetch_blob_coro(ref, layer, store, progress, layer_kind));
             image.layers.push_back(store.blob_path(layer.digest));
         }
         image.reference = ref.str();
         image.manifest_digest = resolved.top_digest;
         image.image_manifest_digest = resolved.manifest_digest;
         image.config = std::move(config).value();
-        image_record record{image.reference, image.manifest_digest, image.image_manifest_digest,
-                            resolved.manifest.config.digest, resolved.manifest.total_size(),
-                            image.config.platform.str(), 0};
+        image_record record{image.reference,
+                            image.manifest_digest,
+                            image.image_manifest_digest,
+                            resolved.manifest.config.digest,
+                            resolved.manifest.total_size(),
+                            image.config.platform.str(),
+                            0};
         image.manifest = std::move(resolved.manifest);
         if (auto r = store.record_image(std::move(record)); !r)
             co_return fail<pulled_image>(r.error(), "recording the image: " + r.error().message());
@@ -702,20 +831,29 @@ public:
         : client_(io_.get_executor(), std::move(options)) {}
 
     result<fetched_manifest> fetch_manifest(const image_reference& ref, std::string reference) {
-        return run<fetched_manifest>([&](auto handler) { client_.async_fetch_manifest(ref, std::move(reference), handler); });
+        return run<fetched_manifest>([&](auto handler) {
+            client_.async_fetch_manifest(ref, std::move(reference), handler);
+        });
     }
-    result<resolved_manifest> pull_manifest(const image_reference& ref, const platform& wanted = default_platform()) {
-        return run<resolved_manifest>([&](auto handler) { client_.async_pull_manifest(ref, wanted, handler); });
+    result<resolved_manifest> pull_manifest(const image_reference& ref,
+                                            const platform& wanted = default_platform()) {
+        return run<resolved_manifest>(
+            [&](auto handler) { client_.async_pull_manifest(ref, wanted, handler); });
     }
-    result<digest> fetch_blob(const image_reference& ref, const descriptor& blob, content_store& store,
-                              progress_callback progress = {}, std::string kind = "layer") {
+    result<digest> fetch_blob(const image_reference& ref, const descriptor& blob,
+                              content_store& store, progress_callback progress = {},
+                              std::string kind = "layer") {
         return run<digest>([&](auto handler) {
-            client_.async_fetch_blob(ref, blob, store, std::move(progress), std::move(kind), handler);
+            client_.async_fetch_blob(ref, blob, store, std::move(progress), std::move(kind),
+                                     handler);
         });
     }
     result<pulled_image> pull(const image_reference& ref, content_store& store,
-                              const platform& wanted = default_platform(), progress_callback progress = {}) {
-        return run<pulled_image>([&](auto handler) { client_.async_pull(ref, wanted, store, std::move(progress), handler); });
+                              const platform& wanted = default_platform(),
+                              progress_callback progress = {}) {
+        return run<pulled_image>([&](auto handler) {
+            client_.async_pull(ref, wanted, store, std::move(progress), handler);
+        });
     }
     const std::string& last_error() const noexcept { return client_.last_error(); }
 
@@ -724,8 +862,10 @@ private:
     result<T> run(Start start) {
         std::optional<result<T>> out;
         start([&out](std::error_code ec, T value) {
-            if (ec) out.emplace(ec);
-            else out.emplace(std::move(value));
+            if (ec)
+                out.emplace(ec);
+            else
+                out.emplace(std::move(value));
         });
         io_.restart();
         io_.run();

@@ -21,7 +21,9 @@ struct http_url {
         if ((tls && port == "443") || (!tls && port == "80")) return h;
         return h + ":" + port;
     }
-    std::string str() const { return std::string(tls ? "https://" : "http://") + authority() + target; }
+    std::string str() const {
+        return std::string(tls ? "https://" : "http://") + authority() + target;
+    }
 };
 
 inline bool valid_http_target(std::string_view target) {
@@ -34,11 +36,13 @@ inline bool valid_http_target(std::string_view target) {
 /// Parse "http://" or "https://" URLs; anything else is nullopt.
 inline std::optional<http_url> parse_http_url(std::string_view text) {
     http_url url;
-    if (text.starts_with("https://")) text.remove_prefix(8);
+    if (text.starts_with("https://"))
+        text.remove_prefix(8);
     else if (text.starts_with("http://")) {
         url.tls = false;
         text.remove_prefix(7);
-    } else return std::nullopt;
+    } else
+        return std::nullopt;
     auto slash = text.find_first_of("/?#");
     auto authority = text.substr(0, slash);
     std::string_view rest = slash == std::string_view::npos ? "" : text.substr(slash);
@@ -71,7 +75,8 @@ inline std::optional<http_url> parse_http_url(std::string_view text) {
     url.host.assign(host);
     url.port = port.empty() ? (url.tls ? "443" : "80") : std::string(port);
     if (auto hash = rest.find('#'); hash != std::string_view::npos) rest = rest.substr(0, hash);
-    url.target = rest.empty() ? "/" : (rest.front() == '?' ? "/" + std::string(rest) : std::string(rest));
+    url.target =
+        rest.empty() ? "/" : (rest.front() == '?' ? "/" + std::string(rest) : std::string(rest));
     if (!valid_http_target(url.target)) return std::nullopt;
     return url;
 }
