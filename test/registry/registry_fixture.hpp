@@ -46,7 +46,7 @@ struct temp_dir {
 
 /// Run a shell command; throw with its output if it fails.
 inline std::string run(const std::string& command) {
-    std::string full = command + " 2>&1";
+    std::string full = "( " + command + " ) 2>&1";
     FILE* pipe = ::popen(full.c_str(), "r");
     if (!pipe) throw std::runtime_error("popen");
     std::string out;
@@ -116,6 +116,7 @@ public:
                     "\n    key: " + opts.tls_key + "\n";
         write_text(config, yaml);
         auto log = (dir / "registry.log").string();
+        std::fflush(nullptr); // the child must not replay our buffered output
         pid_ = ::fork();
         if (pid_ == 0) {
             std::freopen(log.c_str(), "w", stdout);
