@@ -117,7 +117,8 @@ private:
             work.pop_back();
             std::uint32_t dir_ino = ino_of[dir];
             const auto& children = tree_.node(dir).children;
-            for (auto it = children.rbegin(); it != children.rend(); ++it) {
+            std::size_t first_pushed = work.size();
+            for (auto it = children.begin(); it != children.end(); ++it) {
                 node_id child = it->second.node;
                 const tree_node& n = tree_.node(child);
                 if (ino_of[child] == 0) {
@@ -137,6 +138,7 @@ private:
                 if (n.kind != node_kind::directory && ++p.links > ext4_link_max)
                     return make_error_code(errc::image_too_large);
             }
+            std::reverse(work.begin() + static_cast<std::ptrdiff_t>(first_pushed), work.end());
         }
         ino_of_ = std::move(ino_of);
         // Directory link counts: 2 + subdirectories (1 when too many: dir_nlink).
