@@ -133,7 +133,7 @@ inline std::map<std::string, std::string> list_host(const fs::path& root) {
     std::map<std::pair<dev_t, ino_t>, std::vector<std::string>> groups;
     std::vector<std::pair<std::string, struct stat>> entries;
     for (auto it = fs::recursive_directory_iterator(root); it != fs::recursive_directory_iterator(); ++it) {
-        std::string path = "/" + fs::relative(it->path(), root).string();
+        std::string path = "/" + it->path().lexically_relative(root).string();
         struct stat st;
         ::lstat(it->path().c_str(), &st);
         entries.push_back({path, st});
@@ -178,7 +178,7 @@ inline supermachine::result<oci::filesystem_tree> merge(const fs::path& spool_di
 /// Every file below `dir`, relative (to check nothing unexpected was written).
 inline std::set<std::string> files_below(const fs::path& dir) {
     std::set<std::string> out;
-    for (auto& e : fs::recursive_directory_iterator(dir)) out.insert(fs::relative(e.path(), dir).string());
+    for (auto& e : fs::recursive_directory_iterator(dir)) out.insert(e.path().lexically_relative(dir).string());
     return out;
 }
 
