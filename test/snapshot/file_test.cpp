@@ -13,11 +13,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 namespace s = supermachine::snapshot;
 namespace t = supermachine::test;
@@ -74,12 +76,8 @@ guest_memory touched_guest(std::uint64_t size, std::uint64_t touched,
     return memory;
 }
 
-s::snapshot_image image_of(const guest_memory& memory, bool hint = true) {
-    s::snapshot_image image;
-    image.records = t::sample_records(memory.size());
-    image.ram = memory.host_mapping();
-    if (hint) image.ram_fd = memory.backing_fd();
-    return image;
+s::snapshot_image image_of(const guest_memory& memory) {
+    return s::snapshot_image::of(memory, t::sample_records(memory.size()));
 }
 
 void write_bytes(const fs::path& p, std::span<const std::byte> bytes) {
@@ -288,6 +286,37 @@ BOOST_AUTO_TEST_CASE(two_restores_from_one_file_are_private) {
     ::close(fd);
     BOOST_TEST(byte == 1u);
     BOOST_TEST(store.load().value().memory.read_object<std::uint8_t>(7).value() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(concurrent_restores_from_one_file_each_see_their_own_writes) {
+    temp_dir dir;
+    auto memory = touched_guest(64 * mib, 4 * mib, supermachine::memory_backing::memfd);
+    s::file_store store(dir.path / "pool.snap");
+    BOOST_REQUIRE(store.save(image_of(memory)).has_value());
+    constexpr int machines = 8;
+    std::vector<std::thread> threads;
+    std::atomic<int> ok{0};
+    for (int id = 0; id < machines; ++id)
+        threads.emplace_back([&, id] {
+            auto loaded = store.load();
+            if (!loaded) return;
+            const auto& mem = loaded.value().memory;
+            for (int round = 0; round < 100; ++round) {
+                const std::uint64_t address = 0x10000 + static_cast<std::uint64_t>(round) * 4096;
+                if (mem.read_object<std::uint32_t>(address).value() != 0)
+                    return; // untouched in the image
+                (void)mem.write_object<std::uint32_t>(address, static_cast<std::uint32_t>(id + 1));
+                std::this_thread::yield();
+                if (mem.read_object<std::uint32_t>(address).value() !=
+                    static_cast<std::uint32_t>(id + 1))
+                    return;
+            }
+            if (mem.read_object<std::uint8_t>(7).value() != 1) return;
+            ++ok;
+        });
+    for (auto& thread : threads)
+        thread.join();
+    BOOST_TEST(ok.load() == machines);
 }
 
 BOOST_AUTO_TEST_CASE(memory_store_is_sealed_sparse_and_private) {

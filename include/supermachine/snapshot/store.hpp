@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <utility>
 
 namespace supermachine::snapshot {
 
@@ -33,6 +34,16 @@ struct snapshot_image {
     /// matters for memfd RAM: reading an untouched shmem page allocates it.
     int ram_fd = -1;
     std::uint64_t ram_fd_offset = 0;
+
+    /// An image of `memory` (one library-made mapping: allocate_x86 or a
+    /// restore), with the memfd hole hint when it has one.
+    static snapshot_image of(const guest_memory& memory, snapshot_records records) {
+        snapshot_image image;
+        image.records = std::move(records);
+        image.ram = memory.host_mapping();
+        image.ram_fd = memory.backing_fd();
+        return image;
+    }
 };
 
 /// A validated snapshot's header and records, without its RAM (to inspect a
