@@ -14,6 +14,7 @@
 // faults with SIGBUS); replace snapshots by rename, as write_snapshot does.
 #include <supermachine/error.hpp>
 #include <supermachine/snapshot/detail/file_io.hpp>
+#include <supermachine/snapshot/detail/unique_fd.hpp>
 #include <supermachine/snapshot/store.hpp>
 
 #include <fcntl.h>
@@ -26,33 +27,6 @@
 #include <utility>
 
 namespace supermachine::snapshot {
-
-namespace detail {
-class unique_fd {
-public:
-    unique_fd() = default;
-    explicit unique_fd(int fd) noexcept
-        : fd_(fd) {}
-    unique_fd(unique_fd&& other) noexcept
-        : fd_(std::exchange(other.fd_, -1)) {}
-    unique_fd& operator=(unique_fd&& other) noexcept {
-        if (this != &other) {
-            reset();
-            fd_ = std::exchange(other.fd_, -1);
-        }
-        return *this;
-    }
-    ~unique_fd() { reset(); }
-    int get() const noexcept { return fd_; }
-    void reset() noexcept {
-        if (fd_ >= 0) ::close(fd_);
-        fd_ = -1;
-    }
-
-private:
-    int fd_ = -1;
-};
-} // namespace detail
 
 /// What write_snapshot did (for logs and tests).
 struct write_statistics {
