@@ -65,6 +65,12 @@ inline result<loaded_snapshot> read_snapshot(const std::filesystem::path& path) 
     return detail::read_snapshot_fd(fd.get());
 }
 
+/// The same from an open file descriptor (e.g. one passed by another
+/// process); the fd stays the caller's.
+inline result<loaded_snapshot> read_snapshot(int fd) {
+    return detail::read_snapshot_fd(fd);
+}
+
 /// Validate the snapshot at `path` and return its records, without mapping RAM.
 inline result<snapshot_metadata> inspect_snapshot(const std::filesystem::path& path) {
     detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
