@@ -8,6 +8,7 @@
 //   snapshot_restore_bench [runs] [directory]
 #include <supermachine/memory.hpp>
 #include <supermachine/snapshot/file_store.hpp>
+#include <supermachine/snapshot/memory_store.hpp>
 
 #include <fcntl.h>
 #include <stdlib.h>
@@ -74,9 +75,10 @@ fs::path make_snapshot(const fs::path& dir, std::uint64_t memory_size) {
 }
 
 /// One restore; returns {map ms, map+touch ms}.
-std::pair<double, double> restore_once(const fs::path& path) {
+template <class Load>
+std::pair<double, double> restore_once(Load&& load) {
     const auto start = clock_type::now();
-    auto loaded = s::read_snapshot(path);
+    auto loaded = load();
     const double mapped = ms_since(start);
     if (!loaded) {
         std::fprintf(stderr, "read failed: %s\n", loaded.error().message().c_str());
@@ -120,34 +122,50 @@ int main(int argc, char** argv) {
     std::printf("restore cost vs guest memory size, %llu MiB touched, %d runs each (median "
                 "[min..max] ms)\n",
                 static_cast<unsigned long long>(touched_chunks), runs);
-    std::printf("%-8s | %-28s | %-28s | %-28s | %-28s | %s\n", "guest", "map, warm",
-                "map+touch, warm", "map, cold", "map+touch, cold", "eager read (warm)");
+    std::printf("%-8s | %-28s | %-28s | %-28s | %-28s | %-28s | %-28s | %s\n", "guest", "map, warm",
+                "map+touch, warm", "map, cold", "map+touch, cold", "memory_store map",
+                "memory_store map+touch", "eager read (warm)");
     for (std::uint64_t size : {256 * mib, 2048 * mib}) {
         const auto path = make_snapshot(dir, size);
         std::vector<double> map_warm, touch_warm, map_cold, touch_cold, eager;
-        restore_once(path); // warm the cache
+        auto from_file = [&] { return s::read_snapshot(path); };
+        restore_once(from_file); // warm the cache
         for (int i = 0; i < runs; ++i) {
-            auto [m, t] = restore_once(path);
+            auto [m, t] = restore_once(from_file);
             map_warm.push_back(m);
             touch_warm.push_back(t);
         }
         for (int i = 0; i < runs; ++i) {
             drop_cache(path);
-            auto [m, t] = restore_once(path);
+            auto [m, t] = restore_once(from_file);
             map_cold.push_back(m);
             touch_cold.push_back(t);
         }
         for (int i = 0; i < std::min(runs, 5); ++i)
             eager.push_back(eager_read(path, size));
+        // The same image in a memory_store (a pool's view): no disk at all.
+        std::vector<double> map_memory, touch_memory;
+        {
+            s::memory_store store;
+            auto image = s::read_snapshot(path).value();
+            if (!store.save(s::snapshot_image::of(image.memory, image.records))) std::exit(4);
+            auto from_memory = [&] { return store.load(); };
+            for (int i = 0; i < runs; ++i) {
+                auto [m, t] = restore_once(from_memory);
+                map_memory.push_back(m);
+                touch_memory.push_back(t);
+            }
+        }
         auto print = [](const summary& x) {
             char text[64];
             std::snprintf(text, sizeof text, "%8.3f [%.3f..%.3f]", x.median, x.min, x.max);
             return std::string(text);
         };
-        std::printf("%5llu MiB | %-28s | %-28s | %-28s | %-28s | %s\n",
+        std::printf("%5llu MiB | %-28s | %-28s | %-28s | %-28s | %-28s | %-28s | %s\n",
                     static_cast<unsigned long long>(size / mib), print(summarize(map_warm)).c_str(),
                     print(summarize(touch_warm)).c_str(), print(summarize(map_cold)).c_str(),
-                    print(summarize(touch_cold)).c_str(), print(summarize(eager)).c_str());
+                    print(summarize(touch_cold)).c_str(), print(summarize(map_memory)).c_str(),
+                    print(summarize(touch_memory)).c_str(), print(summarize(eager)).c_str());
         std::error_code ignored;
         fs::remove(path, ignored);
     }

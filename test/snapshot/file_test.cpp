@@ -13,11 +13,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 namespace s = supermachine::snapshot;
 namespace t = supermachine::test;
@@ -74,12 +77,8 @@ guest_memory touched_guest(std::uint64_t size, std::uint64_t touched,
     return memory;
 }
 
-s::snapshot_image image_of(const guest_memory& memory, bool hint = true) {
-    s::snapshot_image image;
-    image.records = t::sample_records(memory.size());
-    image.ram = memory.host_mapping();
-    if (hint) image.ram_fd = memory.backing_fd();
-    return image;
+s::snapshot_image image_of(const guest_memory& memory) {
+    return s::snapshot_image::of(memory, t::sample_records(memory.size()));
 }
 
 void write_bytes(const fs::path& p, std::span<const std::byte> bytes) {
@@ -288,6 +287,78 @@ BOOST_AUTO_TEST_CASE(two_restores_from_one_file_are_private) {
     ::close(fd);
     BOOST_TEST(byte == 1u);
     BOOST_TEST(store.load().value().memory.read_object<std::uint8_t>(7).value() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(concurrent_restores_from_one_file_each_see_their_own_writes) {
+    temp_dir dir;
+    auto memory = touched_guest(64 * mib, 4 * mib, supermachine::memory_backing::memfd);
+    s::file_store store(dir.path / "pool.snap");
+    BOOST_REQUIRE(store.save(image_of(memory)).has_value());
+    constexpr int machines = 8;
+    std::vector<std::thread> threads;
+    std::atomic<int> ok{0};
+    for (int id = 0; id < machines; ++id)
+        threads.emplace_back([&, id] {
+            auto loaded = store.load();
+            if (!loaded) return;
+            const auto& mem = loaded.value().memory;
+            for (int round = 0; round < 100; ++round) {
+                const std::uint64_t address = 0x10000 + static_cast<std::uint64_t>(round) * 4096;
+                if (mem.read_object<std::uint32_t>(address).value() != 0)
+                    return; // untouched in the image
+                (void)mem.write_object<std::uint32_t>(address, static_cast<std::uint32_t>(id + 1));
+                std::this_thread::yield();
+                if (mem.read_object<std::uint32_t>(address).value() !=
+                    static_cast<std::uint32_t>(id + 1))
+                    return;
+            }
+            if (mem.read_object<std::uint8_t>(7).value() != 1) return;
+            ++ok;
+        });
+    for (auto& thread : threads)
+        thread.join();
+    BOOST_TEST(ok.load() == machines);
+}
+
+BOOST_AUTO_TEST_CASE(snapshot_of_a_restored_guest_skips_unwritten_source_holes) {
+    temp_dir dir;
+    const std::uint64_t size = 512 * mib;
+    {
+        auto memory = touched_guest(size, 8 * mib, supermachine::memory_backing::memfd);
+        BOOST_REQUIRE(s::write_snapshot(dir.path / "first.snap", image_of(memory)).has_value());
+    }
+    auto loaded = s::read_snapshot(dir.path / "first.snap");
+    BOOST_REQUIRE(loaded.has_value());
+    BOOST_REQUIRE(loaded.value().source);
+    auto& memory = loaded.value().memory;
+    auto ram = memory.host_mapping();
+    // The restored guest: writes data into a former hole, zeroes one data
+    // page, reads (but does not write) a few holes, leaves the rest alone.
+    ram[300 * mib + 5] = std::byte{0xee};
+    const std::uint64_t stride = size / 8;
+    for (std::uint64_t i = 0; i < s::page_size; ++i)
+        ram[stride + 4 * s::page_size + i] = std::byte{0};
+    unsigned sum = 0;
+    for (std::uint64_t off = 0; off < 4 * mib; off += s::page_size)
+        sum += std::to_integer<unsigned>(ram[200 * mib + off]);
+    BOOST_TEST(sum == 0u);
+
+    const auto rss_before = status_kib("VmRSS");
+    auto image = s::snapshot_image::of(memory, t::sample_records(size), loaded.value().source);
+    auto stats = s::write_snapshot(dir.path / "second.snap", image);
+    const auto rss_after = status_kib("VmRSS");
+    BOOST_REQUIRE(stats.has_value());
+    BOOST_TEST_MESSAGE("re-snapshot of a restored 512 MiB guest: wrote "
+                       << stats.value().ram_data_bytes / 1024 << " KiB, RSS +"
+                       << (rss_after - rss_before) << " KiB");
+    BOOST_TEST(stats.value().ram_data_bytes == 8 * mib); // -1 zeroed page +1 new page
+    BOOST_TEST(rss_after - rss_before < 16u * 1024);     // did not read the 504 MiB of holes
+
+    auto again = s::read_snapshot(dir.path / "second.snap");
+    BOOST_REQUIRE(again.has_value());
+    const auto copy = again.value().memory.host_mapping();
+    BOOST_TEST(std::memcmp(copy.data(), ram.data(), ram.size()) == 0);
+    BOOST_TEST(allocated_bytes(dir.path / "second.snap") <= 9 * mib);
 }
 
 BOOST_AUTO_TEST_CASE(memory_store_is_sealed_sparse_and_private) {

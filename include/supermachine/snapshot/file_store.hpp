@@ -14,6 +14,7 @@
 // faults with SIGBUS); replace snapshots by rename, as write_snapshot does.
 #include <supermachine/error.hpp>
 #include <supermachine/snapshot/detail/file_io.hpp>
+#include <supermachine/snapshot/detail/unique_fd.hpp>
 #include <supermachine/snapshot/store.hpp>
 
 #include <fcntl.h>
@@ -26,33 +27,6 @@
 #include <utility>
 
 namespace supermachine::snapshot {
-
-namespace detail {
-class unique_fd {
-public:
-    unique_fd() = default;
-    explicit unique_fd(int fd) noexcept
-        : fd_(fd) {}
-    unique_fd(unique_fd&& other) noexcept
-        : fd_(std::exchange(other.fd_, -1)) {}
-    unique_fd& operator=(unique_fd&& other) noexcept {
-        if (this != &other) {
-            reset();
-            fd_ = std::exchange(other.fd_, -1);
-        }
-        return *this;
-    }
-    ~unique_fd() { reset(); }
-    int get() const noexcept { return fd_; }
-    void reset() noexcept {
-        if (fd_ >= 0) ::close(fd_);
-        fd_ = -1;
-    }
-
-private:
-    int fd_ = -1;
-};
-} // namespace detail
 
 /// What write_snapshot did (for logs and tests).
 struct write_statistics {
@@ -89,6 +63,12 @@ inline result<loaded_snapshot> read_snapshot(const std::filesystem::path& path) 
     detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (fd.get() < 0) return errno_code(errno);
     return detail::read_snapshot_fd(fd.get());
+}
+
+/// The same from an open file descriptor (e.g. one passed by another
+/// process); the fd stays the caller's.
+inline result<loaded_snapshot> read_snapshot(int fd) {
+    return detail::read_snapshot_fd(fd);
 }
 
 /// Validate the snapshot at `path` and return its records, without mapping RAM.

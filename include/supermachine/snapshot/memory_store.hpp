@@ -10,8 +10,8 @@
 #include <supermachine/snapshot/store.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -27,19 +27,15 @@ public:
     /// Replace the stored snapshot. Restores already loaded keep theirs.
     /// Not safe concurrently with load() on the same store.
     result<void> save(const snapshot_image& image) {
-        constexpr unsigned cloexec = 0x0001u,
-                           allow_sealing = 0x0002u; // MFD_CLOEXEC, MFD_ALLOW_SEALING
-        detail::unique_fd fd(static_cast<int>(
-            ::syscall(SYS_memfd_create, "supermachine-snapshot", cloexec | allow_sealing)));
+        detail::unique_fd fd(
+            ::memfd_create("supermachine-snapshot", MFD_CLOEXEC | MFD_ALLOW_SEALING));
         if (fd.get() < 0) return errno_code(errno);
         SUPERMACHINE_TRY(data_bytes, detail::write_snapshot_fd(fd.get(), image));
         (void)data_bytes;
         // Sealed against shrinking and writes: a mapped restore can never
         // fault on a truncated file, and the image is immutable.
-        constexpr int seal_shrink = 0x0002, seal_grow = 0x0004, seal_write = 0x0008,
-                      seal_seal = 0x0001;
-        if (::fcntl(fd.get(), 1033 /*F_ADD_SEALS*/,
-                    seal_shrink | seal_grow | seal_write | seal_seal) != 0)
+        if (::fcntl(fd.get(), F_ADD_SEALS,
+                    F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
             return errno_code(errno);
         fd_ = std::make_shared<detail::unique_fd>(std::move(fd));
         return success();
