@@ -13,6 +13,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include <cstring>
+#include <sys/eventfd.h>
 
 namespace sm = supermachine;
 namespace vio = supermachine::virtio;
@@ -284,6 +285,49 @@ BOOST_AUTO_TEST_CASE(many_requests_in_flight_and_reset_drains) {
     f.env.io.restart();
     f.env.io.run_for(std::chrono::milliseconds(50));
     BOOST_TEST(f.driver.used_index() == used_after_reset);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(blk_core)
+
+// The vhost-user transport runs the core and its own protocol on one
+// executor: reset() from a handler on that executor must not deadlock.
+BOOST_AUTO_TEST_CASE(reset_from_the_executor_thread) {
+    sm::test::temp_dir dir;
+    const auto path = dir.file("disk.img");
+    sm::test::write_file(path, pattern(1 << 20, 11));
+    sm::test::test_driver d(64, 8 << 20);
+    boost::asio::io_context io;
+    auto device = vio::blk<st::raw_file>::create({{path, false}}).value();
+    const int kick = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    const int call = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    auto queue = vio::virtqueue::create(d.memory(), d.layout(), vio::common_features).value();
+    vio::queue_binding binding{&queue, kick, vio::interrupt_sink(sm::interrupt_line(call))};
+    vio::activation act{d.memory(), io.get_executor(), vio::common_features, {&binding, 1}, {}, {}};
+    BOOST_REQUIRE(device->activate(act));
+    const auto data = d.allocate(4096 * 16, 4096);
+    for (int i = 0; i < 16; ++i) {
+        const auto h = d.allocate(16), s = d.allocate(1);
+        d.memory().write_object(h, vio::blk_request_header{vio::blk_request::in, 0, 0}).value();
+        d.add_indirect_chain({{h, 16, false}, {data + i * 4096, 4096, true}, {s, 1, true}});
+    }
+    const std::uint64_t one = 1;
+    BOOST_REQUIRE(::write(kick, &one, sizeof one) == 8);
+    bool reset_done = false;
+    io.run_for(std::chrono::milliseconds(2)); // the kick is taken, I/O starts
+    boost::asio::post(io, [&] {
+        device->reset();
+        reset_done = true;
+    });
+    io.run_for(std::chrono::seconds(2));
+    BOOST_TEST(reset_done);
+    // Whatever was taken from the ring was completed before reset returned.
+    BOOST_TEST(d.used_index() == queue.position().next_available);
+    std::uint64_t calls = 0;
+    BOOST_TEST((d.used_index() == 0 || ::read(call, &calls, 8) == 8));
+    ::close(kick);
+    ::close(call);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
