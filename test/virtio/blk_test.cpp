@@ -134,6 +134,20 @@ BOOST_AUTO_TEST_CASE(write_then_read_agrees_with_the_host_file) {
     BOOST_TEST(sm::test::checksum(f.data_bytes(128 << 10)) ==
                sm::test::checksum(std::span(host).subspan(64 * 512, 128 << 10)));
 
+    // Header and data in one descriptor (any framing is legal, 2.6.4).
+    const auto joined = f.driver.allocate(16 + 1024);
+    f.driver.memory()
+        .write_object(joined, vio::blk_request_header{vio::blk_request::out, 0, 7})
+        .value();
+    const auto more = pattern(1024, 13);
+    std::memcpy(f.driver.host(joined + 16, 1024).data(), more.data(), 1024);
+    const auto before = f.driver.used_index();
+    f.driver.add_chain({{joined, 16 + 1024, false}, {f.status, 1, true}});
+    f.env.ring_doorbell(0);
+    BOOST_REQUIRE(f.env.run_until([&] { return f.driver.used_index() != before; }));
+    BOOST_TEST(f.driver.memory().read_object<std::uint8_t>(f.status).value() == 0);
+    BOOST_TEST(std::memcmp(sm::test::read_file(path).data() + 7 * 512, more.data(), 1024) == 0);
+
     // GET_ID
     auto id = f.request(vio::blk_request::get_id, 0, {{f.data, 20, true}});
     BOOST_TEST(id.status == vio::blk_status::ok);

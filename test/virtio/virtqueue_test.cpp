@@ -1,6 +1,9 @@
 #include "test_driver.hpp"
 
+#include <supermachine/virtio/chain_views.hpp>
 #include <supermachine/virtio/virtqueue.hpp>
+
+#include <range/v3/range/conversion.hpp>
 
 #include <boost/test/unit_test.hpp>
 
@@ -72,6 +75,11 @@ BOOST_AUTO_TEST_CASE(normal_chain_separates_readable_and_writable) {
     BOOST_TEST(chain.readable()[0].address == header);
     BOOST_TEST(chain.readable()[0].host.data() == d.host(header, 16).data());
     BOOST_TEST(!q.pop().value().has_value()); // nothing more
+    BOOST_TEST(vio::total_length(chain.writable()) == 513u);
+    const auto buffers = vio::host_buffers(chain.writable()) | ranges::to<std::vector>();
+    BOOST_TEST(buffers.size() == 2u);
+    BOOST_TEST(buffers[0].data() == d.host(data, 512).data());
+    BOOST_TEST((vio::io_vectors(chain.readable()) | ranges::to<std::vector>())[0].iov_len == 16u);
 
     BOOST_REQUIRE(q.push_used(head, 513));
     BOOST_TEST(d.used_index() == 1);
