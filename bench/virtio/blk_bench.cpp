@@ -4,7 +4,7 @@
 // `depth` requests in flight, kicking through the queue's eventfd; the core
 // runs on an io_context thread and its pool, exactly as under a transport.
 //
-// usage: virtio_blk_bench [seconds=3] [depth=64] [io_threads=2] [dir=/dev/shm]
+// usage: virtio_blk_bench [seconds=3] [depth=64] [io_threads=2] [dir=/dev/shm] [cow|raw]
 #include <supermachine/storage/cow_file.hpp>
 #include <supermachine/storage/raw_file.hpp>
 #include <supermachine/virtio/blk.hpp>
@@ -62,15 +62,8 @@ struct ring {
 };
 } // namespace
 
-int main(int argc, char** argv) {
-    const double seconds = argc > 1 ? std::atof(argv[1]) : 3.0;
-    const int depth = argc > 2 ? std::atoi(argv[2]) : 64;
-    const std::size_t threads = argc > 3 ? std::strtoul(argv[3], nullptr, 10) : 2;
-    const std::string dir = argc > 4 ? argv[4] : "/dev/shm";
-    if (depth < 1 || depth > 80) {
-        std::fprintf(stderr, "depth must be 1..80\n");
-        return 2;
-    }
+template <class Storage>
+int run(double seconds, int depth, std::size_t threads, const std::string& dir, const char* label) {
     constexpr std::uint64_t disk_bytes = 256ull << 20;
     const std::string base = dir + "/sm-blk-bench-" + std::to_string(::getpid());
     {
@@ -143,13 +136,25 @@ int main(int argc, char** argv) {
     io.stop();
     runner.join();
     ::unlink(base.c_str());
-    std::printf(
-        "virtio-blk core, cow_file<raw_file> (memory overlay) on %s, 4 KiB reads, depth %d, "
-        "%zu I/O threads:\n",
-        dir.c_str(), depth, threads);
+    std::printf("virtio-blk core, %s on %s, 4 KiB reads, depth %d, %zu I/O threads:\n", label,
+                dir.c_str(), depth, threads);
     std::printf("  %.0f requests/s  (%.1f MiB/s), %llu requests in %.2f s, %llu kicks\n",
                 completed / elapsed, completed * 4096.0 / elapsed / (1 << 20),
                 static_cast<unsigned long long>(completed), elapsed,
                 static_cast<unsigned long long>(kicks));
     return 0;
+}
+
+int main(int argc, char** argv) {
+    const double seconds = argc > 1 ? std::atof(argv[1]) : 3.0;
+    const int depth = argc > 2 ? std::atoi(argv[2]) : 64;
+    const std::size_t threads = argc > 3 ? std::strtoul(argv[3], nullptr, 10) : 2;
+    const std::string dir = argc > 4 ? argv[4] : "/dev/shm";
+    const std::string kind = argc > 5 ? argv[5] : "cow";
+    if (depth < 1 || depth > 80 || threads < 1 || threads > 64) {
+        std::fprintf(stderr, "depth must be 1..80, io_threads 1..64\n");
+        return 2;
+    }
+    if (kind == "raw") return run<st::raw_file>(seconds, depth, threads, dir, "raw_file");
+    return run<cow>(seconds, depth, threads, dir, "cow_file<raw_file> (memory overlay)");
 }

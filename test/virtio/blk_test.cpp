@@ -257,6 +257,19 @@ BOOST_AUTO_TEST_CASE(cow_disk_keeps_its_base_byte_identical) {
     BOOST_TEST(std::memcmp(f.data_bytes(16384).data() + 3 * 512 + 8192,
                            original.data() + 3 * 512 + 8192, 16384 - 3 * 512 - 8192) == 0);
     BOOST_TEST((sm::test::read_file(base) == original));
+
+    // The device carries its overlay into a snapshot: a second device over
+    // the same base, restored from it, reads the written data.
+    static_assert(vio::saves_state<vio::blk<cow>>);
+    static_assert(!vio::saves_state<vio::blk<st::raw_file>>);
+    f.t->pause();
+    const auto overlay = f.t->core().save_state();
+    blk_fixture<cow> g(vio::blk<cow>::config{cow::config{{base, true}, "", 64 * 1024}});
+    BOOST_REQUIRE(g.t->core().restore_state(overlay));
+    std::memset(g.data_bytes(8192).data(), 0, 8192);
+    BOOST_TEST(g.request(vio::blk_request::in, 3, {{g.data, 8192, true}}).status ==
+               vio::blk_status::ok);
+    BOOST_TEST(std::memcmp(g.data_bytes(8192).data(), payload.data(), 8192) == 0);
 }
 
 BOOST_AUTO_TEST_CASE(many_requests_in_flight_and_reset_drains) {

@@ -32,6 +32,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include <sys/uio.h>
 
@@ -61,6 +62,12 @@ concept writes_zeroes = requires(S& s, std::uint64_t offset, std::uint64_t lengt
 template <class S>
 concept has_id = requires(const S& s) {
     { s.id() } -> std::convertible_to<std::string>;
+};
+
+template <class S>
+concept saves_state = requires(const S& cs, S& s, std::span<const std::byte> bytes) {
+    { cs.save_state() } -> std::convertible_to<std::vector<std::byte>>;
+    { s.restore_state(bytes) } -> std::same_as<result<void>>;
 };
 
 template <class S>

@@ -137,6 +137,16 @@ public:
     }
 
     Storage& storage() noexcept { return *storage_; }
+
+    /// The storage's own state (a cow overlay's bitmap and bytes), for
+    /// snapshots; take it while the device is paused.
+    std::vector<std::byte> save_state() const requires storage::saves_state<Storage> {
+        return storage_->save_state();
+    }
+    result<void>
+    restore_state(std::span<const std::byte> bytes) requires storage::saves_state<Storage> {
+        return storage_->restore_state(bytes);
+    }
     std::uint64_t capacity_sectors() const noexcept { return storage_->size() / sector_size; }
 
 private:
