@@ -226,6 +226,24 @@ BOOST_AUTO_TEST_CASE(hostile_direct_chains) {
     BOOST_TEST(pop_ok(q).readable_bytes() == 8u);
 }
 
+BOOST_AUTO_TEST_CASE(buffers_across_adjacent_regions_are_split) {
+    test_driver d(8);
+    // A second region right after the test memory, plus one with a gap after it.
+    const std::uint64_t end = test_driver::guest_base + (4 << 20);
+    alignas(4096) static std::byte second[8192], third[4096];
+    auto& memory = d.mutable_memory();
+    BOOST_REQUIRE(memory.add_region({end, second}));
+    BOOST_REQUIRE(memory.add_region({end + 8192 + 4096, third})); // a hole before it
+    auto q = make_queue(d);
+    d.add_chain({{end - 100, 300, true}}); // 100 bytes in the first region, 200 in the second
+    auto chain = pop_ok(q);
+    BOOST_TEST(chain.writable().size() == 2u);
+    BOOST_TEST(chain.writable_bytes() == 300u);
+    BOOST_TEST(chain.writable()[1].host.data() == second);
+    d.add_chain({{end + 8000, 300, true}}); // runs into the hole
+    BOOST_TEST(pop_error(q) == sm::errc::descriptor_chain_malformed);
+}
+
 BOOST_AUTO_TEST_CASE(chain_length_bounded_by_queue_size) {
     test_driver d(4);
     auto q = make_queue(d);
