@@ -111,13 +111,12 @@ inline result<module_plan> plan_modules(const std::filesystem::path& modules_dir
     }
     std::map<std::string, fs::path> files;                // name → path
     std::map<std::string, std::vector<std::string>> deps; // from modules.dep, if present
-    bool have_dep_file = false;
+    const bool have_dep_file = fs::is_regular_file(modules_dir / "modules.dep", ec);
     {
         std::ifstream in(modules_dir / "modules.dep");
         for (std::string line; std::getline(in, line);) {
             const auto colon = line.find(':');
             if (colon == std::string::npos) continue;
-            have_dep_file = true;
             const auto name = module_name_from_path(line.substr(0, colon));
             files[name] = modules_dir / line.substr(0, colon);
             std::string_view rest(line);
@@ -132,7 +131,7 @@ inline result<module_plan> plan_modules(const std::filesystem::path& modules_dir
             }
         }
     }
-    if (!have_dep_file) {
+    if (!have_dep_file && fs::is_directory(modules_dir / "kernel", ec)) {
         for (auto it = fs::recursive_directory_iterator(modules_dir / "kernel", ec);
              !ec && it != fs::recursive_directory_iterator(); it.increment(ec))
             if (it->is_regular_file() && it->path().extension() == ".ko")
