@@ -196,6 +196,15 @@ BOOST_AUTO_TEST_CASE(absurd_header_fields_are_rejected) {
     k = {};
     k.cmdline_size = 0;
     BOOST_TEST(error_for(k) == errc::kernel_invalid);
+
+    // Fields past the header's own declared end are not trusted: a header
+    // that ends before xloadflags has no 64-bit entry, whatever follows.
+    auto short_header = make_bzimage();
+    short_header[0x201] = std::byte{0x30}; // ends at 0x232
+    BOOST_TEST(parse_bzimage(short_header).error() == errc::kernel_unsupported);
+    auto no_jump = make_bzimage();
+    no_jump[0x200] = std::byte{0x90};
+    BOOST_TEST(parse_bzimage(no_jump).error() == errc::kernel_invalid);
 }
 
 BOOST_AUTO_TEST_CASE(kernel_that_does_not_fit_is_memory_too_small) {
