@@ -18,6 +18,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -120,6 +121,55 @@ BOOST_AUTO_TEST_CASE(loader_accepts_the_real_bzimage) {
     // Too little memory for init_size is a clean error.
     auto small = guest_memory::allocate_x86(32ull << 20, memory_backing::anonymous).value();
     BOOST_TEST(load_linux(small, config).error() == errc::memory_too_small);
+}
+
+// Debian ships no vmlinux; its bzImage carries one, LZ4-compressed (legacy
+// frame, magic 02 21 4C 18). Unpacked, it is the real-world input for the
+// ELF/PVH path: the parser must find its PT_LOADs and the PVH note.
+BOOST_AUTO_TEST_CASE(loader_accepts_the_real_vmlinux_with_pvh) {
+    const auto k = kernel_or_skip();
+    test::skip_unless(std::system("command -v lz4 >/dev/null") == 0,
+                      "lz4 not installed (to unpack vmlinux)");
+    const auto bz = read_host_file(k.vmlinuz, 64ull << 20).value();
+    const std::byte magic[] = {std::byte{0x02}, std::byte{0x21}, std::byte{0x4c}, std::byte{0x18}};
+    const auto at = std::search(bz.begin(), bz.end(), std::begin(magic), std::end(magic));
+    test::skip_unless(at != bz.end(), "kernel payload is not LZ4 (another Debian kernel config)");
+    scratch_dir dir;
+    std::ofstream(dir.path / "payload.lz4", std::ios::binary)
+        .write(reinterpret_cast<const char*>(&*at), static_cast<std::streamsize>(bz.end() - at));
+    const std::string unpack =
+        "cd '" + dir.path.string() + "' && lz4 -dc payload.lz4 > vmlinux 2>/dev/null";
+    (void)std::system(
+        unpack.c_str()); // trailing bytes after the stream make lz4 complain; the ELF is whole
+    const auto vmlinux = read_host_file(dir.path / "vmlinux", 512ull << 20).value();
+    const auto elf = parse_elf(vmlinux).value();
+    BOOST_TEST(elf.entry == 0x1000000u); // phys_startup_64
+    BOOST_TEST_REQUIRE(elf.pvh_entry.has_value());
+    BOOST_TEST(elf.contains(*elf.pvh_entry));
+    BOOST_TEST(elf.segments.size() >= 2u);
+    BOOST_TEST(elf.lowest == 0x1000000u);
+    BOOST_TEST_MESSAGE("vmlinux " << vmlinux.size() << " bytes, PVH entry 0x" << std::hex
+                                  << *elf.pvh_entry << ", segments up to 0x" << elf.highest);
+
+    auto memory = guest_memory::allocate_x86(256ull << 20, memory_backing::anonymous).value();
+    std::vector<std::byte> initrd(1u << 20, std::byte{3});
+    linux_boot_config config;
+    config.kernel = vmlinux;
+    config.initrd = initrd;
+    config.cmdline = "console=ttyS0";
+    const auto pvh = load_linux(memory, config).value();
+    BOOST_TEST(pvh.mode == entry_mode::protected_mode_32_pvh);
+    BOOST_TEST(pvh.rip == *elf.pvh_entry);
+    BOOST_TEST(pvh.rbx == x86_layout::pvh_start_info);
+    BOOST_TEST(pvh.initrd_address >= elf.highest);
+    // The first loaded bytes are the file's.
+    const auto& first = elf.segments.front();
+    auto loaded = memory.span(first.physical_address, 4096).value();
+    BOOST_TEST(std::memcmp(loaded.data(), vmlinux.data() + first.file_offset, 4096) == 0);
+    config.prefer_pvh = false;
+    const auto long_mode = load_linux(memory, config).value();
+    BOOST_TEST(long_mode.mode == entry_mode::long_mode_64);
+    BOOST_TEST(long_mode.rip == 0x1000000u);
 }
 
 BOOST_AUTO_TEST_CASE(demo_initramfs_boots_under_qemu_tcg, *boost::unit_test::timeout(280)) {
