@@ -24,6 +24,7 @@ inline const std::vector<std::string>& default_guest_modules() {
         "virtio_blk",
         "virtio_console",
         "virtio_rng",
+        "virtio_net",
         "vsock",
         "vmw_vsock_virtio_transport_common",
         "vmw_vsock_virtio_transport",
