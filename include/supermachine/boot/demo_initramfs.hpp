@@ -22,6 +22,8 @@ struct demo_initramfs_options {
     std::vector<std::filesystem::path>
         modules;              // .ko files, dependencies first (kernel_files::modules)
     std::string extra_script; // shell lines run after the greeting, before power-off
+    std::string final_command =
+        "poweroff -f"; // "reboot -f" (+ reboot=t) where ACPI power-off is not served
     initramfs_compression compression = initramfs_compression::gzip;
 };
 
@@ -41,7 +43,7 @@ inline std::string demo_init_script(const demo_initramfs_options& options) {
     s += "echo \"" + options.greeting + "\"\n";
     s += options.extra_script;
     if (!s.empty() && s.back() != '\n') s += '\n';
-    s += "poweroff -f\n";
+    s += options.final_command + "\n";
     return s;
 }
 
@@ -58,8 +60,8 @@ inline result<std::vector<std::byte>> build_demo_initramfs(const demo_initramfs_
         initramfs_entry::device("dev/console", cpio_kind::character_device, 5, 1, 0600));
     entries.push_back(initramfs_entry::device("dev/null", cpio_kind::character_device, 1, 3, 0666));
     entries.push_back(initramfs_entry::file("bin/busybox", std::move(busybox), 0755));
-    for (const char* applet :
-         {"sh", "mount", "insmod", "echo", "poweroff", "cat", "ls", "grep", "nproc", "sleep"})
+    for (const char* applet : {"sh", "mount", "insmod", "echo", "poweroff", "reboot", "cat", "ls",
+                               "grep", "nproc", "sleep"})
         entries.push_back(initramfs_entry::symlink(std::string("bin/") + applet, "busybox"));
     for (std::size_t i = 0; i < options.modules.size(); ++i) {
         SUPERMACHINE_TRY(ko, read_host_file(options.modules[i], 64ull << 20));
