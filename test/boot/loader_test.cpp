@@ -3,6 +3,7 @@
 #include "crafted_kernels.hpp"
 #include "printers.hpp"
 
+#include <supermachine/boot/bzimage_builder.hpp>
 #include <supermachine/boot/linux_loader.hpp>
 
 #include <boost/test/unit_test.hpp>
@@ -293,6 +294,24 @@ BOOST_AUTO_TEST_CASE(failures_write_nothing) {
     const auto straddling = make_elf(k);
     BOOST_TEST(load_error(memory, config_for(straddling)) == errc::memory_too_small);
     BOOST_TEST(all_zero());
+}
+
+BOOST_AUTO_TEST_CASE(built_bzimage_round_trips_through_the_loader) {
+    std::vector<std::byte> program(0x1234);
+    for (std::size_t i = 0; i < program.size(); ++i)
+        program[i] = static_cast<std::byte>(i * 5 + 1);
+    const auto image = build_bzimage(program, {.load_address = 0x200000}).value();
+    const auto bz = parse_bzimage(image).value();
+    BOOST_TEST(!bz.relocatable);
+    BOOST_TEST(bz.pref_address == 0x200000u);
+    BOOST_TEST(bz.init_size == 0x2000u);
+    auto memory = make_memory();
+    const auto entry = load_linux(memory, config_for(image)).value();
+    BOOST_TEST(entry.rip == 0x200200u);
+    BOOST_TEST(std::memcmp(memory.span(0x200000, program.size()).value().data(), program.data(),
+                           program.size()) == 0);
+    BOOST_TEST(build_bzimage(std::span(program).first(0x100)).error() == errc::invalid_argument);
+    BOOST_TEST(build_bzimage(program, {.load_address = 0x1000}).error() == errc::invalid_argument);
 }
 
 BOOST_AUTO_TEST_CASE(bad_configurations_are_rejected) {
