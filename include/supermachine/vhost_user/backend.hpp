@@ -38,11 +38,8 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/redirect_error.hpp>
-#include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
 #include <sys/socket.h>
@@ -140,14 +137,13 @@ public:
     auto async_serve(boost::asio::local::stream_protocol::socket socket, CompletionToken&& token) {
         return boost::asio::async_initiate<CompletionToken, void(std::error_code)>(
             [this](auto handler, boost::asio::local::stream_protocol::socket s) {
-                boost::asio::co_spawn(executor_, serve(std::move(s)),
-                                      [this, h = std::move(handler)](std::exception_ptr e,
-                                                                     std::error_code ec) mutable {
-                                          if (e)
-                                              ec = make_error_code(errc::vhost_user_protocol_error);
-                                          stop();
-                                          std::move(h)(ec);
-                                      });
+                auto shared = std::make_shared<decltype(handler)>(std::move(handler));
+                auto c = std::make_shared<connection>(*this, std::move(s),
+                                                      [this, shared](std::error_code ec) {
+                                                          stop();
+                                                          std::move (*shared)(ec);
+                                                      });
+                c->start();
             },
             token, std::move(socket));
     }
@@ -465,40 +461,6 @@ private:
 
     // ---- the socket side ----
 
-    boost::asio::awaitable<std::error_code>
-    serve(boost::asio::local::stream_protocol::socket socket) {
-        socket.non_blocking(true);
-        for (;;) {
-            message m;
-            if (auto ec = co_await read_message(socket, m)) {
-                trace(m, ec);
-                co_return ec;
-            }
-            if (auto valid = validate(m); !valid) {
-                trace(m, valid.error());
-                co_return valid.error();
-            }
-            auto reply = handle(m);
-            trace(m, reply ? std::error_code{} : reply.error());
-            std::vector<std::byte> bytes;
-            if (reply) {
-                bytes = std::move(reply).value();
-            } else if (failure_is_acked(m)) {
-                bytes = encode_reply(m.request(), u64_bytes(1));
-            } else if (reply.error() != make_error_code(errc::not_supported) ||
-                       has_inherent_reply(m.request(), protocol_features_)) {
-                co_return reply.error();
-            }
-            if (!bytes.empty()) {
-                boost::system::error_code ec;
-                co_await boost::asio::async_write(
-                    socket, boost::asio::buffer(bytes),
-                    boost::asio::redirect_error(boost::asio::use_awaitable, ec));
-                if (ec) co_return make_error_code(errc::vhost_user_disconnected);
-            }
-        }
-    }
-
     /// SUPERMACHINE_VHOST_TRACE=1: one stderr line per request (diagnosing front-ends).
     static void trace(const message& m, std::error_code ec) {
         static const bool enabled = std::getenv("SUPERMACHINE_VHOST_TRACE") != nullptr;
@@ -511,62 +473,139 @@ private:
                      static_cast<unsigned long long>(first), ec ? ec.message().c_str() : "ok");
     }
 
-    /// Read `length` bytes into `out`, collecting any SCM_RIGHTS fds into `fds`.
-    static boost::asio::awaitable<std::error_code>
-    receive(boost::asio::local::stream_protocol::socket& socket, std::span<std::byte> out,
-            std::vector<detail::file_descriptor>& fds) {
-        std::size_t done = 0;
-        while (done < out.size()) {
-            alignas(cmsghdr) char control[CMSG_SPACE(max_fds * sizeof(int))];
-            iovec io{out.data() + done, out.size() - done};
-            msghdr msg{};
-            msg.msg_iov = &io;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control;
-            msg.msg_controllen = sizeof control;
-            const ssize_t n =
-                ::recvmsg(socket.native_handle(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-                boost::system::error_code ec;
-                co_await socket.async_wait(
-                    boost::asio::socket_base::wait_read,
-                    boost::asio::redirect_error(boost::asio::use_awaitable, ec));
-                if (ec) co_return make_error_code(errc::vhost_user_disconnected);
-                continue;
-            }
-            if (n < 0) co_return errno_code(errno);
-            // Take ownership of every fd first, so rejection below closes them.
-            for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
-                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-                const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-                for (std::size_t i = 0; i < count; ++i) {
-                    int fd;
-                    std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-                    fds.emplace_back(fd);
-                }
-            }
-            if (msg.msg_flags & MSG_CTRUNC)
-                co_return make_error_code(errc::vhost_user_protocol_error);
-            if (fds.size() > max_fds) co_return make_error_code(errc::vhost_user_protocol_error);
-            if (n == 0) co_return make_error_code(errc::vhost_user_disconnected);
-            done += static_cast<std::size_t>(n);
-        }
-        co_return std::error_code{};
-    }
+    /// One front-end connection: read a message (header, then payload, fds
+    /// from any chunk), handle it, write the reply, repeat. Callback-style
+    /// (not C++20 coroutines) so the header builds with every compiler
+    /// Asio 1.74 supports.
+    class connection : public std::enable_shared_from_this<connection> {
+    public:
+        connection(backend& owner, boost::asio::local::stream_protocol::socket socket,
+                   std::function<void(std::error_code)> done)
+            : owner_(owner)
+            , socket_(std::move(socket))
+            , done_(std::move(done)) {}
 
-    static boost::asio::awaitable<std::error_code>
-    read_message(boost::asio::local::stream_protocol::socket& socket, message& m) {
-        std::array<std::byte, header_size> head;
-        if (auto ec = co_await receive(socket, head, m.fds)) co_return ec;
-        auto h = decode_header(head);
-        if (!h) co_return h.error();
-        m.head = h.value();
-        if (m.head.size)
-            if (auto ec = co_await receive(socket, std::span(m.payload_storage).first(m.head.size),
-                                           m.fds))
-                co_return ec;
-        co_return std::error_code{};
-    }
+        void start() {
+            boost::system::error_code ignored;
+            socket_.non_blocking(true, ignored);
+            read_header();
+        }
+
+    private:
+        void read_header() {
+            message_ = std::make_unique<message>();
+            reading_payload_ = false;
+            target_ = head_;
+            filled_ = 0;
+            pump();
+        }
+
+        /// Read until the current target is full, waiting with Asio when the socket is empty.
+        void pump() {
+            for (;;) {
+                if (filled_ == target_.size()) {
+                    if (!reading_payload_) {
+                        auto h = decode_header(head_);
+                        if (!h) return finish(h.error());
+                        message_->head = h.value();
+                        reading_payload_ = true;
+                        target_ = std::span(message_->payload_storage).first(message_->head.size);
+                        filled_ = 0;
+                        continue;
+                    }
+                    return process();
+                }
+                alignas(cmsghdr) char control[CMSG_SPACE(max_fds * sizeof(int))];
+                iovec io{target_.data() + filled_, target_.size() - filled_};
+                msghdr msg{};
+                msg.msg_iov = &io;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control;
+                msg.msg_controllen = sizeof control;
+                const ssize_t n =
+                    ::recvmsg(socket_.native_handle(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+                if (n < 0 && errno == EINTR) continue;
+                if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                    socket_.async_wait(
+                        boost::asio::socket_base::wait_read,
+                        [self = this->shared_from_this()](const boost::system::error_code& ec) {
+                            if (ec)
+                                return self->finish(make_error_code(errc::vhost_user_disconnected));
+                            self->pump();
+                        });
+                    return;
+                }
+                if (n < 0) return finish(errno_code(errno));
+                // Own every fd first, so any rejection below closes them.
+                for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+                    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+                    const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                    for (std::size_t i = 0; i < count; ++i) {
+                        int fd;
+                        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                        message_->fds.emplace_back(fd);
+                    }
+                }
+                if ((msg.msg_flags & MSG_CTRUNC) || message_->fds.size() > max_fds)
+                    return finish(make_error_code(errc::vhost_user_protocol_error));
+                if (n == 0) return finish(make_error_code(errc::vhost_user_disconnected));
+                filled_ += static_cast<std::size_t>(n);
+            }
+        }
+
+        void process() {
+            message& m = *message_;
+            if (auto valid = validate(m); !valid) {
+                trace(m, valid.error());
+                return finish(valid.error());
+            }
+            auto reply = owner_.handle(m);
+            trace(m, reply ? std::error_code{} : reply.error());
+            if (reply) {
+                reply_ = std::move(reply).value();
+            } else if (owner_.failure_is_acked(m)) {
+                reply_ = encode_reply(m.request(), u64_bytes(1));
+            } else if (reply.error() != make_error_code(errc::not_supported) ||
+                       has_inherent_reply(m.request(), owner_.protocol_features_)) {
+                return finish(reply.error());
+            } else {
+                reply_.clear(); // an unsupported request without a reply: ignored
+            }
+            if (reply_.empty()) return continue_later();
+            boost::asio::async_write(
+                socket_, boost::asio::buffer(reply_),
+                [self = this->shared_from_this()](const boost::system::error_code& ec,
+                                                  std::size_t) {
+                    if (ec) return self->finish(make_error_code(errc::vhost_user_disconnected));
+                    self->read_header();
+                });
+        }
+
+        /// Next message from the executor, not from this stack: a front-end
+        /// with many messages buffered must not grow the stack.
+        void continue_later() {
+            boost::asio::post(socket_.get_executor(),
+                              [self = this->shared_from_this()] { self->read_header(); });
+        }
+
+        void finish(std::error_code ec) {
+            boost::system::error_code ignored;
+            socket_.close(ignored);
+            // Completion from the executor, never from inside the initiating call.
+            if (auto d = std::move(done_))
+                boost::asio::post(socket_.get_executor(), [d = std::move(d), ec] { d(ec); });
+        }
+
+        backend& owner_;
+        boost::asio::local::stream_protocol::socket socket_;
+        std::function<void(std::error_code)> done_;
+        std::unique_ptr<message> message_;
+        std::array<std::byte, header_size> head_{};
+        std::span<std::byte> target_;
+        std::size_t filled_ = 0;
+        bool reading_payload_ = false;
+        std::vector<std::byte> reply_;
+    };
 
     executor_type executor_;
     Device& device_;
