@@ -41,7 +41,8 @@ timing boot_once(const sm::backend::qemu_config& base, const fs::path& disk, boo
     sm::backend::qemu_config config = base;
     std::unique_ptr<sm::virtio::blk<sm::storage::raw_file>> blk;
     if (!ours) {
-        config.extra_arguments = {"-drive", "file=" + disk.string() + ",if=none,id=d0,format=raw,readonly=on",
+        config.extra_arguments = {"-drive",
+                                  "file=" + disk.string() + ",if=none,id=d0,format=raw,readonly=on",
                                   "-device", "virtio-blk-device,drive=d0"};
     }
     sm::backend::qemu_machine vm(io.get_executor(), config);
@@ -73,15 +74,18 @@ timing boot_once(const sm::backend::qemu_config& base, const fs::path& disk, boo
         deadline.cancel();
     });
     io.run();
-    if (!t.ok) std::fprintf(stderr, "run failed; console tail:\n%s\n%s\n",
-                            console.substr(console.size() > 1500 ? console.size() - 1500 : 0).c_str(),
-                            vm.diagnostics().c_str());
+    if (!t.ok)
+        std::fprintf(stderr, "run failed; console tail:\n%s\n%s\n",
+                     console.substr(console.size() > 1500 ? console.size() - 1500 : 0).c_str(),
+                     vm.diagnostics().c_str());
     return t;
 }
 
 double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
-    return v.empty() ? 0 : v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+    return v.empty()      ? 0
+           : v.size() % 2 ? v[v.size() / 2]
+                          : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 } // namespace
@@ -97,12 +101,15 @@ int main(int argc, char** argv) {
     sm::test::temporary_directory work;
     std::vector<char> payload(16 << 20);
     std::mt19937_64 random(7);
-    for (auto& c : payload) c = static_cast<char>(random());
+    for (auto& c : payload)
+        c = static_cast<char>(random());
     const auto sha = sm::test::sha256_hex(payload.data(), payload.size());
     fs::create_directories(work.path / "data");
-    std::ofstream(work.path / "data/payload.bin", std::ios::binary).write(payload.data(), payload.size());
+    std::ofstream(work.path / "data/payload.bin", std::ios::binary)
+        .write(payload.data(), payload.size());
     if (!sm::test::make_ext4(work.path / "data", work.path / "disk.img", 32)) return 1;
-    const std::string init = R"SH(for i in $(seq 1 400); do [ -b /dev/vda ] && break; sleep 0.02; done
+    const std::string init =
+        R"SH(for i in $(seq 1 400); do [ -b /dev/vda ] && break; sleep 0.02; done
 mount -t ext4 -o ro /dev/vda /mnt
 echo "BOOT-MARKER $(sha256sum /mnt/payload.bin | cut -d' ' -f1)")SH";
     if (!sm::test::make_initramfs(*kernel, work.path, init, work.path / "initramfs.cpio")) return 1;
@@ -120,16 +127,18 @@ echo "BOOT-MARKER $(sha256sum /mnt/payload.bin | cut -d' ' -f1)")SH";
         for (bool ours : {true, false}) {
             const auto t = boot_once(config, work.path / "disk.img", ours, expected);
             if (!t.ok) return 1;
-            std::printf("run %d %-16s marker %.3f s  poweroff %.3f s\n", i, ours ? "vhost-user-blk" : "virtio-blk (qemu)",
-                        t.marker_seconds, t.exit_seconds);
+            std::printf("run %d %-16s marker %.3f s  poweroff %.3f s\n", i,
+                        ours ? "vhost-user-blk" : "virtio-blk (qemu)", t.marker_seconds,
+                        t.exit_seconds);
             (ours ? ours_marker : qemu_marker).push_back(t.marker_seconds);
             (ours ? ours_exit : qemu_exit).push_back(t.exit_seconds);
         }
     }
     const double a = median(ours_marker), b = median(qemu_marker);
-    std::printf("median to marker: vhost-user-blk %.3f s, qemu virtio-blk %.3f s, ratio %.3f (runs %d, icount %s)\n",
+    std::printf("median to marker: vhost-user-blk %.3f s, qemu virtio-blk %.3f s, ratio %.3f (runs "
+                "%d, icount %s)\n",
                 a, b, a / b, runs, icount.c_str());
-    std::printf("median to poweroff: vhost-user-blk %.3f s, qemu virtio-blk %.3f s\n", median(ours_exit),
-                median(qemu_exit));
+    std::printf("median to poweroff: vhost-user-blk %.3f s, qemu virtio-blk %.3f s\n",
+                median(ours_exit), median(qemu_exit));
     return 0;
 }

@@ -16,8 +16,10 @@
 // Linux and qemu otherwise, and says which and why once on stderr.
 #include <supermachine/backend/detail/qemu_command.hpp>
 #include <supermachine/backend/detail/qemu_process.hpp>
+#include <supermachine/backend/detail/qemu_qmp.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/vhost_user/backend.hpp>
+#include <supermachine/virtio/device.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/io_context.hpp>
@@ -35,6 +37,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -42,6 +45,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace supermachine::backend {
@@ -132,6 +136,7 @@ public:
     qemu_machine& operator=(const qemu_machine&) = delete;
     ~qemu_machine() {
         kill();
+        if (snapshot_thread_.joinable()) snapshot_thread_.join();
         reap_blocking();
         for (auto& d : devices_) {
             boost::system::error_code ignored;
@@ -174,6 +179,12 @@ public:
                 });
         };
         d.keep_alive = served;
+        if constexpr (virtio::saves_state<Device>) {
+            d.save_state = [&device] { return device.save_state(); };
+            d.restore_state = [&device](std::span<const std::byte> b) {
+                return device.restore_state(b);
+            };
+        }
         devices_.push_back(std::move(d));
         return success();
     }
@@ -214,6 +225,10 @@ public:
             use_kvm_ = host_kvm_runs_linux();
             break;
         }
+        if (config_.qmp_socket.empty()) { // always a control socket: snapshots need it
+            SUPERMACHINE_TRY(ensure_runtime_directory());
+            config_.qmp_socket = runtime_directory_ / "qmp.sock";
+        }
         std::vector<qemu_vhost_user_attachment> attachments;
         for (const auto& d : devices_)
             attachments.push_back(d.attachment);
@@ -232,6 +247,28 @@ public:
         pidfd_ = std::make_unique<boost::asio::posix::stream_descriptor>(executor_, child_.pidfd);
         read_console();
         read_diagnostics();
+        if (config_.incoming) {
+            // A snapshot is taken paused, and QEMU restores the run state it
+            // was saved in: resume once the stream is loaded.
+            snapshot_thread_ = std::thread([this] {
+                using namespace std::chrono_literals;
+                detail::qmp_client qmp;
+                if (!qmp.connect(config_.qmp_socket, 30s)) return;
+                for (auto deadline = std::chrono::steady_clock::now() + 300s;
+                     std::chrono::steady_clock::now() < deadline;) {
+                    auto status = qmp.execute("query-status", nullptr, 30s);
+                    if (!status) return;
+                    const auto state = status.value().value("status", std::string());
+                    if (state == "running") break;
+                    if (state != "inmigrate") {
+                        (void)qmp.execute("cont", nullptr, 30s);
+                        break;
+                    }
+                    std::this_thread::sleep_for(5ms);
+                }
+                resumed_at_ = std::chrono::steady_clock::now();
+            });
+        }
         pidfd_->async_wait(
             boost::asio::posix::stream_descriptor::wait_read,
             [this, alive = std::weak_ptr<int>(alive_)](const boost::system::error_code& ec) {
@@ -262,6 +299,69 @@ public:
         if (child_.pid > 0 && !exited_) ::kill(child_.pid, SIGKILL);
     }
 
+    /// The outcome of a snapshot attempt.
+    struct snapshot_report {
+        bool saved = false;
+        /// Why QEMU refused, in its words (names the device, e.g. "State blocked
+        /// by non-migratable device '...'"); empty when saved.
+        std::string refusal;
+        std::uint64_t bytes = 0; // size of QEMU's migration stream
+        std::chrono::milliseconds duration{0};
+    };
+
+    /// Pause the guest and write QEMU's migration stream (CPU, RAM, its
+    /// transports) to `file`, and our devices' own state (cores with
+    /// save_state()) to `file` + ".devices", at the same pause. Resumes the
+    /// guest afterwards when `resume`. A refusal by QEMU (a device without
+    /// migration support) is not an error: the report says which, and the
+    /// guest is resumed. Completion: void(std::error_code, snapshot_report),
+    /// on the executor; the QMP exchange runs on its own thread so the
+    /// executor stays free for the vhost-user back-ends QEMU waits on.
+    template <class CompletionToken>
+    auto async_save_snapshot(std::filesystem::path file, bool resume, CompletionToken&& token) {
+        return boost::asio::async_initiate<CompletionToken, void(std::error_code, snapshot_report)>(
+            [this](auto handler, std::filesystem::path file, bool resume) {
+                if (snapshot_thread_.joinable()) snapshot_thread_.join();
+                auto shared = std::make_shared<decltype(handler)>(std::move(handler));
+                snapshot_thread_ = std::thread([this, shared, file = std::move(file), resume] {
+                    snapshot_report report;
+                    const auto start = std::chrono::steady_clock::now();
+                    auto r = save_snapshot_blocking(file, resume, report);
+                    report.duration = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        std::chrono::steady_clock::now() - start);
+                    boost::asio::post(executor_, [shared, ec = r ? std::error_code{} : r.error(),
+                                                  report] { std::move (*shared)(ec, report); });
+                });
+            },
+            token, std::move(file), resume);
+    }
+
+    /// Before start() with config.incoming: give each attached core (that
+    /// keeps state) the state saved next to the migration stream.
+    result<void> restore_device_states(const std::filesystem::path& file) {
+        std::ifstream in(file.string() + ".devices", std::ios::binary);
+        if (!in) return errc::not_found;
+        std::uint32_t count = 0;
+        in.read(reinterpret_cast<char*>(&count), sizeof count);
+        if (!in || count != devices_.size()) return errc::snapshot_mismatch;
+        for (auto& d : devices_) {
+            std::uint64_t size = 0;
+            in.read(reinterpret_cast<char*>(&size), sizeof size);
+            if (!in || size > (std::uint64_t{1} << 30)) return errc::snapshot_bad_record;
+            std::vector<std::byte> bytes(size);
+            in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
+            if (!in) return errc::snapshot_truncated;
+            if (size && !d.restore_state) return errc::snapshot_mismatch;
+            if (d.restore_state) {
+                SUPERMACHINE_TRY(d.restore_state(bytes));
+            }
+        }
+        return success();
+    }
+
+    /// With config.incoming: when the restored guest was resumed (epoch when not yet).
+    std::chrono::steady_clock::time_point resumed_at() const noexcept { return resumed_at_.load(); }
+
     bool exited() const noexcept { return exited_; }
     int exit_status() const noexcept { return exit_status_; }
 
@@ -272,7 +372,63 @@ private:
         std::function<void(local::socket)> serve;
         std::shared_ptr<void> keep_alive;
         std::error_code end_reason;
+        std::function<std::vector<std::byte>()> save_state; // empty: the core keeps no state
+        std::function<result<void>(std::span<const std::byte>)> restore_state;
     };
+
+    result<void> save_snapshot_blocking(const std::filesystem::path& file, bool resume,
+                                        snapshot_report& report) {
+        using namespace std::chrono_literals;
+        detail::qmp_client qmp;
+        SUPERMACHINE_TRY(qmp.connect(config_.qmp_socket, 10s));
+        SUPERMACHINE_TRY(qmp.execute("stop", nullptr, 30s));
+        // Our devices' state at this pause: QEMU has stopped the vhost-user
+        // rings (GET_VRING_BASE drained them) before "stop" returned.
+        std::vector<std::vector<std::byte>> states;
+        for (auto& d : devices_)
+            states.push_back(d.save_state ? d.save_state() : std::vector<std::byte>{});
+        std::string refusal;
+        const nlohmann::json migrate{{"uri", "exec:cat > " + detail::shell_quote_for_exec(file)}};
+        auto started = qmp.execute("migrate", migrate, 30s, &refusal);
+        if (!started && !refusal.empty()) {
+            report.refusal = refusal;
+            if (resume) (void)qmp.execute("cont", nullptr, 30s);
+            return success();
+        }
+        if (!started) return started.error();
+        for (auto deadline = std::chrono::steady_clock::now() + 300s;;) {
+            SUPERMACHINE_TRY(status, qmp.execute("query-migrate", nullptr, 30s));
+            const auto state = status.value("status", std::string());
+            if (state == "completed") break;
+            if (state == "failed" || state == "cancelled") {
+                report.refusal = status.value("error-desc", std::string("migration ") + state);
+                if (resume) (void)qmp.execute("cont", nullptr, 30s);
+                return success();
+            }
+            if (std::chrono::steady_clock::now() > deadline) return errc::timeout;
+            std::this_thread::sleep_for(20ms);
+        }
+        {
+            std::ofstream out(file.string() + ".devices", std::ios::binary | std::ios::trunc);
+            const auto count = static_cast<std::uint32_t>(states.size());
+            out.write(reinterpret_cast<const char*>(&count), sizeof count);
+            for (const auto& st : states) {
+                const std::uint64_t size = st.size();
+                out.write(reinterpret_cast<const char*>(&size), sizeof size);
+                out.write(reinterpret_cast<const char*>(st.data()),
+                          static_cast<std::streamsize>(size));
+            }
+            if (!out) return errc::io_error;
+        }
+        std::error_code ignored;
+        report.bytes = std::filesystem::file_size(file, ignored);
+        report.saved = true;
+        if (resume) {
+            auto resumed = qmp.execute("cont", nullptr, 30s);
+            if (!resumed) return resumed.error();
+        }
+        return success();
+    }
 
     result<void> ensure_runtime_directory() {
         if (!runtime_directory_.empty()) return success();
@@ -358,8 +514,18 @@ private:
     mutable std::mutex diagnostics_mutex_;
     std::string diagnostics_;
     std::vector<std::function<void(std::error_code, int)>> waiters_;
+    std::thread snapshot_thread_;
+    std::atomic<std::chrono::steady_clock::time_point> resumed_at_{};
     std::shared_ptr<int> alive_ = std::make_shared<int>(0);
 };
+
+/// The one stderr line when a snapshot cannot be taken on this engine and
+/// the caller falls back to a cold boot.
+inline void explain_snapshot_fallback(const qemu_machine::snapshot_report& report,
+                                      std::ostream& out = std::cerr) {
+    out << "supermachine: qemu engine cannot snapshot (" << report.refusal
+        << "); cold boot instead\n";
+}
 
 // ---------------------------------------------------------------- CLI entry
 

@@ -67,8 +67,12 @@ namespace supermachine::vhost_user {
 inline constexpr std::uint32_t front_end_queue_size = 1024;
 
 /// Protocol features this back-end implements.
+/// LOG_SHMFD (with VHOST_F_LOG_ALL) because QEMU blocks migration without
+/// it; the log is only accepted, never written: logging is refused while
+/// rings run (see SET_FEATURES), so only a paused guest can be migrated.
 inline constexpr std::uint64_t supported_protocol_features =
-    protocol_feature::multiqueue | protocol_feature::reply_ack | protocol_feature::config;
+    protocol_feature::multiqueue | protocol_feature::reply_ack | protocol_feature::config |
+    protocol_feature::log_shmfd;
 
 template <virtio::device_core Device>
 class backend {
@@ -110,6 +114,8 @@ public:
         owner_ = false;
         protocol_features_ = 0;
         memory_ = detail::memory_map{};
+        log_.reset();
+        log_event_.reset();
     }
 
     /// One protocol step. `m` must have passed validate(); its fds are
@@ -172,6 +178,10 @@ private:
         case request::set_features: {
             const auto f = parse_u64(m);
             if (f & ~offered_features()) return errc::invalid_argument;
+            // Dirty logging is offered so that QEMU can snapshot a paused guest
+            // (rings stopped: nothing to log); while rings run we cannot log
+            // the core's writes, so live migration is refused here.
+            if ((f & log_all_bit) && active_) return errc::not_supported;
             if (active_ && f != features_) return errc::vhost_user_unexpected_message;
             features_ = f;
             features_set_ = true;
@@ -307,6 +317,14 @@ private:
             device_.write_config(c.offset, c.data);
             return std::vector<std::byte>{};
         }
+        case request::set_log_base:
+            if (!(protocol_features_ & protocol_feature::log_shmfd))
+                return errc::vhost_user_unexpected_message;
+            log_ = std::move(m.fds.front()); // kept for the session, never written (see top)
+            return encode_reply(req, u64_bytes(0));
+        case request::set_log_fd:
+            log_event_ = std::move(m.fds.front());
+            return std::vector<std::byte>{};
         default:
             // Known requests for features we never offer, and unknown ones.
             return errc::not_supported;
@@ -314,7 +332,7 @@ private:
     }
 
     std::uint64_t offered_features() const noexcept {
-        return device_.device_features() | protocol_features_bit;
+        return device_.device_features() | protocol_features_bit | log_all_bit;
     }
     bool memory_mapped() const noexcept { return !memory_.regions().empty(); }
 
@@ -390,6 +408,7 @@ private:
             schedule_activation();
             return std::vector<std::byte>{};
         }
+        if (features_ & log_all_bit) return errc::not_supported; // see SET_FEATURES
         SUPERMACHINE_TRY(translate(r));
         // The driver's used index from the ring itself: after a migration or a
         // reconnect it need not equal the base.
@@ -619,6 +638,8 @@ private:
     bool features_set_ = false;
     bool owner_ = false;
     bool active_ = false;
+    detail::file_descriptor log_;       // SET_LOG_BASE's shared log
+    detail::file_descriptor log_event_; // SET_LOG_FD
     std::uint64_t activation_generation_ = 0;
     std::shared_ptr<std::atomic<bool>> broken_ = std::make_shared<std::atomic<bool>>(false);
     std::shared_ptr<int> alive_ = std::make_shared<int>(0);

@@ -77,6 +77,10 @@ inline constexpr std::uint32_t need_reply = 1u << 3;
 inline constexpr std::uint64_t protocol_features_bit = std::uint64_t{1}
                                                        << 30; // VHOST_USER_F_PROTOCOL_FEATURES
 
+/// VHOST_F_LOG_ALL: the back-end can log its writes for live migration.
+/// QEMU blocks every migration of a vhost device that does not offer it.
+inline constexpr std::uint64_t log_all_bit = std::uint64_t{1} << 26;
+
 /// Protocol feature bits (GET/SET_PROTOCOL_FEATURES).
 namespace protocol_feature {
 inline constexpr std::uint64_t multiqueue = 1u << 0;
