@@ -4,8 +4,11 @@
 // virtio-blk-device on the same file, kernel, initramfs, memory and TCG
 // settings. Runs alternate between the two so host load hits both alike.
 //
-//   engine_bench [runs=5] [icount=shift=auto]
+//   engine_boot_bench [runs=5] [icount=shift=auto]
 // Prints each run, then medians and the ratio (ours / QEMU's).
+//   engine_boot_bench snapshot [runs=5] [icount=shift=auto]
+// Cold boot to the first disk-reading tick vs restore (-incoming) of a
+// snapshot taken at a pause to the first tick after it, both with our blk.
 #include "linux_guest.hpp"
 
 #include <supermachine/backend/qemu.hpp>
@@ -19,6 +22,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -81,6 +85,8 @@ timing boot_once(const sm::backend::qemu_config& base, const fs::path& disk, boo
     return t;
 }
 
+} // namespace
+
 double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v.empty()      ? 0
@@ -88,9 +94,102 @@ double median(std::vector<double> v) {
                           : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
-} // namespace
+/// Spawn (optionally restoring `incoming`) with our blk; seconds to the
+/// first new "TICK" on the console; optionally snapshot to `save` after ticks.
+double ticks_once(const sm::backend::qemu_config& base, const fs::path& disk,
+                  std::optional<fs::path> incoming, std::optional<fs::path> save) {
+    boost::asio::io_context io;
+    auto config = base;
+    config.incoming = incoming;
+    sm::virtio::blk<sm::storage::raw_file>::config c;
+    c.storage = {disk.string(), true};
+    auto blk = sm::virtio::blk<sm::storage::raw_file>::create(c).value();
+    sm::backend::qemu_machine vm(io.get_executor(), config);
+    if (!vm.attach(sm::backend::vhost_user_device_kind::blk, *blk)) return -1;
+    std::string console;
+    double first_tick = -1;
+    const auto start = clock_type::now();
+    if (!vm.start([&](std::string_view s) {
+            console.append(s);
+            if (first_tick < 0 && console.find("TICK") != std::string::npos)
+                first_tick = std::chrono::duration<double>(clock_type::now() - start).count();
+        }))
+        return -1;
+    const auto deadline = clock_type::now() + std::chrono::seconds(300);
+    auto until = [&](auto done) {
+        while (!done() && clock_type::now() < deadline) {
+            io.run_for(std::chrono::milliseconds(5));
+            if (io.stopped()) io.restart();
+        }
+        return done();
+    };
+    if (!until([&] { return first_tick >= 0; })) return -1;
+    if (save) {
+        bool done = false, saved = false;
+        vm.async_save_snapshot(*save, false, [&](std::error_code ec, auto report) {
+            saved = !ec && report.saved;
+            if (saved)
+                std::printf("snapshot: %.1f MiB in %lld ms\n", report.bytes / 1048576.0,
+                            static_cast<long long>(report.duration.count()));
+            done = true;
+        });
+        if (!until([&] { return done; }) || !saved) return -1;
+    }
+    vm.kill();
+    return first_tick;
+}
+
+int snapshot_bench(int runs, const std::string& icount) {
+    auto kernel = sm::test::find_linux_kernel();
+    if (!kernel) {
+        std::puts("SKIP: no Debian cloud kernel");
+        return 77;
+    }
+    sm::test::temporary_directory work;
+    fs::create_directories(work.path / "data");
+    std::ofstream(work.path / "data/hello.txt") << "hello\n";
+    if (!sm::test::make_ext4(work.path / "data", work.path / "disk.img", 8)) return 1;
+    const std::string init =
+        R"SH(for i in $(seq 1 400); do [ -b /dev/vda ] && break; sleep 0.02; done
+i=0
+while true; do
+  dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$i iflag=direct 2>/dev/null && echo "TICK $i"
+  i=$(( (i + 1) % 2000 ))
+  sleep 0.1
+done)SH";
+    if (!sm::test::make_initramfs(*kernel, work.path, init, work.path / "initramfs.cpio")) return 1;
+    sm::backend::qemu_config config;
+    config.kernel = kernel->image;
+    config.initrd = work.path / "initramfs.cpio";
+    config.cmdline = "console=ttyS0 panic=-1 quiet";
+    config.memory_bytes = 256u << 20;
+    config.icount = icount;
+    const auto file = work.path / "vm.migration";
+    std::vector<double> cold, warm;
+    for (int i = 0; i < runs; ++i) {
+        const double t = ticks_once(config, work.path / "disk.img", std::nullopt,
+                                    i == 0 ? std::optional<fs::path>(file) : std::nullopt);
+        if (t < 0) return 1;
+        std::printf("cold %d: first tick %.3f s\n", i, t);
+        cold.push_back(t);
+    }
+    for (int i = 0; i < runs; ++i) {
+        const double t = ticks_once(config, work.path / "disk.img", file, std::nullopt);
+        if (t < 0) return 1;
+        std::printf("warm %d: first tick %.3f s\n", i, t);
+        warm.push_back(t);
+    }
+    const double c = median(cold), w = median(warm);
+    std::printf("median first tick: cold boot %.3f s, snapshot restore %.3f s, speed-up %.1fx "
+                "(runs %d, icount %s)\n",
+                c, w, c / w, runs, icount.c_str());
+    return 0;
+}
 
 int main(int argc, char** argv) {
+    if (argc > 1 && std::string(argv[1]) == "snapshot")
+        return snapshot_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 5,
+                              argc > 3 ? argv[3] : "shift=auto");
     const int runs = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
     const std::string icount = argc > 2 ? argv[2] : "shift=auto";
     auto kernel = sm::test::find_linux_kernel();
