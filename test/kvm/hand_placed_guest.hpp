@@ -15,7 +15,8 @@ inline constexpr std::uint64_t hand_code_address = 0x100000;
 
 /// Write flat 64-bit GDT (code 0x10, data 0x18), an empty IDT, page tables
 /// identity-mapping the first 1 GiB with 2 MiB pages, and `code` at 1 MiB.
-inline backend::entry_state place_hand_guest(const guest_memory& memory, const std::vector<std::uint8_t>& code) {
+inline backend::entry_state place_hand_guest(const guest_memory& memory,
+                                             const std::vector<std::uint8_t>& code) {
     const std::uint64_t gdt[] = {0, 0, 0x00af9b000000ffffull, 0x00cf93000000ffffull};
     (void)memory.write(x86_layout::boot_gdt, std::as_bytes(std::span(gdt)));
     (void)memory.write_object<std::uint64_t>(x86_layout::pml4, x86_layout::pdpt | 3);
@@ -37,7 +38,8 @@ inline backend::entry_state place_hand_guest(const guest_memory& memory, const s
 
 /// Machine code: `out` of each byte of `text` to `port`.
 inline std::vector<std::uint8_t> code_print(std::uint16_t port, std::string_view text) {
-    std::vector<std::uint8_t> c = {0x66, 0xba, std::uint8_t(port), std::uint8_t(port >> 8)}; // mov dx, port
+    std::vector<std::uint8_t> c = {0x66, 0xba, std::uint8_t(port),
+                                   std::uint8_t(port >> 8)}; // mov dx, port
     for (char ch : text) {
         c.push_back(0xb0); // mov al, imm8
         c.push_back(static_cast<std::uint8_t>(ch));

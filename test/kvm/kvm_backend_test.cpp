@@ -1,8 +1,8 @@
 // The kvm backend on the real /dev/kvm with hand-placed guests (no loader).
 #include "hand_placed_guest.hpp"
 
-#include <supermachine/backend/kvm.hpp>
 #include <skip.hpp>
+#include <supermachine/backend/kvm.hpp>
 
 #include <boost/test/unit_test.hpp>
 
@@ -24,9 +24,11 @@ struct recorder {
     std::string text;
     std::uint16_t stop_port = 0x604;
     bool stopped = false;
-    void operator()(address_space space, std::uint64_t address, std::span<std::byte> data, bool is_write) {
+    void operator()(address_space space, std::uint64_t address, std::span<std::byte> data,
+                    bool is_write) {
         if (space != address_space::port_io || !is_write) {
-            for (auto& b : data) b = std::byte{0xff};
+            for (auto& b : data)
+                b = std::byte{0xff};
             return;
         }
         if (address == 0x3f8) text.push_back(static_cast<char>(data[0]));

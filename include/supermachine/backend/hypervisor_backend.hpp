@@ -26,7 +26,7 @@
 namespace supermachine::backend {
 
 /// Register state at the kernel's entry point (what the boot loader decided).
-/// Flat segments: code selector 0x10, data selector 0x18 (Linux __BOOT_CS/__BOOT_DS).
+/// Flat segments; by default code selector 0x10, data selector 0x18 (Linux __BOOT_CS/__BOOT_DS).
 struct entry_state {
     bool long_mode = true; // false: 32-bit protected mode, paging off (PVH entry)
     std::uint64_t rip = 0;
@@ -38,20 +38,22 @@ struct entry_state {
     std::uint16_t gdt_limit = 0;
     std::uint64_t idt_base = 0;
     std::uint16_t idt_limit = 0;
+    std::uint16_t code_selector = 0x10;
+    std::uint16_t data_selector = 0x18;
 };
 
 /// Why run_vcpu returned.
 struct vcpu_exit {
     enum class kind {
-        interrupted,        // kick() or a signal: the machine decides whether to run again
-        halted,             // HLT with no in-kernel irqchip to wait in
-        shutdown,           // KVM_EXIT_SHUTDOWN: triple fault
-        emulation_failure,  // KVM_EXIT_INTERNAL_ERROR / EMULATION: rip + bytes
-        internal_error,     // other KVM internal errors, FAIL_ENTRY, unknown exits
-        system_shutdown,    // KVM_EXIT_SYSTEM_EVENT SHUTDOWN (e.g. PSCI/hyper-call power-off)
-        system_reset,       // KVM_EXIT_SYSTEM_EVENT RESET
-        system_crash,       // KVM_EXIT_SYSTEM_EVENT CRASH (e.g. Hyper-V crash MSRs)
-        run_failed,         // the KVM_RUN ioctl itself failed (error holds errno)
+        interrupted,       // kick() or a signal: the machine decides whether to run again
+        halted,            // HLT with no in-kernel irqchip to wait in
+        shutdown,          // KVM_EXIT_SHUTDOWN: triple fault
+        emulation_failure, // KVM_EXIT_INTERNAL_ERROR / EMULATION: rip + bytes
+        internal_error,    // other KVM internal errors, FAIL_ENTRY, unknown exits
+        system_shutdown,   // KVM_EXIT_SYSTEM_EVENT SHUTDOWN (e.g. PSCI/hyper-call power-off)
+        system_reset,      // KVM_EXIT_SYSTEM_EVENT RESET
+        system_crash,      // KVM_EXIT_SYSTEM_EVENT CRASH (e.g. Hyper-V crash MSRs)
+        run_failed,        // the KVM_RUN ioctl itself failed (error holds errno)
     };
     kind what = kind::interrupted;
     std::uint64_t rip = 0;
@@ -67,10 +69,10 @@ struct vcpu_exit {
 
 /// The access handler a vCPU thread gives run_vcpu.
 template <class H>
-concept access_handler =
-    requires(H& h, address_space space, std::uint64_t address, std::span<std::byte> data, bool is_write) {
-        h(space, address, data, is_write);
-    };
+concept access_handler = requires(H& h, address_space space, std::uint64_t address,
+                                  std::span<std::byte> data, bool is_write) {
+    h(space, address, data, is_write);
+};
 
 /// An access handler that ignores everything (concept checks, tests).
 struct null_access_handler {
@@ -78,17 +80,20 @@ struct null_access_handler {
 };
 
 template <class B>
-concept hypervisor_backend =
-    requires(B& b, const B& cb, const guest_memory& memory, const typename B::config& cfg, std::uint32_t index,
-             const entry_state& entry, std::uint64_t address, std::uint32_t gsi) {
-        typename B::config;
-        { B::create(memory, cfg) } -> std::same_as<result<std::unique_ptr<B>>>;
-        { cb.vcpu_count() } -> std::convertible_to<std::uint32_t>;
-        { b.set_entry_state(index, entry) } -> std::same_as<result<void>>;
-        { b.kick(index) };
-        { b.make_interrupt_line(gsi) } -> std::same_as<result<interrupt_line>>;
-        { b.make_doorbell(address, std::uint32_t{4}, std::optional<std::uint64_t>{}) } -> std::same_as<result<int>>;
-        { b.run_vcpu(index, std::declval<null_access_handler&>()) } -> std::same_as<vcpu_exit>;
-    };
+concept hypervisor_backend = requires(B& b, const B& cb, const guest_memory& memory,
+                                      const typename B::config& cfg, std::uint32_t index,
+                                      const entry_state& entry, std::uint64_t address,
+                                      std::uint32_t gsi) {
+    typename B::config;
+    { B::create(memory, cfg) } -> std::same_as<result<std::unique_ptr<B>>>;
+    { cb.vcpu_count() } -> std::convertible_to<std::uint32_t>;
+    { b.set_entry_state(index, entry) } -> std::same_as<result<void>>;
+    {b.kick(index)};
+    { b.make_interrupt_line(gsi) } -> std::same_as<result<interrupt_line>>;
+    {
+        b.make_doorbell(address, std::uint32_t{4}, std::optional<std::uint64_t>{})
+        } -> std::same_as<result<int>>;
+    { b.run_vcpu(index, std::declval<null_access_handler&>()) } -> std::same_as<vcpu_exit>;
+};
 
 } // namespace supermachine::backend

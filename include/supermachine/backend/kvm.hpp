@@ -6,13 +6,14 @@
 // Threads: create() and set_entry_state() run on the caller's thread before
 // the vCPUs start; run_vcpu(i, ...) runs on vCPU i's own thread; kick() and
 // make_interrupt_line()/make_doorbell() are safe from any thread.
-#include <supermachine/backend/hypervisor_backend.hpp>
 #include <supermachine/backend/detail/kvm_cpuid.hpp>
 #include <supermachine/backend/detail/kvm_fd.hpp>
+#include <supermachine/backend/hypervisor_backend.hpp>
 #include <supermachine/device.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/memory.hpp>
 
+#include <fcntl.h>
 #include <linux/kvm.h>
 #include <pthread.h>
 #include <signal.h>
@@ -20,7 +21,6 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace supermachine::backend {
@@ -69,14 +70,18 @@ public:
         if (version != KVM_API_VERSION) return errc::kvm_api_mismatch;
         for (int cap : {KVM_CAP_IRQCHIP, KVM_CAP_USER_MEMORY, KVM_CAP_IMMEDIATE_EXIT, KVM_CAP_IRQFD,
                         KVM_CAP_IOEVENTFD, KVM_CAP_EXT_CPUID, KVM_CAP_PIT2})
-            if (::ioctl(self->system_.get(), KVM_CHECK_EXTENSION, cap) <= 0) return errc::kvm_api_mismatch;
+            if (::ioctl(self->system_.get(), KVM_CHECK_EXTENSION, cap) <= 0)
+                return errc::kvm_api_mismatch;
         int kvm_max = ::ioctl(self->system_.get(), KVM_CHECK_EXTENSION, KVM_CAP_MAX_VCPUS);
-        if (kvm_max <= 0) kvm_max = ::ioctl(self->system_.get(), KVM_CHECK_EXTENSION, KVM_CAP_NR_VCPUS);
-        if (kvm_max > 0 && cfg.vcpus > static_cast<std::uint32_t>(kvm_max)) return errc::too_many_vcpus;
+        if (kvm_max <= 0)
+            kvm_max = ::ioctl(self->system_.get(), KVM_CHECK_EXTENSION, KVM_CAP_NR_VCPUS);
+        if (kvm_max > 0 && cfg.vcpus > static_cast<std::uint32_t>(kvm_max))
+            return errc::too_many_vcpus;
         const int run_size = ::ioctl(self->system_.get(), KVM_GET_VCPU_MMAP_SIZE, 0);
         if (run_size < static_cast<int>(sizeof(kvm_run))) return errc::kvm_api_mismatch;
         self->run_size_ = static_cast<std::size_t>(run_size);
         self->pvm_ = host_is_kvm_pvm();
+        self->workarounds_ = cfg.host_workarounds;
         self->memory_ = &memory; // the machine keeps guest memory alive longer than the backend
 
         self->vm_ = detail::file_descriptor(::ioctl(self->system_.get(), KVM_CREATE_VM, 0));
@@ -99,7 +104,8 @@ public:
             r.guest_phys_addr = region.guest_base;
             r.memory_size = region.size();
             r.userspace_addr = reinterpret_cast<std::uint64_t>(region.host.data());
-            if (::ioctl(self->vm_.get(), KVM_SET_USER_MEMORY_REGION, &r) != 0) return detail::kvm_error();
+            if (::ioctl(self->vm_.get(), KVM_SET_USER_MEMORY_REGION, &r) != 0)
+                return detail::kvm_error();
         }
 
         // kvm_pvm answers KVM_GET_SUPPORTED_CPUID with EINVAL: its guests
@@ -109,14 +115,18 @@ public:
         self->vcpus_ = std::vector<vcpu>(cfg.vcpus);
         for (std::uint32_t i = 0; i < cfg.vcpus; ++i) {
             auto& v = self->vcpus_[i];
-            v.fd = detail::file_descriptor(::ioctl(self->vm_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(i)));
+            v.fd = detail::file_descriptor(
+                ::ioctl(self->vm_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(i)));
             if (!v.fd) return detail::kvm_error();
-            void* p = ::mmap(nullptr, self->run_size_, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd.get(), 0);
+            void* p =
+                ::mmap(nullptr, self->run_size_, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd.get(), 0);
             if (p == MAP_FAILED) return errno_code(errno);
             v.run = static_cast<kvm_run*>(p);
             if (supported) {
-                auto cpuid = detail::filter_cpuid(supported.value(), i, cfg.vcpus, self->pvm_ && cfg.host_workarounds);
-                if (::ioctl(v.fd.get(), detail::ioctl_set_cpuid2, cpuid.header()) != 0) return detail::kvm_error();
+                auto cpuid = detail::filter_cpuid(supported.value(), i, cfg.vcpus,
+                                                  self->pvm_ && cfg.host_workarounds);
+                if (::ioctl(v.fd.get(), detail::ioctl_set_cpuid2, cpuid.header()) != 0)
+                    return detail::kvm_error();
             }
             SUPERMACHINE_TRY(self->set_boot_msrs(v));
             SUPERMACHINE_TRY(self->set_local_interrupts(v));
@@ -126,6 +136,14 @@ public:
     }
 
     std::uint32_t vcpu_count() const noexcept { return static_cast<std::uint32_t>(vcpus_.size()); }
+
+    /// Kernel parameters this host needs: on kvm_pvm (with host_workarounds)
+    /// the instruction work-arounds from doc/kvm-backend.md — harmless on
+    /// other kernels, and never added on other hosts.
+    std::string kernel_cmdline() const {
+        if (!pvm_ || !workarounds_) return {};
+        return "noxsave no_int3_selftest nofsgsbase noinvpcid clearcpuid=151,141,308,534";
+    }
     bool host_is_pvm() const noexcept { return pvm_; }
     int vm_fd() const noexcept { return vm_.get(); }
     int vcpu_fd(std::uint32_t index) const noexcept { return vcpus_.at(index).fd.get(); }
@@ -152,8 +170,9 @@ public:
             s.g = 1;
             return s;
         };
-        sregs.cs = flat(0x10, 0xb, entry.long_mode); // execute/read, accessed
-        sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = flat(0x18, 0x3, false); // read/write, accessed
+        sregs.cs = flat(entry.code_selector, 0xb, entry.long_mode); // execute/read, accessed
+        sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss =
+            flat(entry.data_selector, 0x3, false); // read/write, accessed
         sregs.tr = {};
         sregs.tr.selector = 0x20;
         sregs.tr.limit = 0x67;
@@ -193,8 +212,8 @@ public:
         if (::ioctl(fd, KVM_SET_REGS, &regs) != 0) return detail::kvm_error();
 
         kvm_fpu fpu{};
-        fpu.fcw = 0x37f;     // x87 default control word (all exceptions masked)
-        fpu.mxcsr = 0x1f80;  // SSE default: all exceptions masked
+        fpu.fcw = 0x37f;    // x87 default control word (all exceptions masked)
+        fpu.mxcsr = 0x1f80; // SSE default: all exceptions masked
         if (::ioctl(fd, KVM_SET_FPU, &fpu) != 0) return detail::kvm_error();
         return success();
     }
@@ -227,12 +246,15 @@ public:
                 auto* data = reinterpret_cast<std::byte*>(run) + run->io.data_offset;
                 const bool is_write = run->io.direction == KVM_EXIT_IO_OUT;
                 for (std::uint32_t i = 0; i < run->io.count; ++i)
-                    handler(address_space::port_io, run->io.port,
-                            std::span<std::byte>(data + std::size_t{i} * run->io.size, run->io.size), is_write);
+                    handler(
+                        address_space::port_io, run->io.port,
+                        std::span<std::byte>(data + std::size_t{i} * run->io.size, run->io.size),
+                        is_write);
                 break;
             }
             case KVM_EXIT_MMIO: {
-                const std::size_t length = std::min<std::size_t>(run->mmio.len, sizeof run->mmio.data);
+                const std::size_t length =
+                    std::min<std::size_t>(run->mmio.len, sizeof run->mmio.data);
                 handler(address_space::mmio, run->mmio.phys_addr,
                         std::span<std::byte>(reinterpret_cast<std::byte*>(run->mmio.data), length),
                         run->mmio.is_write != 0);
@@ -241,7 +263,8 @@ public:
             case KVM_EXIT_INTR:
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
                 return {.what = vcpu_exit::kind::interrupted};
-            case KVM_EXIT_HLT: return {.what = vcpu_exit::kind::halted};
+            case KVM_EXIT_HLT:
+                return {.what = vcpu_exit::kind::halted};
             case KVM_EXIT_SHUTDOWN: {
                 auto exit = read_instruction_at(index);
                 exit.what = vcpu_exit::kind::shutdown;
@@ -254,23 +277,34 @@ public:
                                 : vcpu_exit::kind::internal_error;
                 exit.detail = run->internal.suberror;
                 // Some KVMs hand us the bytes they fetched; prefer our own read.
-                if (exit.instruction_length == 0 && run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION &&
+                if (exit.instruction_length == 0 &&
+                    run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION &&
                     run->internal.ndata >= 2 && run->internal.ndata <= 16 &&
                     (run->internal.data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)) {
-                    const std::size_t n = std::min<std::uint64_t>(run->internal.data[1], exit.instruction.size());
+                    const std::size_t n =
+                        std::min<std::uint64_t>(run->internal.data[1], exit.instruction.size());
                     const std::size_t available = (run->internal.ndata - 2) * 8;
                     exit.instruction_length = static_cast<std::uint8_t>(std::min(n, available));
-                    std::memcpy(exit.instruction.data(), &run->internal.data[2], exit.instruction_length);
+                    std::memcpy(exit.instruction.data(), &run->internal.data[2],
+                                exit.instruction_length);
                 }
                 return exit;
             }
             case KVM_EXIT_SYSTEM_EVENT: {
-                vcpu_exit exit{.what = vcpu_exit::kind::internal_error, .detail = run->system_event.type};
+                vcpu_exit exit{.what = vcpu_exit::kind::internal_error,
+                               .detail = run->system_event.type};
                 switch (run->system_event.type) {
-                case KVM_SYSTEM_EVENT_SHUTDOWN: exit.what = vcpu_exit::kind::system_shutdown; break;
-                case KVM_SYSTEM_EVENT_RESET: exit.what = vcpu_exit::kind::system_reset; break;
-                case KVM_SYSTEM_EVENT_CRASH: exit.what = vcpu_exit::kind::system_crash; break;
-                default: break;
+                case KVM_SYSTEM_EVENT_SHUTDOWN:
+                    exit.what = vcpu_exit::kind::system_shutdown;
+                    break;
+                case KVM_SYSTEM_EVENT_RESET:
+                    exit.what = vcpu_exit::kind::system_reset;
+                    break;
+                case KVM_SYSTEM_EVENT_CRASH:
+                    exit.what = vcpu_exit::kind::system_crash;
+                    break;
+                default:
+                    break;
                 }
                 return exit;
             }
@@ -310,7 +344,8 @@ public:
         const int fd = vcpus_.at(index).fd.get();
         kvm_regs regs{};
         kvm_sregs sregs{};
-        if (::ioctl(fd, KVM_GET_REGS, &regs) != 0 || ::ioctl(fd, KVM_GET_SREGS, &sregs) != 0) return exit;
+        if (::ioctl(fd, KVM_GET_REGS, &regs) != 0 || ::ioctl(fd, KVM_GET_SREGS, &sregs) != 0)
+            return exit;
         exit.rip = regs.rip;
         if (!memory_) return exit;
         const bool long_mode = (sregs.efer & (1u << 10)) != 0;
@@ -345,7 +380,8 @@ public:
 
     /// An ioeventfd on MMIO [address, address + length): readable when the
     /// guest writes there (with `value`, if given) without leaving the kernel.
-    result<int> make_doorbell(std::uint64_t address, std::uint32_t length, std::optional<std::uint64_t> value) {
+    result<int> make_doorbell(std::uint64_t address, std::uint32_t length,
+                              std::optional<std::uint64_t> value) {
         if (length != 1 && length != 2 && length != 4 && length != 8) return errc::invalid_argument;
         std::lock_guard lock(mutex_);
         detail::file_descriptor fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -380,7 +416,9 @@ private:
         std::atomic<pthread_t> thread{};
         std::atomic<bool> has_thread{false};
         vcpu() = default;
-        vcpu(vcpu&& other) noexcept : fd(std::move(other.fd)), run(std::exchange(other.run, nullptr)) {}
+        vcpu(vcpu&& other) noexcept
+            : fd(std::move(other.fd))
+            , run(std::exchange(other.run, nullptr)) {}
     };
 
     kvm() = default;
@@ -405,20 +443,21 @@ private:
         std::uint64_t storage[1 + count * sizeof(kvm_msr_entry) / 8]{};
         auto* entries = reinterpret_cast<kvm_msr_entry*>(storage + 1);
         const std::pair<std::uint32_t, std::uint64_t> values[] = {
-            {0x174, 0},         // IA32_SYSENTER_CS
-            {0x175, 0},         // IA32_SYSENTER_ESP
-            {0x176, 0},         // IA32_SYSENTER_EIP
-            {0xc0000081, 0},    // STAR
-            {0xc0000083, 0},    // CSTAR
-            {0xc0000102, 0},    // KERNEL_GS_BASE
-            {0xc0000084, 0},    // SYSCALL_MASK
-            {0xc0000082, 0},    // LSTAR
-            {0x10, 0},          // TSC
-            {0x1a0, 1},         // IA32_MISC_ENABLE: fast strings
+            {0x174, 0},              // IA32_SYSENTER_CS
+            {0x175, 0},              // IA32_SYSENTER_ESP
+            {0x176, 0},              // IA32_SYSENTER_EIP
+            {0xc0000081, 0},         // STAR
+            {0xc0000083, 0},         // CSTAR
+            {0xc0000102, 0},         // KERNEL_GS_BASE
+            {0xc0000084, 0},         // SYSCALL_MASK
+            {0xc0000082, 0},         // LSTAR
+            {0x10, 0},               // TSC
+            {0x1a0, 1},              // IA32_MISC_ENABLE: fast strings
             {0x2ff, (1u << 11) | 6}, // MTRRdefType: enabled, default write-back
         };
         std::uint32_t n = 0;
-        for (auto [index, data] : values) entries[n++] = {.index = index, .reserved = 0, .data = data};
+        for (auto [index, data] : values)
+            entries[n++] = {.index = index, .reserved = 0, .data = data};
         const detail::list_header header{n, 0};
         std::memcpy(storage, &header, sizeof header);
         const int written = ::ioctl(v.fd.get(), detail::ioctl_set_msrs, storage);
@@ -447,7 +486,8 @@ private:
 
     std::optional<std::uint64_t> translate(const kvm_sregs& sregs, std::uint64_t linear) const {
         if (!(sregs.cr0 & (1ull << 31))) return linear; // paging off
-        if (!(sregs.efer & (1u << 10))) return std::nullopt; // 32-bit paging: not used by our guests
+        if (!(sregs.efer & (1u << 10)))
+            return std::nullopt; // 32-bit paging: not used by our guests
         std::uint64_t table = sregs.cr3 & 0x000f'ffff'ffff'f000ull;
         for (int level = 3; level >= 0; --level) {
             const std::uint64_t index = (linear >> (12 + 9 * level)) & 0x1ff;
@@ -469,6 +509,7 @@ private:
     detail::file_descriptor vm_;
     std::size_t run_size_ = 0;
     bool pvm_ = false;
+    bool workarounds_ = true;
     std::vector<vcpu> vcpus_;
     const guest_memory* memory_ = nullptr;
     std::mutex mutex_;

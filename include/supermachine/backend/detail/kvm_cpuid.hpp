@@ -45,7 +45,8 @@ inline result<cpuid_table> supported_cpuid(int system_fd) {
     // KVM says E2BIG until the buffer is large enough; it never needs
     // thousands, so the doubling is bounded.
     for (std::uint32_t capacity = 128; capacity <= 4096; capacity *= 2) {
-        std::vector<std::uint64_t> buffer((sizeof(list_header) + capacity * sizeof(kvm_cpuid_entry2) + 7) / 8);
+        std::vector<std::uint64_t> buffer(
+            (sizeof(list_header) + capacity * sizeof(kvm_cpuid_entry2) + 7) / 8);
         list_header h{capacity, 0};
         std::memcpy(buffer.data(), &h, sizeof h);
         if (::ioctl(system_fd, ioctl_get_supported_cpuid, buffer.data()) == 0) {
@@ -61,11 +62,12 @@ inline result<cpuid_table> supported_cpuid(int system_fd) {
     return errc::kvm_failed;
 }
 
-inline cpuid_table filter_cpuid(const cpuid_table& supported, std::uint32_t apic_id, std::uint32_t vcpus,
-                                bool hide_pvm_unsupported) {
+inline cpuid_table filter_cpuid(const cpuid_table& supported, std::uint32_t apic_id,
+                                std::uint32_t vcpus, bool hide_pvm_unsupported) {
     cpuid_table out;
     out.entries = supported.entries;
-    const std::uint32_t core_bits = vcpus <= 1 ? 0 : static_cast<std::uint32_t>(std::bit_width(vcpus - 1));
+    const std::uint32_t core_bits =
+        vcpus <= 1 ? 0 : static_cast<std::uint32_t>(std::bit_width(vcpus - 1));
     for (auto& e : out.entries) {
         switch (e.function) {
         case 0x1:
@@ -73,11 +75,11 @@ inline cpuid_table filter_cpuid(const cpuid_table& supported, std::uint32_t apic
             e.ebx = (e.ebx & 0x0000ffff) | (apic_id << 24) | (std::min(vcpus, 255u) << 16);
             if (vcpus > 1) e.edx |= 1u << 28; // HTT: the logical count above is valid
             if (hide_pvm_unsupported) {
-                e.ecx &= ~((1u << 13)    // CMPXCHG16B (SLUB's LOCK CMPXCHG16B)
-                           | (1u << 23)  // POPCNT
-                           | (1u << 26)  // XSAVE (XRSTOR at FPU init)
-                           | (1u << 27)  // OSXSAVE
-                           | (1u << 28)  // AVX (needs XSAVE)
+                e.ecx &= ~((1u << 13)     // CMPXCHG16B (SLUB's LOCK CMPXCHG16B)
+                           | (1u << 23)   // POPCNT
+                           | (1u << 26)   // XSAVE (XRSTOR at FPU init)
+                           | (1u << 27)   // OSXSAVE
+                           | (1u << 28)   // AVX (needs XSAVE)
                            | (1u << 12)); // FMA (needs AVX)
             }
             break;
@@ -87,12 +89,13 @@ inline cpuid_table filter_cpuid(const cpuid_table& supported, std::uint32_t apic
             break;
         case 0x7:
             if (hide_pvm_unsupported && e.index == 0) {
-                e.ebx &= ~((1u << 0)      // FSGSBASE
-                           | (1u << 5)    // AVX2
-                           | (1u << 10)   // INVPCID
-                           | (1u << 16)   // AVX512F and friends (need XSAVE)
+                e.ebx &= ~((1u << 0)                 // FSGSBASE
+                           | (1u << 5)               // AVX2
+                           | (1u << 10)              // INVPCID
+                           | (1u << 16)              // AVX512F and friends (need XSAVE)
                            | (1u << 17) | (1u << 20) // SMAP (CLAC/STAC)
-                           | (1u << 21) | (1u << 26) | (1u << 27) | (1u << 28) | (1u << 30) | (1u << 31));
+                           | (1u << 21) | (1u << 26) | (1u << 27) | (1u << 28) | (1u << 30) |
+                           (1u << 31));
                 e.ecx &= ~(1u << 22); // RDPID
             }
             break;
@@ -115,9 +118,11 @@ inline cpuid_table filter_cpuid(const cpuid_table& supported, std::uint32_t apic
             }
             break;
         case 0xd:
-            if (hide_pvm_unsupported) e.eax = e.ebx = e.ecx = e.edx = 0; // no XSAVE state components
+            if (hide_pvm_unsupported)
+                e.eax = e.ebx = e.ecx = e.edx = 0; // no XSAVE state components
             break;
-        default: break;
+        default:
+            break;
         }
     }
     return out;

@@ -13,10 +13,12 @@ namespace supermachine::backend::detail {
 class file_descriptor {
 public:
     file_descriptor() = default;
-    explicit file_descriptor(int fd) noexcept : fd_(fd) {}
+    explicit file_descriptor(int fd) noexcept
+        : fd_(fd) {}
     file_descriptor(const file_descriptor&) = delete;
     file_descriptor& operator=(const file_descriptor&) = delete;
-    file_descriptor(file_descriptor&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+    file_descriptor(file_descriptor&& other) noexcept
+        : fd_(std::exchange(other.fd_, -1)) {}
     file_descriptor& operator=(file_descriptor&& other) noexcept {
         if (this != &other) {
             reset();
