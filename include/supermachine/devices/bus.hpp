@@ -18,8 +18,10 @@ template <bus_device... Devices>
 class device_bus {
 public:
     device_bus() = default;
-    explicit device_bus(std::unique_ptr<Devices>... devices)
-        : devices_(std::move(devices)...) {}
+    template <class... Owned>
+    requires(sizeof...(Owned) == sizeof...(Devices) &&
+             sizeof...(Devices) > 0) explicit device_bus(Owned&&... devices)
+        : devices_(std::forward<Owned>(devices)...) {}
 
     /// Serve one access; false when no device claimed it.
     bool access(address_space space, std::uint64_t address, std::span<std::byte> data,
