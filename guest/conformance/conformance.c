@@ -66,10 +66,22 @@ static void uart_init(void) {
     outb(COM1 + 2, 0xc7); /* FIFO on, cleared */
     outb(COM1 + 4, 0x0b);
 }
-static void putc_(char c) {
+/* Output is buffered per line and sent like Linux's 8250 driver does: wait
+ * for THRE once, then fill the 16-byte FIFO with one `rep outsb` (a single
+ * exit to the VMM for the whole chunk). */
+static char out_buffer[16];
+static size_t out_length;
+static void flush(void) {
     for (int i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); ++i) {
     }
-    outb(COM1, (uint8_t)c);
+    const char* p = out_buffer;
+    size_t n = out_length;
+    __asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"((uint16_t)COM1) : "memory");
+    out_length = 0;
+}
+static void putc_(char c) {
+    out_buffer[out_length++] = c;
+    if (out_length == sizeof out_buffer || c == '\n') flush();
 }
 static void puts_(const char* s) {
     while (*s) putc_(*s++);
@@ -482,6 +494,7 @@ static void echo(void) {
     for (;;) {
         int c = uart_getc();
         putc_((char)c);
+        flush();
         if (c == '\r') continue;
         if (c == '\n') {
             int bye = n == 3 && !memcmp(line, "bye", 3);

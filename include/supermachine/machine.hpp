@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <functional>
@@ -214,6 +215,9 @@ public:
         std::tuple<typename bus_device_for<Devices>::config...> devices{};
         typename Backend::config backend{}; // its vcpus is overwritten from `vcpus`
         bool prefer_pvh = true;
+        /// After the guest prints a panic banner, how long it may take to
+        /// reboot or power off before the machine ends anyway (as a panic).
+        std::chrono::milliseconds panic_grace{1000};
         /// Replaces load_linux: place a guest in memory yourself and return
         /// its entry state (tests, custom firmware, restore paths).
         std::function<result<backend::entry_state>(const guest_memory&,
@@ -292,6 +296,7 @@ public:
         }
         SUPERMACHINE_TRY(self->backend_->set_entry_state(0, entry));
         self->cmdline_ = boot_config.cmdline;
+        self->panic_grace_ = cfg.panic_grace;
         return self;
     }
 
@@ -451,9 +456,21 @@ private:
         case exit_request::reset:
             e.what = machine_exit::reason::reboot;
             break;
-        case exit_request::panic:
-            e.what = machine_exit::reason::panic;
-            break;
+        case exit_request::panic: {
+            // Let the guest finish its panic message and reboot (panic=-1):
+            // whatever ends it next is reported as the panic. If it hangs
+            // instead, the grace period ends it.
+            std::lock_guard lock(mutex_);
+            if (panic_pending_ || exit_ || finishing_) return;
+            panic_pending_ = true;
+            panic_timer_ = std::thread([this] {
+                std::unique_lock lock(mutex_);
+                if (exited_.wait_for(lock, panic_grace_, [&] { return exit_.has_value(); })) return;
+                lock.unlock();
+                finish(machine_exit{.what = machine_exit::reason::panic});
+            });
+            return;
+        }
         }
         finish(std::move(e));
     }
@@ -507,6 +524,8 @@ private:
             std::lock_guard lock(mutex_);
             if (exit_ || finishing_) return;
             finishing_ = true;
+            if (panic_pending_ && e.what != machine_exit::reason::stopped)
+                e.what = machine_exit::reason::panic;
             stopping_.store(true, std::memory_order_release);
         }
         if (backend_)
@@ -529,6 +548,12 @@ private:
             exited_.wait(lock, [&] { return exit_.has_value(); });
         }
         std::lock_guard lock(join_mutex_);
+        if (panic_timer_.joinable()) {
+            if (panic_timer_.get_id() == std::this_thread::get_id())
+                panic_timer_.detach();
+            else
+                panic_timer_.join();
+        }
         for (auto& t : threads_)
             if (t.joinable()) {
                 if (t.get_id() == std::this_thread::get_id())
@@ -549,6 +574,9 @@ private:
     std::optional<machine_exit> exit_;
     std::atomic<bool> stopping_{false};
     bool finishing_ = false;
+    bool panic_pending_ = false;
+    std::chrono::milliseconds panic_grace_{1000};
+    std::thread panic_timer_;
     bool started_ = false;
     std::vector<std::thread> threads_;
     std::vector<std::function<void(const machine_exit&)>> waiters_;

@@ -161,3 +161,15 @@ BOOST_AUTO_TEST_CASE(bad_machine_configurations) {
     cfg.vcpus = 0;
     BOOST_TEST(!machine::create(io.get_executor(), cfg));
 }
+
+BOOST_AUTO_TEST_CASE(a_guest_hanging_after_its_panic_banner_ends_as_panic) {
+    boost::asio::io_context io;
+    console out;
+    auto code = test::code_print(platform::com1_port, "Kernel panic - not syncing: hang\n");
+    code.insert(code.end(), {0xeb, 0xfe}); // no reboot: the grace period ends it
+    auto vm = make(io, code, out);
+    const auto start = std::chrono::steady_clock::now();
+    BOOST_TEST(to_string(run(vm).what) == "panic");
+    BOOST_TEST((std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(900)));
+    BOOST_TEST(out.get() == "Kernel panic - not syncing: hang\n");
+}

@@ -194,8 +194,8 @@ int run_boot(std::span<char*> args) {
             return 0;
         }
         if (i + 1 >= args.size()) {
-            print_error("unknown or incomplete option '%s'", std::string(arg));
-            usage(stderr);
+            print_error("unknown or incomplete option '%s' (see supermachine boot --help)",
+                        std::string(arg));
             return boot_bad_input;
         }
         const std::string_view value = args[++i];
@@ -228,8 +228,7 @@ int run_boot(std::span<char*> args) {
                 return boot_bad_input;
             }
         } else {
-            print_error("unknown option '%s'", std::string(arg));
-            usage(stderr);
+            print_error("unknown option '%s' (see supermachine boot --help)", std::string(arg));
             return boot_bad_input;
         }
     }
