@@ -204,18 +204,10 @@ static int e820_overlaps_ram(uint64_t begin, uint64_t end) {
     return 0;
 }
 
-static void check_zero_page(uint64_t zp) {
-    puts_("zero page at ");
-    put_hex(zp);
-    putc_('\n');
-    check(zp == 0x7000, "zero page at 0x7000 (rsi)");
-    check(rd16(zp + BP_BOOT_FLAG) == 0xaa55, "setup header boot_flag 0xaa55");
-    check(rd32(zp + BP_HEADER) == 0x53726448, "setup header magic HdrS");
-    check(rd16(zp + BP_VERSION) >= 0x020c, "boot protocol >= 2.12");
-    check(rd8(zp + BP_LOADER) != 0, "type_of_loader set");
+static uint64_t initrd_address, initrd_size, rsdp_hint;
 
-    uint64_t cmd = rd32(zp + BP_CMDLINE) | ((uint64_t)rd32(zp + BP_EXT_CMDLINE) << 32);
-    if (check(cmd != 0 && cmd < 0x100000, "cmdline pointer below 1 MiB")) {
+static void set_cmdline(uint64_t cmd) {
+    if (check(cmd != 0 && cmd < 0x100000000ull, "cmdline pointer below 4 GiB")) {
         cmdline = (const char*)cmd;
         size_t n = 0;
         while (n < 4096 && cmdline[n]) ++n;
@@ -224,16 +216,64 @@ static void check_zero_page(uint64_t zp) {
         puts_(cmdline);
         putc_('\n');
     }
+}
 
+/* Linux boot protocol: struct boot_params. */
+static void read_zero_page(uint64_t zp) {
+    puts_("zero page at ");
+    put_hex(zp);
+    putc_('\n');
+    check(zp == 0x7000, "zero page at 0x7000 (rsi)");
+    check(rd16(zp + BP_BOOT_FLAG) == 0xaa55, "setup header boot_flag 0xaa55");
+    check(rd32(zp + BP_HEADER) == 0x53726448, "setup header magic HdrS");
+    check(rd16(zp + BP_VERSION) >= 0x020c, "boot protocol >= 2.12");
+    check(rd8(zp + BP_LOADER) != 0, "type_of_loader set");
+    set_cmdline(rd32(zp + BP_CMDLINE) | ((uint64_t)rd32(zp + BP_EXT_CMDLINE) << 32));
     e820_count = rd8(zp + BP_E820_ENTRIES);
-    check(e820_count >= 2 && e820_count <= 128, "e820 has 2..128 entries");
     if (e820_count > 128) e820_count = 0;
-    int sorted = 1;
     for (uint64_t i = 0; i < e820_count; ++i) {
         uint64_t e = zp + BP_E820_TABLE + i * 20;
         e820_addr[i] = rd64(e);
         e820_size[i] = rd64(e + 8);
         e820_type[i] = rd32(e + 16);
+    }
+    initrd_address = rd32(zp + BP_RAMDISK_IMAGE);
+    initrd_size = rd32(zp + BP_RAMDISK_SIZE);
+    rsdp_hint = rd64(zp + BP_ACPI_RSDP);
+}
+
+/* PVH boot: struct hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h). */
+static void read_start_info(uint64_t si) {
+    puts_("PVH start_info at ");
+    put_hex(si);
+    putc_('\n');
+    check(rd32(si) == 0x336ec578, "PVH start_info magic");
+    uint32_t version = rd32(si + 4);
+    check(version >= 1, "PVH start_info version >= 1 (memory map)");
+    set_cmdline(rd64(si + 24));
+    rsdp_hint = rd64(si + 32);
+    check(rsdp_hint != 0, "PVH start_info names the RSDP");
+    if (version >= 1) {
+        uint64_t map = rd64(si + 40);
+        e820_count = rd32(si + 48);
+        if (e820_count > 128) e820_count = 0;
+        for (uint64_t i = 0; i < e820_count; ++i) {
+            e820_addr[i] = rd64(map + i * 24);
+            e820_size[i] = rd64(map + i * 24 + 8);
+            e820_type[i] = rd32(map + i * 24 + 16);
+        }
+    }
+    if (rd32(si + 12) >= 1) { /* nr_modules: the first is the initrd */
+        uint64_t module = rd64(si + 16);
+        initrd_address = rd64(module);
+        initrd_size = rd64(module + 8);
+    }
+}
+
+static void check_memory_map(void) {
+    check(e820_count >= 2 && e820_count <= 128, "memory map has 2..128 entries");
+    int sorted = 1;
+    for (uint64_t i = 0; i < e820_count; ++i) {
         puts_("e820: ");
         put_hex(e820_addr[i]);
         puts_(" - ");
@@ -257,22 +297,23 @@ static void check_zero_page(uint64_t zp) {
         /* RAM minus the reserved [0x9fc00, 1 MiB) hole. */
         check(ram_bytes + (0x100000 - 0x9fc00) == (mib << 20), "e820 RAM adds up to conformance.memory_mib");
     }
-
-    uint64_t initrd = rd32(zp + BP_RAMDISK_IMAGE), initrd_size = rd32(zp + BP_RAMDISK_SIZE);
     const char* expect;
     size_t expect_length;
     if (param("conformance.initrd", &expect, &expect_length)) {
-        check(initrd != 0 && initrd_size >= expect_length, "initrd present");
-        check(e820_covers(initrd, initrd + initrd_size, 1), "initrd in e820 RAM");
-        check(initrd >= (uint64_t)_end || initrd + initrd_size <= (uint64_t)_head, "initrd clear of the kernel");
-        check(initrd_size >= expect_length && !memcmp((const void*)initrd, expect, expect_length),
+        check(initrd_address != 0 && initrd_size >= expect_length, "initrd present");
+        check(e820_covers(initrd_address, initrd_address + initrd_size, 1), "initrd in e820 RAM");
+        check(initrd_address >= (uint64_t)_end || initrd_address + initrd_size <= (uint64_t)_head,
+              "initrd clear of the kernel");
+        check(initrd_size >= expect_length && !memcmp((const void*)initrd_address, expect, expect_length),
               "initrd content");
     }
 }
 
 /* ---- ACPI ---- */
 static uint64_t fadt, madt, dsdt;
-static uint16_t sleep_port, reset_port;
+static uint16_t reset_port;
+static uint8_t sleep_space = 0xff; /* GAS address space: 0 memory, 1 I/O */
+static uint64_t sleep_address;
 static uint8_t reset_value, s5_type = 0xff;
 static uint32_t madt_cpus, madt_apic_ids[256];
 
@@ -300,7 +341,7 @@ static void parse_s5(uint64_t body, uint32_t length) {
     }
 }
 
-static void check_acpi(uint64_t zp) {
+static void check_acpi(void) {
     uint64_t rsdp = 0;
     for (uint64_t a = 0xe0000; a < 0x100000; a += 16)
         if (!memcmp((const void*)a, "RSD PTR ", 8)) {
@@ -311,8 +352,7 @@ static void check_acpi(uint64_t zp) {
     puts_("RSDP at ");
     put_hex(rsdp);
     putc_('\n');
-    uint64_t hinted = rd64(zp + BP_ACPI_RSDP);
-    check(hinted == 0 || hinted == rsdp, "boot_params.acpi_rsdp_addr agrees");
+    check(rsdp_hint == 0 || rsdp_hint == rsdp, "the boot protocol's RSDP pointer agrees");
     check(sum_bytes(rsdp, 20) == 0, "RSDP checksum");
     check(rd8(rsdp + 15) >= 2, "RSDP revision >= 2");
     check(rd32(rsdp + 20) == 36 && sum_bytes(rsdp, 36) == 0, "RSDP extended checksum");
@@ -342,9 +382,10 @@ static void check_acpi(uint64_t zp) {
         reset_value = rd8(fadt + 128);
         check(reset_port == 0x604 && reset_value == 1, "reset register 0x604, value 1");
         if (length >= 268) {
-            check(rd8(fadt + 244) == 1, "sleep control register in system I/O space");
-            sleep_port = (uint16_t)rd64(fadt + 248);
-            check(sleep_port == 0x600, "sleep control register 0x600");
+            sleep_space = rd8(fadt + 244);
+            sleep_address = rd64(fadt + 248);
+            check(sleep_space == 1, "sleep control register in system I/O space");
+            check(sleep_address == 0x600, "sleep control register 0x600");
             check(rd8(fadt + 256) == 1 && rd64(fadt + 260) == 0x601, "sleep status register 0x601");
         }
     }
@@ -473,10 +514,14 @@ static void finish_line(void) {
     }
 }
 
+/* ACPI S5 through the FADT's sleep control register (I/O or memory, so the
+ * same guest powers off other VMMs' hardware-reduced platforms too). */
 static void power_off(void) {
-    uint16_t port = sleep_port ? sleep_port : 0x600;
-    uint8_t type = s5_type != 0xff ? s5_type : 5;
-    outb(port, (uint8_t)((type << 2) | (1u << 5)));
+    uint8_t value = (uint8_t)(((s5_type != 0xff ? s5_type : 5) << 2) | (1u << 5));
+    if (sleep_space == 0 && sleep_address)
+        *(volatile uint8_t*)sleep_address = value;
+    else
+        outb(sleep_space == 1 && sleep_address < 0x10000 ? (uint16_t)sleep_address : 0x600, value);
 }
 
 static void triple_fault(void) {
@@ -506,11 +551,15 @@ static void echo(void) {
     }
 }
 
-void conformance_main(uint64_t zero_page) {
+void conformance_main(uint64_t zero_page, uint64_t start_info) {
     uart_init();
     puts_("conformance: start\n");
-    check_zero_page(zero_page);
-    check_acpi(zero_page);
+    if (start_info)
+        read_start_info(start_info);
+    else
+        read_zero_page(zero_page);
+    check_memory_map();
+    check_acpi();
     report_cpuid();
     if (param_is("conformance.smp", "1")) start_other_cpus();
 

@@ -17,11 +17,103 @@ startup_64:
     cli
     cld
     lea stack_top(%rip), %rsp
-    mov %rsi, %rdi
+    mov %rsi, %rdi                 /* zero page */
+    xor %esi, %esi                 /* no PVH start_info */
     call conformance_main
 1:  cli
     hlt
     jmp 1b
+
+/* PVH entry (XEN_ELFNOTE_PHYS32_ENTRY, used when the ELF is booted): 32-bit
+ * protected mode, paging off, EBX = hvm_start_info. Build identity page
+ * tables for the first 4 GiB (2 MiB pages), enter long mode, and call
+ * conformance_main(0, start_info). */
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4                        /* name size: "Xen\0" */
+    .long 4                        /* descriptor size */
+    .long 18                       /* XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .balign 4
+    .long pvh_start
+    .balign 4
+
+    .section .text.pvh, "ax"
+    .code32
+    .globl pvh_start
+pvh_start:
+    cli
+    cld
+    mov %ebx, %esi                 /* start_info, kept for conformance_main */
+    mov $pvh_pdpt, %eax
+    or $3, %eax
+    mov %eax, pvh_pml4
+    movl $0, pvh_pml4 + 4
+    mov $pvh_pd, %eax
+    or $3, %eax
+    xor %ecx, %ecx
+1:  mov %eax, pvh_pdpt(,%ecx,8)
+    movl $0, pvh_pdpt + 4(,%ecx,8)
+    add $4096, %eax
+    inc %ecx
+    cmp $4, %ecx
+    jb 1b
+    xor %ecx, %ecx
+2:  mov %ecx, %eax
+    shl $21, %eax
+    or $0x83, %eax                 /* present, writable, 2 MiB */
+    mov %eax, pvh_pd(,%ecx,8)
+    mov %ecx, %edx
+    shr $11, %edx
+    mov %edx, pvh_pd + 4(,%ecx,8)
+    inc %ecx
+    cmp $2048, %ecx
+    jb 2b
+    mov $pvh_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax                 /* PAE */
+    mov %eax, %cr4
+    mov $0xc0000080, %ecx          /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    lgdt pvh_gdt_descriptor
+    mov %cr0, %eax
+    or $0x80000001, %eax           /* paging + protection: long mode active */
+    mov %eax, %cr0
+    ljmp $0x08, $pvh_long
+    .code64
+pvh_long:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    lea stack_top(%rip), %rsp
+    xor %edi, %edi                 /* no zero page; RSI = start_info */
+    call conformance_main
+3:  cli
+    hlt
+    jmp 3b
+
+    .section .rodata.pvh, "a"
+    .balign 8
+pvh_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff       /* 0x08: 64-bit code */
+    .quad 0x00cf92000000ffff       /* 0x10: data */
+pvh_gdt_descriptor:
+    .word 23
+    .long pvh_gdt
+
+    .section .bss.pvh, "aw", @nobits
+    .balign 4096
+pvh_pml4:
+    .space 4096
+pvh_pdpt:
+    .space 4096
+pvh_pd:
+    .space 4 * 4096
 
 /* Application-processor trampoline, copied to AP_BASE (a page below 1 MiB)
  * and started by INIT-SIPI-SIPI with vector AP_BASE >> 12: real mode ->

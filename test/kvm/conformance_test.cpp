@@ -68,6 +68,20 @@ BOOST_AUTO_TEST_CASE(passes_on_one_vcpu_and_powers_off) {
     BOOST_TEST(r.err.empty());
 }
 
+BOOST_AUTO_TEST_CASE(the_elf_build_passes_through_the_pvh_entry) {
+    require_kvm();
+    const auto initrd = temp_file("pvh-initrd", "pvh-initrd-marker");
+    auto r = boot_cli(
+        {"--kernel", test::binary_dir() + "/guest/conformance.elf", "--initrd", initrd, "--memory",
+         "64", "--append",
+         "conformance.cpus=1 conformance.memory_mib=64 conformance.initrd=pvh-initrd-marker"});
+    ::unlink(initrd.c_str());
+    BOOST_TEST(r.status == 0);
+    BOOST_TEST(r.out.find("PVH start_info at ") != std::string::npos);
+    BOOST_TEST(r.out.find("ok: initrd content") != std::string::npos);
+    BOOST_TEST(r.out.find("conformance: PASS") != std::string::npos);
+}
+
 BOOST_AUTO_TEST_CASE(two_vcpus_are_in_the_madt_and_the_second_starts) {
     require_kvm();
     auto r =
