@@ -3,7 +3,8 @@
  * page, e820 map, cmdline, initrd, ACPI tables — talks over the UART and ends
  * the machine the way its cmdline asks:
  *
- *   conformance.mode=poweroff|reset|acpireset|triplefault|panic|echo
+ *   conformance.mode=poweroff|reset|acpireset|triplefault|panic|echo|popcnt
+ *     (popcnt: execute POPCNT, which some hosts cannot emulate, then power off)
  *   conformance.cpus=N        MADT must list N enabled processors
  *   conformance.memory_mib=M  e820 RAM must add up to M MiB
  *   conformance.initrd=TEXT   the initrd must start with TEXT
@@ -568,6 +569,10 @@ void conformance_main(uint64_t zero_page, uint64_t start_info) {
         check(1, "echo");
     }
     finish_line();
+    if (param_is("conformance.mode", "popcnt")) {
+        __asm__ volatile(".byte 0xf3, 0x48, 0x0f, 0xb8, 0xc0" ::: "rax", "cc"); /* popcnt rax, rax */
+        puts_("popcnt ran\n");
+    }
     if (param_is("conformance.mode", "reset")) {
         outb(0x64, 0xfe); /* i8042: pulse the reset line */
     } else if (param_is("conformance.mode", "acpireset")) {

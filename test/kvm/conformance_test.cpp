@@ -131,6 +131,19 @@ BOOST_AUTO_TEST_CASE(triple_fault_is_reported_by_the_cli) {
     BOOST_TEST(r.err.find("triple-faulted") != std::string::npos);
 }
 
+BOOST_AUTO_TEST_CASE(an_emulation_failure_names_rip_and_bytes) {
+    require_kvm();
+    auto r = boot_cli({"--kernel", test::conformance_bzimage(), "--memory", "64", "--append", "conformance.mode=popcnt"});
+    if (r.out.find("popcnt ran") != std::string::npos) { // the host runs it: a clean power-off
+        BOOST_TEST(r.status == 0);
+        return;
+    }
+    BOOST_TEST(r.status == 4);
+    BOOST_TEST(test::count_lines(r.err) == 1u);
+    BOOST_TEST(r.err.find("emulation failure on vCPU 0 at rip 0x") != std::string::npos);
+    BOOST_TEST(r.err.find("instruction bytes: f3 48 0f b8 c0") != std::string::npos);
+}
+
 BOOST_AUTO_TEST_CASE(guest_endings_have_distinct_statuses_in_process) {
     require_kvm();
     using machine =
