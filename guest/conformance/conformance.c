@@ -8,6 +8,7 @@
  *   conformance.cpus=N        MADT must list N enabled processors
  *   conformance.memory_mib=M  e820 RAM must add up to M MiB
  *   conformance.initrd=TEXT   the initrd must start with TEXT
+ *   conformance.virtio=N      DSDT and cmdline describe N virtio-mmio devices
  *   conformance.smp=1         start the other vCPUs (INIT-SIPI-SIPI) and check they run
  *
  * Last line: "conformance: PASS (n checks)" or "conformance: FAIL (k of n checks)".
@@ -401,6 +402,21 @@ static void check_acpi(void) {
                 !memcmp((const void*)(dsdt + i), "PNP0501", 7))
                 com1 = 1;
         check(com1, "DSDT describes COM1 (PNP0501)");
+        uint64_t virtio;
+        if (param_number("conformance.virtio", &virtio)) {
+            uint64_t in_dsdt = 0, on_cmdline = 0;
+            for (uint32_t i = 36; i + 8 <= length; ++i)
+                if (!memcmp((const void*)(dsdt + i), "LNRO0005", 8)) ++in_dsdt;
+            for (const char* p = cmdline; *p; ++p)
+                if (!memcmp(p, "virtio_mmio.device=", 19)) ++on_cmdline;
+            puts_("virtio-mmio devices: DSDT ");
+            put_dec(in_dsdt);
+            puts_(", cmdline ");
+            put_dec(on_cmdline);
+            putc_('\n');
+            check(in_dsdt == virtio, "DSDT describes every virtio-mmio device (LNRO0005)");
+            check(on_cmdline == virtio, "cmdline names every virtio-mmio device");
+        }
     }
     if (check(table_ok(madt, "APIC"), "MADT present, checksum")) {
         check(rd32(madt + 36) == 0xfee00000, "MADT local APIC at 0xfee00000");

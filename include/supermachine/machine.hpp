@@ -295,7 +295,7 @@ public:
             entry = detail::to_entry_state(e);
         }
         SUPERMACHINE_TRY(self->backend_->set_entry_state(0, entry));
-        self->cmdline_ = boot_config.cmdline;
+        self->cmdline_ = boot::full_cmdline(boot_config); // what load_linux wrote
         self->panic_grace_ = cfg.panic_grace;
         return self;
     }
@@ -383,6 +383,12 @@ public:
 private:
     explicit basic_machine(boost::asio::any_io_executor executor)
         : executor_(std::move(executor)) {}
+
+    template <class D>
+    static void stop_device(D* device) {
+        if constexpr (requires { device->stop(); })
+            if (device) device->stop();
+    }
 
     template <class D>
     static std::string device_cmdline(const D& device) {
@@ -528,6 +534,8 @@ private:
                 e.what = machine_exit::reason::panic;
             stopping_.store(true, std::memory_order_release);
         }
+        // Devices with async work stop it now (thread-safe by contract).
+        std::apply([](auto&... device) { (stop_device(device.get()), ...); }, bus_.devices());
         if (backend_)
             for (std::uint32_t i = 0; i < backend_->vcpu_count(); ++i)
                 backend_->kick(i);

@@ -9,6 +9,8 @@
 #include <supermachine/devices/i8042.hpp>
 #include <supermachine/devices/serial.hpp>
 #include <supermachine/machine.hpp>
+#include <supermachine/virtio/mmio_transport.hpp>
+#include <supermachine/virtio/rng.hpp>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/test/unit_test.hpp>
@@ -133,7 +135,8 @@ BOOST_AUTO_TEST_CASE(triple_fault_is_reported_by_the_cli) {
 
 BOOST_AUTO_TEST_CASE(an_emulation_failure_names_rip_and_bytes) {
     require_kvm();
-    auto r = boot_cli({"--kernel", test::conformance_bzimage(), "--memory", "64", "--append", "conformance.mode=popcnt"});
+    auto r = boot_cli({"--kernel", test::conformance_bzimage(), "--memory", "64", "--append",
+                       "conformance.mode=popcnt"});
     if (r.out.find("popcnt ran") != std::string::npos) { // the host runs it: a clean power-off
         BOOST_TEST(r.status == 0);
         return;
@@ -204,4 +207,35 @@ BOOST_AUTO_TEST_CASE(bad_input_gets_one_clear_line) {
                      "KVM unavailable");
     for (const auto& f : {text, truncated, big})
         ::unlink(f.c_str());
+}
+
+BOOST_AUTO_TEST_CASE(virtio_devices_get_windows_interrupts_and_acpi_entries) {
+    require_kvm();
+    using machine = basic_machine<backend::kvm, devices::serial, devices::i8042,
+                                  devices::acpi_power, virtio::rng, virtio::rng>;
+    const auto kernel = read_file(test::conformance_bzimage());
+    boost::asio::io_context io;
+    machine::config cfg;
+    cfg.memory_mib = 32;
+    cfg.kernel.resize(kernel.size());
+    std::memcpy(cfg.kernel.data(), kernel.data(), kernel.size());
+    cfg.extra_cmdline = "conformance.virtio=2";
+    auto console = std::make_shared<std::string>();
+    auto guard = std::make_shared<std::mutex>();
+    std::get<devices::serial::config>(cfg.devices).sink = [console, guard](std::string_view s) {
+        std::lock_guard lock(*guard);
+        *console += s;
+    };
+    auto vm = value_or_throw(machine::create(io.get_executor(), std::move(cfg)));
+    BOOST_TEST(vm->kernel_cmdline().find("virtio_mmio.device=0x1000@0xd0000000:5") !=
+               std::string::npos);
+    BOOST_TEST(vm->kernel_cmdline().find("virtio_mmio.device=0x1000@0xd0001000:6") !=
+               std::string::npos);
+    BOOST_REQUIRE(vm->start());
+    auto e = vm->wait_for(std::chrono::seconds(30));
+    BOOST_REQUIRE(e);
+    BOOST_TEST(to_string(e->what) == "power_off");
+    std::lock_guard lock(*guard);
+    BOOST_TEST(console->find("virtio-mmio devices: DSDT 2, cmdline 2") != std::string::npos);
+    BOOST_TEST(console->find("conformance: PASS") != std::string::npos);
 }
