@@ -189,7 +189,8 @@ BOOST_AUTO_TEST_CASE(bad_input_gets_one_clear_line) {
     const auto bz = test::conformance_bzimage();
     expect_bad_input(boot_cli({"--kernel", "/nonexistent/vmlinuz"}),
                      "cannot read kernel '/nonexistent/vmlinuz'");
-    expect_bad_input(boot_cli({}), "no kernel given");
+    expect_bad_input(boot_cli({}, {}, {"SUPERMACHINE_KERNEL_DIR=/nonexistent/kernels"}),
+                     "no --kernel given and no default kernel in /nonexistent/kernels");
     const auto text = temp_file("not-a-kernel", "this is not a kernel\n");
     expect_bad_input(boot_cli({"--kernel", text}), "not a bootable");
     const auto truncated = temp_file("truncated", read_file(bz).substr(0, 3000));

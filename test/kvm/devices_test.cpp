@@ -124,3 +124,38 @@ BOOST_AUTO_TEST_CASE(unclaimed_ports_read_all_ones_and_requests_reach_the_handle
     std::byte two[2]{};
     BOOST_TEST(!bus.access(address_space::port_io, platform::acpi_sleep_status_port, two, false));
 }
+
+// Hostile register traffic: every offset, every access size, random values,
+// including the DLAB and loopback paths. Nothing may crash, input stays
+// bounded, and the UART keeps answering sanely afterwards.
+BOOST_AUTO_TEST_CASE(uart_survives_random_register_traffic) {
+    std::size_t output = 0;
+    auto uart = devices::serial::create_with(
+        {}, {.sink = [&](std::string_view s) { output += s.size(); }, .input_limit = 128});
+    device_bus<devices::serial> bus(std::move(uart));
+    std::uint64_t state = 0x9e3779b97f4a7c15ull;
+    auto next = [&] {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        return state;
+    };
+    for (int i = 0; i < 200000; ++i) {
+        const std::uint64_t r = next();
+        const std::uint64_t port =
+            platform::com1_port - 2 + r % 12; // a little outside on both sides
+        const std::size_t size = std::size_t{1} << ((r >> 8) % 3);
+        std::byte data[4];
+        for (auto& b : data)
+            b = std::byte(static_cast<unsigned char>(r >> 16));
+        bus.access(address_space::port_io, port, std::span(data, size), (r >> 24) & 1);
+        if (i % 1000 == 0) bus.get<devices::serial>().send_input("xyz");
+        BOOST_REQUIRE(bus.get<devices::serial>().pending_input() <= 128u);
+    }
+    out8(bus, platform::com1_port + 3, 0x03); // DLAB off
+    out8(bus, platform::com1_port + 4, 0x00); // loopback off
+    const std::size_t before = output;
+    out8(bus, platform::com1_port, 'z');
+    BOOST_TEST(output == before + 1);
+    BOOST_TEST((in8(bus, platform::com1_port + 5) & 0x60) == 0x60);
+}

@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -58,12 +59,40 @@ inline void print_error(const char* fmt, const std::string& a, const std::string
     std::fputc('\n', stderr);
 }
 
+/// Where the default guest kernel lives: the boot layer's cache
+/// ($SUPERMACHINE_KERNEL_DIR, else $XDG_CACHE_HOME or ~/.cache + /supermachine/kernels/current).
+/// TODO(lead): use boot::default_kernel() once boot/kernel_cache.hpp is in main.
+inline std::filesystem::path default_kernel_folder() {
+    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir) return dir;
+    std::filesystem::path cache;
+    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg)
+        cache = xdg;
+    else
+        cache =
+            std::filesystem::path(std::getenv("HOME") ? std::getenv("HOME") : "/tmp") / ".cache";
+    return cache / "supermachine" / "kernels" / "current";
+}
+
+/// The newest boot/vmlinuz-* in the default kernel folder, or empty.
+inline std::string default_kernel() {
+    std::error_code ec;
+    std::string best;
+    for (auto it = std::filesystem::directory_iterator(default_kernel_folder() / "boot", ec);
+         !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+        const auto name = it->path().filename().string();
+        if (name.rfind("vmlinuz-", 0) == 0 && it->path().string() > best)
+            best = it->path().string();
+    }
+    return best;
+}
+
 /// Boot on /dev/kvm (set SUPERMACHINE_KVM_DEVICE to use another device node).
 inline int boot_with_kvm(const boot_options& options) {
     using machine =
         basic_machine<backend::kvm, devices::serial, devices::i8042, devices::acpi_power>;
     if (options.kernel.empty()) {
-        print_error("no kernel given (use --kernel FILE)%s", "");
+        print_error("no --kernel given and no default kernel in %s (run scripts/fetch-kernel.sh)",
+                    default_kernel_folder().string());
         return boot_bad_input;
     }
     if (::access(options.kernel.c_str(), R_OK) != 0) {
@@ -232,6 +261,7 @@ int run_boot(std::span<char*> args) {
             return boot_bad_input;
         }
     }
+    if (options.kernel.empty()) options.kernel = default_kernel();
     return boot_with_kvm(options);
 }
 
