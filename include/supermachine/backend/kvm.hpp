@@ -224,6 +224,13 @@ public:
     vcpu_exit run_vcpu(std::uint32_t index, Handler& handler) {
         auto& v = vcpus_.at(index);
         v.thread.store(::pthread_self(), std::memory_order_release);
+        if (!v.has_thread.load(std::memory_order_acquire)) {
+            // The kick must reach this thread even if the application blocks signals.
+            sigset_t kick;
+            ::sigemptyset(&kick);
+            ::sigaddset(&kick, kick_signal());
+            ::pthread_sigmask(SIG_UNBLOCK, &kick, nullptr);
+        }
         v.has_thread.store(true, std::memory_order_release);
         kvm_run* run = v.run;
         for (;;) {
