@@ -10,6 +10,7 @@
 #include "command.hpp"
 
 #include <supermachine/backend/kvm.hpp>
+#include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/devices/acpi_power.hpp>
 #include <supermachine/devices/i8042.hpp>
 #include <supermachine/devices/serial.hpp>
@@ -59,31 +60,16 @@ inline void print_error(const char* fmt, const std::string& a, const std::string
     std::fputc('\n', stderr);
 }
 
-/// Where the default guest kernel lives: the boot layer's cache
-/// ($SUPERMACHINE_KERNEL_DIR, else $XDG_CACHE_HOME or ~/.cache + /supermachine/kernels/current).
-/// TODO(lead): use boot::default_kernel() once boot/kernel_cache.hpp is in main.
-inline std::filesystem::path default_kernel_folder() {
-    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir) return dir;
-    std::filesystem::path cache;
-    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg)
-        cache = xdg;
-    else
-        cache =
-            std::filesystem::path(std::getenv("HOME") ? std::getenv("HOME") : "/tmp") / ".cache";
-    return cache / "supermachine" / "kernels" / "current";
+/// The default guest kernel: the boot layer's cache ($SUPERMACHINE_KERNEL_DIR,
+/// else kernel_cache_dir()/current), filled by scripts/fetch-kernel.sh.
+inline std::string default_kernel() {
+    auto k = boot::default_kernel();
+    return k ? k.value().vmlinuz.string() : std::string();
 }
 
-/// The newest boot/vmlinuz-* in the default kernel folder, or empty.
-inline std::string default_kernel() {
-    std::error_code ec;
-    std::string best;
-    for (auto it = std::filesystem::directory_iterator(default_kernel_folder() / "boot", ec);
-         !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
-        const auto name = it->path().filename().string();
-        if (name.rfind("vmlinuz-", 0) == 0 && it->path().string() > best)
-            best = it->path().string();
-    }
-    return best;
+inline std::string default_kernel_folder() {
+    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir) return dir;
+    return (boot::kernel_cache_dir() / "current").string();
 }
 
 /// Boot on /dev/kvm (set SUPERMACHINE_KVM_DEVICE to use another device node).
@@ -92,7 +78,7 @@ inline int boot_with_kvm(const boot_options& options) {
         basic_machine<backend::kvm, devices::serial, devices::i8042, devices::acpi_power>;
     if (options.kernel.empty()) {
         print_error("no --kernel given and no default kernel in %s (run scripts/fetch-kernel.sh)",
-                    default_kernel_folder().string());
+                    default_kernel_folder());
         return boot_bad_input;
     }
     if (::access(options.kernel.c_str(), R_OK) != 0) {
