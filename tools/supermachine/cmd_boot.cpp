@@ -28,6 +28,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -99,13 +101,31 @@ inline int boot_with_kvm(const boot_options& options) {
     cfg.extra_cmdline = options.append;
     if (const char* device = std::getenv("SUPERMACHINE_KVM_DEVICE"))
         cfg.backend.device_path = device;
-    std::get<devices::serial::config>(cfg.devices).sink = [](std::string_view text) {
-        // Unbuffered: the console is the guest's only voice, and timing matters to callers.
-        while (!text.empty()) {
-            const ssize_t n = ::write(STDOUT_FILENO, text.data(), text.size());
-            if (n <= 0) break;
-            text.remove_prefix(static_cast<std::size_t>(n));
+    // The UART delivers one byte per call: write whole lines (or 4 KiB) at
+    // once, and anything pending (a prompt) within 20 ms.
+    struct console_writer {
+        std::mutex mutex;
+        std::string pending;
+        void flush_locked() {
+            std::string_view text = pending;
+            while (!text.empty()) {
+                const ssize_t n = ::write(STDOUT_FILENO, text.data(), text.size());
+                if (n <= 0) break;
+                text.remove_prefix(static_cast<std::size_t>(n));
+            }
+            pending.clear();
         }
+        void flush() {
+            std::lock_guard lock(mutex);
+            flush_locked();
+        }
+    };
+    auto console = std::make_shared<console_writer>();
+    std::get<devices::serial::config>(cfg.devices).sink = [console](std::string_view text) {
+        std::lock_guard lock(console->mutex);
+        console->pending += text;
+        if (console->pending.size() >= 4096 || text.find('\n') != std::string_view::npos)
+            console->flush_locked();
     };
 
     boost::asio::io_context io;
@@ -137,6 +157,12 @@ inline int boot_with_kvm(const boot_options& options) {
 
     // Host stdin -> guest UART, until EOF or the machine ends.
     std::atomic<bool> done{false};
+    std::thread flusher([&] {
+        while (!done.load()) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            console->flush();
+        }
+    });
     std::thread input([&] {
         char buffer[256];
         while (!done.load()) {
@@ -161,9 +187,12 @@ inline int boot_with_kvm(const boot_options& options) {
         exit = vm.wait();
     done = true;
     input.join();
+    flusher.join();
+    console->flush(); // the console before any error line
     if (!exit) {
         vm.stop();
         vm.wait();
+        console->flush();
         print_error("guest still running after %s s; stopped",
                     std::to_string(options.timeout_seconds));
         return boot_timed_out;
