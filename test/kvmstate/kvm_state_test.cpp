@@ -376,3 +376,45 @@ BOOST_AUTO_TEST_CASE(hostile_or_mismatched_state_is_refused_cleanly) {
     for (std::size_t n = 0; n < blob.size(); ++n)
         BOOST_TEST_REQUIRE(!ks::decode_vcpu_state(std::span(blob).first(n)));
 }
+
+BOOST_AUTO_TEST_CASE(capture_and_restore_cost) {
+    // Medians over 21 rounds; printed for doc/kvm-state.md, bounded loosely
+    // so a pathological slowdown (e.g. one ioctl per MSR) fails.
+    auto c = start_counting_vm();
+    (void)run_until(*c.vm, 10);
+    const auto indexes = value_or_throw(ks::msr_index_list());
+    auto target = start_counting_vm();
+    std::vector<double> capture_us, encode_us, restore_us, vm_us;
+    using clock = std::chrono::steady_clock;
+    auto micros = [](clock::duration d) {
+        return std::chrono::duration<double, std::micro>(d).count();
+    };
+    for (int i = 0; i < 21; ++i) {
+        auto t0 = clock::now();
+        auto state = value_or_throw(ks::capture_vcpu(c.vm->vm_fd(), c.vm->vcpu_fd(0), indexes));
+        auto t1 = clock::now();
+        auto blob = value_or_throw(ks::encode_vcpu_state(state));
+        auto decoded = value_or_throw(ks::decode_vcpu_state(blob));
+        auto t2 = clock::now();
+        value_or_throw(ks::restore_vcpu(target.vm->vm_fd(), target.vm->vcpu_fd(0), decoded));
+        auto t3 = clock::now();
+        auto vm_state = value_or_throw(ks::capture_vm(c.vm->vm_fd()));
+        value_or_throw(ks::restore_vm(target.vm->vm_fd(), vm_state));
+        auto t4 = clock::now();
+        capture_us.push_back(micros(t1 - t0));
+        encode_us.push_back(micros(t2 - t1));
+        restore_us.push_back(micros(t3 - t2));
+        vm_us.push_back(micros(t4 - t3));
+    }
+    auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+    };
+    std::printf("NOTE: per vCPU: capture %.0f us, encode+decode %.0f us, restore %.0f us; "
+                "VM capture+restore %.0f us (medians of 21)\n",
+                median(capture_us), median(encode_us), median(restore_us), median(vm_us));
+    BOOST_TEST(median(capture_us) < 20'000.0);
+    BOOST_TEST(median(restore_us) < 20'000.0);
+    // The restored target still runs the count from the captured point.
+    check_count_continues(run_until(*target.vm, 20), 10, 20);
+}
