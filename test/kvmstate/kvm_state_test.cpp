@@ -8,12 +8,14 @@
 #include <skip.hpp>
 #include <supermachine/backend/kvm.hpp>
 #include <supermachine/backend/kvm_state.hpp>
+#include <supermachine/snapshot/file_store.hpp>
 
 #include <boost/test/unit_test.hpp>
 
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 #include <unistd.h>
 
@@ -189,15 +191,17 @@ struct restored_vm {
     std::unique_ptr<backend::kvm> vm;
 };
 
-restored_vm restore_into_new_vm(guest_memory memory, const ks::vm_state& vm_state,
-                                const std::vector<ks::vcpu_state>& vcpus) {
-    restored_vm r{std::move(memory), nullptr};
+// On the heap: the backend keeps a pointer to its guest_memory.
+std::unique_ptr<restored_vm> restore_into_new_vm(guest_memory memory, const ks::vm_state& vm_state,
+                                                 const std::vector<ks::vcpu_state>& vcpus) {
+    auto owner = std::make_unique<restored_vm>(restored_vm{std::move(memory), nullptr});
+    auto& r = *owner;
     r.vm = value_or_throw(
         backend::kvm::create(r.memory, {.vcpus = static_cast<std::uint32_t>(vcpus.size())}));
     value_or_throw(ks::restore_vm(r.vm->vm_fd(), vm_state), "restore_vm");
     for (std::uint32_t i = 0; i < vcpus.size(); ++i)
         value_or_throw(ks::restore_vcpu(r.vm->vm_fd(), r.vm->vcpu_fd(i), vcpus[i]), "restore_vcpu");
-    return r;
+    return owner;
 }
 
 guest_memory copy_of(const guest_memory& from) {
@@ -238,12 +242,12 @@ BOOST_AUTO_TEST_CASE(the_count_continues_in_a_restored_vm_with_copied_ram) {
 
     auto second =
         restore_into_new_vm(copy_of(first.memory), through_blob(vm_state), {through_blob(state)});
-    auto more = run_until(*second.vm, 1500);
+    auto more = run_until(*second->vm, 1500);
     check_count_continues(more, 1000, 1500);
-    auto after = capture(*second.vm);
+    auto after = capture(*second->vm);
     BOOST_TEST(after.regs.rbx == 1500u);
     BOOST_TEST(xmm0_low(after) == xmm0_marker); // FPU state came across
-    BOOST_TEST(read_counter(second.memory) == 1500u);
+    BOOST_TEST(read_counter(second->memory) == 1500u);
     BOOST_TEST(read_counter(first.memory) == 1000u); // a copy: the original is untouched
 }
 
@@ -261,10 +265,10 @@ BOOST_AUTO_TEST_CASE(two_private_restores_from_one_memory_image_count_on_indepen
     auto b = restore_into_new_vm(
         value_or_throw(guest_memory::map_private_x86(first.memory.backing_fd(), 0, ram_bytes)),
         vm_state, {state});
-    check_count_continues(run_until(*a.vm, 700), 300, 700);
-    check_count_continues(run_until(*b.vm, 400), 300, 400);
-    BOOST_TEST(read_counter(a.memory) == 700u);
-    BOOST_TEST(read_counter(b.memory) == 400u);
+    check_count_continues(run_until(*a->vm, 700), 300, 700);
+    check_count_continues(run_until(*b->vm, 400), 300, 400);
+    BOOST_TEST(read_counter(a->memory) == 700u);
+    BOOST_TEST(read_counter(b->memory) == 400u);
     BOOST_TEST(read_counter(first.memory) == 300u);
     // And the original goes on too.
     check_count_continues(run_until(*first.vm, 350), 300, 350);
@@ -279,7 +283,7 @@ BOOST_AUTO_TEST_CASE(capture_restore_capture_gives_the_same_blob_modulo_time) {
 
     auto second = restore_into_new_vm(copy_of(first.memory), vm_state, states);
     for (std::uint32_t i = 0; i < 2; ++i) {
-        auto again = capture(*second.vm, i);
+        auto again = capture(*second->vm, i);
         auto a = value_or_throw(ks::encode_vcpu_state(without_time(states[i])));
         auto b = value_or_throw(ks::encode_vcpu_state(without_time(again)));
         BOOST_TEST(a.size() == b.size());
@@ -302,7 +306,7 @@ BOOST_AUTO_TEST_CASE(capture_restore_capture_gives_the_same_blob_modulo_time) {
         BOOST_TEST(again.msr(backend::detail::msr::tsc).value() >=
                    states[i].msr(backend::detail::msr::tsc).value());
     }
-    auto vm_again = value_or_throw(ks::capture_vm(second.vm->vm_fd()));
+    auto vm_again = value_or_throw(ks::capture_vm(second->vm->vm_fd()));
     BOOST_TEST((value_or_throw(ks::encode_vm_state(without_time(vm_state))) ==
                 value_or_throw(ks::encode_vm_state(without_time(vm_again)))));
 }
@@ -315,7 +319,7 @@ BOOST_AUTO_TEST_CASE(the_guest_clock_moves_forward_by_the_time_away_or_not_at_al
 
     auto advanced = restore_into_new_vm(copy_of(first.memory), saved, {capture(*first.vm)});
     kvm_clock_data now{};
-    BOOST_REQUIRE(::ioctl(advanced.vm->vm_fd(), KVM_GET_CLOCK, &now) == 0);
+    BOOST_REQUIRE(::ioctl(advanced->vm->vm_fd(), KVM_GET_CLOCK, &now) == 0);
     BOOST_TEST(now.clock >= saved.clock.clock + 200'000'000u);
     BOOST_TEST(now.clock < saved.clock.clock + 60'000'000'000u);
 
@@ -417,4 +421,36 @@ BOOST_AUTO_TEST_CASE(capture_and_restore_cost) {
     BOOST_TEST(median(restore_us) < 20'000.0);
     // The restored target still runs the count from the captured point.
     check_count_continues(run_until(*target.vm, 20), 10, 20);
+}
+
+BOOST_AUTO_TEST_CASE(through_a_snapshot_file_and_back) {
+    // The whole path below the machine: blobs into the container's records,
+    // RAM written sparsely, the file mapped MAP_PRIVATE, state restored.
+    auto first = start_counting_vm();
+    (void)run_until(*first.vm, 400);
+    snapshot::snapshot_records records;
+    records.machine = {.vcpu_count = 1, .memory_size = ram_bytes, .kernel_identity = "hand"};
+    records.vcpus.push_back({0, value_or_throw(ks::encode_vcpu_state(capture(*first.vm)))});
+    records.interrupt_controller = snapshot::interrupt_controller_record{
+        value_or_throw(ks::encode_vm_state(value_or_throw(ks::capture_vm(first.vm->vm_fd()))))};
+    const auto directory =
+        std::filesystem::temp_directory_path() / ("kvm_state_test." + std::to_string(::getpid()));
+    std::filesystem::create_directories(directory);
+    const auto path = directory / "snapshot";
+    auto written = snapshot::write_snapshot(
+        path, {records, first.memory.host_mapping(), first.memory.backing_fd(), 0});
+    BOOST_REQUIRE(written);
+    BOOST_TEST(written.value().ram_data_bytes < (1u << 20)); // a few touched pages, not 32 MiB
+
+    auto loaded = snapshot::read_snapshot(path);
+    BOOST_REQUIRE(loaded);
+    auto& l = loaded.value();
+    BOOST_REQUIRE(l.records.vcpus.size() == 1u);
+    BOOST_REQUIRE(l.records.interrupt_controller.has_value());
+    auto vm_state = value_or_throw(ks::decode_vm_state(l.records.interrupt_controller->state));
+    auto state = value_or_throw(ks::decode_vcpu_state(l.records.vcpus[0].state));
+    auto restored = restore_into_new_vm(std::move(l.memory), vm_state, {state});
+    check_count_continues(run_until(*restored->vm, 900), 400, 900);
+    BOOST_TEST(read_counter(restored->memory) == 900u);
+    std::filesystem::remove_all(directory);
 }
