@@ -430,9 +430,10 @@ BOOST_AUTO_TEST_CASE(through_a_snapshot_file_and_back) {
     (void)run_until(*first.vm, 400);
     snapshot::snapshot_records records;
     records.machine = {.vcpu_count = 1, .memory_size = ram_bytes, .kernel_identity = "hand"};
-    records.vcpus.push_back({0, value_or_throw(ks::encode_vcpu_state(capture(*first.vm)))});
-    records.interrupt_controller = snapshot::interrupt_controller_record{
-        value_or_throw(ks::encode_vm_state(value_or_throw(ks::capture_vm(first.vm->vm_fd()))))};
+    auto kvm_part = value_or_throw(
+        ks::capture_records(*first.vm, value_or_throw(ks::msr_index_list())), "capture_records");
+    records.vcpus = std::move(kvm_part.vcpus);
+    records.interrupt_controller = std::move(kvm_part.interrupt_controller);
     const auto directory =
         std::filesystem::temp_directory_path() / ("kvm_state_test." + std::to_string(::getpid()));
     std::filesystem::create_directories(directory);
@@ -447,9 +448,16 @@ BOOST_AUTO_TEST_CASE(through_a_snapshot_file_and_back) {
     auto& l = loaded.value();
     BOOST_REQUIRE(l.records.vcpus.size() == 1u);
     BOOST_REQUIRE(l.records.interrupt_controller.has_value());
-    auto vm_state = value_or_throw(ks::decode_vm_state(l.records.interrupt_controller->state));
-    auto state = value_or_throw(ks::decode_vcpu_state(l.records.vcpus[0].state));
-    auto restored = restore_into_new_vm(std::move(l.memory), vm_state, {state});
+    auto restored = std::make_unique<restored_vm>(restored_vm{std::move(l.memory), nullptr});
+    restored->vm = value_or_throw(backend::kvm::create(restored->memory, {.vcpus = 1}));
+    // A record set for another vCPU count is refused before anything is set.
+    auto two = l.records.vcpus;
+    two.push_back(two.front());
+    BOOST_TEST(ks::restore_records(*restored->vm, two, *l.records.interrupt_controller).error() ==
+               make_error_code(errc::snapshot_mismatch));
+    value_or_throw(
+        ks::restore_records(*restored->vm, l.records.vcpus, *l.records.interrupt_controller),
+        "restore_records");
     check_count_continues(run_until(*restored->vm, 900), 400, 900);
     BOOST_TEST(read_counter(restored->memory) == 900u);
     std::filesystem::remove_all(directory);

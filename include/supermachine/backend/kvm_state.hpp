@@ -25,6 +25,7 @@
 #include <supermachine/backend/detail/kvm_state_sections.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/snapshot/codec.hpp>
+#include <supermachine/snapshot/records.hpp>
 
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -34,6 +35,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -676,6 +678,69 @@ inline result<vm_state> decode_vm_state(std::span<const std::byte> blob) {
          {tag::pic_master, tag::pic_slave, tag::ioapic, tag::clock, tag::captured_at})
         if (!in.seen(required)) return errc::snapshot_bad_record;
     return s;
+}
+
+// ---------------------------------------------------------------------------
+// A whole VM as snapshot records
+
+/// What capture_records needs of a backend (backend::kvm has it).
+template <class B>
+concept kvm_state_access = requires(const B& b, std::uint32_t index) {
+    { b.vm_fd() } -> std::convertible_to<int>;
+    { b.vcpu_fd(index) } -> std::convertible_to<int>;
+    { b.vcpu_count() } -> std::convertible_to<std::uint32_t>;
+};
+
+/// The KVM part of a snapshot: one blob per vCPU and the VM blob.
+struct kvm_records {
+    std::vector<snapshot::vcpu_record> vcpus; // indexes 0..n-1 in order
+    snapshot::interrupt_controller_record interrupt_controller;
+};
+
+/// Capture every vCPU and the VM into snapshot records. Every vCPU must be
+/// paused outside KVM_RUN (see the top of this header) for the whole call.
+template <kvm_state_access Backend>
+result<kvm_records> capture_records(const Backend& backend,
+                                    std::span<const std::uint32_t> msr_indexes) {
+    kvm_records out;
+    const std::uint32_t n = backend.vcpu_count();
+    if (n == 0 || n > snapshot::max_vcpus) return errc::invalid_argument;
+    out.vcpus.reserve(n);
+    for (std::uint32_t i = 0; i < n; ++i) {
+        SUPERMACHINE_TRY(state, capture_vcpu(backend.vm_fd(), backend.vcpu_fd(i), msr_indexes));
+        SUPERMACHINE_TRY(blob, encode_vcpu_state(state));
+        if (blob.size() > snapshot::max_vcpu_state_bytes) return errc::snapshot_too_large;
+        out.vcpus.push_back({i, std::move(blob)});
+    }
+    // The VM last: the clock is read as close to the end of the pause as we can.
+    SUPERMACHINE_TRY(vm, capture_vm(backend.vm_fd()));
+    SUPERMACHINE_TRY(vm_blob, encode_vm_state(vm));
+    out.interrupt_controller.state = std::move(vm_blob);
+    return out;
+}
+
+/// Restore snapshot records into a freshly created backend with as many
+/// vCPUs, before any vCPU runs. Every blob is decoded (and so validated)
+/// before the first KVM state is changed.
+template <kvm_state_access Backend>
+result<void> restore_records(Backend& backend, std::span<const snapshot::vcpu_record> vcpus,
+                             const snapshot::interrupt_controller_record& interrupt_controller,
+                             clock_policy policy = clock_policy::advance_by_elapsed_time) {
+    const std::uint32_t n = backend.vcpu_count();
+    if (vcpus.size() != n) return errc::snapshot_mismatch;
+    std::vector<vcpu_state> states;
+    states.reserve(n);
+    for (std::uint32_t i = 0; i < n; ++i) {
+        if (vcpus[i].index != i) return errc::snapshot_bad_record;
+        SUPERMACHINE_TRY(state, decode_vcpu_state(vcpus[i].state));
+        states.push_back(std::move(state));
+    }
+    SUPERMACHINE_TRY(vm, decode_vm_state(interrupt_controller.state));
+    SUPERMACHINE_TRY(restore_vm(backend.vm_fd(), vm, policy));
+    for (std::uint32_t i = 0; i < n; ++i) {
+        SUPERMACHINE_TRY(restore_vcpu(backend.vm_fd(), backend.vcpu_fd(i), states[i]));
+    }
+    return success();
 }
 
 } // namespace supermachine::backend::kvm_state
