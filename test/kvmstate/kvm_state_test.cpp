@@ -2,7 +2,7 @@
 // in a register, in memory and on a port (XMM0 holds a marker); we stop it,
 // capture, restore RAM and state into a second VM, and check the count goes
 // on from exactly where it was.
-#include "../kvm/hand_placed_guest.hpp"
+#include "hand_guest.hpp"
 #include "sample_state.hpp"
 
 #include <skip.hpp>
@@ -97,7 +97,7 @@ counting_vm start_counting_vm(std::uint32_t vcpus = 1) {
     require_kvm();
     counting_vm c{value_or_throw(guest_memory::allocate_x86(ram_bytes)), nullptr};
     c.vm = value_or_throw(backend::kvm::create(c.memory, {.vcpus = vcpus}));
-    auto entry = test::place_hand_guest(c.memory, counting_guest());
+    auto entry = test::place_flat_guest(c.memory, counting_guest());
     value_or_throw(c.vm->set_entry_state(0, entry));
     set_xmm0(c.vm->vcpu_fd(0), xmm0_marker);
     return c;
@@ -495,13 +495,13 @@ counting_vm start_timer_vm() {
     code.insert(code.end(), handler.begin(), handler.end());
     counting_vm c{value_or_throw(guest_memory::allocate_x86(ram_bytes)), nullptr};
     c.vm = value_or_throw(backend::kvm::create(c.memory, {.vcpus = 1}));
-    auto entry = test::place_hand_guest(c.memory, code);
+    auto entry = test::place_flat_guest(c.memory, code);
     // Map the LAPIC page (2 MiB, uncached) and point vector 0x40 at the handler.
     constexpr std::uint64_t high_pd = 0xc000, idt = 0x2000;
     value_or_throw(c.memory.write_object<std::uint64_t>(x86_layout::pdpt + 3 * 8, high_pd | 3));
     value_or_throw(
         c.memory.write_object<std::uint64_t>(high_pd + 503 * 8, x86_layout::lapic | 0x93));
-    const std::uint64_t h = test::hand_code_address + 0x100;
+    const std::uint64_t h = test::state_test_code_address + 0x100;
     const std::uint64_t gate =
         (h & 0xffff) | (0x10ull << 16) | (0x8eull << 40) | (((h >> 16) & 0xffff) << 48);
     value_or_throw(c.memory.write_object<std::uint64_t>(idt + 0x40 * 16, gate));
