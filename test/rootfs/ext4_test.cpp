@@ -10,6 +10,10 @@
 
 #include <regex>
 
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
+
 using namespace rootfs_test;
 namespace sm = supermachine;
 
@@ -279,6 +283,49 @@ BOOST_AUTO_TEST_CASE(builder_caches_per_digest_and_writes_only_its_cache) {
     BOOST_TEST(r.error() == sm::errc::archive_malformed);
     BOOST_TEST(!fs::exists(cache.path / "rootfs" / ("sha256-" + std::string(64, 'b') + ".ext4")));
     BOOST_TEST(files_below(cache.path).size() == expected.size() + 1); // + its .lock
+}
+
+BOOST_AUTO_TEST_CASE(linux_mounts_the_image) {
+    supermachine::test::skip_unless(::geteuid() == 0, "loop-mounting needs root");
+    fixture f;
+    auto tree = merge(f.spool, f.all_layers());
+    BOOST_REQUIRE(tree);
+    BOOST_REQUIRE(oci::write_ext4(tree.value(), f.image));
+    auto mnt = f.dir.path / "mnt";
+    fs::create_directories(mnt);
+    auto [rc, out] = run("mount -t ext4 -o loop,ro " + shell_quote(f.image.string()) + " " +
+                         shell_quote(mnt.string()) + " 2>&1");
+    if (rc != 0) supermachine::test::skip("cannot loop-mount here: " + out);
+    struct unmount {
+        fs::path where;
+        ~unmount() { run("umount " + shell_quote(where.string()) + " 2>&1"); }
+    } guard{mnt};
+    // The kernel's view: every path, type, mode, size, content hash, symlink target and
+    // hard-link group as our tree has it.
+    auto ours = list_tree(tree.value());
+    auto kernel = list_host(mnt);
+    kernel.erase("/lost+found");
+    BOOST_TEST(ours.size() > 40u);
+    for (auto& [path, line] : ours) BOOST_TEST(kernel[path] == line, path);
+    BOOST_TEST(kernel.size() == ours.size());
+    struct stat st;
+    BOOST_REQUIRE(::lstat((mnt / "dev/null").c_str(), &st) == 0);
+    BOOST_TEST((S_ISCHR(st.st_mode) && major(st.st_rdev) == 1 && minor(st.st_rdev) == 3));
+    BOOST_REQUIRE(::lstat((mnt / "dev/bigminor").c_str(), &st) == 0);
+    BOOST_TEST((major(st.st_rdev) == 300 && minor(st.st_rdev) == 70000));
+    BOOST_REQUIRE(::lstat((mnt / "dev/sda").c_str(), &st) == 0);
+    BOOST_TEST((S_ISBLK(st.st_mode) && st.st_gid == 6u));
+    BOOST_REQUIRE(::lstat((mnt / "highuid").c_str(), &st) == 0);
+    BOOST_TEST(st.st_uid == 3000000000u);
+    BOOST_TEST(st.st_gid == 3000000001u);
+    BOOST_REQUIRE(::lstat((mnt / "nanotime").c_str(), &st) == 0);
+    BOOST_TEST(st.st_mtim.tv_sec == 1700000000);
+    BOOST_TEST(st.st_mtim.tv_nsec == 123456789);
+    char value[64];
+    auto n = ::lgetxattr((mnt / "bin/ping").c_str(), "security.capability", value, sizeof value);
+    BOOST_TEST(n == 20);
+    n = ::lgetxattr((mnt / "bin/ping").c_str(), "user.comment", value, sizeof value);
+    BOOST_TEST(std::string(value, n > 0 ? n : 0) == "pinger");
 }
 
 BOOST_AUTO_TEST_SUITE_END()

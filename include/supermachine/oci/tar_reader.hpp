@@ -162,7 +162,8 @@ result<tar_header> tar_parse_header(std::span<const std::byte, 512> block, const
     if (ustar || gnu) {
         SUPERMACHINE_TRY(major, tar_number(block, 329, 8));
         SUPERMACHINE_TRY(minor, tar_number(block, 337, 8));
-        if (major < 0 || minor < 0 || major > 0xfffff || minor > 0xfffff)
+        // Linux dev_t: 12-bit major, 20-bit minor.
+        if (major < 0 || minor < 0 || major > 0xfff || minor > 0xfffff)
             return make_error_code(errc::archive_malformed);
         h.device_major = static_cast<std::uint32_t>(major);
         h.device_minor = static_cast<std::uint32_t>(minor);
