@@ -36,7 +36,8 @@ int sh(const std::string& command) {
 
 std::string quote(const std::string& s) {
     std::string q = "'";
-    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    for (char c : s)
+        q += c == '\'' ? std::string("'\\''") : std::string(1, c);
     return q + "'";
 }
 
@@ -63,15 +64,17 @@ int main(int argc, char** argv) {
         fs::create_directories(tree / "bin");
         fs::create_directories(tree / "etc");
         fs::copy_file("/bin/busybox", tree / "bin" / "busybox");
-        sh("for a in $(/bin/busybox --list); do ln -s busybox " + quote((tree / "bin").string()) + "/$a 2>/dev/null; done");
+        sh("for a in $(/bin/busybox --list); do ln -s busybox " + quote((tree / "bin").string()) +
+           "/$a 2>/dev/null; done");
         std::ofstream(tree / "etc" / "passwd") << "root:x:0:0:root:/root:/bin/sh\n";
     }
     // One layer, gzip-compressed by umoci itself: both sides read the same blob.
     fs::path layout = work / "oci";
-    if (sh("tar --numeric-owner --xattrs --xattrs-include='*' -C " + quote(tree.string()) + " -cf " +
-           quote((work / "layer.tar").string()) + " . && umoci init --layout " + quote(layout.string()) +
-           " && umoci new --image " + quote(layout.string()) + ":b && umoci raw add-layer --image " +
-           quote(layout.string()) + ":b " + quote((work / "layer.tar").string())) != 0) {
+    if (sh("tar --numeric-owner --xattrs --xattrs-include='*' -C " + quote(tree.string()) +
+           " -cf " + quote((work / "layer.tar").string()) + " . && umoci init --layout " +
+           quote(layout.string()) + " && umoci new --image " + quote(layout.string()) +
+           ":b && umoci raw add-layer --image " + quote(layout.string()) + ":b " +
+           quote((work / "layer.tar").string())) != 0) {
         std::fprintf(stderr, "could not make the OCI image (tar/umoci)\n");
         return 1;
     }
@@ -87,9 +90,11 @@ int main(int argc, char** argv) {
     std::string manifest_digest = index["manifests"][0]["digest"];
     auto manifest = read_json(blob(manifest_digest));
     std::vector<fs::path> layers;
-    for (auto& l : manifest["layers"]) layers.push_back(blob(l["digest"]));
+    for (auto& l : manifest["layers"])
+        layers.push_back(blob(l["digest"]));
     std::uint64_t compressed = 0;
-    for (auto& l : layers) compressed += fs::file_size(l);
+    for (auto& l : layers)
+        compressed += fs::file_size(l);
 
     std::vector<double> ours, theirs;
     std::uint64_t image_bytes = 0;
@@ -109,17 +114,20 @@ int main(int argc, char** argv) {
         }
         ours.push_back(t_ours);
         image_bytes = built.value().ext4.image_bytes;
-        if (run + 1 < runs) fs::remove_all(cache);
-        else last_image = built.value().path;
+        if (run + 1 < runs)
+            fs::remove_all(cache);
+        else
+            last_image = built.value().path;
 
         // umoci unpack + mkfs.ext4 -d, into an image of the same size
         auto bundle = work / ("bundle" + std::to_string(run));
         auto image = work / ("mkfs" + std::to_string(run) + ".ext4");
         sh("sync");
         t0 = std::chrono::steady_clock::now();
-        int rc = sh("umoci unpack --rootless --image " + quote(layout.string()) + ":b " + quote(bundle.string()) +
-                    " >/dev/null 2>&1 && mkfs.ext4 -q -F -d " + quote((bundle / "rootfs").string()) + " " +
-                    quote(image.string()) + " " + std::to_string(image_bytes / 1024) + "k >/dev/null 2>&1");
+        int rc = sh("umoci unpack --rootless --image " + quote(layout.string()) + ":b " +
+                    quote(bundle.string()) + " >/dev/null 2>&1 && mkfs.ext4 -q -F -d " +
+                    quote((bundle / "rootfs").string()) + " " + quote(image.string()) + " " +
+                    std::to_string(image_bytes / 1024) + "k >/dev/null 2>&1");
         double t_theirs = seconds_since(t0);
         if (rc != 0) {
             std::fprintf(stderr, "umoci unpack + mkfs.ext4 -d failed\n");
@@ -145,11 +153,13 @@ int main(int argc, char** argv) {
 
     int fsck = sh("e2fsck -fn " + quote(last_image.string()) + " >/dev/null 2>&1");
     double m_ours = median(ours), m_theirs = median(theirs);
-    std::printf("input: %s, %llu bytes of gzip layers\n", tree.c_str(), static_cast<unsigned long long>(compressed));
+    std::printf("input: %s, %llu bytes of gzip layers\n", tree.c_str(),
+                static_cast<unsigned long long>(compressed));
     std::printf("image: %llu bytes, e2fsck -fn %s\n", static_cast<unsigned long long>(image_bytes),
                 fsck == 0 ? "clean" : "NOT CLEAN");
-    std::printf("median over %d runs: ours %.3f s, umoci unpack + mkfs.ext4 -d %.3f s, ratio %.2fx\n", runs,
-                m_ours, m_theirs, m_ours / m_theirs);
+    std::printf(
+        "median over %d runs: ours %.3f s, umoci unpack + mkfs.ext4 -d %.3f s, ratio %.2fx\n", runs,
+        m_ours, m_theirs, m_ours / m_theirs);
     std::printf("peak RSS of one build (child, wait4): %.1f MiB\n", usage.ru_maxrss / 1024.0);
     fs::remove_all(work);
     return fsck == 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;

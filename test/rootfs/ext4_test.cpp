@@ -20,7 +20,8 @@ namespace sm = supermachine;
 namespace {
 
 void need_e2fsprogs() {
-    supermachine::test::skip_unless(have_tool("e2fsck") && have_tool("debugfs"), "e2fsprogs not installed");
+    supermachine::test::skip_unless(have_tool("e2fsck") && have_tool("debugfs"),
+                                    "e2fsprogs not installed");
 }
 
 std::pair<int, std::string> fsck(const fs::path& image) {
@@ -28,16 +29,23 @@ std::pair<int, std::string> fsck(const fs::path& image) {
 }
 
 std::string debugfs(const fs::path& image, const std::string& request) {
-    return run("debugfs -R " + shell_quote(request) + " " + shell_quote(image.string()) + " 2>/dev/null").second;
+    return run("debugfs -R " + shell_quote(request) + " " + shell_quote(image.string()) +
+               " 2>/dev/null")
+        .second;
 }
 
-bool contains(const std::string& text, const std::string& what) { return text.find(what) != std::string::npos; }
+bool contains(const std::string& text, const std::string& what) {
+    return text.find(what) != std::string::npos;
+}
 
 struct fixture {
     temp_dir dir;
     temp_dir escape;
     fs::path layers, spool, image;
-    fixture() : layers(dir.path / "layers"), spool(dir.path / "spool"), image(dir.path / "rootfs.ext4") {
+    fixture()
+        : layers(dir.path / "layers")
+        , spool(dir.path / "spool")
+        , image(dir.path / "rootfs.ext4") {
         need_e2fsprogs();
         fs::create_directories(spool);
         make_layers(layers, escape.path / "target");
@@ -50,7 +58,8 @@ struct fixture {
 // A synthetic tar stream: one regular file "huge" of `size` patterned bytes.
 class patterned_tar {
 public:
-    explicit patterned_tar(std::uint64_t size) : size_(size) {
+    explicit patterned_tar(std::uint64_t size)
+        : size_(size) {
         header_.assign(512, '\0');
         std::memcpy(header_.data(), "huge", 4);
         std::snprintf(header_.data() + 100, 8, "%07o", 0640);
@@ -59,21 +68,30 @@ public:
         std::snprintf(header_.data() + 124, 12, "%011llo", static_cast<unsigned long long>(size));
         std::snprintf(header_.data() + 136, 12, "%011o", 1600000000u);
         header_[156] = '0';
-        std::memcpy(header_.data() + 257, "ustar\0" "00", 8);
+        std::memcpy(header_.data() + 257,
+                    "ustar\0"
+                    "00",
+                    8);
         std::memset(header_.data() + 148, ' ', 8);
         unsigned sum = 0;
-        for (unsigned char c : header_) sum += c;
+        for (unsigned char c : header_)
+            sum += c;
         std::snprintf(header_.data() + 148, 8, "%06o", sum);
         total_ = 512 + (size + 511) / 512 * 512 + 1024;
     }
-    static std::uint8_t byte_at(std::uint64_t i) { return static_cast<std::uint8_t>(i * 7 + i / 4096); }
+    static std::uint8_t byte_at(std::uint64_t i) {
+        return static_cast<std::uint8_t>(i * 7 + i / 4096);
+    }
     sm::result<std::size_t> read_some(std::span<std::byte> out) {
-        std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(out.size(), total_ - pos_));
+        std::size_t n =
+            static_cast<std::size_t>(std::min<std::uint64_t>(out.size(), total_ - pos_));
         for (std::size_t k = 0; k < n; ++k) {
             std::uint64_t p = pos_ + k;
             std::uint8_t b = 0;
-            if (p < 512) b = static_cast<std::uint8_t>(header_[p]);
-            else if (p - 512 < size_) b = byte_at(p - 512);
+            if (p < 512)
+                b = static_cast<std::uint8_t>(header_[p]);
+            else if (p - 512 < size_)
+                b = byte_at(p - 512);
             out[k] = std::byte(b);
         }
         pos_ += n;
@@ -85,12 +103,13 @@ private:
     std::uint64_t size_, total_, pos_ = 0;
 };
 
-std::map<std::string, std::string> without_links_and_specials(std::map<std::string, std::string> l) {
+std::map<std::string, std::string>
+without_links_and_specials(std::map<std::string, std::string> l) {
     std::map<std::string, std::string> out;
     for (auto& [path, line] : l) {
         // rdump skips special files and drops setuid/sticky bits: those are checked with stat.
-        if (line == "device" || line.starts_with("fifo") || path == "/lost+found" || path == "/tmp" ||
-            path == "/usr/bin/setuid")
+        if (line == "device" || line.starts_with("fifo") || path == "/lost+found" ||
+            path == "/tmp" || path == "/usr/bin/setuid")
             continue;
         auto cut = line.find(" link-group=");
         out[path] = cut == std::string::npos ? line : line.substr(0, cut);
@@ -124,7 +143,8 @@ BOOST_AUTO_TEST_CASE(image_is_clean_and_reads_back) {
     auto ours = without_links_and_specials(list_tree(tree.value()));
     auto back = without_links_and_specials(list_host(dump));
     BOOST_TEST(ours.size() > 40u);
-    for (auto& [path, line] : ours) BOOST_TEST(back[path] == line, path);
+    for (auto& [path, line] : ours)
+        BOOST_TEST(back[path] == line, path);
     BOOST_TEST(back.size() == ours.size());
 
     auto owned = debugfs(f.image, "stat /home/app/owned");
@@ -242,7 +262,8 @@ BOOST_AUTO_TEST_CASE(builder_caches_per_digest_and_writes_only_its_cache) {
     auto first = oci::build_rootfs(digest, layers, options);
     BOOST_REQUIRE_MESSAGE(first, (first ? "" : first.error().message()));
     BOOST_TEST(!first.value().reused);
-    BOOST_TEST(first.value().path == cache.path / "rootfs" / ("sha256-" + std::string(64, 'a') + ".ext4"));
+    BOOST_TEST(first.value().path ==
+               cache.path / "rootfs" / ("sha256-" + std::string(64, 'a') + ".ext4"));
     BOOST_TEST(first.value().layers.size() == 3u);
     BOOST_TEST((first.value().layers[1].format == oci::compression::zstd));
     BOOST_TEST(contains(first.value().passwd, "app:x:1000:1000"));
@@ -265,15 +286,15 @@ BOOST_AUTO_TEST_CASE(builder_caches_per_digest_and_writes_only_its_cache) {
     BOOST_TEST(user.value().home == "/home/app");
     BOOST_TEST((user.value().supplementary_gids == std::vector<std::uint32_t>{10, 29}));
 
-    std::set<std::string> expected{"rootfs",
-                                   "rootfs/sha256-" + std::string(64, 'a') + ".ext4",
+    std::set<std::string> expected{"rootfs", "rootfs/sha256-" + std::string(64, 'a') + ".ext4",
                                    "rootfs/sha256-" + std::string(64, 'a') + ".passwd",
                                    "rootfs/sha256-" + std::string(64, 'a') + ".group",
                                    "rootfs/sha256-" + std::string(64, 'a') + ".lock"};
     BOOST_TEST((files_below(cache.path) == expected));
 
     // Digests become file names: anything else is refused before touching the disk.
-    for (std::string bad : {"sha256", "sha256:../../x", "../sha256:aa", "sha256:a/b", ":abc", "sha256:"}) {
+    for (std::string bad :
+         {"sha256", "sha256:../../x", "../sha256:aa", "sha256:a/b", ":abc", "sha256:"}) {
         auto r = oci::build_rootfs(bad, layers, options);
         BOOST_TEST(r.error() == sm::errc::bad_digest, bad);
     }
@@ -306,7 +327,8 @@ BOOST_AUTO_TEST_CASE(linux_mounts_the_image) {
     auto kernel = list_host(mnt);
     kernel.erase("/lost+found");
     BOOST_TEST(ours.size() > 40u);
-    for (auto& [path, line] : ours) BOOST_TEST(kernel[path] == line, path);
+    for (auto& [path, line] : ours)
+        BOOST_TEST(kernel[path] == line, path);
     BOOST_TEST(kernel.size() == ours.size());
     struct stat st;
     BOOST_REQUIRE(::lstat((mnt / "dev/null").c_str(), &st) == 0);

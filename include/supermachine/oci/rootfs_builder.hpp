@@ -51,7 +51,8 @@ namespace detail {
 /// (it becomes a file name, so no '/', no "..").
 inline result<std::string> rootfs_file_stem(std::string_view digest) {
     auto colon = digest.find(':');
-    if (colon == std::string_view::npos || colon == 0 || colon + 1 >= digest.size() || digest.size() > 300)
+    if (colon == std::string_view::npos || colon == 0 || colon + 1 >= digest.size() ||
+        digest.size() > 300)
         return make_error_code(errc::bad_digest);
     for (std::size_t i = 0; i < digest.size(); ++i) {
         char c = digest[i];
@@ -118,7 +119,8 @@ inline result<std::string> rootfs_account_file(const filesystem_tree& tree, std:
 
 class rootfs_lock {
 public:
-    explicit rootfs_lock(int fd) : fd_(fd) {}
+    explicit rootfs_lock(int fd)
+        : fd_(fd) {}
     rootfs_lock(const rootfs_lock&) = delete;
     ~rootfs_lock() {
         if (fd_ >= 0) ::close(fd_); // closing drops the flock
@@ -175,8 +177,10 @@ inline result<rootfs_image> build_rootfs(std::string_view image_digest,
         SUPERMACHINE_TRY(stats, apply_layer_file(tree, file, layer++, options.layers));
         out.layers.push_back(stats);
     }
-    SUPERMACHINE_TRY(passwd, detail::rootfs_account_file(tree, "/etc/passwd", options.max_account_file));
-    SUPERMACHINE_TRY(group, detail::rootfs_account_file(tree, "/etc/group", options.max_account_file));
+    SUPERMACHINE_TRY(passwd,
+                     detail::rootfs_account_file(tree, "/etc/passwd", options.max_account_file));
+    SUPERMACHINE_TRY(group,
+                     detail::rootfs_account_file(tree, "/etc/group", options.max_account_file));
     out.passwd = std::move(passwd);
     out.group = std::move(group);
 

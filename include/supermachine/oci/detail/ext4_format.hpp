@@ -56,11 +56,13 @@ inline void put16(std::span<std::byte> b, std::size_t at, std::uint16_t v) {
     b[at + 1] = std::byte(v >> 8);
 }
 inline void put32(std::span<std::byte> b, std::size_t at, std::uint32_t v) {
-    for (int i = 0; i < 4; ++i) b[at + i] = std::byte((v >> (8 * i)) & 0xff);
+    for (int i = 0; i < 4; ++i)
+        b[at + i] = std::byte((v >> (8 * i)) & 0xff);
 }
 inline std::uint32_t get32(std::span<const std::byte> b, std::size_t at) {
     std::uint32_t v = 0;
-    for (int i = 3; i >= 0; --i) v = (v << 8) | std::to_integer<std::uint32_t>(b[at + i]);
+    for (int i = 3; i >= 0; --i)
+        v = (v << 8) | std::to_integer<std::uint32_t>(b[at + i]);
     return v;
 }
 
@@ -69,7 +71,8 @@ inline bool ext4_group_has_super(std::uint32_t group) {
     if (group <= 1) return true;
     for (std::uint32_t base : {3u, 5u, 7u}) {
         std::uint64_t p = base;
-        while (p < group) p *= base;
+        while (p < group)
+            p *= base;
         if (p == group) return true;
     }
     return false;
@@ -114,13 +117,18 @@ inline bool ext4_xattr_from(const xattr& x, ext4_xattr& out) {
     return false;
 }
 
-inline std::size_t ext4_xattr_entry_size(const ext4_xattr& x) { return (16 + x.name.size() + 3) & ~std::size_t{3}; }
-inline std::size_t ext4_xattr_value_size(const ext4_xattr& x) { return (x.value.size() + 3) & ~std::size_t{3}; }
+inline std::size_t ext4_xattr_entry_size(const ext4_xattr& x) {
+    return (16 + x.name.size() + 3) & ~std::size_t{3};
+}
+inline std::size_t ext4_xattr_value_size(const ext4_xattr& x) {
+    return (x.value.size() + 3) & ~std::size_t{3};
+}
 
 /// Bytes the attributes need in a region (entries + 4-byte terminator + values).
 inline std::size_t ext4_xattr_space(const std::vector<ext4_xattr>& xs) {
     std::size_t n = 4;
-    for (auto& x : xs) n += ext4_xattr_entry_size(x) + ext4_xattr_value_size(x);
+    for (auto& x : xs)
+        n += ext4_xattr_entry_size(x) + ext4_xattr_value_size(x);
     return n;
 }
 
@@ -133,7 +141,8 @@ inline std::uint32_t ext4_xattr_hash(const ext4_xattr& x) {
         padded.resize(ext4_xattr_value_size(x), '\0');
         for (std::size_t i = 0; i < padded.size(); i += 4) {
             std::uint32_t word = 0;
-            for (int k = 3; k >= 0; --k) word = (word << 8) | static_cast<unsigned char>(padded[i + k]);
+            for (int k = 3; k >= 0; --k)
+                word = (word << 8) | static_cast<unsigned char>(padded[i + k]);
             hash = (hash << 16) ^ (hash >> 16) ^ word;
         }
     }
@@ -163,7 +172,8 @@ inline std::uint32_t ext4_pack_xattrs(std::span<std::byte> region, std::size_t e
         std::uint32_t hash = ext4_xattr_hash(x);
         region[entry] = std::byte(x.name.size());
         region[entry + 1] = std::byte(x.index);
-        put16(region, entry + 2, static_cast<std::uint16_t>(x.value.empty() ? 0 : value_end - offset_base));
+        put16(region, entry + 2,
+              static_cast<std::uint16_t>(x.value.empty() ? 0 : value_end - offset_base));
         put32(region, entry + 4, 0);
         put32(region, entry + 8, static_cast<std::uint32_t>(x.value.size()));
         put32(region, entry + 12, hash);
@@ -184,7 +194,8 @@ inline std::uint32_t ext4_dirent_size(std::size_t name_length) {
 /// Packs directory entries into blocks; with no output span it only counts blocks.
 class ext4_dir_packer {
 public:
-    explicit ext4_dir_packer(std::vector<std::byte>* out) : out_(out) {}
+    explicit ext4_dir_packer(std::vector<std::byte>* out)
+        : out_(out) {}
 
     void add(std::string_view name, std::uint32_t inode, std::uint8_t type) {
         std::uint32_t size = ext4_dirent_size(name.size());
@@ -195,7 +206,8 @@ public:
             if (out_) out_->resize(std::size_t{blocks_} * ext4_block_size);
         }
         if (out_) {
-            auto b = std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size, ext4_block_size);
+            auto b = std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size,
+                                              ext4_block_size);
             put32(b, offset_, inode);
             put16(b, offset_ + 4, static_cast<std::uint16_t>(size));
             b[offset_ + 6] = std::byte(name.size());
@@ -215,7 +227,8 @@ public:
 private:
     void close_block() {
         if (blocks_ == 0 || !out_) return;
-        auto b = std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size, ext4_block_size);
+        auto b =
+            std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size, ext4_block_size);
         put16(b, last_ + 4, static_cast<std::uint16_t>(ext4_block_size - last_));
     }
     std::vector<std::byte>* out_;
