@@ -348,6 +348,13 @@ BOOST_AUTO_TEST_CASE(linux_mounts_the_image) {
     BOOST_TEST(n == 20);
     n = ::lgetxattr((mnt / "bin/ping").c_str(), "user.comment", value, sizeof value);
     BOOST_TEST(std::string(value, n > 0 ? n : 0) == "pinger");
+    // The ACL went to ext4's on-disk format; the kernel gives back the VFS form the layer had.
+    std::ifstream acl_file(f.layers / "acl.xattr", std::ios::binary);
+    std::string acl((std::istreambuf_iterator<char>(acl_file)), std::istreambuf_iterator<char>());
+    char acl_value[256];
+    n = ::lgetxattr((mnt / "acl").c_str(), "system.posix_acl_access", acl_value, sizeof acl_value);
+    BOOST_REQUIRE(n > 0);
+    BOOST_TEST(std::string(acl_value, n) == acl);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

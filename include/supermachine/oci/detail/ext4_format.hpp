@@ -99,13 +99,49 @@ struct ext4_xattr {
     std::string value;
 };
 
-/// Map "security.capability" to (6, "capability"); nullopt-like false for
-/// namespaces ext4 stores differently (system.* ACLs) or not at all.
+/// A POSIX ACL in the VFS xattr format (what tar layers carry: version 2, 8-byte
+/// entries) → ext4's on-disk format (version 1; short 4-byte entries for the
+/// owner/group/mask/other tags). False if malformed.
+inline bool ext4_acl_from_vfs(std::string_view vfs, std::string& disk) {
+    auto u16 = [&](std::size_t at) {
+        return static_cast<std::uint16_t>(static_cast<unsigned char>(vfs[at]) |
+                                          static_cast<unsigned char>(vfs[at + 1]) << 8);
+    };
+    if (vfs.size() < 4 || (vfs.size() - 4) % 8 != 0 || vfs.size() > 4 + 8 * 1024) return false;
+    if (u16(0) != 2 || vfs[2] != 0 || vfs[3] != 0) return false;
+    disk.assign("\x01\x00\x00\x00", 4);
+    for (std::size_t at = 4; at < vfs.size(); at += 8) {
+        std::uint16_t tag = u16(at);
+        switch (tag) {
+        case 0x01:
+        case 0x04:
+        case 0x10:
+        case 0x20: // USER_OBJ GROUP_OBJ MASK OTHER
+            disk.append(vfs.substr(at, 4));
+            break;
+        case 0x02:
+        case 0x08: // USER GROUP: with the id
+            disk.append(vfs.substr(at, 8));
+            break;
+        default:
+            return false;
+        }
+    }
+    return true;
+}
+
+/// Map "security.capability" to (6, "capability"), POSIX ACLs to their ext4
+/// indexes (2, 3) in ext4's format; false for what ext4 cannot hold.
 inline bool ext4_xattr_from(const xattr& x, ext4_xattr& out) {
     struct prefix {
         std::string_view text;
         std::uint8_t index;
     };
+    if (x.name == "system.posix_acl_access" || x.name == "system.posix_acl_default") {
+        out.index = x.name == "system.posix_acl_access" ? 2 : 3;
+        out.name.clear();
+        return ext4_acl_from_vfs(x.value, out.value);
+    }
     static constexpr prefix prefixes[] = {{"user.", 1}, {"trusted.", 4}, {"security.", 6}};
     for (auto& p : prefixes)
         if (std::string_view(x.name).starts_with(p.text) && x.name.size() > p.text.size()) {
