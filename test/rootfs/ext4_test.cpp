@@ -357,4 +357,139 @@ BOOST_AUTO_TEST_CASE(linux_mounts_the_image) {
     BOOST_TEST(std::string(acl_value, n) == acl);
 }
 
+namespace {
+// Feeds one entry's data to filesystem_tree::apply.
+struct string_data {
+    std::string data;
+    std::size_t at = 0;
+    sm::result<std::size_t> read_data(std::span<std::byte> out) {
+        std::size_t n = std::min(out.size(), data.size() - at);
+        std::memcpy(out.data(), data.data() + at, n);
+        at += n;
+        return n;
+    }
+};
+
+void put(oci::filesystem_tree& tree, oci::tar_entry e, std::string data = {}) {
+    e.size = data.size();
+    string_data reader{std::move(data)};
+    auto r = tree.apply(e, reader, 1);
+    BOOST_REQUIRE_MESSAGE(r, e.path << ": " << (r ? "" : r.error().message()));
+}
+
+bool try_mount(const fs::path& image, const fs::path& mnt) {
+    if (::geteuid() != 0) return false;
+    fs::create_directories(mnt);
+    return run("mount -t ext4 -o loop,ro " + shell_quote(image.string()) + " " +
+               shell_quote(mnt.string()) + " 2>&1")
+               .first == 0;
+}
+} // namespace
+
+BOOST_AUTO_TEST_CASE(format_boundaries) {
+    need_e2fsprogs();
+    temp_dir d;
+    auto tree = oci::filesystem_tree::create(d.path).value();
+    using oci::entry_type;
+    put(tree, {.path = "links", .type = entry_type::directory, .mode = 0755});
+    for (std::size_t n : {1, 59, 60, 61, 255, 4095})
+        put(tree, {.path = "links/l" + std::to_string(n),
+                   .link_target = std::string(n, 'x'),
+                   .type = entry_type::symlink,
+                   .mode = 0777});
+    for (std::size_t n : {0, 1, 4095, 4096, 4097, 8192, 65537}) {
+        std::string data(n, '\0');
+        for (std::size_t i = 0; i < n; ++i)
+            data[i] = static_cast<char>('a' + i % 23);
+        put(tree, {.path = "sizes/f" + std::to_string(n), .mode = 0644}, data);
+    }
+    // In-inode xattr space is 92 bytes: entries (16 + name, rounded) + 4 + values (rounded).
+    // "user.a" + 68-byte value: 20 + 4 + 68 = 92 fits; 69 bytes needs 72 and goes to a block.
+    put(tree, {.path = "x/fits", .mode = 0644, .xattrs = {{"user.a", std::string(68, 'v')}}});
+    put(tree, {.path = "x/block", .mode = 0644, .xattrs = {{"user.a", std::string(69, 'v')}}});
+    put(tree, {.path = "x/empty-value", .mode = 0644, .xattrs = {{"trusted.e", ""}}});
+    put(tree, {.path = "x/big",
+               .mode = 0644,
+               .xattrs = {{"user.big", std::string(3000, 'b')},
+                          {"security.selinux", "system_u:object_r:bin_t"}}});
+    // Long names fill directory blocks exactly and spill into more.
+    for (int i = 0; i < 300; ++i) {
+        std::string name = std::to_string(i);
+        name += std::string(255 - name.size(), 'n');
+        put(tree, {.path = "wide/" + name, .mode = 0600});
+    }
+    put(tree, {.path = "names/line\nbreak", .mode = 0644});
+    put(tree, {.path = "names/\xc3\xa9t\xc3\xa9", .mode = 0644});
+    put(tree, {.path = "names/\xff\xfe", .mode = 0644});
+    put(tree, {.path = "ids/u65535", .mode = 0644, .uid = 65535, .gid = 65535});
+    put(tree, {.path = "ids/u65536", .mode = 0644, .uid = 65536, .gid = 65536});
+    put(tree, {.path = "ids/umax", .mode = 0644, .uid = 0xfffffffe, .gid = 0xfffffffe});
+    put(tree, {.path = "times/neg", .mode = 0644, .mtime = -1, .mtime_nsec = 999999999});
+    put(tree, {.path = "times/2038", .mode = 0644, .mtime = std::int64_t{1} << 31});
+    put(tree,
+        {.path = "times/2242", .mode = 0644, .mtime = std::int64_t{1} << 33, .mtime_nsec = 1});
+    put(tree, {.path = "dev/old",
+               .type = entry_type::char_device,
+               .mode = 0600,
+               .device_major = 255,
+               .device_minor = 255});
+    put(tree, {.path = "dev/new",
+               .type = entry_type::block_device,
+               .mode = 0600,
+               .device_major = 255,
+               .device_minor = 256});
+    put(tree, {.path = "dev/max",
+               .type = entry_type::char_device,
+               .mode = 0600,
+               .device_major = 4095,
+               .device_minor = 0xfffff});
+    put(tree,
+        {.path = "dev/null-hardlinked", .link_target = "dev/old", .type = entry_type::hard_link});
+
+    auto image = d.path / "b.ext4";
+    auto stats = oci::write_ext4(tree, image);
+    BOOST_REQUIRE(stats);
+    auto [rc, out] = fsck(image);
+    BOOST_TEST(rc == 0, out);
+    BOOST_TEST(contains(debugfs(image, "stat /links/l59"), "Fast link dest"));
+    BOOST_TEST(!contains(debugfs(image, "stat /links/l60"), "Fast link dest"));
+    BOOST_TEST(contains(debugfs(image, "stat /x/fits"), "File ACL: 0"));
+    BOOST_TEST(!contains(debugfs(image, "stat /x/block"), "File ACL: 0"));
+    BOOST_TEST(contains(debugfs(image, "stat /dev/old"), "Links: 2"));
+
+    auto mnt = d.path / "mnt";
+    if (!try_mount(image, mnt)) {
+        BOOST_TEST_MESSAGE("not mounted (needs root and loop devices): e2fsck/debugfs checks only");
+        return;
+    }
+    struct unmount {
+        fs::path where;
+        ~unmount() { run("umount " + shell_quote(where.string()) + " 2>&1"); }
+    } guard{mnt};
+    auto ours = list_tree(tree);
+    auto kernel = list_host(mnt);
+    kernel.erase("/lost+found");
+    for (auto& [path, line] : ours)
+        BOOST_TEST(kernel[path] == line, path);
+    BOOST_TEST(kernel.size() == ours.size());
+    struct stat st;
+    auto at = [&](const char* p) {
+        BOOST_REQUIRE(::lstat((mnt / p).c_str(), &st) == 0);
+        return st;
+    };
+    BOOST_TEST(at("ids/u65536").st_uid == 65536u);
+    BOOST_TEST(at("ids/umax").st_gid == 0xfffffffeu);
+    BOOST_TEST(at("times/neg").st_mtim.tv_sec == -1);
+    BOOST_TEST(at("times/neg").st_mtim.tv_nsec == 999999999);
+    BOOST_TEST(at("times/2038").st_mtim.tv_sec == (std::int64_t{1} << 31));
+    BOOST_TEST(at("times/2242").st_mtim.tv_sec == (std::int64_t{1} << 33));
+    BOOST_TEST(at("times/2242").st_mtim.tv_nsec == 1);
+    BOOST_TEST((major(at("dev/new").st_rdev) == 255 && minor(at("dev/new").st_rdev) == 256));
+    BOOST_TEST((major(at("dev/max").st_rdev) == 4095 && minor(at("dev/max").st_rdev) == 0xfffff));
+    char value[4096];
+    BOOST_TEST(::lgetxattr((mnt / "x/block").c_str(), "user.a", value, sizeof value) == 69);
+    BOOST_TEST(::lgetxattr((mnt / "x/big").c_str(), "user.big", value, sizeof value) == 3000);
+    BOOST_TEST(::lgetxattr((mnt / "x/empty-value").c_str(), "trusted.e", value, sizeof value) == 0);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
