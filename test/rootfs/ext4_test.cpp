@@ -298,6 +298,25 @@ BOOST_AUTO_TEST_CASE(builder_caches_per_digest_and_writes_only_its_cache) {
         auto r = oci::build_rootfs(bad, layers, options);
         BOOST_TEST(r.error() == sm::errc::bad_digest, bad);
     }
+    // From in-memory sources (any byte_source): same cache, a new digest.
+    std::vector<std::string> blobs;
+    for (auto& l : layers) {
+        std::ifstream in(l, std::ios::binary);
+        blobs.emplace_back((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    }
+    auto from_memory = oci::build_rootfs_from(
+        "sha256:" + std::string(64, 'c'), blobs.size(),
+        [&](std::size_t i) -> sm::result<oci::memory_source> {
+            return oci::memory_source(std::as_bytes(std::span(blobs[i])));
+        },
+        options);
+    BOOST_REQUIRE(from_memory);
+    BOOST_TEST(from_memory.value().passwd == first.value().passwd);
+    BOOST_TEST(fsck(from_memory.value().path).first == 0);
+    for (auto ext : {".ext4", ".passwd", ".group", ".lock"})
+        expected.insert("rootfs/sha256-" + std::string(64, 'c') + ext);
+    BOOST_TEST((files_below(cache.path) == expected));
+
     // A failing layer leaves nothing behind but the lock.
     std::vector<fs::path> broken{f.layers / "hostile" / "truncated.tar"};
     auto r = oci::build_rootfs("sha256:" + std::string(64, 'b'), broken, options);
