@@ -11,6 +11,7 @@
 #include <regex>
 
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
 
@@ -323,6 +324,37 @@ BOOST_AUTO_TEST_CASE(builder_caches_per_digest_and_writes_only_its_cache) {
     BOOST_TEST(r.error() == sm::errc::archive_malformed);
     BOOST_TEST(!fs::exists(cache.path / "rootfs" / ("sha256-" + std::string(64, 'b') + ".ext4")));
     BOOST_TEST(files_below(cache.path).size() == expected.size() + 1); // + its .lock
+}
+
+BOOST_AUTO_TEST_CASE(concurrent_builders_of_one_digest_build_once) {
+    fixture f;
+    temp_dir cache;
+    oci::rootfs_build_options options;
+    options.cache_dir = cache.path;
+    auto layers = f.all_layers();
+    const std::string digest = "sha256:" + std::string(64, 'd');
+    std::vector<pid_t> children;
+    for (int i = 0; i < 3; ++i) {
+        pid_t pid = ::fork();
+        if (pid == 0) {
+            auto r = oci::build_rootfs(digest, layers, options);
+            std::_Exit(!r ? 1 : r.value().reused ? 20 : 10);
+        }
+        children.push_back(pid);
+    }
+    int built = 0, reused = 0;
+    for (pid_t pid : children) {
+        int status = 0;
+        ::waitpid(pid, &status, 0);
+        BOOST_REQUIRE(WIFEXITED(status));
+        if (WEXITSTATUS(status) == 10) ++built;
+        else if (WEXITSTATUS(status) == 20) ++reused;
+    }
+    BOOST_TEST(built == 1);
+    BOOST_TEST(reused == 2);
+    auto path = oci::rootfs_path(cache.path, digest).value();
+    BOOST_TEST(fsck(path).first == 0);
+    BOOST_TEST(files_below(cache.path).size() == 5u); // rootfs/ + image, passwd, group, lock
 }
 
 BOOST_AUTO_TEST_CASE(linux_mounts_the_image) {

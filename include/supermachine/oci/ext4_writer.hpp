@@ -260,7 +260,7 @@ private:
         }
         std::uint64_t wanted =
             content_blocks +
-            static_cast<std::uint64_t>(content_blocks * options_.free_space_ratio) +
+            static_cast<std::uint64_t>(static_cast<double>(content_blocks) * options_.free_space_ratio) +
             options_.free_space_bytes / ext4_block_size;
         wanted = std::max<std::uint64_t>(wanted, options_.min_size_bytes / ext4_block_size);
         wanted = std::max<std::uint64_t>(wanted, 1024);
