@@ -7,6 +7,8 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include <nlohmann/json.hpp>
+
 using namespace rootfs_test;
 namespace sm = supermachine;
 
@@ -68,6 +70,85 @@ BOOST_AUTO_TEST_CASE(merged_tree_matches_umoci_unpack) {
         BOOST_TEST(at(ours, path) == line, path);
     for (auto& [path, line] : ours)
         BOOST_TEST(theirs.count(path) == 1u, path << " only in ours: " << line);
+}
+
+BOOST_AUTO_TEST_CASE(umoci_repacked_layers_with_its_own_whiteouts) {
+    supermachine::test::skip_unless(have_tool("umoci"), "umoci not installed");
+    supermachine::test::skip_unless(fs::exists("/bin/busybox"), "busybox-static not installed");
+    temp_dir t;
+    auto layout = (t.path / "oci").string();
+    auto bundle = t.path / "bundle";
+    auto rootfs = bundle / "rootfs";
+    auto sh = [](const std::string& command) {
+        auto [rc, out] = run(command + " 2>&1");
+        BOOST_REQUIRE_MESSAGE(rc == 0, command << ": " << out);
+    };
+    sh("umoci init --layout " + shell_quote(layout));
+    sh("umoci new --image " + shell_quote(layout) + ":t");
+    sh("umoci unpack --rootless --image " + shell_quote(layout) + ":t " +
+       shell_quote(bundle.string()));
+    // Layer 1: busybox and its applet links, a small tree.
+    fs::create_directories(rootfs / "bin");
+    fs::copy_file("/bin/busybox", rootfs / "bin/busybox");
+    for (auto applet : {"sh", "ls", "cat", "id"})
+        fs::create_symlink("busybox", rootfs / "bin" / applet);
+    fs::create_directories(rootfs / "etc");
+    std::ofstream(rootfs / "etc/passwd") << "root:x:0:0:root:/root:/bin/sh\n";
+    fs::create_directories(rootfs / "d/sub/deeper");
+    std::ofstream(rootfs / "d/sub/deeper/f") << "f\n";
+    std::ofstream(rootfs / "d/keep") << "keep\n";
+    std::ofstream(rootfs / "gone") << "gone\n";
+    fs::create_hard_link(rootfs / "d/keep", rootfs / "d/keep-link");
+    sh("umoci repack --image " + shell_quote(layout) + ":t " + shell_quote(bundle.string()));
+    // repack diffs against the image the bundle came from: unpack the new one to go on.
+    fs::remove_all(bundle);
+    sh("umoci unpack --rootless --image " + shell_quote(layout) + ":t " +
+       shell_quote(bundle.string()));
+    // Layer 2: deletions (umoci writes the whiteouts), a replacement, an addition.
+    fs::remove(rootfs / "gone");
+    fs::remove_all(rootfs / "d/sub");
+    fs::remove(rootfs / "bin/cat");
+    std::ofstream(rootfs / "bin/cat") << "not busybox any more\n";
+    std::ofstream(rootfs / "etc/motd") << "hello\n";
+    fs::permissions(rootfs / "etc/motd", fs::perms(0600));
+    sh("umoci repack --image " + shell_quote(layout) + ":t " + shell_quote(bundle.string()));
+
+    // The layer blobs, in order, as the manifest lists them.
+    auto read_json = [](const fs::path& p) {
+        std::ifstream in(p);
+        return nlohmann::json::parse(in);
+    };
+    auto blob = [&](const std::string& digest) {
+        return fs::path(layout) / "blobs/sha256" / digest.substr(7);
+    };
+    auto index = read_json(fs::path(layout) / "index.json");
+    auto manifest = read_json(blob(index["manifests"][0]["digest"]));
+    std::vector<fs::path> layers;
+    for (auto& l : manifest["layers"])
+        layers.push_back(blob(l["digest"]));
+    BOOST_REQUIRE(layers.size() == 2u);
+
+    auto spool = t.path / "spool";
+    fs::create_directories(spool);
+    auto tree = oci::filesystem_tree::create(spool).value();
+    BOOST_REQUIRE(oci::apply_layer_file(tree, layers[0], 1));
+    auto second = oci::apply_layer_file(tree, layers[1], 2);
+    BOOST_REQUIRE(second);
+    X BOOST_TEST((second.value().format == oci::compression::gzip));
+
+    auto check = t.path / "check";
+    sh("umoci unpack --rootless --image " + shell_quote(layout) + ":t " +
+       shell_quote(check.string()));
+    auto ours = list_tree(tree);
+    auto theirs = list_host(check / "rootfs");
+    BOOST_TEST(at(ours, "/gone") == "<missing>");
+    BOOST_TEST(at(ours, "/d/sub") == "<missing>");
+    BOOST_TEST(at(ours, "/bin/cat").starts_with("file 0644 21 "));
+    BOOST_TEST(at(ours, "/etc/motd").starts_with("file 0600 6 "));
+    BOOST_TEST(at(ours, "/d/keep-link").find("link-group=/d/keep") != std::string::npos);
+    for (auto& [path, line] : theirs)
+        BOOST_TEST(at(ours, path) == line, path);
+    BOOST_TEST(ours.size() == theirs.size());
 }
 
 BOOST_AUTO_TEST_CASE(layer_semantics) {
