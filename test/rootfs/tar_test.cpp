@@ -204,6 +204,29 @@ BOOST_AUTO_TEST_CASE(gnu_tar_formats_agree) {
     }
 }
 
+BOOST_AUTO_TEST_CASE(pax_global_headers_apply_to_later_entries) {
+    supermachine::test::skip_unless(have_tool("python3"), "python3 missing");
+    temp_dir t;
+    auto tarball = t.path / "global.tar";
+    auto [rc, out] = run("python3 -c " + shell_quote(R"(
+import tarfile, io, sys
+with tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT, pax_headers={'uid': '4242', 'mtime': '5.25'}) as t:
+    for name in ['a', 'b']:
+        ti = tarfile.TarInfo(name); ti.size = 1
+        if name == 'b': ti.pax_headers = {'uid': '7'}
+        t.addfile(ti, io.BytesIO(b'x'))
+)") + " " + shell_quote(tarball.string()) +
+                         " 2>&1");
+    BOOST_REQUIRE_MESSAGE(rc == 0, out);
+    auto r = read_file(tarball);
+    BOOST_REQUIRE(!r.error);
+    BOOST_REQUIRE(r.entries.size() == 2u);
+    BOOST_TEST(r.entries[0].uid == 4242u);
+    BOOST_TEST(r.entries[0].mtime == 5);
+    BOOST_TEST(r.entries[0].mtime_nsec == 250000000u);
+    BOOST_TEST(r.entries[1].uid == 7u); // a local record beats the global one
+}
+
 BOOST_AUTO_TEST_CASE(hostile_streams_are_clean_errors) {
     layers_fixture f;
     auto h = [&](const char* name) {

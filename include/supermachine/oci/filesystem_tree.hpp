@@ -59,7 +59,7 @@ struct tree_node {
 };
 
 struct tree_limits {
-    std::size_t max_nodes = 8u << 20;                        ///< inodes ever created
+    std::size_t max_nodes = 4u << 20; ///< inodes ever created (~1 GiB of metadata at most)
     std::uint64_t max_total_data = std::uint64_t{256} << 30; ///< bytes spooled over all layers
     std::size_t max_depth = 1024;                            ///< path components
     unsigned max_symlink_hops = 40;                          ///< as Linux ELOOP

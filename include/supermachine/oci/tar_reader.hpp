@@ -398,8 +398,9 @@ public:
                 if (header.size > limits_.max_extended_header)
                     return make_error_code(errc::archive_malformed);
                 SUPERMACHINE_TRY(text, read_blob(header.size));
+                // A global header overrides earlier ones key by key (POSIX), for all entries after
+                // it.
                 auto& records = header.typeflag == 'x' ? pending.pax : global_pax_;
-                if (header.typeflag == 'g') records.clear();
                 SUPERMACHINE_TRY(detail::tar_parse_pax(text, records, limits_));
                 continue;
             }
