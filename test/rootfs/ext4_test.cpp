@@ -11,8 +11,8 @@
 #include <regex>
 
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <sys/xattr.h>
 
 using namespace rootfs_test;
@@ -347,8 +347,10 @@ BOOST_AUTO_TEST_CASE(concurrent_builders_of_one_digest_build_once) {
         int status = 0;
         ::waitpid(pid, &status, 0);
         BOOST_REQUIRE(WIFEXITED(status));
-        if (WEXITSTATUS(status) == 10) ++built;
-        else if (WEXITSTATUS(status) == 20) ++reused;
+        if (WEXITSTATUS(status) == 10)
+            ++built;
+        else if (WEXITSTATUS(status) == 20)
+            ++reused;
     }
     BOOST_TEST(built == 1);
     BOOST_TEST(reused == 2);
@@ -436,6 +438,37 @@ bool try_mount(const fs::path& image, const fs::path& mnt) {
                .first == 0;
 }
 } // namespace
+
+BOOST_AUTO_TEST_CASE(the_kernel_can_write_to_it) {
+    // The image is a base under a copy-on-write disk: the guest writes to it as to any ext4.
+    supermachine::test::skip_unless(::geteuid() == 0, "loop-mounting needs root");
+    fixture f;
+    auto tree = merge(f.spool, f.all_layers());
+    BOOST_REQUIRE(tree);
+    BOOST_REQUIRE(oci::write_ext4(tree.value(), f.image));
+    auto mnt = f.dir.path / "mnt";
+    fs::create_directories(mnt);
+    auto [rc, out] = run("mount -t ext4 -o loop " + shell_quote(f.image.string()) + " " +
+                         shell_quote(mnt.string()) + " 2>&1");
+    if (rc != 0) supermachine::test::skip("cannot loop-mount here: " + out);
+    {
+        struct unmount {
+            fs::path where;
+            ~unmount() { run("umount " + shell_quote(where.string()) + " 2>&1"); }
+        } guard{mnt};
+        fs::create_directories(mnt / "new/dir");
+        for (int i = 0; i < 300; ++i)
+            std::ofstream(mnt / "new/dir" / ("f" + std::to_string(i))) << i;
+        std::ofstream(mnt / "new/big") << std::string(20 << 20, 'q');
+        fs::remove_all(mnt / "long");
+        fs::remove(mnt / "bin/busybox");
+        fs::rename(mnt / "etc", mnt / "etc2");
+        fs::create_hard_link(mnt / "big", mnt / "big2");
+        BOOST_TEST(::lsetxattr((mnt / "dup").c_str(), "user.added", "v", 1, 0) == 0);
+    }
+    auto [fsck_rc, fsck_out] = fsck(f.image);
+    BOOST_TEST(fsck_rc == 0, fsck_out);
+}
 
 BOOST_AUTO_TEST_CASE(format_boundaries) {
     need_e2fsprogs();
