@@ -227,6 +227,31 @@ with tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT, pax_headers={'uid
     BOOST_TEST(r.entries[1].uid == 7u); // a local record beats the global one
 }
 
+BOOST_AUTO_TEST_CASE(gnu_base256_numbers) {
+    supermachine::test::skip_unless(have_tool("python3"), "python3 missing");
+    temp_dir t;
+    auto tarball = t.path / "b256.tar";
+    // GNU format stores numbers too big for octal in base-256 (high bit set).
+    auto [rc, out] = run("python3 -c " + shell_quote(R"(
+import tarfile, io, sys
+with tarfile.open(sys.argv[1], 'w', format=tarfile.GNU_FORMAT) as t:
+    ti = tarfile.TarInfo('big-ids'); ti.size = 2; ti.uid = 3000000000; ti.gid = 4000000000; ti.mtime = 2**35
+    t.addfile(ti, io.BytesIO(b'ok'))
+)") + " " + shell_quote(tarball.string()) +
+                         " 2>&1");
+    BOOST_REQUIRE_MESSAGE(rc == 0, out);
+    std::ifstream in(tarball, std::ios::binary);
+    std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    BOOST_TEST((static_cast<unsigned char>(raw[108]) & 0x80) != 0); // uid really is base-256
+    auto r = read_file(tarball);
+    BOOST_REQUIRE(!r.error);
+    BOOST_REQUIRE(r.entries.size() == 1u);
+    BOOST_TEST(r.entries[0].uid == 3000000000u);
+    BOOST_TEST(r.entries[0].gid == 4000000000u);
+    BOOST_TEST(r.entries[0].mtime == (std::int64_t{1} << 35));
+    BOOST_TEST(r.data[0] == "ok");
+}
+
 BOOST_AUTO_TEST_CASE(hostile_streams_are_clean_errors) {
     layers_fixture f;
     auto h = [&](const char* name) {
