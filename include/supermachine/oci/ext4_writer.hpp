@@ -294,11 +294,7 @@ private:
         gdt_blocks_ = (groups_ * 32 + ext4_block_size - 1) / ext4_block_size;
         inode_table_blocks_ = inodes_per_group_ / ext4_inodes_per_block;
         // The last group must hold its own metadata plus some data.
-        std::uint64_t last_start = std::uint64_t{groups_ - 1} * ext4_blocks_per_group;
-        if (data_start(groups_ - 1) + 16 > total_blocks_) {
-            (void)last_start;
-            return false;
-        }
+        if (data_start(groups_ - 1) + 16 > total_blocks_) return false;
         // Allocate in inode order.
         allocated_in_group_.assign(groups_, 0);
         cursor_group_ = 0;
