@@ -260,6 +260,10 @@ BOOST_AUTO_TEST_CASE(builder_caches_per_digest_and_writes_only_its_cache) {
     options.cache_dir = cache.path;
     auto layers = f.all_layers();
     const std::string digest = "sha256:" + std::string(64, 'a');
+    // A crashed builder's temporary is cleaned up by the next build of that digest.
+    fs::create_directories(cache.path / "rootfs");
+    std::ofstream(cache.path / "rootfs" / ("sha256-" + std::string(64, 'a') + ".ext4.tmp-99999"))
+        << "junk";
     auto first = oci::build_rootfs(digest, layers, options);
     BOOST_REQUIRE_MESSAGE(first, (first ? "" : first.error().message()));
     BOOST_TEST(!first.value().reused);

@@ -175,6 +175,13 @@ result<rootfs_image> build_rootfs_from(std::string_view image_digest, std::size_
         return out;
     }
 
+    // Under the lock no other builder of this digest runs: temporaries left by a
+    // crashed one are garbage.
+    const std::string temp_prefix = stem + ".ext4.tmp-";
+    for (auto& entry : std::filesystem::directory_iterator(dir, ec))
+        if (entry.path().filename().string().starts_with(temp_prefix))
+            std::filesystem::remove(entry.path(), ec);
+
     SUPERMACHINE_TRY(tree, filesystem_tree::create(dir, options.tree));
     for (std::size_t i = 0; i < layer_count; ++i) {
         SUPERMACHINE_TRY(source, open_layer(i));
@@ -189,7 +196,7 @@ result<rootfs_image> build_rootfs_from(std::string_view image_digest, std::size_
     out.passwd = std::move(passwd);
     out.group = std::move(group);
 
-    auto temp = dir / (stem + ".ext4.tmp-" + std::to_string(::getpid()));
+    auto temp = dir / (temp_prefix + std::to_string(::getpid()));
     auto fail = [&](std::error_code e) -> result<rootfs_image> {
         ::unlink(temp.c_str());
         return e;
