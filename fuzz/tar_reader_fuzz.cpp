@@ -8,7 +8,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <filesystem>
 #include <span>
 
@@ -18,10 +17,8 @@
 namespace oci = supermachine::oci;
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    static const std::filesystem::path spool_dir = [] {
-        char pattern[] = "/tmp/sm-tar-fuzz-XXXXXX";
-        return std::filesystem::path(::mkdtemp(pattern));
-    }();
+    // The spool is an unlinked O_TMPFILE: nothing is left in the directory.
+    static const std::filesystem::path spool_dir = std::filesystem::temp_directory_path();
     oci::tree_limits tree_limits;
     tree_limits.max_nodes = 20000;
     tree_limits.max_total_data = 16 << 20;

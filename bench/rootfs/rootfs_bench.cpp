@@ -76,6 +76,7 @@ int main(int argc, char** argv) {
            ":b && umoci raw add-layer --image " + quote(layout.string()) + ":b " +
            quote((work / "layer.tar").string())) != 0) {
         std::fprintf(stderr, "could not make the OCI image (tar/umoci)\n");
+        fs::remove_all(work);
         return 1;
     }
     fs::remove(work / "layer.tar");
@@ -110,6 +111,7 @@ int main(int argc, char** argv) {
         double t_ours = seconds_since(t0);
         if (!built) {
             std::fprintf(stderr, "ours failed: %s\n", built.error().message().c_str());
+            fs::remove_all(work);
             return 1;
         }
         ours.push_back(t_ours);
@@ -131,6 +133,7 @@ int main(int argc, char** argv) {
         double t_theirs = seconds_since(t0);
         if (rc != 0) {
             std::fprintf(stderr, "umoci unpack + mkfs.ext4 -d failed\n");
+            fs::remove_all(work);
             return 1;
         }
         theirs.push_back(t_theirs);
