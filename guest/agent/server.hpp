@@ -726,18 +726,7 @@ private:
             if (!forward_readable(c, s, fd, type)) close_fd(fd);
             return;
         }
-        case slot::file: {
-            if (!forward_readable(c, s, s.file_fd, message_type::file_data)) {
-                close_fd(s.file_fd);
-                encode(c.out, s.stream, file_end{s.total});
-                c.sessions.erase(s.stream);
-            } else if (s.total > s.max_bytes) {
-                // The file grew past the bound after the size check: fail, not truncate.
-                send_error(c, s.stream, agent_error::file_too_large, EFBIG, "file exceeds max bytes");
-                c.sessions.erase(s.stream);
-            }
-            return;
-        }
+        case slot::file: return read_file_chunk(c, s);
         case slot::socket: return on_socket(c, s, revents);
         default: return;
         }
@@ -758,6 +747,31 @@ private:
     }
 
     // ---- files ----------------------------------------------------------------
+
+    void read_file_chunk(connection& c, session& s) {
+        char buffer[max_data_chunk];
+        // One byte past the bound tells a file that grew after the size check: fail, not truncate.
+        std::uint64_t room = s.max_bytes - s.total + 1;
+        std::size_t want = std::min<std::uint64_t>({s.send_credit, sizeof buffer, room});
+        if (want == 0) return;
+        ssize_t n = ::read(s.file_fd, buffer, want);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        std::uint32_t stream = s.stream;
+        if (n < 0) {
+            send_error(c, stream, agent_error::io_error, errno, std::string("read: ") + std::strerror(errno));
+            c.sessions.erase(stream);
+        } else if (n == 0) {
+            encode(c.out, stream, file_end{s.total});
+            c.sessions.erase(stream);
+        } else if (s.total + static_cast<std::uint64_t>(n) > s.max_bytes) {
+            send_error(c, stream, agent_error::file_too_large, EFBIG, "file exceeds max bytes");
+            c.sessions.erase(stream);
+        } else {
+            encode_data(c.out, message_type::file_data, stream, std::string_view(buffer, static_cast<std::size_t>(n)));
+            s.send_credit -= static_cast<std::uint64_t>(n);
+            s.total += static_cast<std::uint64_t>(n);
+        }
+    }
 
     static agent_error file_error_code(int err) {
         if (err == ENOENT || err == ENOTDIR) return agent_error::not_found;
