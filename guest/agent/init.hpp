@@ -66,25 +66,43 @@ inline std::string trim(std::string s) {
     return s;
 }
 
-/// Loads each module named in the list files, in order: one path per line,
-/// relative to /lib/modules (or absolute); '#' starts a comment.
+/// Loads each module named in the list files: one path per line, relative to
+/// /lib/modules (or absolute); '#' starts a comment. A module whose
+/// dependencies come later in the list fails with ENOENT (unknown symbol);
+/// failed ones are retried while a pass makes progress, so order is forgiving.
 inline void load_modules() {
+    std::vector<std::string> pending;
     for (const char* list : {"/etc/supermachine/modules", "/etc/modules-load"}) {
         std::istringstream lines(read_small_file(list));
         std::string line;
         while (std::getline(lines, line)) {
             line = trim(line);
             if (line.empty() || line[0] == '#') continue;
-            std::string path = line[0] == '/' ? line : "/lib/modules/" + line;
+            pending.push_back(line[0] == '/' ? line : "/lib/modules/" + line);
+        }
+    }
+    for (bool progress = true; progress && !pending.empty();) {
+        progress = false;
+        std::vector<std::string> failed;
+        std::vector<int> errors;
+        for (auto& path : pending) {
             int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
             if (fd < 0) {
                 log("module %s: cannot open (errno %d)", path.c_str(), errno);
                 continue;
             }
-            if (::syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
-                log("module %s: finit_module errno %d", path.c_str(), errno);
+            if (::syscall(SYS_finit_module, fd, "", 0) == 0 || errno == EEXIST) {
+                progress = true;
+            } else {
+                failed.push_back(path);
+                errors.push_back(errno);
+            }
             ::close(fd);
         }
+        if (!progress)
+            for (std::size_t i = 0; i < failed.size(); ++i)
+                log("module %s: finit_module errno %d", failed[i].c_str(), errors[i]);
+        pending = std::move(failed);
     }
 }
 
