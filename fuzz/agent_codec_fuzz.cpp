@@ -26,20 +26,35 @@ void check(std::string_view payload, std::uint32_t stream) {
 void check_payload(message_type type, std::string_view payload, std::uint32_t stream) {
     decode_error validated = validate(type, payload);
     switch (type) {
-    case message_type::ready: return check<ready>(payload, stream);
-    case message_type::hello: return check<hello>(payload, stream);
-    case message_type::hello_ok: return check<hello_ok>(payload, stream);
-    case message_type::exec_request: return check<exec_request>(payload, stream);
-    case message_type::exec_started: return check<exec_started>(payload, stream);
-    case message_type::signal: return check<signal_request>(payload, stream);
-    case message_type::exit: return check<exit_status>(payload, stream);
-    case message_type::error: return check<error_message>(payload, stream);
-    case message_type::read_file: return check<read_file_request>(payload, stream);
-    case message_type::file_end: return check<file_end>(payload, stream);
-    case message_type::write_file: return check<write_file_request>(payload, stream);
-    case message_type::tcp_connect: return check<tcp_connect_request>(payload, stream);
-    case message_type::credit: return check<credit_grant>(payload, stream);
-    default: (void)validated; return;
+    case message_type::ready:
+        return check<ready>(payload, stream);
+    case message_type::hello:
+        return check<hello>(payload, stream);
+    case message_type::hello_ok:
+        return check<hello_ok>(payload, stream);
+    case message_type::exec_request:
+        return check<exec_request>(payload, stream);
+    case message_type::exec_started:
+        return check<exec_started>(payload, stream);
+    case message_type::signal:
+        return check<signal_request>(payload, stream);
+    case message_type::exit:
+        return check<exit_status>(payload, stream);
+    case message_type::error:
+        return check<error_message>(payload, stream);
+    case message_type::read_file:
+        return check<read_file_request>(payload, stream);
+    case message_type::file_end:
+        return check<file_end>(payload, stream);
+    case message_type::write_file:
+        return check<write_file_request>(payload, stream);
+    case message_type::tcp_connect:
+        return check<tcp_connect_request>(payload, stream);
+    case message_type::credit:
+        return check<credit_grant>(payload, stream);
+    default:
+        (void)validated;
+        return;
     }
 }
 

@@ -49,9 +49,10 @@ extern char** environ;
 
 int main(int argc, char** argv) {
     int runs = argc > 1 ? std::max(1, std::atoi(argv[1])) : 200;
-    std::string agent = std::getenv("SUPERMACHINE_AGENT")
-                            ? std::getenv("SUPERMACHINE_AGENT")
-                            : (std::filesystem::path(argv[0]).parent_path() / "supermachine-agent").string();
+    std::string agent =
+        std::getenv("SUPERMACHINE_AGENT")
+            ? std::getenv("SUPERMACHINE_AGENT")
+            : (std::filesystem::path(argv[0]).parent_path() / "supermachine-agent").string();
     std::string true_path = "/bin/true";
 
     // Host floor: posix_spawn + waitpid of `true`.
@@ -68,8 +69,12 @@ int main(int argc, char** argv) {
 
     // The agent on a Unix socket.
     std::string socket_path = "/tmp/supermachine-bench-agent-" + std::to_string(getpid()) + ".sock";
-    char* agent_args[] = {agent.data(), const_cast<char*>("--unix"), socket_path.data(),
-                          const_cast<char*>("--token"), const_cast<char*>("bench"), nullptr};
+    char* agent_args[] = {agent.data(),
+                          const_cast<char*>("--unix"),
+                          socket_path.data(),
+                          const_cast<char*>("--token"),
+                          const_cast<char*>("bench"),
+                          nullptr};
     pid_t agent_pid;
     if (posix_spawn(&agent_pid, agent.c_str(), nullptr, nullptr, agent_args, environ) != 0) {
         std::fprintf(stderr, "cannot start %s\n", agent.c_str());
@@ -90,7 +95,8 @@ int main(int argc, char** argv) {
         return 1;
     }
     agent::basic_client<asio::local::stream_protocol::socket> client(std::move(socket));
-    auto [hello_error, ok] = wait_for<agent::hello_ok>(io, [&](auto h) { client.async_hello("bench", h); });
+    auto [hello_error, ok] =
+        wait_for<agent::hello_ok>(io, [&](auto h) { client.async_hello("bench", h); });
     if (hello_error) return std::fprintf(stderr, "hello: %s\n", hello_error.message().c_str()), 1;
 
     std::vector<double> round_trip;
@@ -99,7 +105,8 @@ int main(int argc, char** argv) {
         auto [ec, out] = wait_for<agent::exec_output>(
             io, [&](auto h) { client.async_exec({.argv = {true_path}}, h); });
         double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
-        if (ec || out.exit_code != 0) return std::fprintf(stderr, "exec failed: %s\n", ec.message().c_str()), 1;
+        if (ec || out.exit_code != 0)
+            return std::fprintf(stderr, "exec failed: %s\n", ec.message().c_str()), 1;
         if (i >= 10) round_trip.push_back(us); // the first few warm caches up
     }
     kill(agent_pid, SIGTERM);

@@ -10,15 +10,14 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 
-#include <fstream>
-#include <sstream>
-
 namespace supermachine::agent::guest {
 
-inline void make_dir(const char* path, mode_t mode = 0755) { ::mkdir(path, mode); }
+inline void make_dir(const char* path, mode_t mode = 0755) {
+    ::mkdir(path, mode);
+}
 
-inline void mount_one(const char* source, const char* target, const char* type,
-                      unsigned long flags, const char* data = nullptr) {
+inline void mount_one(const char* source, const char* target, const char* type, unsigned long flags,
+                      const char* data = nullptr) {
     make_dir(target);
     if (::mount(source, target, type, flags, data) < 0 && errno != EBUSY)
         log("mount %s failed: errno %d", target, errno);
@@ -28,7 +27,8 @@ inline void mount_basics() {
     mount_one("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC);
     mount_one("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC);
     mount_one("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
-    mount_one("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666");
+    mount_one("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "gid=5,mode=0620,ptmxmode=0666");
     mount_one("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     mount_one("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     mount_one("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
@@ -53,16 +53,37 @@ inline std::string read_small_file(const char* path, std::size_t max = 64 * 1024
 
 /// The value of `key=` on the kernel command line, or empty.
 inline std::string cmdline_value(const std::string& cmdline, const std::string& key) {
-    std::istringstream words(cmdline);
-    std::string word;
+    // No <sstream>: it drags libstdc++'s locale machinery into the static binary.
     std::string prefix = key + "=";
-    while (words >> word)
-        if (word.rfind(prefix, 0) == 0) return word.substr(prefix.size());
+    std::size_t pos = 0;
+    while (pos < cmdline.size()) {
+        std::size_t start = cmdline.find_first_not_of(" \t\n", pos);
+        if (start == std::string::npos) break;
+        std::size_t end = cmdline.find_first_of(" \t\n", start);
+        if (end == std::string::npos) end = cmdline.size();
+        std::string_view word(cmdline.data() + start, end - start);
+        if (word.substr(0, prefix.size()) == prefix) return std::string(word.substr(prefix.size()));
+        pos = end;
+    }
     return {};
 }
 
+/// The lines of `text`, trimmed.
+inline std::vector<std::string> split_lines(const std::string& text) {
+    std::vector<std::string> lines;
+    std::size_t pos = 0;
+    while (pos <= text.size()) {
+        std::size_t end = text.find('\n', pos);
+        if (end == std::string::npos) end = text.size();
+        lines.push_back(text.substr(pos, end - pos));
+        pos = end + 1;
+    }
+    return lines;
+}
+
 inline std::string trim(std::string s) {
-    while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+    while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' '))
+        s.pop_back();
     return s;
 }
 
@@ -73,9 +94,7 @@ inline std::string trim(std::string s) {
 inline void load_modules() {
     std::vector<std::string> pending;
     for (const char* list : {"/etc/supermachine/modules", "/etc/modules-load"}) {
-        std::istringstream lines(read_small_file(list));
-        std::string line;
-        while (std::getline(lines, line)) {
+        for (std::string line : split_lines(read_small_file(list))) {
             line = trim(line);
             if (line.empty() || line[0] == '#') continue;
             pending.push_back(line[0] == '/' ? line : "/lib/modules/" + line);
@@ -131,7 +150,8 @@ inline void switch_to_root_disk(const std::string& cmdline) {
     if (auto w = cmdline_value(cmdline, "supermachine.root_wait_ms"); !w.empty())
         wait_ms = std::strtoll(w.c_str(), nullptr, 10);
     std::int64_t until = now_ms() + wait_ms;
-    while (::access(device.c_str(), F_OK) != 0 && now_ms() < until) ::usleep(10 * 1000);
+    while (::access(device.c_str(), F_OK) != 0 && now_ms() < until)
+        ::usleep(10 * 1000);
     if (::access(device.c_str(), F_OK) != 0) {
         log("no root disk %s: staying in the initramfs", device.c_str());
         return;
@@ -165,7 +185,8 @@ inline std::string find_token(const std::string& cmdline) {
 [[noreturn]] inline void power_off() {
     ::sync();
     ::reboot(RB_POWER_OFF);
-    for (;;) ::pause();
+    for (;;)
+        ::pause();
 }
 
 } // namespace supermachine::agent::guest

@@ -51,7 +51,8 @@ int listen_unix(const char* path) {
     mount_basics();
     int console = ::open("/dev/console", O_RDWR | O_CLOEXEC);
     if (console >= 0) {
-        for (int i = 0; i < 3; ++i) ::dup2(console, i);
+        for (int i = 0; i < 3; ++i)
+            ::dup2(console, i);
         if (console > 2) ::close(console);
     }
     std::string cmdline = read_small_file("/proc/cmdline");
@@ -60,7 +61,8 @@ int listen_unix(const char* path) {
     load_modules();
     switch_to_root_disk(cmdline);
     bring_up_loopback();
-    if (token.empty()) log("no token (supermachine.token= or /etc/supermachine/token): refusing all");
+    if (token.empty())
+        log("no token (supermachine.token= or /etc/supermachine/token): refusing all");
     unsigned port = default_vsock_port;
     if (auto p = cmdline_value(cmdline, "supermachine.port"); !p.empty())
         port = static_cast<unsigned>(std::strtoul(p.c_str(), nullptr, 10));

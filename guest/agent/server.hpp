@@ -41,7 +41,9 @@ inline void log(const char* fmt, const char* a = "", int b = 0) {
     std::fputc('\n', stderr);
 }
 
-inline void set_nonblocking(int fd) { ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK); }
+inline void set_nonblocking(int fd) {
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
 
 inline void close_fd(int& fd) {
     if (fd >= 0) ::close(fd);
@@ -119,7 +121,8 @@ struct connection {
 
 class server {
 public:
-    explicit server(server_options options) : options_(std::move(options)) {
+    explicit server(server_options options)
+        : options_(std::move(options)) {
         sigset_t set;
         sigemptyset(&set);
         sigaddset(&set, SIGCHLD);
@@ -142,8 +145,10 @@ public:
     /// Serves until there is neither a listener nor a connection, or a shutdown was served.
     /// Returns true when a shutdown request ended it.
     bool run() {
-        while (!stop_ && (listen_fd_ >= 0 || !connections_.empty())) step();
-        for (auto& c : connections_) flush_blocking(*c);
+        while (!stop_ && (listen_fd_ >= 0 || !connections_.empty()))
+            step();
+        for (auto& c : connections_)
+            flush_blocking(*c);
         return stop_;
     }
 
@@ -176,7 +181,8 @@ private:
                 bool credit = can_send && s->send_credit > 0;
                 switch (s->kind) {
                 case session_kind::exec:
-                    add(s->stdin_fd, s->to_child.empty() ? 0 : POLLOUT, slot::stdin_fd, c.get(), id);
+                    add(s->stdin_fd, s->to_child.empty() ? 0 : POLLOUT, slot::stdin_fd, c.get(),
+                        id);
                     add(s->out_fd[0], credit ? POLLIN : 0, slot::out0, c.get(), id);
                     add(s->out_fd[1], credit ? POLLIN : 0, slot::out1, c.get(), id);
                     if (s->deadline && !s->exited && !s->timed_out &&
@@ -186,7 +192,8 @@ private:
                 case session_kind::read_file:
                     add(s->file_fd, credit ? POLLIN : 0, slot::file, c.get(), id);
                     break;
-                case session_kind::write_file: break;
+                case session_kind::write_file:
+                    break;
                 case session_kind::tcp: {
                     short sev = 0;
                     if (s->connecting || !s->to_socket.empty()) sev |= POLLOUT;
@@ -210,8 +217,12 @@ private:
             auto& w = watches[i];
             if (w.conn && w.conn->dead) continue;
             switch (w.what) {
-            case slot::listener: accept_one(); break;
-            case slot::child: reap_children(); break;
+            case slot::listener:
+                accept_one();
+                break;
+            case slot::child:
+                reap_children();
+                break;
             case slot::conn:
                 if (fds[i].revents & POLLOUT) flush(*w.conn);
                 if (!w.conn->dead && (fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
@@ -270,11 +281,13 @@ private:
         }
     }
 
+    /// Last words (after shutdown): wait for the host to take them, but not forever.
     void flush_blocking(connection& c) {
-        if (c.dead) return;
-        int flags = ::fcntl(c.fd, F_GETFL);
-        ::fcntl(c.fd, F_SETFL, flags & ~O_NONBLOCK);
-        flush(c);
+        std::int64_t until = now_ms() + 2000;
+        while (!c.dead && c.pending() && now_ms() < until) {
+            pollfd p{c.fd, POLLOUT, 0};
+            if (::poll(&p, 1, 100) > 0) flush(c);
+        }
     }
 
     void read_connection(connection& c) {
@@ -301,8 +314,9 @@ private:
 
     void protocol_violation(connection& c, const char* what) {
         log("closing connection: protocol error (%s)", what);
-        encode(c.out, 0,
-               error_message{agent_error::invalid_request, 0, std::string("protocol error: ") + what});
+        encode(
+            c.out, 0,
+            error_message{agent_error::invalid_request, 0, std::string("protocol error: ") + what});
         c.closing = true;
     }
 
@@ -339,7 +353,8 @@ private:
             return;
         }
         switch (h.type) {
-        case message_type::reseed_rng: return reseed(c, payload);
+        case message_type::reseed_rng:
+            return reseed(c, payload);
         case message_type::shutdown:
             encode_empty(c.out, message_type::ok, 0);
             c.closing = true;
@@ -348,8 +363,10 @@ private:
         case message_type::exec_request:
         case message_type::read_file:
         case message_type::write_file:
-        case message_type::tcp_connect: return start_session(c, h, payload);
-        default: break;
+        case message_type::tcp_connect:
+            return start_session(c, h, payload);
+        default:
+            break;
         }
         auto it = c.sessions.find(h.stream);
         if (h.stream == 0) return protocol_violation(c, "unexpected frame on stream 0");
@@ -381,7 +398,8 @@ private:
             if (s.kind == session_kind::exec && s.pid > 0 && !s.exited) ::kill(s.pid, m.signo);
             return;
         }
-        case message_type::file_data: return write_file_data(c, s, payload);
+        case message_type::file_data:
+            return write_file_data(c, s, payload);
         case message_type::file_end: {
             file_end m;
             decode(payload, m);
@@ -401,7 +419,8 @@ private:
             s.host_closed = true;
             write_socket(c, s);
             return;
-        default: return protocol_violation(c, "unexpected message from host");
+        default:
+            return protocol_violation(c, "unexpected message from host");
         }
     }
 
@@ -458,7 +477,8 @@ private:
             decode(payload, m);
             return start_tcp(c, h.stream, m);
         }
-        default: return;
+        default:
+            return;
         }
     }
 
@@ -541,9 +561,11 @@ private:
             }
         }
         std::vector<char*> argv, envp;
-        for (auto& a : m.argv) argv.push_back(const_cast<char*>(a.c_str()));
+        for (auto& a : m.argv)
+            argv.push_back(const_cast<char*>(a.c_str()));
         argv.push_back(nullptr);
-        for (auto& e : m.env) envp.push_back(const_cast<char*>(e.c_str()));
+        for (auto& e : m.env)
+            envp.push_back(const_cast<char*>(e.c_str()));
         envp.push_back(nullptr);
 
         int report[2], in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
@@ -575,12 +597,14 @@ private:
         }
         pid_t pid = ::fork();
         if (pid < 0) return fail_setup("fork");
-        if (pid == 0) child_main(m, report[1], in[0], out[1], err[1], slave, argv.data(), envp.data(), paths);
+        if (pid == 0)
+            child_main(m, report[1], in[0], out[1], err[1], slave, argv.data(), envp.data(), paths);
 
         ::close(report[1]);
         child_failure f{};
         ssize_t got;
-        do got = ::read(report[0], &f, sizeof f);
+        do
+            got = ::read(report[0], &f, sizeof f);
         while (got < 0 && errno == EINTR);
         ::close(report[0]);
         if (got == static_cast<ssize_t>(sizeof f)) {
@@ -594,7 +618,7 @@ private:
             std::string subject = f.stage == 1 ? m.cwd : m.argv[0];
             std::string message = std::string(stages[std::clamp(f.stage, 0, 4)]) + ": " + subject;
             if (f.stage != 4) message += std::string(" (") + std::strerror(f.err) + ")";
-            agent_error code = f.stage == 4                            ? agent_error::command_not_found
+            agent_error code = f.stage == 4                        ? agent_error::command_not_found
                                : f.err == EACCES || f.err == EPERM ? agent_error::permission_denied
                                                                    : agent_error::exec_failed;
             return send_error(c, stream, code, f.err, message);
@@ -726,9 +750,12 @@ private:
             if (!forward_readable(c, s, fd, type)) close_fd(fd);
             return;
         }
-        case slot::file: return read_file_chunk(c, s);
-        case slot::socket: return on_socket(c, s, revents);
-        default: return;
+        case slot::file:
+            return read_file_chunk(c, s);
+        case slot::socket:
+            return on_socket(c, s, revents);
+        default:
+            return;
         }
     }
 
@@ -758,7 +785,8 @@ private:
         if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
         std::uint32_t stream = s.stream;
         if (n < 0) {
-            send_error(c, stream, agent_error::io_error, errno, std::string("read: ") + std::strerror(errno));
+            send_error(c, stream, agent_error::io_error, errno,
+                       std::string("read: ") + std::strerror(errno));
             c.sessions.erase(stream);
         } else if (n == 0) {
             encode(c.out, stream, file_end{s.total});
@@ -767,7 +795,8 @@ private:
             send_error(c, stream, agent_error::file_too_large, EFBIG, "file exceeds max bytes");
             c.sessions.erase(stream);
         } else {
-            encode_data(c.out, message_type::file_data, stream, std::string_view(buffer, static_cast<std::size_t>(n)));
+            encode_data(c.out, message_type::file_data, stream,
+                        std::string_view(buffer, static_cast<std::size_t>(n)));
             s.send_credit -= static_cast<std::uint64_t>(n);
             s.total += static_cast<std::uint64_t>(n);
         }
@@ -787,7 +816,8 @@ private:
         struct stat st {};
         if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
             ::close(fd);
-            return send_error(c, stream, agent_error::io_error, EISDIR, m.path + ": is a directory");
+            return send_error(c, stream, agent_error::io_error, EISDIR,
+                              m.path + ": is a directory");
         }
         if (static_cast<std::uint64_t>(st.st_size) > m.max_bytes) {
             ::close(fd);
@@ -816,14 +846,16 @@ private:
     }
 
     void write_file_data(connection& c, session& s, std::string_view data) {
-        if (s.kind != session_kind::write_file) return protocol_violation(c, "file data out of order");
+        if (s.kind != session_kind::write_file)
+            return protocol_violation(c, "file data out of order");
         std::size_t done = 0;
         while (done < data.size()) {
             ssize_t n = ::write(s.file_fd, data.data() + done, data.size() - done);
             if (n < 0 && errno == EINTR) continue;
             if (n <= 0) {
                 int e = n < 0 ? errno : ENOSPC;
-                send_error(c, s.stream, agent_error::io_error, e, std::string("write: ") + std::strerror(e));
+                send_error(c, s.stream, agent_error::io_error, e,
+                           std::string("write: ") + std::strerror(e));
                 c.sessions.erase(s.stream);
                 return;
             }
@@ -834,7 +866,8 @@ private:
     }
 
     void finish_write_file(connection& c, session& s, std::uint64_t total) {
-        if (s.kind != session_kind::write_file) return protocol_violation(c, "file end out of order");
+        if (s.kind != session_kind::write_file)
+            return protocol_violation(c, "file end out of order");
         std::uint32_t stream = s.stream;
         bool complete = total == s.total;
         int rc = ::close(s.file_fd);

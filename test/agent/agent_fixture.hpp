@@ -39,8 +39,11 @@ public:
         posix_spawn_file_actions_init(&actions);
         posix_spawn_file_actions_adddup2(&actions, sv[1], 3);
         std::string binary = agent_binary();
-        std::vector<char*> argv{binary.data(), const_cast<char*>("--fd"), const_cast<char*>("3"),
-                                const_cast<char*>("--token"), const_cast<char*>(token.c_str()),
+        std::vector<char*> argv{binary.data(),
+                                const_cast<char*>("--fd"),
+                                const_cast<char*>("3"),
+                                const_cast<char*>("--token"),
+                                const_cast<char*>(token.c_str()),
                                 nullptr};
         int rc = ::posix_spawn(&pid_, binary.c_str(), &actions, nullptr, argv.data(), environ);
         posix_spawn_file_actions_destroy(&actions);
@@ -93,11 +96,12 @@ void run_until(asio::io_context& io, Predicate done,
 
 /// Calls an async operation with a callback and waits for its result.
 template <class... Results, class Start>
-std::tuple<std::error_code, Results...> await(asio::io_context& io, Start start,
-                                              std::chrono::seconds limit = std::chrono::seconds(60)) {
+std::tuple<std::error_code, Results...>
+await(asio::io_context& io, Start start, std::chrono::seconds limit = std::chrono::seconds(60)) {
     std::optional<std::tuple<std::error_code, Results...>> result;
     start([&](std::error_code ec, Results... values) { result.emplace(ec, std::move(values)...); });
-    run_until(io, [&] { return result.has_value(); }, limit);
+    run_until(
+        io, [&] { return result.has_value(); }, limit);
     return std::move(*result);
 }
 

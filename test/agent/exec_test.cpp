@@ -43,7 +43,8 @@ BOOST_AUTO_TEST_CASE(command_not_found_names_it) {
     std::error_code ec;
     auto out = a.exec({.argv = {"no-such-command-xyz", "arg"}}, &ec);
     BOOST_TEST(ec == make_error_code(errc::command_not_found));
-    BOOST_TEST(out.agent_message.find("no-such-command-xyz") != std::string::npos, out.agent_message);
+    BOOST_TEST(out.agent_message.find("no-such-command-xyz") != std::string::npos,
+               out.agent_message);
     BOOST_TEST(a.client.last_agent_message().find("no-such-command-xyz") != std::string::npos);
     auto abs = a.exec({.argv = {"/nonexistent/bin/tool"}}, &ec);
     BOOST_TEST(ec == make_error_code(errc::command_not_found));
@@ -84,7 +85,8 @@ BOOST_AUTO_TEST_CASE(signals_are_delivered) {
     BOOST_REQUIRE(!ec);
     BOOST_TEST(child.pid() > 0);
     child.signal(SIGTERM);
-    auto [wec, status] = await<agent::exit_status>(a.io, [&](auto h) { child.async_wait(std::move(h)); });
+    auto [wec, status] =
+        await<agent::exit_status>(a.io, [&](auto h) { child.async_wait(std::move(h)); });
     BOOST_TEST(!wec);
     BOOST_TEST(status.signal == SIGTERM);
     BOOST_TEST(status.code == 128 + SIGTERM);
@@ -99,7 +101,8 @@ BOOST_AUTO_TEST_CASE(stdin_is_streamed) {
     BOOST_REQUIRE(!ec);
     // More than the credit window, so the writer must wait for the agent.
     std::string sent;
-    for (int i = 0; sent.size() < 3 * agent::initial_window; ++i) sent += std::to_string(i) + ",";
+    for (int i = 0; sent.size() < 3 * agent::initial_window; ++i)
+        sent += std::to_string(i) + ",";
     std::string received;
     bool write_done = false, read_done = false;
     std::error_code write_ec;
@@ -126,9 +129,11 @@ BOOST_AUTO_TEST_CASE(stdin_is_streamed) {
     BOOST_TEST(!write_ec);
     BOOST_TEST(received.size() == sent.size());
     BOOST_TEST((received == sent));
-    auto [err_ec, err] = await<std::string>(a.io, [&](auto h) { child.async_read_stderr(std::move(h)); });
+    auto [err_ec, err] =
+        await<std::string>(a.io, [&](auto h) { child.async_read_stderr(std::move(h)); });
     BOOST_TEST(err == "done\n");
-    auto [wec, status] = await<agent::exit_status>(a.io, [&](auto h) { child.async_wait(std::move(h)); });
+    auto [wec, status] =
+        await<agent::exit_status>(a.io, [&](auto h) { child.async_wait(std::move(h)); });
     BOOST_TEST(!wec);
     BOOST_TEST(status.code == 0);
 }
@@ -137,7 +142,8 @@ namespace {
 std::string hex(const unsigned char* p, unsigned n) {
     std::string s;
     char b[3];
-    for (unsigned i = 0; i < n; ++i) std::snprintf(b, sizeof b, "%02x", p[i]), s += b;
+    for (unsigned i = 0; i < n; ++i)
+        std::snprintf(b, sizeof b, "%02x", p[i]), s += b;
     return s;
 }
 } // namespace
@@ -153,7 +159,8 @@ BOOST_AUTO_TEST_CASE(hundred_mib_of_stdout_intact_with_bounded_memory) {
         std::mt19937_64 rng(42);
         std::vector<std::uint64_t> block(1 << 16);
         for (std::size_t done = 0; done < total; done += block.size() * 8) {
-            for (auto& w : block) w = rng();
+            for (auto& w : block)
+                w = rng();
             file.write(reinterpret_cast<const char*>(block.data()), block.size() * 8);
             EVP_DigestUpdate(want, block.data(), block.size() * 8);
         }
@@ -165,8 +172,9 @@ BOOST_AUTO_TEST_CASE(hundred_mib_of_stdout_intact_with_bounded_memory) {
 
     long host_before = agent_process::read_hwm(::getpid());
     connected_agent a;
-    auto [ec, child] = await<client_type::child_type>(
-        a.io, [&](auto h) { a.client.async_spawn({.argv = {"cat", path}}, std::move(h)); });
+    auto [ec, child] = await<client_type::child_type>(a.io, [&](auto h) {
+        a.client.async_spawn({.argv = {"cat", path}}, std::move(h));
+    });
     BOOST_REQUIRE(!ec);
     EVP_MD_CTX* got = EVP_MD_CTX_new();
     EVP_DigestInit_ex(got, EVP_sha256(), nullptr);
@@ -186,17 +194,20 @@ BOOST_AUTO_TEST_CASE(hundred_mib_of_stdout_intact_with_bounded_memory) {
         });
     };
     read_more();
-    run_until(a.io, [&] { return done; }, std::chrono::seconds(240));
+    run_until(
+        a.io, [&] { return done; }, std::chrono::seconds(240));
     EVP_DigestFinal_ex(got, got_digest, &len);
     EVP_MD_CTX_free(got);
-    auto [wec, status] = await<agent::exit_status>(a.io, [&](auto h) { child.async_wait(std::move(h)); });
+    auto [wec, status] =
+        await<agent::exit_status>(a.io, [&](auto h) { child.async_wait(std::move(h)); });
     ::unlink(path.c_str());
     BOOST_TEST(received == total);
     BOOST_TEST(hex(got_digest, 32) == hex(want_digest, 32));
     BOOST_TEST(status.code == 0);
     long agent_peak = a.process.peak_rss_kib();
     long host_growth = agent_process::read_hwm(::getpid()) - host_before;
-    BOOST_TEST_MESSAGE("agent peak RSS " << agent_peak << " KiB, host growth " << host_growth << " KiB");
+    BOOST_TEST_MESSAGE("agent peak RSS " << agent_peak << " KiB, host growth " << host_growth
+                                         << " KiB");
     BOOST_TEST(agent_peak > 0);
     BOOST_TEST(agent_peak < 16 * 1024);  // the agent buffers a window, not the stream
     BOOST_TEST(host_growth < 32 * 1024); // neither does the client

@@ -30,7 +30,8 @@ struct fake_agent {
         std::size_t done = 0;
         auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
         while (done < bytes.size()) {
-            ssize_t n = ::send(raw, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+            ssize_t n =
+                ::send(raw, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL | MSG_DONTWAIT);
             if (n > 0) {
                 done += static_cast<std::size_t>(n);
                 continue;
@@ -50,36 +51,45 @@ struct fake_agent {
         agent::encode(frames, 0, agent::ready{});
         agent::encode(frames, 0, agent::hello_ok{agent::protocol_version, 0});
         send(frames);
-        auto [ec, ok] = await<agent::hello_ok>(io, [&](auto h) { client->async_hello("t", std::move(h)); });
+        auto [ec, ok] =
+            await<agent::hello_ok>(io, [&](auto h) { client->async_hello("t", std::move(h)); });
         BOOST_REQUIRE(!ec);
     }
     /// Starts `n` collected execs (streams 1..n); returns their result slots.
     std::vector<std::optional<std::error_code>> start_execs(int n) {
         std::vector<std::optional<std::error_code>> results(n);
         for (int i = 0; i < n; ++i)
-            client->async_exec(shell("true"), [&results, i](std::error_code ec, agent::exec_output) {
-                results[i] = ec;
-            });
+            client->async_exec(
+                shell("true"),
+                [&results, i](std::error_code ec, agent::exec_output) { results[i] = ec; });
         return results;
     }
 };
 
 std::string raw_header(std::uint32_t length, std::uint8_t type, std::uint32_t stream) {
     std::string h;
-    for (int i = 0; i < 4; ++i) h.push_back(static_cast<char>(length >> (8 * i)));
+    for (int i = 0; i < 4; ++i)
+        h.push_back(static_cast<char>(length >> (8 * i)));
     h.push_back(static_cast<char>(type));
-    for (int i = 0; i < 4; ++i) h.push_back(static_cast<char>(stream >> (8 * i)));
+    for (int i = 0; i < 4; ++i)
+        h.push_back(static_cast<char>(stream >> (8 * i)));
     return h;
 }
 
 template <class Results>
 void expect_all(fake_agent& f, Results& results, errc expected) {
-    run_until(f.io, [&] {
-        return std::all_of(results.begin(), results.end(), [](auto& r) { return r.has_value(); });
-    }, std::chrono::seconds(10));
-    for (auto& r : results) BOOST_TEST(*r == make_error_code(expected), r->message());
+    run_until(
+        f.io,
+        [&] {
+            return std::all_of(results.begin(), results.end(),
+                               [](auto& r) { return r.has_value(); });
+        },
+        std::chrono::seconds(10));
+    for (auto& r : results)
+        BOOST_TEST(*r == make_error_code(expected), r->message());
     // Later operations fail at once, too.
-    auto [ec, out] = await<agent::exec_output>(f.io, [&](auto h) { f.client->async_exec(shell("true"), std::move(h)); });
+    auto [ec, out] = await<agent::exec_output>(
+        f.io, [&](auto h) { f.client->async_exec(shell("true"), std::move(h)); });
     BOOST_TEST(ec == make_error_code(expected));
 }
 
@@ -117,7 +127,8 @@ BOOST_AUTO_TEST_CASE(hangup_fails_every_pending_operation) {
     f.handshake();
     auto results = f.start_execs(20);
     std::optional<std::error_code> read_result;
-    f.client->async_read_file("/etc/hostname", 100, [&](std::error_code ec, std::string) { read_result = ec; });
+    f.client->async_read_file("/etc/hostname", 100,
+                              [&](std::error_code ec, std::string) { read_result = ec; });
     f.hangup();
     expect_all(f, results, errc::agent_unavailable);
     run_until(f.io, [&] { return read_result.has_value(); });
@@ -181,14 +192,16 @@ BOOST_AUTO_TEST_CASE(unsolicited_hello_ok_and_ok) {
 BOOST_AUTO_TEST_CASE(killed_agent_ends_a_running_exec) {
     connected_agent a;
     std::optional<std::error_code> result;
-    a.client.async_exec(shell("sleep 30"), [&](std::error_code ec, agent::exec_output) { result = ec; });
+    a.client.async_exec(shell("sleep 30"),
+                        [&](std::error_code ec, agent::exec_output) { result = ec; });
     // Let the exec start, then kill the agent as a guest crash would.
     for (int i = 0; i < 10; ++i) {
         a.io.restart();
         a.io.run_for(std::chrono::milliseconds(20));
     }
     ::kill(a.process.pid(), SIGKILL);
-    run_until(a.io, [&] { return result.has_value(); }, std::chrono::seconds(10));
+    run_until(
+        a.io, [&] { return result.has_value(); }, std::chrono::seconds(10));
     BOOST_TEST(*result == make_error_code(errc::agent_unavailable));
 }
 
@@ -197,8 +210,10 @@ BOOST_AUTO_TEST_CASE(agent_closes_on_garbage_without_allocating_it) {
     agent_process process;
     int fd = process.release_fd();
     // A frame claiming 4 GiB: refused from the header alone.
-    std::string garbage = raw_header(0xfffffff0u, static_cast<std::uint8_t>(agent::message_type::hello), 0);
-    BOOST_REQUIRE(::write(fd, garbage.data(), garbage.size()) == static_cast<ssize_t>(garbage.size()));
+    std::string garbage =
+        raw_header(0xfffffff0u, static_cast<std::uint8_t>(agent::message_type::hello), 0);
+    BOOST_REQUIRE(::write(fd, garbage.data(), garbage.size()) ==
+                  static_cast<ssize_t>(garbage.size()));
     std::string received;
     char buffer[4096];
     for (;;) {
@@ -217,7 +232,8 @@ BOOST_AUTO_TEST_CASE(agent_closes_on_garbage_without_allocating_it) {
     BOOST_REQUIRE(agent::decode_header(rest, h) == agent::decode_error::none);
     BOOST_TEST((h.type == agent::message_type::error));
     agent::error_message m;
-    BOOST_REQUIRE(agent::decode(rest.substr(agent::frame_header_size, h.length), m) == agent::decode_error::none);
+    BOOST_REQUIRE(agent::decode(rest.substr(agent::frame_header_size, h.length), m) ==
+                  agent::decode_error::none);
     BOOST_TEST(m.message.find("protocol error") != std::string::npos);
     BOOST_TEST(process.peak_rss_kib() < 8 * 1024);
 }

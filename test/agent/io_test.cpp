@@ -22,8 +22,10 @@ BOOST_AUTO_TEST_CASE(write_then_read_a_file) {
     connected_agent a;
     std::string path = temp_path("file");
     std::string data;
-    for (int i = 0; data.size() < 700 * 1024; ++i) data += "line " + std::to_string(i) + "\n";
-    auto [wec] = await<>(a.io, [&](auto h) { a.client.async_write_file(path, data, 0640, std::move(h)); });
+    for (int i = 0; data.size() < 700 * 1024; ++i)
+        data += "line " + std::to_string(i) + "\n";
+    auto [wec] =
+        await<>(a.io, [&](auto h) { a.client.async_write_file(path, data, 0640, std::move(h)); });
     BOOST_REQUIRE_MESSAGE(!wec, wec.message());
     struct stat st {};
     BOOST_REQUIRE(::stat(path.c_str(), &st) == 0);
@@ -42,8 +44,9 @@ BOOST_AUTO_TEST_CASE(write_then_read_a_file) {
     BOOST_TEST(bounded.empty());
 
     // Files whose size stat does not know (procfs) still read, up to the bound.
-    auto [pec, proc] = await<std::string>(
-        a.io, [&](auto h) { a.client.async_read_file("/proc/self/status", 1 << 16, std::move(h)); });
+    auto [pec, proc] = await<std::string>(a.io, [&](auto h) {
+        a.client.async_read_file("/proc/self/status", 1 << 16, std::move(h));
+    });
     BOOST_TEST(!pec);
     BOOST_TEST(proc.find("Name:") != std::string::npos);
     ::unlink(path.c_str());
@@ -54,7 +57,8 @@ BOOST_AUTO_TEST_CASE(file_errors_are_clean) {
     auto [ec, s] = await<std::string>(
         a.io, [&](auto h) { a.client.async_read_file("/no/such/file", 100, std::move(h)); });
     BOOST_TEST(ec == make_error_code(errc::not_found));
-    auto [dec, d] = await<std::string>(a.io, [&](auto h) { a.client.async_read_file("/", 100, std::move(h)); });
+    auto [dec, d] =
+        await<std::string>(a.io, [&](auto h) { a.client.async_read_file("/", 100, std::move(h)); });
     BOOST_TEST(dec);
     auto [wec] = await<>(a.io, [&](auto h) {
         a.client.async_write_file("/no/such/dir/file", "x", 0644, std::move(h));
@@ -81,7 +85,8 @@ BOOST_AUTO_TEST_CASE(tcp_forward_to_a_local_listener) {
 
     // Host -> guest: 1 MiB, more than the window, through backpressure.
     std::string payload(1 << 20, '\0');
-    for (std::size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>('a' + i % 26);
+    for (std::size_t i = 0; i < payload.size(); ++i)
+        payload[i] = static_cast<char>('a' + i % 26);
     bool sent = false;
     channel.async_write(payload, [&](std::error_code e) {
         BOOST_TEST(!e);
@@ -143,7 +148,8 @@ BOOST_AUTO_TEST_CASE(tcp_forward_to_a_closed_port_fails_cleanly) {
 
 BOOST_AUTO_TEST_CASE(reseed_and_shutdown) {
     connected_agent a;
-    auto [rec] = await<>(a.io, [&](auto h) { a.client.async_reseed_rng(std::string(64, '\x5a'), std::move(h)); });
+    auto [rec] = await<>(
+        a.io, [&](auto h) { a.client.async_reseed_rng(std::string(64, '\x5a'), std::move(h)); });
     BOOST_TEST(!rec);
     auto [big] = await<>(a.io, [&](auto h) {
         a.client.async_reseed_rng(std::string(agent::max_rng_seed + 1, 'x'), std::move(h));
@@ -153,7 +159,8 @@ BOOST_AUTO_TEST_CASE(reseed_and_shutdown) {
     BOOST_TEST(!sec);
     // The agent process ends; every later operation fails at once with agent_unavailable.
     int status = 0;
-    for (int i = 0; i < 200 && ::waitpid(a.process.pid(), &status, WNOHANG) == 0; ++i) ::usleep(10000);
+    for (int i = 0; i < 200 && ::waitpid(a.process.pid(), &status, WNOHANG) == 0; ++i)
+        ::usleep(10000);
     BOOST_TEST(WIFEXITED(status));
     std::error_code ec;
     a.exec(shell("true"), &ec);
@@ -162,7 +169,8 @@ BOOST_AUTO_TEST_CASE(reseed_and_shutdown) {
 
 BOOST_AUTO_TEST_CASE(a_wrong_token_is_refused) {
     connected_agent a(false);
-    auto [ec, ok] = await<agent::hello_ok>(a.io, [&](auto h) { a.client.async_hello("wrong", std::move(h)); });
+    auto [ec, ok] =
+        await<agent::hello_ok>(a.io, [&](auto h) { a.client.async_hello("wrong", std::move(h)); });
     BOOST_TEST(ec == make_error_code(errc::agent_auth_failed));
     // The agent closed the connection: nothing else gets through.
     std::error_code eec;

@@ -14,10 +14,10 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
-#include <vector>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <signal.h>
 #include <spawn.h>
@@ -40,7 +40,8 @@ std::optional<kernel_paths> find_kernel() {
         kernel_paths p;
         for (auto& e : fs::directory_iterator(fs::path(root) / "boot", ec))
             if (e.path().filename().string().rfind("vmlinuz-", 0) == 0) p.vmlinuz = e.path();
-        for (auto& e : fs::directory_iterator(fs::path(root) / "lib/modules", ec)) p.modules = e.path();
+        for (auto& e : fs::directory_iterator(fs::path(root) / "lib/modules", ec))
+            p.modules = e.path();
         if (!p.vmlinuz.empty() && !p.modules.empty()) return p;
     }
     return std::nullopt;
@@ -52,7 +53,8 @@ std::uint64_t host_tsc_khz() {
     auto c0 = __rdtsc();
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     auto c1 = __rdtsc();
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return static_cast<std::uint64_t>(static_cast<double>(c1 - c0) / ms);
 }
 
@@ -71,11 +73,13 @@ bool have(const char* tool) {
 
 BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
     auto kernel = find_kernel();
-    supermachine::test::skip_unless(kernel.has_value(),
-                                    "no guest kernel (set SUPERMACHINE_GUEST_KERNEL and SUPERMACHINE_GUEST_MODULES)");
+    supermachine::test::skip_unless(
+        kernel.has_value(),
+        "no guest kernel (set SUPERMACHINE_GUEST_KERNEL and SUPERMACHINE_GUEST_MODULES)");
     for (const char* tool : {"qemu-system-x86_64", "cpio", "gzip", "mkfs.ext4"})
         supermachine::test::skip_unless(have(tool), std::string(tool) + " not installed");
-    supermachine::test::skip_unless(fs::exists("/bin/busybox"), "/bin/busybox (busybox-static) not installed");
+    supermachine::test::skip_unless(fs::exists("/bin/busybox"),
+                                    "/bin/busybox (busybox-static) not installed");
     const char* bin = std::getenv("SUPERMACHINE_BINARY_DIR");
     fs::path agent = fs::path(bin ? bin : ".") / "bin/supermachine-agent";
     BOOST_REQUIRE(fs::exists(agent));
@@ -102,28 +106,54 @@ BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
     }
     list.close();
     fs::create_directories(root / "bin");
-    for (const char* d : {"proc", "sys", "dev", "tmp", "run", "etc"}) fs::create_directories(root / d);
+    for (const char* d : {"proc", "sys", "dev", "tmp", "run", "etc"})
+        fs::create_directories(root / d);
     fs::copy_file("/bin/busybox", root / "bin/busybox");
     std::ofstream(root / "etc/marker") << "root disk\n";
-    std::string build = "cd '" + initrd.string() + "' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd.gz && " +
-                        "mkfs.ext4 -q -d '" + root.string() + "' '" + (dir / "root.ext4").string() + "' 32M";
+    std::string build = "cd '" + initrd.string() +
+                        "' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd.gz && " +
+                        "mkfs.ext4 -q -d '" + root.string() + "' '" + (dir / "root.ext4").string() +
+                        "' 32M";
     BOOST_REQUIRE(std::system(build.c_str()) == 0);
 
-    std::string cmdline = "console=ttyS0 quiet panic=-1 rdinit=/init supermachine.token=0123abcd tsc_early_khz=" +
-                          std::to_string(host_tsc_khz());
+    std::string cmdline =
+        "console=ttyS0 quiet panic=-1 rdinit=/init supermachine.token=0123abcd tsc_early_khz=" +
+        std::to_string(host_tsc_khz());
     std::string log = (dir / "console.log").string();
     std::string drive = "id=d0,file=" + (dir / "root.ext4").string() + ",format=raw,if=none";
     std::string kernel_path = kernel->vmlinuz.string();
     std::string initrd_path = (dir / "initrd.gz").string();
-    std::vector<std::string> args = {"qemu-system-x86_64", "-M", "microvm,acpi=on", "-accel", "tcg", "-cpu", "max",
-                                     "-m", "256", "-nographic", "-nodefaults", "-no-reboot", "-serial", "file:" + log,
-                                     "-kernel", kernel_path, "-initrd", initrd_path, "-append", cmdline,
-                                     "-drive", drive, "-device", "virtio-blk-device,drive=d0"};
+    std::vector<std::string> args = {"qemu-system-x86_64",
+                                     "-M",
+                                     "microvm,acpi=on",
+                                     "-accel",
+                                     "tcg",
+                                     "-cpu",
+                                     "max",
+                                     "-m",
+                                     "256",
+                                     "-nographic",
+                                     "-nodefaults",
+                                     "-no-reboot",
+                                     "-serial",
+                                     "file:" + log,
+                                     "-kernel",
+                                     kernel_path,
+                                     "-initrd",
+                                     initrd_path,
+                                     "-append",
+                                     cmdline,
+                                     "-drive",
+                                     drive,
+                                     "-device",
+                                     "virtio-blk-device,drive=d0"};
     std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
+    for (auto& a : args)
+        argv.push_back(a.data());
     argv.push_back(nullptr);
     pid_t qemu = -1;
-    BOOST_REQUIRE(::posix_spawnp(&qemu, "qemu-system-x86_64", nullptr, nullptr, argv.data(), environ) == 0);
+    BOOST_REQUIRE(
+        ::posix_spawnp(&qemu, "qemu-system-x86_64", nullptr, nullptr, argv.data(), environ) == 0);
 
     auto start = std::chrono::steady_clock::now();
     std::string console;
@@ -137,7 +167,8 @@ BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
-    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!exited) {
         ::kill(qemu, SIGKILL);
         ::waitpid(qemu, nullptr, 0);
@@ -148,5 +179,6 @@ BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
     BOOST_TEST(console.find("ready on vsock port 1024") != std::string::npos);
     BOOST_TEST(console.find("finit_module") == std::string::npos); // every module loaded
     BOOST_TEST(console.find("Kernel panic") == std::string::npos);
+    BOOST_TEST(console.find("no token") == std::string::npos); // supermachine.token= was parsed
     fs::remove_all(dir);
 }

@@ -33,7 +33,8 @@ Message round_trip(const Message& m, std::uint32_t stream = 7) {
 
 std::string u32le(std::uint32_t v) {
     std::string s;
-    for (int i = 0; i < 4; ++i) s.push_back(static_cast<char>(v >> (8 * i)));
+    for (int i = 0; i < 4; ++i)
+        s.push_back(static_cast<char>(v >> (8 * i)));
     return s;
 }
 
@@ -70,7 +71,8 @@ BOOST_AUTO_TEST_CASE(every_message_round_trips) {
     BOOST_TEST((round_trip(read_file_request{"/etc/passwd", 1 << 20}) ==
                 read_file_request{"/etc/passwd", 1 << 20}));
     BOOST_TEST((round_trip(file_end{1ull << 40}) == file_end{1ull << 40}));
-    BOOST_TEST((round_trip(write_file_request{"/tmp/x", 0755}) == write_file_request{"/tmp/x", 0755}));
+    BOOST_TEST(
+        (round_trip(write_file_request{"/tmp/x", 0755}) == write_file_request{"/tmp/x", 0755}));
     BOOST_TEST((round_trip(tcp_connect_request{8080}) == tcp_connect_request{8080}));
     BOOST_TEST((round_trip(credit_grant{65536}) == credit_grant{65536}));
 }
@@ -112,15 +114,16 @@ BOOST_AUTO_TEST_CASE(lengths_and_counts_are_bounded_before_allocating) {
     BOOST_TEST((decode(u32le(1) + u32le(0xffffffffu) + "abcd", h) == decode_error::too_large));
     // Within the bound but longer than the input: truncated, not allocated.
     BOOST_TEST((decode(u32le(1) + u32le(200) + "abcd", h) == decode_error::truncated));
-    BOOST_TEST((decode(u32le(1) + u32le(max_token_size + 1) + std::string(max_token_size + 1, 'x'), h) ==
-                decode_error::too_large));
+    BOOST_TEST((decode(u32le(1) + u32le(max_token_size + 1) + std::string(max_token_size + 1, 'x'),
+                       h) == decode_error::too_large));
     exec_request r;
     // argv count beyond max_strings.
     BOOST_TEST((decode(u32le(max_strings + 1), r) == decode_error::too_large));
     // A count the remaining bytes cannot hold (each entry needs at least 4 bytes).
     BOOST_TEST((decode(u32le(1000) + "tiny", r) == decode_error::truncated));
     error_message e;
-    BOOST_TEST((decode(u32le(1) + u32le(0) + u32le(max_message_size + 1), e) == decode_error::too_large));
+    BOOST_TEST(
+        (decode(u32le(1) + u32le(0) + u32le(max_message_size + 1), e) == decode_error::too_large));
 }
 
 BOOST_AUTO_TEST_CASE(malformed_fields) {

@@ -29,7 +29,8 @@ class fake_guest {
 public:
     static constexpr std::uint64_t base = 0x100000;
 
-    explicit fake_guest(virtio::vsock::config config = {}) : storage_(16 << 20) {
+    explicit fake_guest(virtio::vsock::config config = {})
+        : storage_(16 << 20) {
         memory_ = guest_memory::view(base, std::span(storage_));
         std::uint64_t at = base;
         for (int q = 0; q < 3; ++q) {
@@ -49,19 +50,23 @@ public:
             bindings_[q] = {queues_[q].get(), kick_[q], {}};
         }
         // Before DRIVER_OK, as a driver does: rx buffers and one event buffer.
-        for (std::uint32_t i = 0; i < 32; ++i) post_rx(i);
+        for (std::uint32_t i = 0; i < 32; ++i)
+            post_rx(i);
         post_event();
-        virtio::activation act{memory_, io.get_executor(), virtio::common_features,
-                               std::span(bindings_), {}, [this] { broken = true; }};
+        virtio::activation act{
+            memory_, io.get_executor(),        virtio::common_features, std::span(bindings_),
+            {},      [this] { broken = true; }};
         BOOST_REQUIRE(device->activate(act));
     }
     ~fake_guest() {
         device->reset();
-        for (int fd : kick_) ::close(fd);
+        for (int fd : kick_)
+            ::close(fd);
     }
 
     /// Sends one packet on tx (readable chain: header + payload in one buffer).
-    void send(vsock_header h, std::string_view payload = {}, std::optional<std::uint32_t> claimed = {}) {
+    void send(vsock_header h, std::string_view payload = {},
+              std::optional<std::uint32_t> claimed = {}) {
         h.len = claimed.value_or(static_cast<std::uint32_t>(payload.size()));
         std::uint32_t slot = tx_slot_++ % queue_size;
         std::uint64_t address = buffers_ + (1 << 20) + slot * 70000ull;
@@ -79,7 +84,8 @@ public:
         add(1, slot, address, static_cast<std::uint32_t>(bytes.size()), false);
     }
 
-    vsock_header header(std::uint16_t operation, std::uint32_t guest_port, std::uint32_t host_port) {
+    vsock_header header(std::uint16_t operation, std::uint32_t guest_port,
+                        std::uint32_t host_port) {
         vsock_header h{};
         h.src_cid = guest_cid;
         h.dst_cid = virtio::vsock_host_cid;
@@ -115,36 +121,38 @@ public:
     }
 
     /// Runs the device until `done`, collecting rx packets into `inbox`.
-    bool pump(const std::function<bool()>& done, std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+    bool pump(const std::function<bool()>& done,
+              std::chrono::milliseconds limit = std::chrono::seconds(10)) {
         auto end = std::chrono::steady_clock::now() + limit;
         while (!done()) {
             if (std::chrono::steady_clock::now() > end) return false;
             io.restart();
             io.run_for(std::chrono::milliseconds(2));
-            for (auto& p : take_rx()) inbox.push_back(std::move(p));
+            for (auto& p : take_rx())
+                inbox.push_back(std::move(p));
         }
         return true;
     }
     /// Waits for a packet matching `op` (dropping nothing else: others stay in the inbox).
-    std::optional<received_packet> expect(std::uint16_t operation,
-                                          std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+    std::optional<received_packet>
+    expect(std::uint16_t operation, std::chrono::milliseconds limit = std::chrono::seconds(10)) {
         std::optional<received_packet> found;
-        pump([&] {
-            for (auto it = inbox.begin(); it != inbox.end(); ++it)
-                if (it->header.op == operation) {
-                    found = std::move(*it);
-                    inbox.erase(it);
-                    return true;
-                }
-            return false;
-        }, limit);
+        pump(
+            [&] {
+                for (auto it = inbox.begin(); it != inbox.end(); ++it)
+                    if (it->header.op == operation) {
+                        found = std::move(*it);
+                        inbox.erase(it);
+                        return true;
+                    }
+                return false;
+            },
+            limit);
         return found;
     }
 
     std::uint32_t event_used() { return read16(layouts_[2].used_ring + 2); }
-    std::uint32_t event_id() {
-        return memory_.read_object<std::uint32_t>(event_address()).value();
-    }
+    std::uint32_t event_id() { return memory_.read_object<std::uint32_t>(event_address()).value(); }
 
     boost::asio::io_context io;
     std::unique_ptr<virtio::vsock> device;
@@ -154,17 +162,22 @@ public:
     bool broken = false;
 
 private:
-    std::uint64_t rx_address(std::uint32_t id) const { return buffers_ + id * std::uint64_t{rx_buffer}; }
+    std::uint64_t rx_address(std::uint32_t id) const {
+        return buffers_ + id * std::uint64_t{rx_buffer};
+    }
     std::uint64_t event_address() const { return buffers_ + 64ull * rx_buffer; }
     void post_rx(std::uint32_t id) { add(0, id, rx_address(id), rx_buffer, true); }
     void post_event() { add(2, 0, event_address(), 4, true); }
 
-    void add(int q, std::uint32_t slot, std::uint64_t address, std::uint32_t length, bool writable) {
-        virtio::raw_descriptor d{address, length,
-                                 static_cast<std::uint16_t>(writable ? virtio::descriptor_flag::write : 0), 0};
+    void add(int q, std::uint32_t slot, std::uint64_t address, std::uint32_t length,
+             bool writable) {
+        virtio::raw_descriptor d{
+            address, length,
+            static_cast<std::uint16_t>(writable ? virtio::descriptor_flag::write : 0), 0};
         memory_.write_object(layouts_[q].descriptor_table + 16ull * slot, d).value();
         std::uint16_t idx = read16(layouts_[q].available_ring + 2);
-        write16(layouts_[q].available_ring + 4 + 2ull * (idx % queue_size), static_cast<std::uint16_t>(slot));
+        write16(layouts_[q].available_ring + 4 + 2ull * (idx % queue_size),
+                static_cast<std::uint16_t>(slot));
         write16(layouts_[q].available_ring + 2, static_cast<std::uint16_t>(idx + 1));
         const std::uint64_t one = 1;
         [[maybe_unused]] auto n = ::write(kick_[q], &one, sizeof one);
@@ -273,7 +286,8 @@ BOOST_AUTO_TEST_CASE(host_close_sends_shutdown) {
 BOOST_AUTO_TEST_CASE(refused_and_unanswered_connects) {
     fake_guest g;
     std::optional<std::error_code> result;
-    g.device->async_connect(g.io.get_executor(), 99, [&](std::error_code ec, local_socket) { result = ec; });
+    g.device->async_connect(g.io.get_executor(), 99,
+                            [&](std::error_code ec, local_socket) { result = ec; });
     auto request = g.expect(op::request);
     BOOST_REQUIRE(request);
     g.send(g.header(op::rst, 99, request->header.src_port));
@@ -282,7 +296,8 @@ BOOST_AUTO_TEST_CASE(refused_and_unanswered_connects) {
 
     fake_guest slow({.connect_timeout = std::chrono::milliseconds(200)});
     std::optional<std::error_code> timed_out;
-    slow.device->async_connect(slow.io.get_executor(), 5, [&](std::error_code ec, local_socket) { timed_out = ec; });
+    slow.device->async_connect(slow.io.get_executor(), 5,
+                               [&](std::error_code ec, local_socket) { timed_out = ec; });
     BOOST_REQUIRE(slow.pump([&] { return timed_out.has_value(); }));
     BOOST_TEST(*timed_out == make_error_code(errc::timeout));
 }
@@ -321,7 +336,8 @@ BOOST_AUTO_TEST_CASE(host_to_guest_respects_guest_credit) {
     g.buf_alloc = 8192; // the guest can hold 8 KiB until it forwards
     auto [socket, host_port] = connect(g);
     std::string data(100 * 1024, '\0');
-    for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 7);
+    for (std::size_t i = 0; i < data.size(); ++i)
+        data[i] = static_cast<char>(i * 7);
     boost::asio::write(socket, boost::asio::buffer(data));
     std::string got;
     for (int round = 0; got.size() < data.size() && round < 100; ++round) {
@@ -351,7 +367,8 @@ BOOST_AUTO_TEST_CASE(guest_beyond_our_credit_is_reset) {
     for (int i = 0; i < 2000 && !reset; ++i) {
         g.send(g.header(op::rw, 1024, host_port), chunk);
         g.pump([&] { return false; }, std::chrono::milliseconds(1));
-        for (auto& p : g.inbox) reset = reset || p.header.op == op::rst;
+        for (auto& p : g.inbox)
+            reset = reset || p.header.op == op::rst;
     }
     BOOST_TEST(reset);
     BOOST_TEST(!g.broken);
@@ -377,7 +394,8 @@ BOOST_AUTO_TEST_CASE(hostile_packets) {
     g.send(seq);
     BOOST_TEST(g.expect(op::rst).has_value());
     g.pump([&] { return false; }, std::chrono::milliseconds(50));
-    for (auto& p : g.inbox) BOOST_TEST((p.header.dst_port != 1u)); // nothing for the spoofed one
+    for (auto& p : g.inbox)
+        BOOST_TEST((p.header.dst_port != 1u)); // nothing for the spoofed one
     BOOST_TEST(!g.broken);
     // The device still works.
     auto [again, port2] = connect(g);
@@ -407,8 +425,9 @@ BOOST_AUTO_TEST_CASE(agent_client_through_the_device) {
     ::fcntl(agent_fd, F_SETFL, O_NONBLOCK);
 
     std::optional<std::pair<std::error_code, local_socket>> connected;
-    g.device->async_connect(g.io.get_executor(), agent::default_vsock_port,
-                            [&](std::error_code ec, local_socket s) { connected.emplace(ec, std::move(s)); });
+    g.device->async_connect(
+        g.io.get_executor(), agent::default_vsock_port,
+        [&](std::error_code ec, local_socket s) { connected.emplace(ec, std::move(s)); });
     auto request = g.expect(op::request);
     BOOST_REQUIRE(request);
     std::uint32_t host_port = request->header.src_port;
@@ -436,15 +455,19 @@ BOOST_AUTO_TEST_CASE(agent_client_through_the_device) {
         g.fwd_cnt = received_total - static_cast<std::uint32_t>(to_agent.size());
         char buffer[4000];
         ssize_t n = ::read(agent_fd, buffer, sizeof buffer);
-        if (n > 0) g.send(g.header(op::rw, 1024, host_port), std::string_view(buffer, static_cast<std::size_t>(n)));
+        if (n > 0)
+            g.send(g.header(op::rw, 1024, host_port),
+                   std::string_view(buffer, static_cast<std::size_t>(n)));
     };
     auto run_op = [&](auto start) {
         bool done = false;
         start([&] { done = true; });
-        g.pump([&] {
-            relay();
-            return done;
-        }, std::chrono::seconds(20));
+        g.pump(
+            [&] {
+                relay();
+                return done;
+            },
+            std::chrono::seconds(20));
         return done;
     };
     std::error_code hello_error;
@@ -458,11 +481,12 @@ BOOST_AUTO_TEST_CASE(agent_client_through_the_device) {
     agent::exec_output out;
     std::error_code exec_error;
     BOOST_REQUIRE(run_op([&](auto finish) {
-        client.async_exec(shell("echo through vsock; exit 42"), [&, finish](std::error_code ec, agent::exec_output o) {
-            exec_error = ec;
-            out = std::move(o);
-            finish();
-        });
+        client.async_exec(shell("echo through vsock; exit 42"),
+                          [&, finish](std::error_code ec, agent::exec_output o) {
+                              exec_error = ec;
+                              out = std::move(o);
+                              finish();
+                          });
     }));
     BOOST_TEST(!exec_error);
     BOOST_TEST(out.exit_code == 42);

@@ -5,7 +5,8 @@
 //
 //   agent::basic_client<boost::asio::local::stream_protocol::socket> client(std::move(socket));
 //   client.async_hello(token, [](std::error_code ec, agent::hello_ok) { ... });
-//   client.async_exec({.argv = {"sh", "-c", "exit 42"}}, [](std::error_code ec, agent::exec_output out) {});
+//   client.async_exec({.argv = {"sh", "-c", "exit 42"}}, [](std::error_code ec, agent::exec_output
+//   out) {});
 //
 // Completions carry std::error_code (supermachine::errc): with use_awaitable
 // they arrive as a tuple. Operations may be started from any thread; they run
@@ -32,7 +33,8 @@ public:
     exec_child() = default;
     exec_child(std::shared_ptr<detail::client_core<Stream>> core,
                std::shared_ptr<detail::stream_state> state)
-        : core_(std::move(core)), state_(std::move(state)) {}
+        : core_(std::move(core))
+        , state_(std::move(state)) {}
     exec_child(exec_child&&) noexcept = default;
     exec_child& operator=(exec_child&& other) noexcept {
         release();
@@ -103,9 +105,10 @@ private:
             [core = core_, state = state_, type](auto handler) {
                 auto done = detail::bind_completion<void(std::error_code)>(std::move(handler),
                                                                            core->get_executor());
-                asio::post(core->get_executor(), [core, state, type, done = std::move(done)]() mutable {
-                    core->send_marker(*state, type, 0, std::move(done));
-                });
+                asio::post(core->get_executor(),
+                           [core, state, type, done = std::move(done)]() mutable {
+                               core->send_marker(*state, type, 0, std::move(done));
+                           });
             },
             token);
     }
@@ -115,15 +118,17 @@ private:
             [core = core_, state = state_, channel](auto handler) {
                 auto done = detail::bind_completion<void(std::error_code, std::string)>(
                     std::move(handler), core->get_executor());
-                asio::post(core->get_executor(), [core, state, channel, done = std::move(done)]() mutable {
-                    core->read_chunk(state, channel, std::move(done));
-                });
+                asio::post(core->get_executor(),
+                           [core, state, channel, done = std::move(done)]() mutable {
+                               core->read_chunk(state, channel, std::move(done));
+                           });
             },
             token);
     }
     void release() {
         if (!core_ || !state_) return;
-        asio::post(core_->get_executor(), [core = core_, state = state_] { core->abandon(*state); });
+        asio::post(core_->get_executor(),
+                   [core = core_, state = state_] { core->abandon(*state); });
         core_.reset();
         state_.reset();
     }
@@ -201,10 +206,10 @@ public:
             [core = core_](auto handler, std::string token) {
                 auto done = detail::bind_completion<void(std::error_code, hello_ok)>(
                     std::move(handler), core->get_executor());
-                asio::post(core->get_executor(), [core, token = std::move(token),
-                                                  done = std::move(done)]() mutable {
-                    core->start_hello(std::move(token), std::move(done));
-                });
+                asio::post(core->get_executor(),
+                           [core, token = std::move(token), done = std::move(done)]() mutable {
+                               core->start_hello(std::move(token), std::move(done));
+                           });
             },
             completion, std::move(token));
     }
@@ -248,16 +253,18 @@ public:
             [core = core_](auto handler, exec_request request) {
                 auto done = detail::bind_completion<void(std::error_code, child_type)>(
                     std::move(handler), core->get_executor());
-                asio::post(core->get_executor(), [core, request = std::move(request),
-                                                  done = std::move(done)]() mutable {
-                    if (core->failure()) return done.take_and_call(core->failure(), child_type{});
-                    auto state = core->open_stream(detail::stream_kind::exec);
-                    state->on_started = [core, state, done = std::move(done)](std::error_code ec) mutable {
-                        if (ec) return done.take_and_call(ec, child_type{});
-                        done.take_and_call({}, child_type(core, state));
-                    };
-                    core->send_request(*state, request);
-                });
+                asio::post(core->get_executor(),
+                           [core, request = std::move(request), done = std::move(done)]() mutable {
+                               if (core->failure())
+                                   return done.take_and_call(core->failure(), child_type{});
+                               auto state = core->open_stream(detail::stream_kind::exec);
+                               state->on_started = [core, state, done = std::move(done)](
+                                                       std::error_code ec) mutable {
+                                   if (ec) return done.take_and_call(ec, child_type{});
+                                   done.take_and_call({}, child_type(core, state));
+                               };
+                               core->send_request(*state, request);
+                           });
             },
             completion, std::move(request));
     }
@@ -278,7 +285,8 @@ public:
                     state->on_end = [state, done = std::move(done)](std::error_code ec) mutable {
                         done.take_and_call(ec, ec ? std::string{} : std::move(state->collected[0]));
                     };
-                    core->send_request(*state, read_file_request{std::move(path), state->collect_limit});
+                    core->send_request(*state,
+                                       read_file_request{std::move(path), state->collect_limit});
                 });
             },
             completion, std::move(path), max_bytes);
@@ -286,13 +294,15 @@ public:
 
     /// Writes (creates or truncates) a guest file with `mode`; completes when the agent closed it.
     template <class Token>
-    auto async_write_file(std::string path, std::string data, std::uint32_t mode, Token&& completion) {
+    auto async_write_file(std::string path, std::string data, std::uint32_t mode,
+                          Token&& completion) {
         return asio::async_initiate<Token, void(std::error_code)>(
             [core = core_](auto handler, std::string path, std::string data, std::uint32_t mode) {
                 auto done = detail::bind_completion<void(std::error_code)>(std::move(handler),
                                                                            core->get_executor());
-                asio::post(core->get_executor(), [core, path = std::move(path), data = std::move(data),
-                                                  mode, done = std::move(done)]() mutable {
+                asio::post(core->get_executor(), [core, path = std::move(path),
+                                                  data = std::move(data), mode,
+                                                  done = std::move(done)]() mutable {
                     if (core->failure()) return done.take_and_call(core->failure());
                     auto state = core->open_stream(detail::stream_kind::write_file);
                     state->on_end = std::move(done);
@@ -315,7 +325,8 @@ public:
                 asio::post(core->get_executor(), [core, port, done = std::move(done)]() mutable {
                     if (core->failure()) return done.take_and_call(core->failure(), tcp_type{});
                     auto state = core->open_stream(detail::stream_kind::tcp);
-                    state->on_started = [core, state, done = std::move(done)](std::error_code ec) mutable {
+                    state->on_started = [core, state,
+                                         done = std::move(done)](std::error_code ec) mutable {
                         if (ec) return done.take_and_call(ec, tcp_type{});
                         done.take_and_call({}, tcp_type(core, state));
                     };

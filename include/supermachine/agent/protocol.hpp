@@ -90,12 +90,18 @@ enum class decode_error : std::uint8_t {
 
 inline const char* to_string(decode_error e) noexcept {
     switch (e) {
-    case decode_error::none: return "none";
-    case decode_error::truncated: return "truncated";
-    case decode_error::too_large: return "length or count exceeds its bound";
-    case decode_error::unknown_type: return "unknown message type";
-    case decode_error::malformed: return "malformed field";
-    case decode_error::trailing_bytes: return "trailing bytes after message";
+    case decode_error::none:
+        return "none";
+    case decode_error::truncated:
+        return "truncated";
+    case decode_error::too_large:
+        return "length or count exceeds its bound";
+    case decode_error::unknown_type:
+        return "unknown message type";
+    case decode_error::malformed:
+        return "malformed field";
+    case decode_error::trailing_bytes:
+        return "trailing bytes after message";
     }
     return "?";
 }
@@ -104,9 +110,9 @@ inline const char* to_string(decode_error e) noexcept {
 enum class agent_error : std::uint32_t {
     command_not_found = 1, // message names the command
     permission_denied,
-    not_found,          // a file
-    invalid_request,    // malformed or out-of-order request
-    auth_failed,        // hello with a wrong token
+    not_found,       // a file
+    invalid_request, // malformed or out-of-order request
+    auth_failed,     // hello with a wrong token
     io_error,
     exec_failed,        // any other exec failure (errno alongside)
     connection_refused, // tcp_connect to a guest port nobody listens on
@@ -137,15 +143,15 @@ struct tty_size {
     bool operator==(const tty_size&) const = default;
 };
 struct exec_request {
-    std::vector<std::string> argv; // argv[0] is looked up in PATH (from env, else a default)
-    std::vector<std::string> env;  // "NAME=value"
-    std::string cwd;               // empty: "/"
+    std::vector<std::string> argv;     // argv[0] is looked up in PATH (from env, else a default)
+    std::vector<std::string> env;      // "NAME=value"
+    std::string cwd;                   // empty: "/"
     std::optional<std::uint32_t> uid;  // unset: the agent's own
     std::optional<std::uint32_t> gid;  // unset: the agent's own
     std::vector<std::uint32_t> groups; // supplementary groups (set when uid or gid is set)
     std::optional<tty_size> tty;       // run on a fresh pty (stdout carries both streams)
     bool stdin_open = false;           // else stdin is /dev/null
-    std::uint32_t timeout_ms = 0;      // 0: none; else SIGKILL the process group and report timed_out
+    std::uint32_t timeout_ms = 0; // 0: none; else SIGKILL the process group and report timed_out
     bool operator==(const exec_request&) const = default;
 };
 struct exec_started {
@@ -201,7 +207,8 @@ namespace detail {
 
 class writer {
 public:
-    explicit writer(std::string& out) : out_(out) {}
+    explicit writer(std::string& out)
+        : out_(out) {}
     void u8(std::uint8_t v) { out_.push_back(static_cast<char>(v)); }
     void u16(std::uint16_t v) { put(v, 2); }
     void u32(std::uint32_t v) { put(v, 4); }
@@ -213,14 +220,16 @@ public:
 
 private:
     void put(std::uint64_t v, int n) {
-        for (int i = 0; i < n; ++i) out_.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+        for (int i = 0; i < n; ++i)
+            out_.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
     }
     std::string& out_;
 };
 
 class reader {
 public:
-    explicit reader(std::string_view in) : in_(in) {}
+    explicit reader(std::string_view in)
+        : in_(in) {}
     decode_error status() const { return status_; }
     bool ok() const { return status_ == decode_error::none; }
     std::size_t remaining() const { return in_.size() - pos_; }
@@ -288,12 +297,14 @@ void put_frame(std::string& out, message_type type, std::uint32_t stream, Body&&
     writer w(out);
     body(w);
     auto length = static_cast<std::uint32_t>(out.size() - start - frame_header_size);
-    for (int i = 0; i < 4; ++i) out[start + i] = static_cast<char>((length >> (8 * i)) & 0xff);
+    for (int i = 0; i < 4; ++i)
+        out[start + i] = static_cast<char>((length >> (8 * i)) & 0xff);
 }
 
 inline void put_strings(writer& w, const std::vector<std::string>& v) {
     w.u32(static_cast<std::uint32_t>(v.size()));
-    for (auto& s : v) w.bytes(s);
+    for (auto& s : v)
+        w.bytes(s);
 }
 
 inline std::vector<std::string> get_strings(reader& r, std::size_t bound) {
@@ -301,7 +312,8 @@ inline std::vector<std::string> get_strings(reader& r, std::size_t bound) {
     std::size_t n = r.count(max_strings, 4);
     if (!r.ok()) return v;
     v.reserve(n);
-    for (std::size_t i = 0; i < n && r.ok(); ++i) v.push_back(r.bytes(bound));
+    for (std::size_t i = 0; i < n && r.ok(); ++i)
+        v.push_back(r.bytes(bound));
     return v;
 }
 
@@ -337,7 +349,8 @@ inline void encode_empty(std::string& out, message_type type, std::uint32_t stre
 }
 
 inline void encode(std::string& out, std::uint32_t stream, const ready& m) {
-    detail::put_frame(out, message_type::ready, stream, [&](detail::writer& w) { w.u32(m.version); });
+    detail::put_frame(out, message_type::ready, stream,
+                      [&](detail::writer& w) { w.u32(m.version); });
 }
 inline void encode(std::string& out, std::uint32_t stream, const hello& m) {
     detail::put_frame(out, message_type::hello, stream, [&](detail::writer& w) {
@@ -359,9 +372,10 @@ inline void encode(std::string& out, std::uint32_t stream, const exec_request& m
         w.u32(m.uid.value_or(0));
         w.u32(m.gid.value_or(0));
         w.u32(static_cast<std::uint32_t>(m.groups.size()));
-        for (auto g : m.groups) w.u32(g);
-        w.u8(static_cast<std::uint8_t>((m.tty ? 1 : 0) | (m.stdin_open ? 2 : 0) |
-                                       (m.uid ? 4 : 0) | (m.gid ? 8 : 0)));
+        for (auto g : m.groups)
+            w.u32(g);
+        w.u8(static_cast<std::uint8_t>((m.tty ? 1 : 0) | (m.stdin_open ? 2 : 0) | (m.uid ? 4 : 0) |
+                                       (m.gid ? 8 : 0)));
         w.u16(m.tty ? m.tty->rows : 0);
         w.u16(m.tty ? m.tty->cols : 0);
         w.u32(m.timeout_ms);
@@ -410,7 +424,8 @@ inline void encode(std::string& out, std::uint32_t stream, const tcp_connect_req
                       [&](detail::writer& w) { w.u16(m.port); });
 }
 inline void encode(std::string& out, std::uint32_t stream, const credit_grant& m) {
-    detail::put_frame(out, message_type::credit, stream, [&](detail::writer& w) { w.u32(m.bytes); });
+    detail::put_frame(out, message_type::credit, stream,
+                      [&](detail::writer& w) { w.u32(m.bytes); });
 }
 
 // ---- decoders (payload only; the header was checked by decode_header) -------
@@ -443,7 +458,8 @@ inline decode_error decode(std::string_view in, exec_request& m) {
     m.groups.clear();
     if (r.ok()) {
         m.groups.reserve(n);
-        for (std::size_t i = 0; i < n; ++i) m.groups.push_back(r.u32());
+        for (std::size_t i = 0; i < n; ++i)
+            m.groups.push_back(r.u32());
     }
     std::uint8_t flags = r.u8();
     std::uint16_t rows = r.u16();
@@ -529,19 +545,32 @@ inline decode_error decode(std::string_view in, credit_grant& m) {
 inline decode_error validate(message_type type, std::string_view payload) {
     auto check = [&](auto message) { return decode(payload, message); };
     switch (type) {
-    case message_type::ready: return check(ready{});
-    case message_type::hello: return check(hello{});
-    case message_type::hello_ok: return check(hello_ok{});
-    case message_type::exec_request: return check(exec_request{});
-    case message_type::exec_started: return check(exec_started{});
-    case message_type::signal: return check(signal_request{});
-    case message_type::exit: return check(exit_status{});
-    case message_type::error: return check(error_message{});
-    case message_type::read_file: return check(read_file_request{});
-    case message_type::file_end: return check(file_end{});
-    case message_type::write_file: return check(write_file_request{});
-    case message_type::tcp_connect: return check(tcp_connect_request{});
-    case message_type::credit: return check(credit_grant{});
+    case message_type::ready:
+        return check(ready{});
+    case message_type::hello:
+        return check(hello{});
+    case message_type::hello_ok:
+        return check(hello_ok{});
+    case message_type::exec_request:
+        return check(exec_request{});
+    case message_type::exec_started:
+        return check(exec_started{});
+    case message_type::signal:
+        return check(signal_request{});
+    case message_type::exit:
+        return check(exit_status{});
+    case message_type::error:
+        return check(error_message{});
+    case message_type::read_file:
+        return check(read_file_request{});
+    case message_type::file_end:
+        return check(file_end{});
+    case message_type::write_file:
+        return check(write_file_request{});
+    case message_type::tcp_connect:
+        return check(tcp_connect_request{});
+    case message_type::credit:
+        return check(credit_grant{});
     case message_type::stdin_data:
     case message_type::stdout_data:
     case message_type::stderr_data:

@@ -22,8 +22,8 @@
 
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include <sys/socket.h>
@@ -84,7 +84,8 @@ public:
     using accept_handler = std::function<void(int fd, std::uint32_t guest_port)>;
     using connect_handler = std::function<void(std::error_code, int fd)>;
 
-    explicit vsock_impl(const config_type& c) : config_(c) {}
+    explicit vsock_impl(const config_type& c)
+        : config_(c) {}
 
     // ---- device side -------------------------------------------------------------
 
@@ -150,17 +151,20 @@ public:
         c->on_connect = std::move(done);
         c->request_pending = true;
         c->timer = std::make_unique<boost::asio::steady_timer>(executor_, config_.connect_timeout);
-        c->timer->async_wait([weak = weak_from_this(), key = c->key, id = c->id](boost::system::error_code ec) {
-            if (ec) return;
-            if (auto self = weak.lock()) {
-                std::lock_guard lock(self->mutex_);
-                auto it = self->connections_.find(key);
-                if (it == self->connections_.end() || it->second->id != id || it->second->established) return;
-                it->second->rst_pending = true;
-                self->fail_connect(*it->second, make_error_code(errc::timeout));
-                self->fill_rx();
-            }
-        });
+        c->timer->async_wait(
+            [weak = weak_from_this(), key = c->key, id = c->id](boost::system::error_code ec) {
+                if (ec) return;
+                if (auto self = weak.lock()) {
+                    std::lock_guard lock(self->mutex_);
+                    auto it = self->connections_.find(key);
+                    if (it == self->connections_.end() || it->second->id != id ||
+                        it->second->established)
+                        return;
+                    it->second->rst_pending = true;
+                    self->fail_connect(*it->second, make_error_code(errc::timeout));
+                    self->fill_rx();
+                }
+            });
         fill_rx();
     }
 
@@ -177,7 +181,7 @@ private:
         std::uint64_t id = 0;
         key_type key;
         std::unique_ptr<boost::asio::posix::stream_descriptor> socket; // the device's end
-        int user_fd = -1;         // host end until handed out (host-initiated connect)
+        int user_fd = -1; // host end until handed out (host-initiated connect)
         connect_handler on_connect;
         std::unique_ptr<boost::asio::steady_timer> timer;
         bool established = false;
@@ -329,20 +333,25 @@ private:
             watch_read(c);
             return;
         case vsock_op::rst:
-            if (!c->established) fail_connect(*c, std::make_error_code(std::errc::connection_refused));
+            if (!c->established)
+                fail_connect(*c, std::make_error_code(std::errc::connection_refused));
             erase_connection(key);
             return;
         case vsock_op::rw: {
             if (!c->established || c->guest_no_more_send) return reset_connection(*c);
-            if (c->to_host.size() + hdr.len > config_.buffer_size) return reset_connection(*c); // beyond credit
+            if (c->to_host.size() + hdr.len > config_.buffer_size)
+                return reset_connection(*c); // beyond credit
             std::size_t start = c->to_host.size();
             c->to_host.resize(start + hdr.len);
-            (void)reader.read(std::as_writable_bytes(std::span(c->to_host.data() + start, hdr.len)));
+            (void)reader.read(
+                std::as_writable_bytes(std::span(c->to_host.data() + start, hdr.len)));
             write_to_host(c);
             watch_read(c); // its fwd_cnt may have opened our window
             return;
         }
-        case vsock_op::credit_update: watch_read(c); return;
+        case vsock_op::credit_update:
+            watch_read(c);
+            return;
         case vsock_op::credit_request:
             c->credit_update_pending = true;
             watch_read(c);
@@ -359,7 +368,8 @@ private:
             }
             write_to_host(c);
             return;
-        default: return reset_connection(*c);
+        default:
+            return reset_connection(*c);
         }
     }
 
@@ -376,7 +386,8 @@ private:
         c->established = true;
         c->response_pending = true;
         auto on_accept = l->second;
-        boost::asio::post(executor_, [on_accept, fd = pair[1], port = hdr.src_port] { on_accept(fd, port); });
+        boost::asio::post(executor_,
+                          [on_accept, fd = pair[1], port = hdr.src_port] { on_accept(fd, port); });
         watch_read(c);
     }
 
@@ -420,7 +431,8 @@ private:
         }
         // Advertise consumption in steps (every RW header carries it too); the guest is
         // never stuck: with a full window buffered here, draining crosses the step.
-        if (c->fwd_cnt - c->fwd_cnt_sent >= config_.buffer_size / 4) c->credit_update_pending = true;
+        if (c->fwd_cnt - c->fwd_cnt_sent >= config_.buffer_size / 4)
+            c->credit_update_pending = true;
         if (c->guest_no_more_send && !c->write_shut) {
             ::shutdown(c->socket->native_handle(), SHUT_WR);
             c->write_shut = true;
@@ -444,7 +456,8 @@ private:
 
     // Host -> guest: read the socket while the guest has credit and we hold nothing unsent.
     void watch_read(const std::shared_ptr<connection>& c) {
-        if (c->reading || !c->established || c->host_eof || c->guest_no_more_receive || c->rst_pending)
+        if (c->reading || !c->established || c->host_eof || c->guest_no_more_receive ||
+            c->rst_pending)
             return;
         if (!c->from_host.empty() || c->peer_credit() == 0) return;
         c->reading = true;
@@ -533,12 +546,14 @@ private:
             control_.pop_front(); // (consumed even when the buffer turns out too small)
             return true;
         }
-        // Round-robin from after the connection served last, so one busy stream cannot starve others.
+        // Round-robin from after the connection served last, so one busy stream cannot starve
+        // others.
         std::vector<std::shared_ptr<connection>> order;
         order.reserve(connections_.size());
         for (auto it = connections_.upper_bound(last_served_); it != connections_.end(); ++it)
             order.push_back(it->second);
-        for (auto it = connections_.begin(); it != connections_.end() && it->first <= last_served_; ++it)
+        for (auto it = connections_.begin(); it != connections_.end() && it->first <= last_served_;
+             ++it)
             order.push_back(it->second);
         for (auto& c : order) {
             source = c;
@@ -578,16 +593,27 @@ private:
 
     void after_send(const std::shared_ptr<connection>& c, const vsock_header& h) {
         switch (h.op) {
-        case vsock_op::rst: erase_connection(c->key); return;
-        case vsock_op::request: c->request_pending = false; return;
-        case vsock_op::response: c->response_pending = false; return;
-        case vsock_op::shutdown: c->shutdown_pending = false; return;
-        case vsock_op::credit_update: c->credit_update_pending = false; return;
+        case vsock_op::rst:
+            erase_connection(c->key);
+            return;
+        case vsock_op::request:
+            c->request_pending = false;
+            return;
+        case vsock_op::response:
+            c->response_pending = false;
+            return;
+        case vsock_op::shutdown:
+            c->shutdown_pending = false;
+            return;
+        case vsock_op::credit_update:
+            c->credit_update_pending = false;
+            return;
         case vsock_op::rw:
             c->credit_update_pending = false; // the header carried fwd_cnt
             if (c->from_host.empty()) watch_read(c);
             return;
-        default: return;
+        default:
+            return;
         }
     }
 
@@ -632,7 +658,8 @@ public:
     using config = detail::vsock_impl::config_type;
     static constexpr device_type type = device_type::vsock;
 
-    explicit vsock(const config& c) : impl_(std::make_shared<detail::vsock_impl>(c)) {}
+    explicit vsock(const config& c)
+        : impl_(std::make_shared<detail::vsock_impl>(c)) {}
     static result<std::unique_ptr<vsock>> create(const config& c) {
         if (c.guest_cid < 3 || c.guest_cid > 0xffffffffu || c.buffer_size < 4096)
             return errc::invalid_argument;
@@ -684,7 +711,8 @@ public:
 
     /// Guest connections to `host_port` call on_accept(fd, guest_port) with the host end
     /// (owned by the callee), on the device's executor.
-    result<void> listen(std::uint32_t host_port, std::function<void(int, std::uint32_t)> on_accept) {
+    result<void> listen(std::uint32_t host_port,
+                        std::function<void(int, std::uint32_t)> on_accept) {
         return impl_->listen(host_port, std::move(on_accept));
     }
     void unlisten(std::uint32_t host_port) { impl_->unlisten(host_port); }

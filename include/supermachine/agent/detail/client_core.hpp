@@ -26,8 +26,8 @@ namespace supermachine::agent {
 
 /// What a finished process reports.
 struct exec_output {
-    int exit_code = 0;   // the exit code; 128 + signal when killed (as a shell reports it)
-    int signal = 0;      // the killing signal, else 0
+    int exit_code = 0; // the exit code; 128 + signal when killed (as a shell reports it)
+    int signal = 0;    // the killing signal, else 0
     bool timed_out = false;
     std::string stdout_data;
     std::string stderr_data;
@@ -37,16 +37,24 @@ struct exec_output {
 /// Maps an agent error frame to an error code.
 inline std::error_code to_error_code(const error_message& m) {
     switch (m.code) {
-    case agent_error::command_not_found: return errc::command_not_found;
-    case agent_error::auth_failed: return errc::agent_auth_failed;
-    case agent_error::not_found: return errc::not_found;
-    case agent_error::permission_denied: return std::make_error_code(std::errc::permission_denied);
+    case agent_error::command_not_found:
+        return errc::command_not_found;
+    case agent_error::auth_failed:
+        return errc::agent_auth_failed;
+    case agent_error::not_found:
+        return errc::not_found;
+    case agent_error::permission_denied:
+        return std::make_error_code(std::errc::permission_denied);
     case agent_error::connection_refused:
         return std::make_error_code(std::errc::connection_refused);
-    case agent_error::too_many_streams: return errc::out_of_resources;
-    case agent_error::unsupported: return errc::not_supported;
-    case agent_error::file_too_large: return std::make_error_code(std::errc::file_too_large);
-    case agent_error::invalid_request: return errc::invalid_argument;
+    case agent_error::too_many_streams:
+        return errc::out_of_resources;
+    case agent_error::unsupported:
+        return errc::not_supported;
+    case agent_error::file_too_large:
+        return std::make_error_code(std::errc::file_too_large);
+    case agent_error::invalid_request:
+        return errc::invalid_argument;
     case agent_error::io_error:
     case agent_error::exec_failed:
         if (m.sys_errno > 0 && m.sys_errno < 4096) return errno_code(m.sys_errno);
@@ -109,7 +117,8 @@ class client_core : public std::enable_shared_from_this<client_core<Stream>> {
 public:
     using executor_type = typename Stream::executor_type;
 
-    explicit client_core(Stream stream) : stream_(std::move(stream)) {}
+    explicit client_core(Stream stream)
+        : stream_(std::move(stream)) {}
 
     executor_type get_executor() { return stream_.get_executor(); }
     Stream& next_layer() { return stream_; }
@@ -195,11 +204,13 @@ public:
         s.discard = true;
         for (int channel = 0; channel < 2; ++channel) {
             std::size_t n = 0;
-            for (auto& chunk : s.inbox[channel]) n += chunk.size();
+            for (auto& chunk : s.inbox[channel])
+                n += chunk.size();
             s.inbox[channel].clear();
             grant(s, n);
         }
-        if (s.kind == stream_kind::tcp && !s.we_closed) send_marker(s, message_type::tcp_close, 0, {});
+        if (s.kind == stream_kind::tcp && !s.we_closed)
+            send_marker(s, message_type::tcp_close, 0, {});
     }
 
     void wait_exit(stream_state& s, unique_function<void(std::error_code, exit_status)> done) {
@@ -215,9 +226,11 @@ public:
         stream_.close(ignored);
         if (hello_done_) hello_done_.take_and_call(ec, hello_ok{});
         auto acks = std::move(session_acks_);
-        for (auto& a : acks) a.take_and_call(ec);
+        for (auto& a : acks)
+            a.take_and_call(ec);
         auto streams = std::move(streams_);
-        for (auto& [id, s] : streams) end_stream(*s, ec);
+        for (auto& [id, s] : streams)
+            end_stream(*s, ec);
     }
 
 private:
@@ -232,12 +245,13 @@ private:
         writing_ = true;
         writing_buffer_.clear();
         std::swap(writing_buffer_, out_);
-        boost::asio::async_write(stream_, boost::asio::buffer(writing_buffer_),
-                                 [self = this->shared_from_this()](boost::system::error_code ec, std::size_t) {
-                                     self->writing_ = false;
-                                     if (ec) return self->fail(make_error_code(errc::agent_unavailable));
-                                     self->start_io();
-                                 });
+        boost::asio::async_write(
+            stream_, boost::asio::buffer(writing_buffer_),
+            [self = this->shared_from_this()](boost::system::error_code ec, std::size_t) {
+                self->writing_ = false;
+                if (ec) return self->fail(make_error_code(errc::agent_unavailable));
+                self->start_io();
+            });
     }
 
     void pump_sends(stream_state& s) {
@@ -265,8 +279,7 @@ private:
             if (done) done.take_and_call({});
         }
         start_io();
-        if (s.kind == stream_kind::tcp && s.we_closed && s.inbox_eof[0] && !s.ended)
-            finish(s, {});
+        if (s.kind == stream_kind::tcp && s.we_closed && s.inbox_eof[0] && !s.ended) finish(s, {});
     }
 
     // ---- reading ----------------------------------------------------------------
@@ -283,12 +296,13 @@ private:
                 self->current_ = h;
                 self->payload_.resize(h.length); // bounded by decode_header
                 if (h.length == 0) return self->on_frame();
-                boost::asio::async_read(
-                    self->stream_, boost::asio::buffer(self->payload_),
-                    [self](boost::system::error_code ec, std::size_t) {
-                        if (ec) return self->fail(make_error_code(errc::agent_unavailable));
-                        self->on_frame();
-                    });
+                boost::asio::async_read(self->stream_, boost::asio::buffer(self->payload_),
+                                        [self](boost::system::error_code ec, std::size_t) {
+                                            if (ec)
+                                                return self->fail(
+                                                    make_error_code(errc::agent_unavailable));
+                                            self->on_frame();
+                                        });
             });
     }
 
@@ -342,7 +356,8 @@ private:
         case message_type::credit: {
             credit_grant g;
             decode(payload, g);
-            s->send_credit = std::min<std::uint64_t>(s->send_credit + g.bytes, std::uint64_t{1} << 32);
+            s->send_credit =
+                std::min<std::uint64_t>(s->send_credit + g.bytes, std::uint64_t{1} << 32);
             pump_sends(*s);
             return true;
         }
@@ -373,7 +388,8 @@ private:
             finish(*s, to_error_code(m));
             return true;
         }
-        default: return false;
+        default:
+            return false;
         }
     }
 
@@ -411,7 +427,8 @@ private:
             }
             return false; // the agent rejected something of ours as a protocol error
         }
-        default: return false;
+        default:
+            return false;
         }
     }
 
@@ -478,10 +495,12 @@ private:
         if (s.ended) return;
         s.ended = true;
         s.end_error = ec;
-        if (s.on_started) s.on_started.take_and_call(ec ? ec : make_error_code(errc::agent_protocol_error));
+        if (s.on_started)
+            s.on_started.take_and_call(ec ? ec : make_error_code(errc::agent_protocol_error));
         auto sends = std::move(s.sends);
         for (auto& p : sends)
-            if (p.done) p.done.take_and_call(ec ? ec : std::make_error_code(std::errc::broken_pipe));
+            if (p.done)
+                p.done.take_and_call(ec ? ec : std::make_error_code(std::errc::broken_pipe));
         pump_reader(s, 0);
         pump_reader(s, 1);
         if (s.on_exit) s.on_exit.take_and_call(ec, s.status);

@@ -22,8 +22,8 @@ class unique_function<R(Args...)> {
 public:
     unique_function() = default;
     template <class F>
-        requires(!std::is_same_v<std::decay_t<F>, unique_function>)
-    unique_function(F&& f) : impl_(std::make_unique<model<std::decay_t<F>>>(std::forward<F>(f))) {}
+    requires(!std::is_same_v<std::decay_t<F>, unique_function>) unique_function(F&& f)
+        : impl_(std::make_unique<model<std::decay_t<F>>>(std::forward<F>(f))) {}
     unique_function(unique_function&&) noexcept = default;
     unique_function& operator=(unique_function&&) noexcept = default;
 
@@ -43,7 +43,8 @@ private:
     };
     template <class F>
     struct model final : concept_t {
-        explicit model(F f) : f(std::move(f)) {}
+        explicit model(F f)
+            : f(std::move(f)) {}
         R call(Args... args) override { return f(std::forward<Args>(args)...); }
         F f;
     };
