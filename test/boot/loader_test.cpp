@@ -3,6 +3,7 @@
 #include "crafted_kernels.hpp"
 #include "printers.hpp"
 
+#include <supermachine/boot/bzimage_builder.hpp>
 #include <supermachine/boot/linux_loader.hpp>
 
 #include <boost/test/unit_test.hpp>
@@ -196,6 +197,15 @@ BOOST_AUTO_TEST_CASE(absurd_header_fields_are_rejected) {
     k = {};
     k.cmdline_size = 0;
     BOOST_TEST(error_for(k) == errc::kernel_invalid);
+
+    // Fields past the header's own declared end are not trusted: a header
+    // that ends before xloadflags has no 64-bit entry, whatever follows.
+    auto short_header = make_bzimage();
+    short_header[0x201] = std::byte{0x30}; // ends at 0x232
+    BOOST_TEST(parse_bzimage(short_header).error() == errc::kernel_unsupported);
+    auto no_jump = make_bzimage();
+    no_jump[0x200] = std::byte{0x90};
+    BOOST_TEST(parse_bzimage(no_jump).error() == errc::kernel_invalid);
 }
 
 BOOST_AUTO_TEST_CASE(kernel_that_does_not_fit_is_memory_too_small) {
@@ -251,6 +261,78 @@ BOOST_AUTO_TEST_CASE(initrd_never_overlaps_the_kernel) {
     std::vector<std::byte> big((4u << 20) + 1); // [20, 24) MiB holds only 4 MiB
     config.initrd = big;
     BOOST_TEST(load_error(memory, config) == errc::initrd_too_large);
+}
+
+BOOST_AUTO_TEST_CASE(memory_above_the_mmio_gap_is_in_the_e820) {
+    // 4 GiB + 64 MiB: low RAM ends at the 3 GiB gap, the rest starts at 4 GiB.
+    auto memory =
+        guest_memory::allocate_x86((4ull << 30) + (64ull << 20), memory_backing::anonymous).value();
+    const auto kernel = make_bzimage();
+    auto config = config_for(kernel);
+    std::vector<std::byte> initrd(8192, std::byte{9});
+    config.initrd = initrd;
+    const auto entry = load_linux(memory, config).value();
+    const auto params = memory.read_object<boot_params>(x86_layout::zero_page).value();
+    BOOST_TEST_REQUIRE(params.e820_entries == 4);
+    BOOST_TEST(params.e820_table[2].address + params.e820_table[2].size ==
+               x86_layout::mmio_gap_start);
+    BOOST_TEST(params.e820_table[3].address == x86_layout::mmio_gap_end);
+    BOOST_TEST(params.e820_table[3].size == (1ull << 30) + (64ull << 20));
+    BOOST_TEST(params.e820_table[3].type == 1u);
+    // initrd_addr_max (2 GiB - 1 here) caps it below the gap.
+    BOOST_TEST(entry.initrd_address + initrd.size() <= 0x8000'0000u);
+    BOOST_TEST(entry.initrd_address + initrd.size() + 4096 > 0x8000'0000u);
+}
+
+BOOST_AUTO_TEST_CASE(failures_write_nothing) {
+    // Everything is validated before the first write: a rejected load leaves
+    // guest memory untouched (a caller may retry with other settings).
+    auto memory = make_memory();
+    auto all_zero = [&] {
+        for (const auto& r : memory.regions())
+            for (auto b : r.host)
+                if (b != std::byte{0}) return false;
+        return true;
+    };
+    const auto kernel = make_bzimage();
+    auto config = config_for(kernel);
+    std::vector<std::byte> huge(70u << 20);
+    config.initrd = huge;
+    BOOST_TEST(load_error(memory, config) == errc::initrd_too_large);
+    BOOST_TEST(all_zero());
+    config.initrd = {};
+    config.cmdline = std::string(5000, 'x');
+    BOOST_TEST(load_error(memory, config) == errc::cmdline_too_long);
+    BOOST_TEST(all_zero());
+    config.cmdline = "x";
+    config.vcpus = 1000;
+    BOOST_TEST(load_error(memory, config) == errc::too_many_vcpus);
+    BOOST_TEST(all_zero());
+    supermachine::test::elf_knobs k;
+    k.load_paddr = 0x3f00000;
+    k.load_memsz = 0x200000;
+    k.entry = k.pvh_entry = 0x3f00000;
+    const auto straddling = make_elf(k);
+    BOOST_TEST(load_error(memory, config_for(straddling)) == errc::memory_too_small);
+    BOOST_TEST(all_zero());
+}
+
+BOOST_AUTO_TEST_CASE(built_bzimage_round_trips_through_the_loader) {
+    std::vector<std::byte> program(0x1234);
+    for (std::size_t i = 0; i < program.size(); ++i)
+        program[i] = static_cast<std::byte>(i * 5 + 1);
+    const auto image = build_bzimage(program, {.load_address = 0x200000}).value();
+    const auto bz = parse_bzimage(image).value();
+    BOOST_TEST(!bz.relocatable);
+    BOOST_TEST(bz.pref_address == 0x200000u);
+    BOOST_TEST(bz.init_size == 0x2000u);
+    auto memory = make_memory();
+    const auto entry = load_linux(memory, config_for(image)).value();
+    BOOST_TEST(entry.rip == 0x200200u);
+    BOOST_TEST(std::memcmp(memory.span(0x200000, program.size()).value().data(), program.data(),
+                           program.size()) == 0);
+    BOOST_TEST(build_bzimage(std::span(program).first(0x100)).error() == errc::invalid_argument);
+    BOOST_TEST(build_bzimage(program, {.load_address = 0x1000}).error() == errc::invalid_argument);
 }
 
 BOOST_AUTO_TEST_CASE(bad_configurations_are_rejected) {

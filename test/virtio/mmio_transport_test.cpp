@@ -191,11 +191,19 @@ BOOST_AUTO_TEST_CASE(state_codec_round_trips_and_rejects_garbage) {
     d.add_chain({{buffer, 32, true}});
     e.ring_doorbell(0);
     BOOST_REQUIRE(e.run_until([&] { return d.used_index() == 1; }));
+    // pause() quiesces; resume() serves the same queues again.
+    t->pause();
+    d.add_chain({{buffer, 32, true}});
+    e.ring_doorbell(0);
+    e.run_until([] { return false; }, std::chrono::milliseconds(30));
+    BOOST_TEST(d.used_index() == 1); // paused: not served
+    BOOST_REQUIRE(t->resume());
+    BOOST_REQUIRE(e.run_until([&] { return d.used_index() == 2; })); // polled at start
     t->pause();
     const auto s = t->state();
     BOOST_TEST(s.queues.size() == 1u);
-    BOOST_TEST(s.queues[0].position.next_available == 1);
-    BOOST_TEST(s.queues[0].position.next_used == 1);
+    BOOST_TEST(s.queues[0].position.next_available == 2);
+    BOOST_TEST(s.queues[0].position.next_used == 2);
     const auto bytes = vio::encode(s);
     auto back = vio::decode_mmio_state(bytes);
     BOOST_REQUIRE(back.has_value());
@@ -212,7 +220,7 @@ BOOST_AUTO_TEST_CASE(state_codec_round_trips_and_rejects_garbage) {
     BOOST_REQUIRE(t2->restore(back.value()));
     d.add_chain({{buffer, 32, true}});
     e2.ring_doorbell(0);
-    BOOST_REQUIRE(e2.run_until([&] { return d.used_index() == 2; }));
+    BOOST_REQUIRE(e2.run_until([&] { return d.used_index() == 3; }));
     // A restored state whose rings are outside RAM is refused.
     auto hostile = back.value();
     hostile.queues[0].used_ring = 0x7000'0000'0000ull;

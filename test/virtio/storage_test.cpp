@@ -39,6 +39,28 @@ BOOST_AUTO_TEST_CASE(raw_file_reads_writes_and_bounds) {
     BOOST_TEST(!st::raw_file::open({dir.file("missing"), false}).has_value());
 }
 
+BOOST_AUTO_TEST_CASE(raw_file_vectored_io) {
+    sm::test::temp_dir dir;
+    const auto path = dir.file("disk.img");
+    sm::test::write_file(path, pattern(1 << 20, 12));
+    auto f = st::raw_file::open({path, false}).value();
+    std::vector<std::byte> a(1000), b(24), c(3072);
+    std::vector<::iovec> iov{
+        {a.data(), a.size()}, {b.data(), 0}, {b.data(), b.size()}, {c.data(), c.size()}};
+    BOOST_REQUIRE(f->read_vectored(512, iov));
+    const auto host = pattern(1 << 20, 12);
+    BOOST_TEST(std::memcmp(a.data(), host.data() + 512, 1000) == 0);
+    BOOST_TEST(std::memcmp(b.data(), host.data() + 1512, 24) == 0);
+    BOOST_TEST(std::memcmp(c.data(), host.data() + 1536, 3072) == 0);
+    std::vector<::iovec> back{{c.data(), c.size()}, {a.data(), a.size()}};
+    BOOST_REQUIRE(f->write_vectored(8192, back));
+    const auto now = sm::test::read_file(path);
+    BOOST_TEST(std::memcmp(now.data() + 8192, c.data(), 3072) == 0);
+    BOOST_TEST(std::memcmp(now.data() + 8192 + 3072, a.data(), 1000) == 0);
+    std::vector<::iovec> past{{c.data(), c.size()}};
+    BOOST_TEST(f->read_vectored((1 << 20) - 1024, past).error() == sm::errc::sector_out_of_range);
+}
+
 BOOST_AUTO_TEST_CASE(read_only_refuses_writes) {
     sm::test::temp_dir dir;
     const auto path = dir.file("disk.img");

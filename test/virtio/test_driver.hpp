@@ -40,6 +40,8 @@ public:
     }
 
     const guest_memory& memory() const { return memory_; }
+    /// For tests that add regions before making a queue.
+    guest_memory& mutable_memory() { return memory_; }
     const virtio::queue_layout& layout() const { return layout_; }
     std::uint32_t size() const { return size_; }
 

@@ -1,6 +1,9 @@
 #include "test_driver.hpp"
 
+#include <supermachine/virtio/chain_views.hpp>
 #include <supermachine/virtio/virtqueue.hpp>
+
+#include <range/v3/range/conversion.hpp>
 
 #include <boost/test/unit_test.hpp>
 
@@ -72,6 +75,11 @@ BOOST_AUTO_TEST_CASE(normal_chain_separates_readable_and_writable) {
     BOOST_TEST(chain.readable()[0].address == header);
     BOOST_TEST(chain.readable()[0].host.data() == d.host(header, 16).data());
     BOOST_TEST(!q.pop().value().has_value()); // nothing more
+    BOOST_TEST(vio::total_length(chain.writable()) == 513u);
+    const auto buffers = vio::host_buffers(chain.writable()) | ranges::to<std::vector>();
+    BOOST_TEST(buffers.size() == 2u);
+    BOOST_TEST(buffers[0].data() == d.host(data, 512).data());
+    BOOST_TEST((vio::io_vectors(chain.readable()) | ranges::to<std::vector>())[0].iov_len == 16u);
 
     BOOST_REQUIRE(q.push_used(head, 513));
     BOOST_TEST(d.used_index() == 1);
@@ -216,6 +224,24 @@ BOOST_AUTO_TEST_CASE(hostile_direct_chains) {
     // the malformed chain is consumed; a good one follows
     d.add_chain({{buf, 8, false}});
     BOOST_TEST(pop_ok(q).readable_bytes() == 8u);
+}
+
+BOOST_AUTO_TEST_CASE(buffers_across_adjacent_regions_are_split) {
+    test_driver d(8);
+    // A second region right after the test memory, plus one with a gap after it.
+    const std::uint64_t end = test_driver::guest_base + (4 << 20);
+    alignas(4096) static std::byte second[8192], third[4096];
+    auto& memory = d.mutable_memory();
+    BOOST_REQUIRE(memory.add_region({end, second}));
+    BOOST_REQUIRE(memory.add_region({end + 8192 + 4096, third})); // a hole before it
+    auto q = make_queue(d);
+    d.add_chain({{end - 100, 300, true}}); // 100 bytes in the first region, 200 in the second
+    auto chain = pop_ok(q);
+    BOOST_TEST(chain.writable().size() == 2u);
+    BOOST_TEST(chain.writable_bytes() == 300u);
+    BOOST_TEST(chain.writable()[1].host.data() == second);
+    d.add_chain({{end + 8000, 300, true}}); // runs into the hole
+    BOOST_TEST(pop_error(q) == sm::errc::descriptor_chain_malformed);
 }
 
 BOOST_AUTO_TEST_CASE(chain_length_bounded_by_queue_size) {

@@ -14,6 +14,9 @@
 //   result<void> discard(std::uint64_t offset, std::uint64_t length);
 //   result<void> write_zeroes(std::uint64_t offset, std::uint64_t length);
 //   std::string id() const;              // serial for VIRTIO_BLK_T_GET_ID
+//   result<void> read_vectored(std::uint64_t offset, std::span<::iovec>);   // preadv
+//   result<void> write_vectored(std::uint64_t offset, std::span<::iovec>);  // pwritev
+//     (the iovecs may be consumed; their total length is range-checked)
 //   std::vector<std::byte> save_state() const; result<void> restore_state(span)
 //
 // Contract: read/write/flush/discard are called concurrently from I/O
@@ -28,6 +31,10 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
+#include <vector>
+
+#include <sys/uio.h>
 
 namespace supermachine::storage {
 
@@ -56,6 +63,25 @@ template <class S>
 concept has_id = requires(const S& s) {
     { s.id() } -> std::convertible_to<std::string>;
 };
+
+template <class S>
+concept saves_state = requires(const S& cs, S& s, std::span<const std::byte> bytes) {
+    { cs.save_state() } -> std::convertible_to<std::vector<std::byte>>;
+    { s.restore_state(bytes) } -> std::same_as<result<void>>;
+};
+
+template <class S>
+concept vectored = requires(S& s, std::uint64_t offset, std::span<::iovec> iov) {
+    { s.read_vectored(offset, iov) } -> std::same_as<result<void>>;
+    { s.write_vectored(offset, iov) } -> std::same_as<result<void>>;
+};
+
+inline std::uint64_t total_length(std::span<const ::iovec> iov) noexcept {
+    std::uint64_t n = 0;
+    for (const auto& v : iov)
+        n += v.iov_len;
+    return n;
+}
 
 /// [offset, offset + length) inside [0, size)? Overflow-safe.
 constexpr bool in_range(std::uint64_t offset, std::uint64_t length, std::uint64_t size) noexcept {

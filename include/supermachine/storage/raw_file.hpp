@@ -67,6 +67,16 @@ public:
         if (!in_range(offset, in.size(), size_)) return errc::sector_out_of_range;
         return detail::pwrite_all(fd_, in, offset);
     }
+    /// One preadv/pwritev per request instead of one pread per segment.
+    result<void> read_vectored(std::uint64_t offset, std::span<::iovec> iov) noexcept {
+        if (!in_range(offset, total_length(iov), size_)) return errc::sector_out_of_range;
+        return detail::transfer_vectored<false>(fd_, iov, offset);
+    }
+    result<void> write_vectored(std::uint64_t offset, std::span<::iovec> iov) noexcept {
+        if (read_only_) return errc::device_read_only;
+        if (!in_range(offset, total_length(iov), size_)) return errc::sector_out_of_range;
+        return detail::transfer_vectored<true>(fd_, iov, offset);
+    }
     result<void> flush() noexcept {
         if (read_only_) return success();
         if (::fdatasync(fd_) != 0) return errno_code(errno);

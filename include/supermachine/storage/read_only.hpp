@@ -27,6 +27,12 @@ public:
     result<void> write(std::uint64_t, std::span<const std::byte>) noexcept {
         return errc::device_read_only;
     }
+    result<void> read_vectored(std::uint64_t offset, std::span<::iovec> iov) requires vectored<S> {
+        return inner_->read_vectored(offset, iov);
+    }
+    result<void> write_vectored(std::uint64_t, std::span<::iovec>) noexcept requires vectored<S> {
+        return errc::device_read_only;
+    }
     result<void> flush() noexcept { return success(); }
     std::string id() const {
         if constexpr (has_id<S>)

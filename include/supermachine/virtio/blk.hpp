@@ -21,6 +21,9 @@
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <boost/container/small_vector.hpp>
+
+#include <sys/uio.h>
 
 #include <array>
 #include <bit>
@@ -134,6 +137,16 @@ public:
     }
 
     Storage& storage() noexcept { return *storage_; }
+
+    /// The storage's own state (a cow overlay's bitmap and bytes), for
+    /// snapshots; take it while the device is paused.
+    std::vector<std::byte> save_state() const requires storage::saves_state<Storage> {
+        return storage_->save_state();
+    }
+    result<void>
+    restore_state(std::span<const std::byte> bytes) requires storage::saves_state<Storage> {
+        return storage_->restore_state(bytes);
+    }
     std::uint64_t capacity_sectors() const noexcept { return storage_->size() / sector_size; }
 
 private:
@@ -271,6 +284,10 @@ private:
         std::uint64_t offset = h.sector * sector_size;
         switch (h.type) {
         case blk_request::in: {
+            if constexpr (storage::vectored<Storage>) {
+                auto iov = vectors(chain.writable(), true);
+                return storage_->read_vectored(offset, std::span<::iovec>(iov.data(), iov.size()));
+            }
             chain_writer writer(chain.writable());
             std::uint64_t left = writer.remaining() - 1; // all but the status byte
             while (left > 0) {
@@ -282,6 +299,21 @@ private:
             return success();
         }
         case blk_request::out: {
+            if constexpr (storage::vectored<Storage>) {
+                auto iov = vectors(chain.readable(), false);
+                // Drop the 16-byte header from the front.
+                std::uint64_t skip = sizeof(blk_request_header);
+                std::size_t first = 0;
+                while (skip > 0 && first < iov.size()) {
+                    const std::size_t step = std::min<std::uint64_t>(skip, iov[first].iov_len);
+                    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + step;
+                    iov[first].iov_len -= step;
+                    skip -= step;
+                    if (iov[first].iov_len == 0) ++first;
+                }
+                return storage_->write_vectored(
+                    offset, std::span<::iovec>(iov.data(), iov.size()).subspan(first));
+            }
             chain_reader reader(chain.readable());
             SUPERMACHINE_TRY(reader.skip(sizeof(blk_request_header)));
             while (reader.remaining() > 0) {
@@ -304,6 +336,21 @@ private:
         default:
             return errc::not_supported;
         }
+    }
+
+    /// The segments as iovecs; for device-writable ones without the final
+    /// status byte.
+    static boost::container::small_vector<::iovec, 8> vectors(std::span<const segment> segments,
+                                                              bool drop_status_byte) {
+        boost::container::small_vector<::iovec, 8> iov;
+        for (const auto& s : segments)
+            iov.push_back({s.host.data(), s.host.size()});
+        if (drop_status_byte) {
+            while (!iov.empty() && iov.back().iov_len == 0)
+                iov.pop_back();
+            if (!iov.empty()) --iov.back().iov_len;
+        }
+        return iov;
     }
 
     std::unique_ptr<Storage> storage_;

@@ -221,11 +221,33 @@ struct chain_builder {
         if (!writable && seen_writable) return errc::descriptor_chain_malformed;
         seen_writable = seen_writable || writable;
         if (d.length == 0) return success(); // carries nothing; its address is never used
-        auto host = memory.span(d.address, d.length);
-        if (!host) return errc::descriptor_chain_malformed;
-        segments.push_back({d.address, d.length, writable, host.value()});
-        if (!writable) ++readable;
+        if (auto host = memory.span(d.address, d.length)) {
+            push(d.address, d.length, writable, host.value());
+            return success();
+        }
+        // A buffer may cross from one memory region into a guest-physically
+        // adjacent one (vhost-user hands us RAM in several regions): one
+        // segment per region, each bounds-checked on its own.
+        std::uint64_t address = d.address, left = d.length;
+        while (left > 0) {
+            const memory_region* region = nullptr;
+            for (const auto& r : memory.regions())
+                if (address >= r.guest_base && address - r.guest_base < r.size()) region = &r;
+            if (!region) return errc::descriptor_chain_malformed;
+            const std::uint64_t n = std::min(left, region->guest_end() - address);
+            auto host = memory.span(address, n);
+            if (!host) return errc::descriptor_chain_malformed;
+            push(address, static_cast<std::uint32_t>(n), writable, host.value());
+            address += n;
+            left -= n;
+        }
         return success();
+    }
+
+    void push(std::uint64_t address, std::uint32_t length, bool writable,
+              std::span<std::byte> host) {
+        segments.push_back({address, length, writable, host});
+        if (!writable) ++readable;
     }
 };
 

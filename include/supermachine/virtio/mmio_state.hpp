@@ -106,7 +106,9 @@ inline result<mmio_state> decode_mmio_state(std::span<const std::byte> bytes) {
         SUPERMACHINE_TRY(next_used, r.get<std::uint16_t>());
         SUPERMACHINE_TRY(signalled, r.get<std::uint16_t>());
         SUPERMACHINE_TRY(valid, r.get<std::uint8_t>());
-        if (size > max_queue_size || ready > 1 || valid > 1) return errc::snapshot_bad_record;
+        // QueueNum holds whatever the driver wrote; only a ready queue must be sane.
+        if ((ready && size > max_queue_size) || ready > 1 || valid > 1)
+            return errc::snapshot_bad_record;
         q.size = size;
         q.ready = ready != 0;
         q.descriptor_table = desc;

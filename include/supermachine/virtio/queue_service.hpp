@@ -101,7 +101,23 @@ public:
             });
     }
 
-    /// The current generation: stamp asynchronous work with it.
+    /// Run queue `index`'s kick handler as if the driver had kicked it, on
+    /// the queue's strand: for devices that have new work for a queue from
+    /// the host side (e.g. received data for an rx queue). Callable from any
+    /// thread; a no-op when stopped or for a queue not bound.
+    void poll(std::size_t index) {
+        std::shared_ptr<listener> l;
+        {
+            std::lock_guard lock(shared_->mutex);
+            for (auto& x : listeners_)
+                if (x->index == index) l = x;
+        }
+        if (l) boost::asio::post(l->strand, [l] { l->fire(); });
+    }
+
+    /// The current generation: stamp asynchronous work with it. To touch
+    /// the queues from outside a kick handler, take it after start() and
+    /// use run_if_current().
     std::uint64_t generation() const {
         std::lock_guard lock(shared_->mutex);
         return shared_->generation;

@@ -80,6 +80,14 @@ public:
         return success();
     }
 
+    /// The used index the driver currently sees (for transports that learn a
+    /// queue's position from the rings, e.g. vhost-user SET_VRING_BASE gives
+    /// only the available side).
+    static result<std::uint16_t> read_used_index(const guest_memory& memory,
+                                                 const queue_layout& layout) noexcept {
+        return memory.read_object<std::uint16_t>(layout.used_ring + 2);
+    }
+
     /// A queue over `layout` with the negotiated `driver_features` (indirect
     /// descriptors and event index are honoured when negotiated).
     static result<virtqueue> create(const guest_memory& memory, const queue_layout& layout,
