@@ -1,6 +1,6 @@
 // Exec round trip of `true` through the guest agent, run as a host process
 // and reached over a Unix socket, beside the host floor: posix_spawn + wait
-// of the same `true`, measured in the same run. Median of N (default 200).
+// of the same `true`, measured in the same run, interleaved. Median of N (default 200).
 //
 //   bench_agent_exec [runs]       (finds the agent next to itself, or $SUPERMACHINE_AGENT)
 #include <supermachine/agent/client.hpp>
@@ -55,18 +55,6 @@ int main(int argc, char** argv) {
             : (std::filesystem::path(argv[0]).parent_path() / "supermachine-agent").string();
     std::string true_path = "/bin/true";
 
-    // Host floor: posix_spawn + waitpid of `true`.
-    std::vector<double> floor;
-    for (int i = 0; i < runs; ++i) {
-        char* args[] = {true_path.data(), nullptr};
-        auto t0 = clock_type::now();
-        pid_t pid;
-        if (posix_spawn(&pid, true_path.c_str(), nullptr, nullptr, args, environ) != 0) return 1;
-        int status;
-        waitpid(pid, &status, 0);
-        floor.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
-    }
-
     // The agent on a Unix socket.
     std::string socket_path = "/tmp/supermachine-bench-agent-" + std::to_string(getpid()) + ".sock";
     char* agent_args[] = {agent.data(),
@@ -99,8 +87,22 @@ int main(int argc, char** argv) {
         wait_for<agent::hello_ok>(io, [&](auto h) { client.async_hello("bench", h); });
     if (hello_error) return std::fprintf(stderr, "hello: %s\n", hello_error.message().c_str()), 1;
 
-    std::vector<double> round_trip;
+    // Interleaved with the floor, so both see the same (shared, noisy) machine.
+    auto spawn_true = [&]() -> double {
+        char* args[] = {true_path.data(), nullptr};
+        auto t0 = clock_type::now();
+        pid_t pid;
+        if (posix_spawn(&pid, true_path.c_str(), nullptr, nullptr, args, environ) != 0) return -1;
+        int status;
+        waitpid(pid, &status, 0);
+        return std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
+    };
+    std::vector<double> floor, round_trip;
     for (int i = 0; i < runs + 10; ++i) {
+        double spawn_us = spawn_true();
+        if (spawn_us < 0)
+            return std::fprintf(stderr, "posix_spawn %s failed\n", true_path.c_str()), 1;
+        if (i >= 10) floor.push_back(spawn_us);
         auto t0 = clock_type::now();
         auto [ec, out] = wait_for<agent::exec_output>(
             io, [&](auto h) { client.async_exec({.argv = {true_path}}, h); });
