@@ -131,6 +131,7 @@ inline result<pulled_image> import_docker_archive(const std::filesystem::path& a
     SUPERMACHINE_TRY(config_member, tar.find_file(config_name->get<std::string>()));
     SUPERMACHINE_TRY(config_bytes, tar.read(config_member, max_config_bytes));
     SUPERMACHINE_TRY(config, parse_image_config(config_bytes));
+    if (!config_platform_fits(wanted, config.platform)) return errc::platform_not_found;
 
     // The archive has no registry manifest: synthesize an OCI one whose
     // descriptors carry the digests we compute here.

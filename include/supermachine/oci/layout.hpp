@@ -100,6 +100,7 @@ inline result<pulled_image> import_from_index(const image_index& top_index, std:
     SUPERMACHINE_TRY(import_blob(store, image.manifest.config, copy, progress, "config"));
     SUPERMACHINE_TRY(config_bytes, store.read_blob(image.manifest.config.digest, max_config_bytes));
     SUPERMACHINE_TRY(config, parse_image_config(config_bytes));
+    if (!config_platform_fits(wanted, config.platform)) return errc::platform_not_found;
     image.config = std::move(config);
     for (const auto& layer : image.manifest.layers) {
         SUPERMACHINE_TRY(import_blob(store, layer, copy, progress, "layer"));

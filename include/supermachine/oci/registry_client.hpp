@@ -799,6 +799,10 @@ private:
             co_return fail<pulled_image>(config.error(), "image config " +
                                                              resolved.manifest.config.digest.str() +
                                                              " is invalid");
+        if (!config_platform_fits(wanted, config.value().platform))
+            co_return fail<pulled_image>(errc::platform_not_found,
+                                         ref.familiar() + " is a " + config.value().platform.str() +
+                                             " image, not " + wanted.str());
         pulled_image image;
         for (const auto& layer : resolved.manifest.layers) {
             BOOST_OUTCOME_CO_TRYV(
