@@ -196,6 +196,15 @@ BOOST_AUTO_TEST_CASE(absurd_header_fields_are_rejected) {
     k = {};
     k.cmdline_size = 0;
     BOOST_TEST(error_for(k) == errc::kernel_invalid);
+
+    // Fields past the header's own declared end are not trusted: a header
+    // that ends before xloadflags has no 64-bit entry, whatever follows.
+    auto short_header = make_bzimage();
+    short_header[0x201] = std::byte{0x30}; // ends at 0x232
+    BOOST_TEST(parse_bzimage(short_header).error() == errc::kernel_unsupported);
+    auto no_jump = make_bzimage();
+    no_jump[0x200] = std::byte{0x90};
+    BOOST_TEST(parse_bzimage(no_jump).error() == errc::kernel_invalid);
 }
 
 BOOST_AUTO_TEST_CASE(kernel_that_does_not_fit_is_memory_too_small) {
@@ -251,6 +260,39 @@ BOOST_AUTO_TEST_CASE(initrd_never_overlaps_the_kernel) {
     std::vector<std::byte> big((4u << 20) + 1); // [20, 24) MiB holds only 4 MiB
     config.initrd = big;
     BOOST_TEST(load_error(memory, config) == errc::initrd_too_large);
+}
+
+BOOST_AUTO_TEST_CASE(failures_write_nothing) {
+    // Everything is validated before the first write: a rejected load leaves
+    // guest memory untouched (a caller may retry with other settings).
+    auto memory = make_memory();
+    auto all_zero = [&] {
+        for (const auto& r : memory.regions())
+            for (auto b : r.host)
+                if (b != std::byte{0}) return false;
+        return true;
+    };
+    const auto kernel = make_bzimage();
+    auto config = config_for(kernel);
+    std::vector<std::byte> huge(70u << 20);
+    config.initrd = huge;
+    BOOST_TEST(load_error(memory, config) == errc::initrd_too_large);
+    BOOST_TEST(all_zero());
+    config.initrd = {};
+    config.cmdline = std::string(5000, 'x');
+    BOOST_TEST(load_error(memory, config) == errc::cmdline_too_long);
+    BOOST_TEST(all_zero());
+    config.cmdline = "x";
+    config.vcpus = 1000;
+    BOOST_TEST(load_error(memory, config) == errc::too_many_vcpus);
+    BOOST_TEST(all_zero());
+    supermachine::test::elf_knobs k;
+    k.load_paddr = 0x3f00000;
+    k.load_memsz = 0x200000;
+    k.entry = k.pvh_entry = 0x3f00000;
+    const auto straddling = make_elf(k);
+    BOOST_TEST(load_error(memory, config_for(straddling)) == errc::memory_too_small);
+    BOOST_TEST(all_zero());
 }
 
 BOOST_AUTO_TEST_CASE(bad_configurations_are_rejected) {

@@ -17,7 +17,9 @@ struct fixture {
     temp_dir escape; // the place hostile archives aim at, outside every image
     fs::path layers;
     fs::path spool;
-    fixture() : layers(dir.path / "layers"), spool(dir.path / "spool") {
+    fixture()
+        : layers(dir.path / "layers")
+        , spool(dir.path / "spool") {
         fs::create_directories(spool);
         make_layers(layers, escape.path / "target");
     }
@@ -47,8 +49,9 @@ BOOST_AUTO_TEST_CASE(merged_tree_matches_umoci_unpack) {
     auto ours = list_tree(tree.value());
 
     auto bundle = f.dir.path / "bundle";
-    auto [rc, out] = run("umoci unpack --rootless --image " + shell_quote((f.layers / "oci").string()) +
-                         ":test " + shell_quote(bundle.string()) + " 2>&1");
+    auto [rc, out] =
+        run("umoci unpack --rootless --image " + shell_quote((f.layers / "oci").string()) +
+            ":test " + shell_quote(bundle.string()) + " 2>&1");
     BOOST_REQUIRE_MESSAGE(rc == 0, out);
     auto theirs = list_host(bundle / "rootfs");
     // umoci --rootless makes empty files for device nodes: compare the rest.
@@ -61,8 +64,10 @@ BOOST_AUTO_TEST_CASE(merged_tree_matches_umoci_unpack) {
         }
     }
     BOOST_TEST(ours.size() > 40u);
-    for (auto& [path, line] : theirs) BOOST_TEST(at(ours, path) == line, path);
-    for (auto& [path, line] : ours) BOOST_TEST(theirs.count(path) == 1u, path << " only in ours: " << line);
+    for (auto& [path, line] : theirs)
+        BOOST_TEST(at(ours, path) == line, path);
+    for (auto& [path, line] : ours)
+        BOOST_TEST(theirs.count(path) == 1u, path << " only in ours: " << line);
 }
 
 BOOST_AUTO_TEST_CASE(layer_semantics) {
@@ -70,20 +75,20 @@ BOOST_AUTO_TEST_CASE(layer_semantics) {
     auto tree = merge(f.spool, f.gzip_plain_gzip());
     BOOST_REQUIRE(tree);
     auto l = list_tree(tree.value());
-    BOOST_TEST(at(l, "/wh/gone") == "<missing>");          // .wh.gone
-    BOOST_TEST(at(l, "/wh/dir/x") == "<missing>");         // .wh.x in a subdirectory
+    BOOST_TEST(at(l, "/wh/gone") == "<missing>");  // .wh.gone
+    BOOST_TEST(at(l, "/wh/dir/x") == "<missing>"); // .wh.x in a subdirectory
     BOOST_TEST(at(l, "/wh/keep").starts_with("file"));
-    BOOST_TEST(at(l, "/opaque/a") == "<missing>");         // opaque: lower children hidden
+    BOOST_TEST(at(l, "/opaque/a") == "<missing>"); // opaque: lower children hidden
     BOOST_TEST(at(l, "/opaque/sub") == "<missing>");
     BOOST_TEST(at(l, "/opaque/new").starts_with("file")); // this layer's child kept
-    BOOST_TEST(at(l, "/replace/f") == "dir 0755");         // file → directory
+    BOOST_TEST(at(l, "/replace/f") == "dir 0755");        // file → directory
     BOOST_TEST(at(l, "/replace/f/inside").starts_with("file"));
     BOOST_TEST(at(l, "/replace/d").starts_with("file 0644 11 ")); // directory → file
     BOOST_TEST(at(l, "/replace/d/child") == "<missing>");
-    BOOST_TEST(at(l, "/replace/l").starts_with("file 0644 17 ")); // symlink → file
+    BOOST_TEST(at(l, "/replace/l").starts_with("file 0644 17 "));   // symlink → file
     BOOST_TEST(at(l, "/usr/bin/through-link").starts_with("file")); // via usrlink -> usr
     BOOST_TEST(at(l, "/usrlink") == "symlink -> usr");
-    BOOST_TEST(at(l, "/dup").starts_with("file 0644 12 "));       // "second wins\n"
+    BOOST_TEST(at(l, "/dup").starts_with("file 0644 12 ")); // "second wins\n"
     BOOST_TEST(at(l, "/bin/ls") == at(l, "/bin/busybox"));
     BOOST_TEST(at(l, "/bin/ls").find("link-group=/bin/busybox") != std::string::npos);
     BOOST_TEST(at(l, "/etc/passwd-hardlink").find("link-group=/etc/passwd") != std::string::npos);
@@ -104,7 +109,8 @@ BOOST_AUTO_TEST_CASE(compression_does_not_change_the_tree) {
     fixture f;
     auto a = merge(f.spool, f.gzip_plain_gzip());
     auto b = merge(f.spool, {f.layers / "l1.tar.gz", f.layers / "l2.tar.zst", f.layers / "l3.tar"});
-    auto c = merge(f.spool, {f.layers / "l1.tar.gz", f.layers / "mislabelled.tar.gz", f.layers / "l3.tar"});
+    auto c = merge(f.spool,
+                   {f.layers / "l1.tar.gz", f.layers / "mislabelled.tar.gz", f.layers / "l3.tar"});
     BOOST_REQUIRE(a);
     BOOST_REQUIRE(b);
     BOOST_REQUIRE(c);

@@ -140,6 +140,7 @@ inline result<bzimage> parse_bzimage(std::span<const std::byte> file) noexcept {
 
     bzimage image;
     // The header's own length: a short jump at 0x200 (EB xx) to 0x202 + xx.
+    if (file[jump] != std::byte{0xeb}) return errc::kernel_invalid;
     const std::size_t declared_end = magic + std::to_integer<std::size_t>(file[jump + 1]);
     const std::size_t copy_end = std::min(declared_end, header_end);
     if (file.size() < copy_end) return errc::kernel_truncated;

@@ -33,6 +33,46 @@ inline constexpr std::array<std::uint64_t, 4> boot_gdt_entries{
 };
 static_assert(x86_layout::boot_gdt + sizeof(boot_gdt_entries) <= x86_layout::boot_idt);
 
+/// A GDT entry decoded into what a VMM loads into a segment register's hidden
+/// part (KVM's struct kvm_segment): limit in bytes (granularity applied).
+struct segment_register {
+    std::uint64_t base;
+    std::uint32_t limit;
+    std::uint16_t selector;
+    std::uint8_t type, present, dpl, db, s, l, g, avl;
+};
+
+constexpr segment_register decode_segment(std::uint16_t selector,
+                                          std::uint64_t descriptor) noexcept {
+    const auto bit = [&](int n) { return static_cast<std::uint8_t>((descriptor >> n) & 1); };
+    const std::uint32_t raw_limit =
+        static_cast<std::uint32_t>((descriptor & 0xffff) | ((descriptor >> 32) & 0xf0000));
+    const std::uint8_t g = bit(55);
+    return {((descriptor >> 16) & 0xffffff) | (((descriptor >> 56) & 0xff) << 24),
+            g ? (raw_limit << 12) | 0xfff : raw_limit,
+            selector,
+            static_cast<std::uint8_t>((descriptor >> 40) & 0xf),
+            bit(47),
+            static_cast<std::uint8_t>((descriptor >> 45) & 3),
+            bit(54),
+            bit(44),
+            bit(53),
+            g,
+            bit(52)};
+}
+
+/// The boot GDT's segment for `selector` (0x08, 0x10 or 0x18).
+constexpr segment_register boot_segment(std::uint16_t selector) noexcept {
+    return decode_segment(selector, boot_gdt_entries[(selector >> 3) & 3]);
+}
+
+static_assert(boot_segment(code64_selector).l == 1 && boot_segment(code64_selector).db == 0);
+static_assert(boot_segment(code32_selector).l == 0 && boot_segment(code32_selector).db == 1);
+static_assert(boot_segment(data_selector).type == 3 &&
+              boot_segment(data_selector).limit == 0xffffffffu);
+static_assert(boot_segment(code64_selector).type == 0xb &&
+              boot_segment(code64_selector).present == 1);
+
 struct descriptor_tables {
     std::uint64_t gdt_base;
     std::uint16_t gdt_limit;
