@@ -81,6 +81,7 @@ enum class errc {
     agent_auth_failed,
     agent_unavailable,
     command_not_found,
+    end_of_stream, // an agent stream (stdout, stderr, tcp) has no more data
 };
 
 namespace detail {
@@ -148,6 +149,7 @@ public:
         case errc::agent_auth_failed: return "guest agent authentication failed";
         case errc::agent_unavailable: return "guest agent unavailable";
         case errc::command_not_found: return "command not found in the guest";
+        case errc::end_of_stream: return "end of stream";
         }
         return "unknown supermachine error " + std::to_string(value);
     }
