@@ -3,6 +3,7 @@
 #include "crafted_kernels.hpp"
 #include "printers.hpp"
 
+#include <supermachine/boot/bzimage_builder.hpp>
 #include <supermachine/boot/linux_loader.hpp>
 
 #include <boost/test/unit_test.hpp>
@@ -262,6 +263,27 @@ BOOST_AUTO_TEST_CASE(initrd_never_overlaps_the_kernel) {
     BOOST_TEST(load_error(memory, config) == errc::initrd_too_large);
 }
 
+BOOST_AUTO_TEST_CASE(memory_above_the_mmio_gap_is_in_the_e820) {
+    // 4 GiB + 64 MiB: low RAM ends at the 3 GiB gap, the rest starts at 4 GiB.
+    auto memory =
+        guest_memory::allocate_x86((4ull << 30) + (64ull << 20), memory_backing::anonymous).value();
+    const auto kernel = make_bzimage();
+    auto config = config_for(kernel);
+    std::vector<std::byte> initrd(8192, std::byte{9});
+    config.initrd = initrd;
+    const auto entry = load_linux(memory, config).value();
+    const auto params = memory.read_object<boot_params>(x86_layout::zero_page).value();
+    BOOST_TEST_REQUIRE(params.e820_entries == 4);
+    BOOST_TEST(params.e820_table[2].address + params.e820_table[2].size ==
+               x86_layout::mmio_gap_start);
+    BOOST_TEST(params.e820_table[3].address == x86_layout::mmio_gap_end);
+    BOOST_TEST(params.e820_table[3].size == (1ull << 30) + (64ull << 20));
+    BOOST_TEST(params.e820_table[3].type == 1u);
+    // initrd_addr_max (2 GiB - 1 here) caps it below the gap.
+    BOOST_TEST(entry.initrd_address + initrd.size() <= 0x8000'0000u);
+    BOOST_TEST(entry.initrd_address + initrd.size() + 4096 > 0x8000'0000u);
+}
+
 BOOST_AUTO_TEST_CASE(failures_write_nothing) {
     // Everything is validated before the first write: a rejected load leaves
     // guest memory untouched (a caller may retry with other settings).
@@ -293,6 +315,24 @@ BOOST_AUTO_TEST_CASE(failures_write_nothing) {
     const auto straddling = make_elf(k);
     BOOST_TEST(load_error(memory, config_for(straddling)) == errc::memory_too_small);
     BOOST_TEST(all_zero());
+}
+
+BOOST_AUTO_TEST_CASE(built_bzimage_round_trips_through_the_loader) {
+    std::vector<std::byte> program(0x1234);
+    for (std::size_t i = 0; i < program.size(); ++i)
+        program[i] = static_cast<std::byte>(i * 5 + 1);
+    const auto image = build_bzimage(program, {.load_address = 0x200000}).value();
+    const auto bz = parse_bzimage(image).value();
+    BOOST_TEST(!bz.relocatable);
+    BOOST_TEST(bz.pref_address == 0x200000u);
+    BOOST_TEST(bz.init_size == 0x2000u);
+    auto memory = make_memory();
+    const auto entry = load_linux(memory, config_for(image)).value();
+    BOOST_TEST(entry.rip == 0x200200u);
+    BOOST_TEST(std::memcmp(memory.span(0x200000, program.size()).value().data(), program.data(),
+                           program.size()) == 0);
+    BOOST_TEST(build_bzimage(std::span(program).first(0x100)).error() == errc::invalid_argument);
+    BOOST_TEST(build_bzimage(program, {.load_address = 0x1000}).error() == errc::invalid_argument);
 }
 
 BOOST_AUTO_TEST_CASE(bad_configurations_are_rejected) {

@@ -84,6 +84,9 @@ BOOST_AUTO_TEST_CASE(kernel_tree_is_found_by_layout) {
     BOOST_TEST(k.release == "9.9.9-test");
     BOOST_TEST(k.vmlinuz.filename() == "vmlinuz-9.9.9-test");
     BOOST_TEST(open_kernel_tree(dir.path / "missing").error() == errc::kernel_not_found);
+    BOOST_TEST(read_kernel_file(dir.path / "missing").error() == errc::kernel_not_found);
+    BOOST_TEST(read_kernel_file(dir.path).error() == errc::kernel_not_found); // a directory
+    BOOST_TEST(read_kernel_file(k.vmlinuz).value().size() == 19u);
     ::setenv("SUPERMACHINE_KERNEL_DIR", (dir.path / "missing").c_str(), 1);
     BOOST_TEST(default_kernel().error() == errc::kernel_not_found);
     ::unsetenv("SUPERMACHINE_KERNEL_DIR");

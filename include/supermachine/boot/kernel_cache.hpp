@@ -46,6 +46,19 @@ struct kernel_files {
         modules; // default_guest_modules() resolved, dependencies first
 };
 
+/// Read a kernel image (bzImage or vmlinux) from the host: kernel_not_found
+/// when missing or unreadable, kernel_invalid when larger than any kernel
+/// we load (512 MiB) — checked before reading.
+inline result<std::vector<std::byte>> read_kernel_file(const std::filesystem::path& path) {
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec)) return errc::kernel_not_found;
+    auto bytes = read_host_file(path, 512ull << 20);
+    if (!bytes)
+        return bytes.error() == errc::invalid_argument ? errc::kernel_invalid
+                                                       : errc::kernel_not_found;
+    return bytes;
+}
+
 /// $XDG_CACHE_HOME/supermachine/kernels, else $HOME/.cache/supermachine/kernels.
 inline std::filesystem::path kernel_cache_dir() {
     if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg)
