@@ -255,4 +255,39 @@ BOOST_AUTO_TEST_CASE(tty_and_credentials) {
     BOOST_TEST(a.exec(u).stdout_data == "65534\n65534\n65534 100\n");
 }
 
+BOOST_AUTO_TEST_CASE(collected_output_is_bounded) {
+    connected_agent a;
+    a.client.set_max_collected_output(1 << 20);
+    std::error_code ec;
+    auto start = std::chrono::steady_clock::now();
+    a.exec(shell("exec cat /dev/zero"), &ec); // endless: must end at the bound, not exhaust memory
+    BOOST_TEST(ec == make_error_code(errc::out_of_resources));
+    BOOST_TEST((std::chrono::steady_clock::now() - start < std::chrono::seconds(20)));
+    // The process was killed and the connection still serves.
+    BOOST_TEST(a.exec(shell("echo fine")).stdout_data == "fine\n");
+}
+
+BOOST_AUTO_TEST_CASE(dropping_a_child_keeps_the_connection_healthy) {
+    connected_agent a;
+    {
+        auto [ec, child] = await<client_type::child_type>(a.io, [&](auto h) {
+            a.client.async_spawn(shell("head -c 3000000 /dev/zero; echo done > /dev/null"),
+                                 std::move(h));
+        });
+        BOOST_REQUIRE(!ec);
+    } // dropped unread: its output is credited and discarded, so it cannot block
+    auto out = a.exec(shell("echo after"));
+    BOOST_TEST(out.stdout_data == "after\n");
+    // A second reader on the same stream is refused, not queued.
+    auto [ec, child] = await<client_type::child_type>(
+        a.io, [&](auto h) { a.client.async_spawn(shell("sleep 0.2; echo x"), std::move(h)); });
+    BOOST_REQUIRE(!ec);
+    std::optional<std::error_code> first, second;
+    child.async_read_stdout([&](std::error_code e, std::string) { first = e; });
+    child.async_read_stdout([&](std::error_code e, std::string) { second = e; });
+    run_until(a.io, [&] { return first.has_value() && second.has_value(); });
+    BOOST_TEST(!*first);
+    BOOST_TEST(*second == make_error_code(errc::invalid_argument));
+}
+
 BOOST_AUTO_TEST_SUITE_END()

@@ -69,6 +69,67 @@ bool have(const char* tool) {
     return std::system((std::string("command -v ") + tool + " >/dev/null 2>&1").c_str()) == 0;
 }
 
+/// Boots QEMU TCG with `initrd` (and `disk` when not empty) until the agent is ready;
+/// returns the console.
+std::string boot(const fs::path& dir, const fs::path& vmlinuz, const std::string& initrd,
+                 const std::string& disk, const std::string& extra_cmdline) {
+    std::string cmdline = "console=ttyS0 quiet panic=-1 rdinit=/init tsc_early_khz=" +
+                          std::to_string(host_tsc_khz()) + " " + extra_cmdline;
+    std::string log = (dir / ("console-" + std::to_string(std::rand()) + ".log")).string();
+    std::vector<std::string> args = {"qemu-system-x86_64",
+                                     "-M",
+                                     "microvm,acpi=on",
+                                     "-accel",
+                                     "tcg",
+                                     "-cpu",
+                                     "max",
+                                     "-m",
+                                     "256",
+                                     "-nographic",
+                                     "-nodefaults",
+                                     "-no-reboot",
+                                     "-serial",
+                                     "file:" + log,
+                                     "-kernel",
+                                     vmlinuz.string(),
+                                     "-initrd",
+                                     initrd,
+                                     "-append",
+                                     cmdline};
+    if (!disk.empty()) {
+        args.insert(args.end(), {"-drive", "id=d0,file=" + disk + ",format=raw,if=none", "-device",
+                                 "virtio-blk-device,drive=d0"});
+    }
+    std::vector<char*> argv;
+    for (auto& a : args)
+        argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_t qemu = -1;
+    BOOST_REQUIRE(
+        ::posix_spawnp(&qemu, "qemu-system-x86_64", nullptr, nullptr, argv.data(), environ) == 0);
+    auto start = std::chrono::steady_clock::now();
+    std::string console;
+    bool exited = false;
+    while (std::chrono::steady_clock::now() - start < std::chrono::seconds(180)) {
+        console = read_text(log);
+        if (console.find("ready on vsock port 1024") != std::string::npos) break;
+        if (::waitpid(qemu, nullptr, WNOHANG) == qemu) {
+            exited = true;
+            break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (!exited) {
+        ::kill(qemu, SIGKILL);
+        ::waitpid(qemu, nullptr, 0);
+    }
+    BOOST_TEST_MESSAGE("guest console:\n" << console);
+    BOOST_TEST_MESSAGE("agent ready after " << seconds << " s (QEMU TCG, loaded host)");
+    return console;
+}
+
 } // namespace
 
 BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
@@ -116,69 +177,24 @@ BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
                         "' 32M";
     BOOST_REQUIRE(std::system(build.c_str()) == 0);
 
-    std::string cmdline =
-        "console=ttyS0 quiet panic=-1 rdinit=/init supermachine.token=0123abcd tsc_early_khz=" +
-        std::to_string(host_tsc_khz());
-    std::string log = (dir / "console.log").string();
-    std::string drive = "id=d0,file=" + (dir / "root.ext4").string() + ",format=raw,if=none";
-    std::string kernel_path = kernel->vmlinuz.string();
     std::string initrd_path = (dir / "initrd.gz").string();
-    std::vector<std::string> args = {"qemu-system-x86_64",
-                                     "-M",
-                                     "microvm,acpi=on",
-                                     "-accel",
-                                     "tcg",
-                                     "-cpu",
-                                     "max",
-                                     "-m",
-                                     "256",
-                                     "-nographic",
-                                     "-nodefaults",
-                                     "-no-reboot",
-                                     "-serial",
-                                     "file:" + log,
-                                     "-kernel",
-                                     kernel_path,
-                                     "-initrd",
-                                     initrd_path,
-                                     "-append",
-                                     cmdline,
-                                     "-drive",
-                                     drive,
-                                     "-device",
-                                     "virtio-blk-device,drive=d0"};
-    std::vector<char*> argv;
-    for (auto& a : args)
-        argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_t qemu = -1;
-    BOOST_REQUIRE(
-        ::posix_spawnp(&qemu, "qemu-system-x86_64", nullptr, nullptr, argv.data(), environ) == 0);
-
-    auto start = std::chrono::steady_clock::now();
-    std::string console;
-    bool exited = false;
-    while (std::chrono::steady_clock::now() - start < std::chrono::seconds(280)) {
-        console = read_text(log);
-        if (console.find("ready on vsock port 1024") != std::string::npos) break;
-        if (::waitpid(qemu, nullptr, WNOHANG) == qemu) {
-            exited = true;
-            break;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    }
-    double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (!exited) {
-        ::kill(qemu, SIGKILL);
-        ::waitpid(qemu, nullptr, 0);
-    }
-    BOOST_TEST_MESSAGE("guest console:\n" << console);
-    BOOST_TEST_MESSAGE("agent ready after " << seconds << " s (QEMU TCG, loaded host)");
+    std::string console = boot(dir, kernel->vmlinuz, initrd_path, (dir / "root.ext4").string(),
+                               "supermachine.token=0123abcd");
     BOOST_TEST(console.find("switched root to /dev/vda") != std::string::npos);
     BOOST_TEST(console.find("ready on vsock port 1024") != std::string::npos);
     BOOST_TEST(console.find("finit_module") == std::string::npos); // every module loaded
     BOOST_TEST(console.find("Kernel panic") == std::string::npos);
     BOOST_TEST(console.find("no token") == std::string::npos); // supermachine.token= was parsed
+
+    // No disk, token from the initramfs file: the agent stays in the initramfs and serves.
+    std::ofstream(initrd / "etc/supermachine/token") << "0123abcd\n";
+    std::string again = "cd '" + initrd.string() +
+                        "' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd2.gz";
+    BOOST_REQUIRE(std::system(again.c_str()) == 0);
+    std::string console2 =
+        boot(dir, kernel->vmlinuz, (dir / "initrd2.gz").string(), "", "supermachine.root=none");
+    BOOST_TEST(console2.find("ready on vsock port 1024") != std::string::npos);
+    BOOST_TEST(console2.find("switched root") == std::string::npos);
+    BOOST_TEST(console2.find("no token") == std::string::npos); // read from /etc/supermachine/token
     fs::remove_all(dir);
 }

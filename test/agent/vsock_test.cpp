@@ -495,3 +495,47 @@ BOOST_AUTO_TEST_CASE(agent_client_through_the_device) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(virtio_vsock_unix)
+
+BOOST_AUTO_TEST_CASE(firecracker_style_connect_line) {
+    fake_guest g;
+    std::string path = "/tmp/sm-vsock-" + std::to_string(::getpid()) + ".sock";
+    auto endpoint =
+        virtio::vsock_unix_endpoint::create(g.io.get_executor(), *g.device, path).value();
+    // A tool outside the process.
+    local_socket tool(g.io);
+    tool.connect(boost::asio::local::stream_protocol::endpoint(path));
+    boost::asio::write(tool, boost::asio::buffer(std::string("CONNECT 1024\nearly bytes")));
+    auto request = g.expect(op::request);
+    BOOST_REQUIRE(request);
+    BOOST_TEST((request->header.dst_port == 1024u));
+    std::uint32_t host_port = request->header.src_port;
+    g.send(g.header(op::response, 1024, host_port));
+    BOOST_TEST(read_some(g, tool, 3 + std::to_string(host_port).size() + 1) ==
+               "OK " + std::to_string(host_port) + "\n");
+    // What followed the line, then more, reaches the guest in order.
+    std::string at_guest;
+    boost::asio::write(tool, boost::asio::buffer(std::string(" and later")));
+    g.pump([&] {
+        for (auto& p : g.inbox)
+            if (p.header.op == op::rw) at_guest += p.payload;
+        g.inbox.clear();
+        return at_guest.size() >= 21;
+    });
+    BOOST_TEST(at_guest == "early bytes and later");
+    g.send(g.header(op::rw, 1024, host_port), "reply");
+    BOOST_TEST(read_some(g, tool, 5) == "reply");
+
+    // A malformed line or a refused port closes the tool's socket.
+    for (std::string line :
+         {std::string("HELLO 1\n"), std::string("CONNECT 99999999999\n"), std::string(100, 'C')}) {
+        local_socket bad(g.io);
+        bad.connect(boost::asio::local::stream_protocol::endpoint(path));
+        boost::asio::write(bad, boost::asio::buffer(line));
+        BOOST_TEST(read_some(g, bad, 1) == "<EOF>", line.substr(0, 20));
+    }
+    endpoint->close();
+}
+
+BOOST_AUTO_TEST_SUITE_END()

@@ -24,7 +24,9 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/read_until.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
 
 #include <sys/socket.h>
 #include <unistd.h>
@@ -82,7 +84,7 @@ public:
         std::chrono::milliseconds connect_timeout{10000};
     };
     using accept_handler = std::function<void(int fd, std::uint32_t guest_port)>;
-    using connect_handler = std::function<void(std::error_code, int fd)>;
+    using connect_handler = std::function<void(std::error_code, int fd, std::uint32_t host_port)>;
 
     explicit vsock_impl(const config_type& c)
         : config_(c) {}
@@ -206,12 +208,13 @@ private:
         }
     };
 
-    void post_result(connect_handler done, std::error_code ec, int fd) {
+    void post_result(connect_handler done, std::error_code ec, int fd, std::uint32_t port = 0) {
         if (!executor_) {
-            done(ec, fd);
+            done(ec, fd, port);
             return;
         }
-        boost::asio::post(executor_, [done = std::move(done), ec, fd] { done(ec, fd); });
+        boost::asio::post(executor_,
+                          [done = std::move(done), ec, fd, port] { done(ec, fd, port); });
     }
 
     std::uint32_t allocate_port(std::uint32_t guest_port) {
@@ -327,7 +330,7 @@ private:
             if (c->timer) c->timer->cancel();
             if (c->on_connect) {
                 int fd = std::exchange(c->user_fd, -1);
-                post_result(std::move(c->on_connect), {}, fd);
+                post_result(std::move(c->on_connect), {}, fd, c->key.first);
                 c->on_connect = nullptr;
             }
             watch_read(c);
@@ -690,7 +693,7 @@ public:
         return boost::asio::async_initiate<Token, void(std::error_code, socket_type)>(
             [impl = impl_, executor](auto handler, std::uint32_t port) {
                 auto shared = std::make_shared<decltype(handler)>(std::move(handler));
-                impl->connect(port, [shared, executor](std::error_code ec, int fd) {
+                impl->connect(port, [shared, executor](std::error_code ec, int fd, std::uint32_t) {
                     socket_type socket(executor);
                     if (!ec) {
                         boost::system::error_code assign_error;
@@ -717,6 +720,13 @@ public:
     }
     void unlisten(std::uint32_t host_port) { impl_->unlisten(host_port); }
 
+    /// The callback form of async_connect: done(error, fd, host_port) on the device's
+    /// executor; the fd (host end) belongs to the callee.
+    void connect(std::uint32_t guest_port,
+                 std::function<void(std::error_code, int, std::uint32_t)> done) {
+        impl_->connect(guest_port, std::move(done));
+    }
+
     /// Drops every connection and queues VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (after a restore).
     void transport_reset() { impl_->transport_reset(); }
     std::size_t connection_count() const { return impl_->connection_count(); }
@@ -726,5 +736,146 @@ private:
 };
 
 static_assert(device_core<vsock>);
+
+/// Firecracker's host-side convention, for tools outside this process: a Unix
+/// socket at `path`; a client writes "CONNECT <guest port>\n", gets
+/// "OK <host port>\n" and then the stream (or the socket closes when the
+/// guest refuses or the line is malformed). Bytes are spliced both ways with
+/// bounded buffers (64 KiB per direction); half-closes pass through.
+class vsock_unix_endpoint : public std::enable_shared_from_this<vsock_unix_endpoint> {
+public:
+    using protocol = boost::asio::local::stream_protocol;
+
+    static result<std::shared_ptr<vsock_unix_endpoint>>
+    create(boost::asio::any_io_executor executor, vsock& device, std::string path) {
+        auto e = std::shared_ptr<vsock_unix_endpoint>(
+            new vsock_unix_endpoint(executor, device, std::move(path)));
+        boost::system::error_code ec;
+        ::unlink(e->path_.c_str());
+        e->acceptor_.open(protocol(), ec);
+        if (!ec) e->acceptor_.bind(protocol::endpoint(e->path_), ec);
+        if (!ec) e->acceptor_.listen(64, ec);
+        if (ec) return std::error_code(ec.value(), std::system_category());
+        e->accept();
+        return e;
+    }
+    ~vsock_unix_endpoint() { ::unlink(path_.c_str()); }
+    void close() {
+        boost::system::error_code ignored;
+        acceptor_.close(ignored);
+    }
+    const std::string& path() const { return path_; }
+
+private:
+    vsock_unix_endpoint(boost::asio::any_io_executor executor, vsock& device, std::string path)
+        : executor_(executor)
+        , device_(device)
+        , path_(std::move(path))
+        , acceptor_(executor) {}
+
+    struct session : std::enable_shared_from_this<session> {
+        explicit session(protocol::socket s)
+            : client(std::move(s))
+            , guest(client.get_executor()) {}
+        protocol::socket client, guest;
+        std::string line;
+        std::array<char, 65536> up{}, down{}; // client -> guest, guest -> client
+        int open_directions = 2;
+
+        void pump(protocol::socket& from, protocol::socket& to, std::array<char, 65536>& buffer) {
+            from.async_read_some(
+                boost::asio::buffer(buffer), [self = shared_from_this(), &from, &to, &buffer](
+                                                 boost::system::error_code ec, std::size_t n) {
+                    if (ec) {
+                        boost::system::error_code ignored;
+                        to.shutdown(protocol::socket::shutdown_send, ignored);
+                        if (--self->open_directions == 0) self->finish();
+                        return;
+                    }
+                    boost::asio::async_write(
+                        to, boost::asio::buffer(buffer.data(), n),
+                        [self, &from, &to, &buffer](boost::system::error_code ec, std::size_t) {
+                            if (ec) return self->finish();
+                            self->pump(from, to, buffer);
+                        });
+                });
+        }
+        void finish() {
+            boost::system::error_code ignored;
+            client.close(ignored);
+            guest.close(ignored);
+        }
+    };
+
+    void accept() {
+        acceptor_.async_accept(
+            [self = shared_from_this()](boost::system::error_code ec, protocol::socket socket) {
+                if (ec) return; // closed
+                auto s = std::make_shared<session>(std::move(socket));
+                self->read_line(s);
+                self->accept();
+            });
+    }
+
+    void read_line(const std::shared_ptr<session>& s) {
+        // "CONNECT 4294967295\n" is 19 bytes: a longer line is refused without reading it all.
+        boost::asio::async_read_until(
+            s->client, boost::asio::dynamic_buffer(s->line, 32), '\n',
+            [self = shared_from_this(), s](boost::system::error_code ec, std::size_t n) {
+                if (ec) return s->finish();
+                std::string line = s->line.substr(0, n - 1);
+                s->line.erase(0, n); // bytes after the line belong to the stream
+                std::uint32_t port = 0;
+                if (!parse_connect(line, port)) return s->finish();
+                self->device_.connect(
+                    port, [s](std::error_code ec, int fd, std::uint32_t host_port) {
+                        if (ec) return s->finish();
+                        boost::system::error_code assign_error;
+                        s->guest.assign(protocol(), fd, assign_error);
+                        if (assign_error) {
+                            ::close(fd);
+                            return s->finish();
+                        }
+                        auto reply =
+                            std::make_shared<std::string>("OK " + std::to_string(host_port) + "\n");
+                        boost::asio::async_write(
+                            s->client, boost::asio::buffer(*reply),
+                            [s, reply](boost::system::error_code ec, std::size_t) {
+                                if (ec) return s->finish();
+                                // Anything the client sent after its line goes first.
+                                auto early = std::make_shared<std::string>(std::move(s->line));
+                                boost::asio::async_write(
+                                    s->guest, boost::asio::buffer(*early),
+                                    [s, early](boost::system::error_code ec, std::size_t) {
+                                        if (ec) return s->finish();
+                                        s->pump(s->client, s->guest, s->up);
+                                        s->pump(s->guest, s->client, s->down);
+                                    });
+                            });
+                    });
+            });
+    }
+
+    static bool parse_connect(const std::string& line, std::uint32_t& port) {
+        static constexpr std::string_view prefix = "CONNECT ";
+        if (line.size() <= prefix.size() || line.compare(0, prefix.size(), prefix) != 0)
+            return false;
+        std::uint64_t value = 0;
+        for (std::size_t i = prefix.size(); i < line.size(); ++i) {
+            char c = line[i];
+            if (c == '\r' && i + 1 == line.size()) break;
+            if (c < '0' || c > '9') return false;
+            value = value * 10 + static_cast<unsigned>(c - '0');
+            if (value > 0xffffffffu) return false;
+        }
+        port = static_cast<std::uint32_t>(value);
+        return true;
+    }
+
+    boost::asio::any_io_executor executor_;
+    vsock& device_;
+    std::string path_;
+    protocol::acceptor acceptor_;
+};
 
 } // namespace supermachine::virtio
