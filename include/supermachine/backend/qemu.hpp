@@ -146,10 +146,10 @@ public:
     executor_type get_executor() const noexcept { return executor_; }
     const qemu_config& config() const noexcept { return config_; }
 
-    /// Serve `device` to QEMU as a vhost-user device of `kind`. Call before
+    /// Serve `device` (a virtio device core) to QEMU as a vhost-user device of `kind`. Call before
     /// start(); `device` must outlive the machine. Devices appear in the
     /// guest in attach order (microvm's virtio-mmio slots).
-    template <vhost_user::device_core Device>
+    template <virtio::device_core Device>
     result<void> attach(vhost_user_device_kind kind, Device& device) {
         if (child_.pid > 0) return errc::invalid_argument;
         SUPERMACHINE_TRY(ensure_runtime_directory());

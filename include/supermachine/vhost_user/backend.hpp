@@ -12,9 +12,14 @@
 //    SCM_RIGHTS fds) from a connected front-end, runs handle() and writes
 //    replies, until the front-end disconnects or misbehaves.
 //
-// Kicks are waited on with posix::stream_descriptor on the backend's
-// executor, exactly as the in-process transport waits on ioeventfds; the
-// device processes its queue there and raises the call eventfd.
+// The device is any virtio::device_core (blk with any storage policy, rng,
+// vsock...). vhost-user has no DRIVER_OK: the core is activated with the
+// rings that are started (kick fd given) and enabled, and re-activated
+// (reset, then activate) whenever that set, a call fd or the memory table
+// changes; GET_VRING_BASE resets it (draining in-flight requests) before it
+// reports the ring position. The core waits for kicks with Asio on the
+// backend's executor (virtio::queue_service), exactly as with ioeventfds,
+// and raises the call eventfd.
 //
 // Error policy: a message that breaks framing (bad header, size or fd count)
 // ends the session. A well-formed message we cannot honour is answered with
@@ -28,13 +33,14 @@
 #include <supermachine/vhost_user/detail/file_descriptor.hpp>
 #include <supermachine/vhost_user/detail/memory_map.hpp>
 #include <supermachine/vhost_user/message.hpp>
-#include <supermachine/vhost_user/vring.hpp>
+#include <supermachine/virtio/device.hpp>
+#include <supermachine/virtio/virtqueue.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
-#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -58,38 +64,27 @@
 
 namespace supermachine::vhost_user {
 
-/// What a device core must offer to be served over vhost-user.
-///   features(): the virtio feature bits the device offers (VIRTIO_F_VERSION_1 included if wanted)
-///   queue_count(), max_queue_size(): its virtqueues
-///   read_config(offset, out): bytes of its config space (zero beyond it)
-///   process_queue(ring): consume the ring's available buffers, publish used ones, raise ring.call
-/// Optional: write_config(offset, bytes), reset(), set_features(acked).
-template <class D>
-concept device_core = requires(D& d, const D& cd, std::uint32_t offset, std::span<std::byte> out,
-                               vring& ring) {
-    { cd.features() } -> std::convertible_to<std::uint64_t>;
-    { cd.queue_count() } -> std::convertible_to<std::uint32_t>;
-    { cd.max_queue_size() } -> std::convertible_to<std::uint16_t>;
-    cd.read_config(offset, out);
-    d.process_queue(ring);
-};
+/// The largest ring a front-end may ask for regardless of the core's
+/// queue_max_size(): vhost-user cannot tell the front-end our maximum, and
+/// QEMU's virtio-mmio always offers the driver 1024 (VIRTQUEUE_MAX_SIZE).
+inline constexpr std::uint32_t front_end_queue_size = 1024;
 
 /// Protocol features this back-end implements.
 inline constexpr std::uint64_t supported_protocol_features =
     protocol_feature::multiqueue | protocol_feature::reply_ack | protocol_feature::config;
 
-template <device_core Device>
+template <virtio::device_core Device>
 class backend {
 public:
     using executor_type = boost::asio::any_io_executor;
 
+    /// Serve `device` (which must outlive the backend) on `executor`: the
+    /// core's async work and the protocol both run there.
     backend(executor_type executor, Device& device)
         : executor_(std::move(executor))
         , device_(device)
-        , rings_(device.queue_count()) {
-        for (std::uint32_t i = 0; i < rings_.size(); ++i)
-            rings_[i].ring.index = i;
-    }
+        , rings_(device.queue_count())
+        , bindings_(device.queue_count()) {}
     backend(const backend&) = delete;
     backend& operator=(const backend&) = delete;
     ~backend() { stop(); }
@@ -106,11 +101,18 @@ public:
     bool ring_enabled(std::uint32_t index) const noexcept {
         return index < rings_.size() && rings_[index].enabled;
     }
+    /// Whether the core is activated (serving at least one ring).
+    bool active() const noexcept { return active_; }
+    /// The core reported a broken ring (needs_reset) since the last reset.
+    bool device_broken() const noexcept { return broken_->load(); }
 
-    /// Stop every ring and cancel pending kick waits (the device stays as is).
+    /// Deactivate the core and forget the session (a disconnect, or
+    /// shutdown): a new front-end connection starts from scratch.
     void stop() noexcept {
-        for (auto& r : rings_)
-            stop_ring(r);
+        reset();
+        owner_ = false;
+        protocol_features_ = 0;
+        memory_ = detail::memory_map{};
     }
 
     /// One protocol step. `m` must have passed validate(); its fds are
@@ -119,46 +121,49 @@ public:
         auto r = dispatch(m);
         if (!r) return r.error();
         if (!r.value().empty()) return std::move(r).value();
-        if (m.needs_reply() && (protocol_features_ & protocol_feature::reply_ack) &&
-            !has_inherent_reply(m.request(), protocol_features_))
-            return encode_reply(m.request(), u64_bytes(0));
+        if (failure_is_acked(m)) return encode_reply(m.request(), u64_bytes(0));
         return std::vector<std::byte>{};
     }
 
-    /// The reply to send when handle() failed, or empty to end the session / ignore (see top).
+    /// Whether a failure of `m` is answered with a failure ack (else the
+    /// session ends, or an unsupported request is ignored; see top).
     bool failure_is_acked(const message& m) const noexcept {
         return m.needs_reply() && (protocol_features_ & protocol_feature::reply_ack) &&
                !has_inherent_reply(m.request(), protocol_features_);
     }
 
     /// Serve a connected front-end until it disconnects (completes with
-    /// vhost_user_disconnected) or a fatal protocol error. Signature void(std::error_code).
+    /// vhost_user_disconnected) or a fatal protocol error; the core is
+    /// deactivated either way. Signature void(std::error_code). The backend
+    /// must outlive the operation.
     template <class CompletionToken>
     auto async_serve(boost::asio::local::stream_protocol::socket socket, CompletionToken&& token) {
         return boost::asio::async_initiate<CompletionToken, void(std::error_code)>(
             [this](auto handler, boost::asio::local::stream_protocol::socket s) {
-                boost::asio::co_spawn(
-                    executor_, serve(std::move(s)),
-                    [h = std::move(handler)](std::exception_ptr e, std::error_code ec) mutable {
-                        if (e) ec = make_error_code(errc::vhost_user_protocol_error);
-                        std::move(h)(ec);
-                    });
+                boost::asio::co_spawn(executor_, serve(std::move(s)),
+                                      [this, h = std::move(handler)](std::exception_ptr e,
+                                                                     std::error_code ec) mutable {
+                                          if (e)
+                                              ec = make_error_code(errc::vhost_user_protocol_error);
+                                          stop();
+                                          std::move(h)(ec);
+                                      });
             },
             token, std::move(socket));
     }
 
 private:
     struct ring_state {
-        vring ring;
         std::uint32_t num = 0;
         std::optional<vring_address> address; // as the front-end gave it (user addresses)
-        bool base_set = false;
-        bool started = false;
+        virtio::queue_layout layout;          // guest-physical, valid when address is set
+        std::uint16_t base = 0;               // SET_VRING_BASE: next available index
+        bool started = false;                 // kick fd given (and not stopped since)
         bool enabled = false;
-        std::unique_ptr<boost::asio::posix::stream_descriptor> kick;
+        std::optional<virtio::virtqueue> queue; // while started
+        detail::file_descriptor kick;
         detail::file_descriptor call;
         detail::file_descriptor error;
-        std::uint64_t generation = 0; // invalidates kick handlers of an earlier start
     };
 
     // ---- the state machine ----
@@ -171,11 +176,9 @@ private:
         case request::set_features: {
             const auto f = parse_u64(m);
             if (f & ~offered_features()) return errc::invalid_argument;
+            if (active_ && f != features_) return errc::vhost_user_unexpected_message;
             features_ = f;
             features_set_ = true;
-            for (auto& r : rings_)
-                r.ring.features = f;
-            if constexpr (requires { device_.set_features(f); }) device_.set_features(f);
             return std::vector<std::byte>{};
         }
         case request::get_protocol_features:
@@ -202,10 +205,12 @@ private:
             const auto s = parse_vring_state(m);
             SUPERMACHINE_TRY(ring_pointer, configurable_ring(s.index));
             auto& r = *ring_pointer;
-            if (s.num == 0 || s.num > device_.max_queue_size() || !std::has_single_bit(s.num))
+            const std::uint32_t limit = std::max<std::uint32_t>(
+                front_end_queue_size, static_cast<std::uint32_t>(device_.queue_max_size(s.index)));
+            if (s.num == 0 || s.num > limit || s.num > virtio::max_queue_size ||
+                !std::has_single_bit(s.num))
                 return errc::invalid_argument;
             r.num = s.num;
-            r.ring.size = static_cast<std::uint16_t>(s.num);
             if (r.address) {
                 SUPERMACHINE_TRY(translate(r));
             }
@@ -217,7 +222,7 @@ private:
             auto& r = *ring_pointer;
             if (!memory_mapped()) return errc::vhost_user_unexpected_message;
             if (a.flags & ~1u) return errc::invalid_argument;
-            if (a.flags & 1u) return errc::not_supported; // dirty logging: we never offer F_LOG_ALL
+            if (a.flags & 1u) return errc::not_supported; // dirty logging: F_LOG_ALL never offered
             const auto previous = r.address;
             r.address = a;
             if (auto t = translate(r); !t) {
@@ -231,18 +236,23 @@ private:
             SUPERMACHINE_TRY(ring_pointer, configurable_ring(s.index));
             auto& r = *ring_pointer;
             if (s.num > 0xffff) return errc::invalid_argument;
-            r.ring.next_available = static_cast<std::uint16_t>(s.num);
-            r.ring.next_used = static_cast<std::uint16_t>(s.num);
-            r.base_set = true;
+            r.base = static_cast<std::uint16_t>(s.num);
             return std::vector<std::byte>{};
         }
         case request::get_vring_base: {
             const auto s = parse_vring_state(m);
             SUPERMACHINE_TRY(ring_pointer, ring_at(s.index));
             auto& r = *ring_pointer;
-            stop_ring(r);
-            r.call.reset();
-            return encode_reply(req, vring_state_bytes({s.index, r.ring.next_available}));
+            // Reset drains: requests taken from the ring are finished first,
+            // so the reported position loses none.
+            deactivate();
+            const std::uint16_t position = r.queue ? r.queue->position().next_available : r.base;
+            r.base = position;
+            r.started = false;
+            r.queue.reset();
+            r.kick.reset();
+            schedule_activation(); // the other rings keep running
+            return encode_reply(req, vring_state_bytes({s.index, position}));
         }
         case request::set_vring_kick: {
             const auto f = parse_vring_file(m);
@@ -251,7 +261,6 @@ private:
             if (f.no_fd) return errc::not_supported; // polling mode
             if (!owner_ || !memory_mapped() || !r.address || r.num == 0)
                 return errc::vhost_user_unexpected_message;
-            stop_ring(r);
             return start_ring(r, std::move(m.fds.front()));
         }
         case request::set_vring_call:
@@ -259,9 +268,13 @@ private:
             const auto f = parse_vring_file(m);
             SUPERMACHINE_TRY(ring_pointer, ring_at(f.index));
             auto& r = *ring_pointer;
+            if (req == request::set_vring_call && active_) {
+                // The core holds the old fd number: stop it before that fd closes.
+                deactivate();
+                schedule_activation();
+            }
             auto& slot = req == request::set_vring_call ? r.call : r.error;
             slot = f.no_fd ? detail::file_descriptor{} : std::move(m.fds.front());
-            if (req == request::set_vring_call) r.ring.call = interrupt_line(r.call.get());
             return std::vector<std::byte>{};
         }
         case request::set_vring_enable: {
@@ -272,8 +285,10 @@ private:
                 return errc::vhost_user_unexpected_message; // only meaningful with protocol
                                                             // features
             if (s.num > 1) return errc::invalid_argument;
-            r.enabled = s.num == 1;
-            if (r.enabled && r.started) process(r);
+            if (r.enabled != (s.num == 1)) {
+                r.enabled = s.num == 1;
+                schedule_activation();
+            }
             return std::vector<std::byte>{};
         }
         case request::get_config: {
@@ -293,8 +308,7 @@ private:
             const auto c = parse_config(m);
             if (c.offset > max_config_size || c.size > max_config_size - c.offset)
                 return errc::invalid_argument;
-            if constexpr (requires { device_.write_config(c.offset, c.data); })
-                device_.write_config(c.offset, c.data);
+            device_.write_config(c.offset, c.data);
             return std::vector<std::byte>{};
         }
         default:
@@ -304,7 +318,7 @@ private:
     }
 
     std::uint64_t offered_features() const noexcept {
-        return device_.features() | protocol_features_bit;
+        return device_.device_features() | protocol_features_bit;
     }
     bool memory_mapped() const noexcept { return !memory_.regions().empty(); }
 
@@ -320,23 +334,17 @@ private:
         return ring_pointer;
     }
 
-    /// User addresses → guest-physical, with the ring's full extent and
-    /// alignment checked (when the size is known).
+    /// User addresses → guest-physical, with alignment checked and, once the
+    /// size is known, the ring's whole extent inside guest memory.
     result<void> translate(ring_state& r) {
         const auto& a = *r.address;
-        const std::uint16_t n = r.ring.size;
         if (a.descriptor % 16 || a.available % 2 || a.used % 4) return errc::invalid_argument;
-        // Without a size yet, check one entry; SET_VRING_NUM re-checks.
-        const std::uint16_t check = n ? n : 1;
-        // +2: room for used_event / avail_event, whether or not EVENT_IDX is acked.
-        auto d = memory_.user_to_guest(a.descriptor, vring::descriptor_table_bytes(check));
-        auto av = memory_.user_to_guest(a.available, vring::available_ring_bytes(check) + 2);
-        auto u = memory_.user_to_guest(a.used, vring::used_ring_bytes(check) + 2);
+        const std::uint32_t n = r.num ? r.num : 1; // without a size yet, check one entry
+        auto d = memory_.user_to_guest(a.descriptor, virtio::virtqueue::descriptor_table_bytes(n));
+        auto av = memory_.user_to_guest(a.available, virtio::virtqueue::available_ring_bytes(n));
+        auto u = memory_.user_to_guest(a.used, virtio::virtqueue::used_ring_bytes(n));
         if (!d || !av || !u) return errc::address_out_of_range;
-        r.ring.descriptor = *d;
-        r.ring.available = *av;
-        r.ring.used = *u;
-        r.ring.memory = &memory_.memory();
+        r.layout = {r.num, *d, *av, *u};
         return success();
     }
 
@@ -345,77 +353,115 @@ private:
         const auto table = parse_memory_table(m);
         SUPERMACHINE_TRY(map, detail::memory_map::create(table, m.fds));
         m.fds.clear(); // mapped; the fds themselves are not needed any more
-        // Rings keep their user addresses; re-translate them into the new
-        // table before the old mappings go (the swap unmaps them).
+        // Queues point into the old mappings: stop the core and remember the
+        // positions, swap (unmapping the old), then rebuild each queue over
+        // the new table from its user addresses, or stop it if it no longer fits.
+        deactivate();
+        for (auto& r : rings_)
+            if (r.queue) {
+                positions_hint(r) = r.queue->position();
+                r.queue.reset();
+            }
         memory_ = std::move(map);
         for (auto& r : rings_) {
             if (!r.address) continue;
             if (!translate(r)) {
-                stop_ring(r);
                 r.address.reset();
+                r.started = false;
+                continue;
             }
+            if (r.started && !make_queue(r, positions_hint(r))) r.started = false;
         }
+        schedule_activation();
         return std::vector<std::byte>{};
+    }
+
+    virtio::queue_position& positions_hint(ring_state& r) {
+        return saved_positions_[static_cast<std::size_t>(&r - rings_.data())];
+    }
+
+    result<void> make_queue(ring_state& r, virtio::queue_position position) {
+        SUPERMACHINE_TRY(
+            q, virtio::virtqueue::create(memory_.memory(), r.layout, features_, position));
+        r.queue.emplace(std::move(q));
+        return success();
     }
 
     result<std::vector<std::byte>> start_ring(ring_state& r, detail::file_descriptor kick) {
+        if (r.started) { // a new kick fd for a running ring: rebind
+            deactivate();
+            r.kick = std::move(kick);
+            schedule_activation();
+            return std::vector<std::byte>{};
+        }
         SUPERMACHINE_TRY(translate(r));
-        // Resume where the driver is: used->idx from guest memory (after migration
-        // or a reconnect it need not equal the base).
-        auto used_index = memory_.memory().template read_object<std::uint16_t>(r.ring.used + 2);
-        if (!used_index) return used_index.error();
-        r.ring.next_used = used_index.value();
-        if (!r.base_set) r.ring.next_available = r.ring.next_used;
-        r.ring.features = features_;
-        r.kick = std::make_unique<boost::asio::posix::stream_descriptor>(executor_, kick.release());
+        // The driver's used index from the ring itself: after a migration or a
+        // reconnect it need not equal the base.
+        SUPERMACHINE_TRY(used, virtio::virtqueue::read_used_index(memory_.memory(), r.layout));
+        virtio::queue_position position;
+        position.next_available = r.base;
+        position.next_used = used;
+        SUPERMACHINE_TRY(make_queue(r, position));
+        r.kick = std::move(kick);
         r.started = true;
         if (!(features_ & protocol_features_bit)) r.enabled = true; // spec: enabled from the start
-        ++r.generation;
-        wait_for_kick(r);
-        if (r.enabled) process(r); // buffers made available before the kick fd arrived
+        schedule_activation();
         return std::vector<std::byte>{};
     }
 
-    void stop_ring(ring_state& r) noexcept {
-        if (r.kick) {
-            boost::system::error_code ignored;
-            r.kick->cancel(ignored);
-            r.kick->close(ignored);
-            r.kick.reset();
-        }
-        r.started = false;
-        ++r.generation;
-    }
-
     void reset() noexcept {
-        stop();
-        for (auto& r : rings_) {
-            const auto index = r.ring.index;
+        deactivate();
+        for (auto& r : rings_)
             r = ring_state{};
-            r.ring.index = index;
-        }
         features_ = 0;
         features_set_ = false;
-        // Protocol features and the memory table survive RESET_DEVICE; RESET_OWNER is deprecated.
-        if constexpr (requires { device_.reset(); }) device_.reset();
+        // Protocol features and the memory table survive RESET_DEVICE.
     }
 
-    void wait_for_kick(ring_state& r) {
-        r.kick->async_wait(boost::asio::posix::stream_descriptor::wait_read,
-                           [this, alive = std::weak_ptr<int>(alive_), index = r.ring.index,
-                            generation = r.generation](const boost::system::error_code& ec) {
-                               if (ec || alive.expired()) return;
-                               auto& ring = rings_[index];
-                               if (ring.generation != generation || !ring.kick) return;
-                               std::uint64_t count = 0;
-                               [[maybe_unused]] auto n =
-                                   ::read(ring.kick->native_handle(), &count, sizeof count);
-                               if (ring.enabled) process(ring);
-                               if (ring.generation == generation && ring.kick) wait_for_kick(ring);
-                           });
+    // ---- activation of the core ----
+
+    void deactivate() noexcept {
+        ++activation_generation_;
+        if (!active_) return;
+        device_.reset(); // synchronous: drains, then never touches the queues again
+        active_ = false;
+        for (auto& b : bindings_)
+            b = {};
     }
 
-    void process(ring_state& r) { device_.process_queue(r.ring); }
+    /// Re-activate soon, on the executor: several ring messages in a row
+    /// (QEMU sends all KICKs, then all ENABLEs) coalesce into one activation.
+    void schedule_activation() {
+        const std::uint64_t generation = ++activation_generation_;
+        boost::asio::post(executor_, [this, alive = std::weak_ptr<int>(alive_), generation] {
+            if (alive.expired() || generation != activation_generation_) return;
+            activate_now();
+        });
+    }
+
+    void activate_now() {
+        deactivate();
+        bool any = false;
+        for (std::size_t i = 0; i < rings_.size(); ++i) {
+            auto& r = rings_[i];
+            if (!(r.started && r.enabled && r.queue)) continue;
+            bindings_[i] = {&*r.queue, r.kick.get(),
+                            virtio::interrupt_sink(interrupt_line(r.call.get()))};
+            any = true;
+        }
+        if (!any) return;
+        broken_->store(false);
+        const virtio::activation act{
+            memory_.memory(), executor_, features_,
+            bindings_,        {},        [broken = broken_] { broken->store(true); }};
+        if (auto a = device_.activate(act); !a) {
+            for (auto& b : bindings_)
+                b = {};
+            broken_->store(true);
+            return;
+        }
+        active_ = true;
+    }
 
     // ---- the socket side ----
 
@@ -525,11 +571,17 @@ private:
     executor_type executor_;
     Device& device_;
     std::vector<ring_state> rings_;
+    std::vector<virtio::queue_binding> bindings_; // what the active core was given
+    std::vector<virtio::queue_position> saved_positions_ =
+        std::vector<virtio::queue_position>(rings_.size());
     detail::memory_map memory_;
     std::uint64_t features_ = 0;
     std::uint64_t protocol_features_ = 0;
     bool features_set_ = false;
     bool owner_ = false;
+    bool active_ = false;
+    std::uint64_t activation_generation_ = 0;
+    std::shared_ptr<std::atomic<bool>> broken_ = std::make_shared<std::atomic<bool>>(false);
     std::shared_ptr<int> alive_ = std::make_shared<int>(0);
 };
 
