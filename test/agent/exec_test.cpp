@@ -209,8 +209,10 @@ BOOST_AUTO_TEST_CASE(hundred_mib_of_stdout_intact_with_bounded_memory) {
     BOOST_TEST_MESSAGE("agent peak RSS " << agent_peak << " KiB, host growth " << host_growth
                                          << " KiB");
     BOOST_TEST(agent_peak > 0);
-    BOOST_TEST(agent_peak < 16 * 1024);  // the agent buffers a window, not the stream
-    BOOST_TEST(host_growth < 32 * 1024); // neither does the client
+    if (memory_checks) {
+        BOOST_TEST(agent_peak < 16 * 1024);  // the agent buffers a window, not the stream
+        BOOST_TEST(host_growth < 32 * 1024); // neither does the client
+    }
 }
 
 BOOST_AUTO_TEST_CASE(twenty_concurrent_execs) {

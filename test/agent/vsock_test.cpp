@@ -72,7 +72,7 @@ public:
         std::uint64_t address = buffers_ + (1 << 20) + slot * 70000ull;
         memory_.write_object(address, h).value();
         auto host = memory_.span(address + sizeof h, payload.size()).value();
-        std::memcpy(host.data(), payload.data(), payload.size());
+        if (!payload.empty()) std::memcpy(host.data(), payload.data(), payload.size());
         add(1, slot, address, static_cast<std::uint32_t>(sizeof h + payload.size()), false);
     }
     /// A raw tx chain of arbitrary bytes (hostile tests).

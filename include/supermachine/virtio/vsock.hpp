@@ -110,7 +110,7 @@ public:
         service_.stop();
         std::lock_guard lock(mutex_);
         active_ = false;
-        drop_all_connections(make_error_code(errc::agent_unavailable));
+        drop_all_connections(make_error_code(errc::cancelled));
         queues_ = {};
         control_.clear();
     }
@@ -118,7 +118,7 @@ public:
     /// After a snapshot restore: connections are gone; tell the guest (event queue).
     void transport_reset() {
         std::lock_guard lock(mutex_);
-        drop_all_connections(make_error_code(errc::agent_unavailable));
+        drop_all_connections(make_error_code(errc::cancelled));
         control_.clear();
         event_pending_ = true;
         if (active_) deliver_event();
@@ -141,7 +141,7 @@ public:
 
     void connect(std::uint32_t guest_port, connect_handler done) {
         std::lock_guard lock(mutex_);
-        if (!active_) return post_result(std::move(done), errc::agent_unavailable, -1);
+        if (!active_) return post_result(std::move(done), errc::queue_not_ready, -1);
         if (connections_.size() >= config_.max_connections)
             return post_result(std::move(done), errc::out_of_resources, -1);
         std::uint32_t local = allocate_port(guest_port);
