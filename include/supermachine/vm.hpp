@@ -34,6 +34,7 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -96,9 +97,12 @@ public:
                     (*done)(ec, std::move(v));
                 };
                 // Set-up reads and writes files: off the caller's executor.
-                boost::asio::post(setup_pool(), [self, image = std::move(image)]() mutable {
+                // The guard keeps the caller's executor alive (io_context::run
+                // does not return) while the set-up runs elsewhere.
+                auto work = boost::asio::make_work_guard(executor);
+                boost::asio::post(setup_pool(), [self, work, image = std::move(image)]() mutable {
                     auto prepared = self->prepare(image);
-                    boost::asio::dispatch(self->executor_, [self, prepared]() {
+                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
                         if (!prepared) return self->finish_start(prepared.error());
                         self->launch();
                     });

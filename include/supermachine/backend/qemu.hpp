@@ -136,6 +136,10 @@ public:
         for (auto& d : devices_) {
             boost::system::error_code ignored;
             d.acceptor->close(ignored);
+            // A session coroutine may outlive us (until its executor runs or
+            // is destroyed) and keeps the backend alive; the device it refers
+            // to may not. Detach now, while the device surely exists.
+            if (d.stop_serving) d.stop_serving();
         }
         if (!runtime_directory_.empty()) {
             std::error_code ignored;
@@ -174,6 +178,7 @@ public:
                 });
         };
         d.keep_alive = served;
+        d.stop_serving = [served] { served->stop(); };
         devices_.push_back(std::move(d));
         return success();
     }
@@ -271,6 +276,7 @@ private:
         std::unique_ptr<local::acceptor> acceptor;
         std::function<void(local::socket)> serve;
         std::shared_ptr<void> keep_alive;
+        std::function<void()> stop_serving; // detach the backend from the device
         std::error_code end_reason;
     };
 
