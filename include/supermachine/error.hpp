@@ -82,6 +82,14 @@ enum class errc {
     agent_unavailable,
     command_not_found,
     end_of_stream, // an agent stream (stdout, stderr, tcp) has no more data
+
+    // --- vhost-user transport and engines ---
+    vhost_user_protocol_error = 800, // malformed message: size, fd count, version
+    vhost_user_unexpected_message,   // valid message at the wrong time (ring op before mem table...)
+    vhost_user_disconnected,
+    engine_unavailable, // the engine's program (qemu-system-x86_64) is missing or unusable
+    engine_device_missing, // the engine lacks a device we need (e.g. vhost-user-blk)
+    engine_failed,
 };
 
 namespace detail {
@@ -150,6 +158,13 @@ public:
         case errc::agent_unavailable: return "guest agent unavailable";
         case errc::command_not_found: return "command not found in the guest";
         case errc::end_of_stream: return "end of stream";
+
+        case errc::vhost_user_protocol_error: return "malformed vhost-user message";
+        case errc::vhost_user_unexpected_message: return "vhost-user message not valid in this state";
+        case errc::vhost_user_disconnected: return "vhost-user frontend disconnected";
+        case errc::engine_unavailable: return "engine unavailable (qemu-system-x86_64 not found or unusable)";
+        case errc::engine_device_missing: return "engine lacks a required device";
+        case errc::engine_failed: return "engine process failed";
         }
         return "unknown supermachine error " + std::to_string(value);
     }

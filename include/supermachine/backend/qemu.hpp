@@ -1,0 +1,414 @@
+#pragma once
+// The QEMU engine: QEMU (TCG, or KVM where the host's KVM can run Linux)
+// runs the vCPUs and the virtio-mmio transports of a microvm; this process
+// serves the devices over vhost-user, with guest RAM shared through a memfd.
+// It is how a real Linux guest runs on hosts whose KVM cannot run one (a
+// software KVM such as kvm_pvm) or that have no KVM at all.
+//
+//   boost::asio::io_context io;
+//   backend::qemu_machine vm(io.get_executor(), config);
+//   vm.attach(backend::vhost_user_device_kind::blk, my_blk);   // any vhost_user::device_core
+//   vm.start([](std::string_view console) { ... });
+//   vm.async_wait([](std::error_code ec, int status) { ... });
+//   io.run();
+//
+// Engine choice: select_engine("auto") picks kvm when the host's KVM can run
+// Linux and qemu otherwise, and says which and why once on stderr.
+#include <supermachine/backend/detail/qemu_command.hpp>
+#include <supermachine/backend/detail/qemu_process.hpp>
+#include <supermachine/error.hpp>
+#include <supermachine/vhost_user/backend.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace supermachine::backend {
+
+// ---------------------------------------------------------------- engine choice
+
+enum class engine_kind { kvm, qemu };
+
+struct engine_decision {
+    engine_kind kind;
+    std::string reason;
+};
+
+/// Whether this host's KVM can run a Linux guest. A software KVM (kvm_pvm:
+/// /sys/module/kvm_pvm) runs our tiny guests but not Linux (emulation
+/// failures at XRSTOR/CMPXCHG16B); no usable /dev/kvm means no KVM at all.
+inline bool host_kvm_runs_linux(std::string* why = nullptr) {
+    auto say = [&](std::string s) {
+        if (why) *why = std::move(s);
+    };
+    if (::access("/dev/kvm", R_OK | W_OK) != 0) {
+        say("/dev/kvm is not usable");
+        return false;
+    }
+    if (std::filesystem::exists("/sys/module/kvm_pvm")) {
+        say("the host's KVM is kvm_pvm (software; it cannot run Linux guests)");
+        return false;
+    }
+    say("/dev/kvm is hardware KVM");
+    return true;
+}
+
+/// "kvm" | "qemu" | "auto". For auto, prints the choice and its reason once
+/// per process on `announce` (stderr by default; null: silent).
+inline result<engine_decision> select_engine(std::string_view requested,
+                                             std::ostream* announce = &std::cerr) {
+    if (requested == "kvm") return engine_decision{engine_kind::kvm, "requested"};
+    if (requested == "qemu") return engine_decision{engine_kind::qemu, "requested"};
+    if (requested != "auto" && !requested.empty()) return errc::invalid_argument;
+    std::string why;
+    const bool kvm = host_kvm_runs_linux(&why);
+    engine_decision d{kvm ? engine_kind::kvm : engine_kind::qemu, why};
+    static std::atomic<bool> announced{false};
+    if (announce && !announced.exchange(true))
+        *announce << "supermachine: engine auto: " << (kvm ? "kvm" : "qemu") << " (" << why
+                  << ")\n";
+    return d;
+}
+
+// ---------------------------------------------------------------- QEMU discovery
+
+struct qemu_installation {
+    std::filesystem::path binary;
+    std::string device_list; // `-device help` output
+    bool has_device(std::string_view name) const {
+        return device_list.find("name \"" + std::string(name) + "\"") != std::string::npos;
+    }
+};
+
+/// Find QEMU (a name is looked up on PATH) and list its devices, once per binary.
+inline result<qemu_installation> find_qemu(const std::filesystem::path& name_or_path) {
+    static std::mutex mutex;
+    static std::map<std::string, qemu_installation> cache;
+    std::lock_guard lock(mutex);
+    if (auto it = cache.find(name_or_path.string()); it != cache.end()) return it->second;
+    auto binary = detail::find_program(name_or_path.string());
+    if (!binary) return errc::engine_unavailable;
+    auto devices = detail::capture_output(
+        {binary->string(), "-nodefaults", "-machine", "none", "-device", "help"});
+    if (!devices) return errc::engine_unavailable;
+    qemu_installation q{*binary, std::move(devices).value()};
+    cache.emplace(name_or_path.string(), q);
+    return q;
+}
+
+// ---------------------------------------------------------------- the machine
+
+class qemu_machine {
+public:
+    using executor_type = boost::asio::any_io_executor;
+    using console_sink = std::function<void(std::string_view)>;
+    using local = boost::asio::local::stream_protocol;
+
+    qemu_machine(executor_type executor, qemu_config config)
+        : executor_(std::move(executor))
+        , config_(std::move(config)) {}
+    qemu_machine(const qemu_machine&) = delete;
+    qemu_machine& operator=(const qemu_machine&) = delete;
+    ~qemu_machine() {
+        kill();
+        reap_blocking();
+        for (auto& d : devices_) {
+            boost::system::error_code ignored;
+            d.acceptor->close(ignored);
+            // A session coroutine may outlive us (until its executor runs or
+            // is destroyed) and keeps the backend alive; the device it refers
+            // to may not. Detach now, while the device surely exists.
+            if (d.stop_serving) d.stop_serving();
+        }
+        if (!runtime_directory_.empty()) {
+            std::error_code ignored;
+            std::filesystem::remove_all(runtime_directory_, ignored);
+        }
+    }
+
+    executor_type get_executor() const noexcept { return executor_; }
+    const qemu_config& config() const noexcept { return config_; }
+
+    /// Serve `device` (a virtio device core) to QEMU as a vhost-user device of `kind`. Call before
+    /// start(); `device` must outlive the machine. Devices appear in the
+    /// guest in attach order (microvm's virtio-mmio slots).
+    template <virtio::device_core Device>
+    result<void> attach(vhost_user_device_kind kind, Device& device) {
+        if (child_.pid > 0) return errc::invalid_argument;
+        SUPERMACHINE_TRY(ensure_runtime_directory());
+        const std::string id = "vhost" + std::to_string(devices_.size());
+        const auto socket_path = runtime_directory_ / (id + ".sock");
+        auto acceptor = std::make_unique<local::acceptor>(executor_);
+        boost::system::error_code ec;
+        acceptor->open(local(), ec);
+        if (!ec) acceptor->bind(local::endpoint(socket_path.string()), ec);
+        if (!ec) acceptor->listen(1, ec);
+        if (ec) return std::error_code(ec.value(), std::system_category());
+        auto served = std::make_shared<vhost_user::backend<Device>>(executor_, device);
+        attached_device d;
+        d.attachment = {kind, socket_path, id};
+        d.acceptor = std::move(acceptor);
+        d.serve = [served, this, index = devices_.size()](local::socket socket) {
+            served->async_serve(
+                std::move(socket),
+                [this, served, index, alive = std::weak_ptr<int>(alive_)](std::error_code end) {
+                    if (alive.expired()) return;
+                    devices_[index].end_reason = end;
+                });
+        };
+        d.keep_alive = served;
+        d.stop_serving = [served] { served->stop(); };
+        devices_.push_back(std::move(d));
+        return success();
+    }
+
+    /// The reason each device's session ended (empty while serving).
+    std::vector<std::error_code> device_end_reasons() const {
+        std::vector<std::error_code> r;
+        for (const auto& d : devices_)
+            r.push_back(d.end_reason);
+        return r;
+    }
+
+    bool uses_kvm() const noexcept { return use_kvm_; }
+    pid_t pid() const noexcept { return child_.pid; }
+    const std::filesystem::path& runtime_directory() const noexcept { return runtime_directory_; }
+    /// QEMU's own stderr (its error messages), the last 16 KiB.
+    std::string diagnostics() const {
+        std::lock_guard lock(diagnostics_mutex_);
+        return diagnostics_;
+    }
+
+    /// Spawn QEMU and start serving. Console bytes (the guest's serial
+    /// output) go to `console` on the executor.
+    result<void> start(console_sink console) {
+        if (child_.pid > 0) return errc::invalid_argument;
+        SUPERMACHINE_TRY(qemu, find_qemu(config_.qemu_binary));
+        for (const auto& d : devices_)
+            if (!qemu.has_device(qemu_device_name(d.attachment.kind)))
+                return errc::engine_device_missing;
+        switch (config_.accelerator) {
+        case qemu_accelerator::kvm:
+            use_kvm_ = true;
+            break;
+        case qemu_accelerator::tcg:
+            use_kvm_ = false;
+            break;
+        case qemu_accelerator::automatic:
+            use_kvm_ = host_kvm_runs_linux();
+            break;
+        }
+        std::vector<qemu_vhost_user_attachment> attachments;
+        for (const auto& d : devices_)
+            attachments.push_back(d.attachment);
+        SUPERMACHINE_TRY(argv, detail::qemu_arguments(qemu.binary, config_, attachments, use_kvm_));
+        // Accept before spawning: QEMU connects during its startup and
+        // negotiates synchronously, so the back-ends must already be served.
+        for (auto& d : devices_)
+            accept(d);
+        SUPERMACHINE_TRY(child, detail::spawn(argv));
+        child_ = child;
+        console_ = std::move(console);
+        stdout_ =
+            std::make_unique<boost::asio::posix::stream_descriptor>(executor_, child_.stdout_read);
+        stderr_ =
+            std::make_unique<boost::asio::posix::stream_descriptor>(executor_, child_.stderr_read);
+        pidfd_ = std::make_unique<boost::asio::posix::stream_descriptor>(executor_, child_.pidfd);
+        read_console();
+        read_diagnostics();
+        pidfd_->async_wait(
+            boost::asio::posix::stream_descriptor::wait_read,
+            [this, alive = std::weak_ptr<int>(alive_)](const boost::system::error_code& ec) {
+                if (ec || alive.expired()) return;
+                reap_blocking();
+                maybe_finish();
+            });
+        return success();
+    }
+
+    /// Completes when QEMU has exited and its console is drained:
+    /// void(std::error_code, int exit_status) (status as from waitpid's WEXITSTATUS, 128+signal if
+    /// killed).
+    template <class CompletionToken>
+    auto async_wait(CompletionToken&& token) {
+        return boost::asio::async_initiate<CompletionToken, void(std::error_code, int)>(
+            [this](auto handler) {
+                auto shared = std::make_shared<decltype(handler)>(std::move(handler));
+                waiters_.push_back(
+                    [shared](std::error_code ec, int status) { std::move (*shared)(ec, status); });
+                maybe_finish();
+            },
+            token);
+    }
+
+    /// SIGKILL QEMU (idempotent).
+    void kill() noexcept {
+        if (child_.pid > 0 && !exited_) ::kill(child_.pid, SIGKILL);
+    }
+
+    bool exited() const noexcept { return exited_; }
+    int exit_status() const noexcept { return exit_status_; }
+
+private:
+    struct attached_device {
+        qemu_vhost_user_attachment attachment;
+        std::unique_ptr<local::acceptor> acceptor;
+        std::function<void(local::socket)> serve;
+        std::shared_ptr<void> keep_alive;
+        std::function<void()> stop_serving; // detach the backend from the device
+        std::error_code end_reason;
+    };
+
+    result<void> ensure_runtime_directory() {
+        if (!runtime_directory_.empty()) return success();
+        std::string pattern =
+            (std::filesystem::temp_directory_path() / "supermachine-qemu-XXXXXX").string();
+        if (!::mkdtemp(pattern.data())) return errno_code(errno);
+        runtime_directory_ = pattern;
+        return success();
+    }
+
+    void accept(attached_device& d) {
+        d.acceptor->async_accept([this, &d, alive = std::weak_ptr<int>(alive_)](
+                                     const boost::system::error_code& ec, local::socket socket) {
+            if (ec || alive.expired()) return;
+            d.serve(std::move(socket));
+            // One front-end per device; QEMU reconnects only after a restart.
+        });
+    }
+
+    void read_console() {
+        stdout_->async_read_some(boost::asio::buffer(console_buffer_),
+                                 [this, alive = std::weak_ptr<int>(alive_)](
+                                     const boost::system::error_code& ec, std::size_t n) {
+                                     if (alive.expired()) return;
+                                     if (n && console_)
+                                         console_(std::string_view(console_buffer_.data(), n));
+                                     if (ec) {
+                                         console_closed_ = true;
+                                         maybe_finish();
+                                         return;
+                                     }
+                                     read_console();
+                                 });
+    }
+
+    void read_diagnostics() {
+        stderr_->async_read_some(boost::asio::buffer(diagnostics_buffer_),
+                                 [this, alive = std::weak_ptr<int>(alive_)](
+                                     const boost::system::error_code& ec, std::size_t n) {
+                                     if (alive.expired()) return;
+                                     {
+                                         std::lock_guard lock(diagnostics_mutex_);
+                                         diagnostics_.append(diagnostics_buffer_.data(), n);
+                                         if (diagnostics_.size() > 16384)
+                                             diagnostics_.erase(0, diagnostics_.size() - 16384);
+                                     }
+                                     if (!ec) read_diagnostics();
+                                 });
+    }
+
+    void reap_blocking() noexcept {
+        if (child_.pid <= 0 || exited_) return;
+        int status = 0;
+        if (::waitpid(child_.pid, &status, 0) == child_.pid) {
+            exited_ = true;
+            exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+    }
+
+    void maybe_finish() {
+        if (!exited_ || !console_closed_ || waiters_.empty()) return;
+        auto waiters = std::move(waiters_);
+        waiters_.clear();
+        for (auto& w : waiters)
+            boost::asio::post(executor_, [w = std::move(w), status = exit_status_] {
+                w(std::error_code{}, status);
+            });
+    }
+
+    executor_type executor_;
+    qemu_config config_;
+    std::filesystem::path runtime_directory_;
+    std::vector<attached_device> devices_;
+    detail::child_process child_;
+    bool use_kvm_ = false;
+    bool exited_ = false;
+    bool console_closed_ = false;
+    int exit_status_ = -1;
+    console_sink console_;
+    std::unique_ptr<boost::asio::posix::stream_descriptor> stdout_, stderr_, pidfd_;
+    std::array<char, 4096> console_buffer_{};
+    std::array<char, 1024> diagnostics_buffer_{};
+    mutable std::mutex diagnostics_mutex_;
+    std::string diagnostics_;
+    std::vector<std::function<void(std::error_code, int)>> waiters_;
+    std::shared_ptr<int> alive_ = std::make_shared<int>(0);
+};
+
+// ---------------------------------------------------------------- CLI entry
+
+struct qemu_boot_options {
+    qemu_config qemu;
+    std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+};
+
+/// Boot under QEMU until the guest powers off (or the timeout), console to
+/// `console`. Returns QEMU's exit status; 124 on timeout, 127 when QEMU is
+/// missing; errors are explained in one line on stderr.
+/// The CLI's `supermachine boot --engine qemu` calls this.
+inline int run_qemu_boot(const qemu_boot_options& options,
+                         std::function<void(std::string_view)> console) {
+    boost::asio::io_context io;
+    qemu_machine vm(io.get_executor(), options.qemu);
+    if (auto started = vm.start(std::move(console)); !started) {
+        std::cerr << "supermachine: qemu engine: " << started.error().message() << "\n";
+        return started.error() == make_error_code(errc::engine_unavailable) ? 127 : 1;
+    }
+    int status = -1;
+    bool timed_out = false;
+    boost::asio::steady_timer timer(io, options.timeout);
+    timer.async_wait([&](const boost::system::error_code& ec) {
+        if (ec) return;
+        timed_out = true;
+        vm.kill();
+    });
+    vm.async_wait([&](std::error_code, int s) {
+        status = s;
+        timer.cancel();
+    });
+    io.run();
+    if (timed_out) {
+        std::cerr << "supermachine: qemu engine: timed out after " << options.timeout.count()
+                  << " ms\n";
+        return 124;
+    }
+    if (status != 0) {
+        auto d = vm.diagnostics();
+        if (!d.empty()) std::cerr << d;
+    }
+    return status;
+}
+
+} // namespace supermachine::backend
