@@ -7,7 +7,7 @@ packages=(
   libboost-dev libboost-test-dev librange-v3-dev nlohmann-json3-dev
   libssl-dev zlib1g-dev libzstd-dev zstd libslirp-dev
   e2fsprogs acpica-tools cpio lz4 qemu-system-x86 busybox-static
-  skopeo umoci docker-registry
+  skopeo umoci docker-registry debootstrap
 )
 missing=()
 for p in "${packages[@]}"; do

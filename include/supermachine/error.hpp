@@ -81,6 +81,7 @@ enum class errc {
     agent_auth_failed,
     agent_unavailable,
     command_not_found,
+    end_of_stream, // an agent stream (stdout, stderr, tcp) has no more data
 
     // --- vhost-user transport and engines ---
     vhost_user_protocol_error = 800, // malformed message: size, fd count, version
@@ -156,6 +157,7 @@ public:
         case errc::agent_auth_failed: return "guest agent authentication failed";
         case errc::agent_unavailable: return "guest agent unavailable";
         case errc::command_not_found: return "command not found in the guest";
+        case errc::end_of_stream: return "end of stream";
 
         case errc::vhost_user_protocol_error: return "malformed vhost-user message";
         case errc::vhost_user_unexpected_message: return "vhost-user message not valid in this state";

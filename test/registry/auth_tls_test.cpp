@@ -16,7 +16,9 @@ namespace {
 // bcrypt("s3cret"), cost 4 so that every request's check stays cheap.
 const char* htpasswd_line = "alice:$2b$04$zTfKrLlsiIa0EsPG/XkzReGbQUHmROMFi1OOWgyuSy3zC3d5eP.a2\n";
 
-oci::image_reference parse(const std::string& text) { return oci::parse_reference(text).value(); }
+oci::image_reference parse(const std::string& text) {
+    return oci::parse_reference(text).value();
+}
 
 oci::registry_options no_docker_config() {
     oci::registry_options o;
@@ -32,7 +34,7 @@ BOOST_AUTO_TEST_CASE(basic_auth_with_htpasswd) {
     auto layout = make_busybox_layout(dir.path);
     write_text(dir.path / "htpasswd", htpasswd_line);
     registry_server server(dir.path, {"auth:\n  htpasswd:\n    realm: test-realm\n    path: " +
-                                          (dir.path / "htpasswd").string() + "\n"});
+                                      (dir.path / "htpasswd").string() + "\n"});
     auto ref = parse(server.host() + "/private/busybox:1");
     skopeo_copy("oci:" + layout.string() + ":latest", "docker://" + ref.str(),
                 "--dest-creds alice:s3cret");
@@ -88,7 +90,8 @@ BOOST_AUTO_TEST_CASE(tls_with_a_self_signed_ca) {
         "-subj /CN=supermachine-test-ca"
         " && openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr "
         "-subj /CN=127.0.0.1"
-        " && printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ext.cnf"
+        " && printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > "
+        "ext.cnf"
         " && openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial "
         "-out server.crt -days 2 -extfile ext.cnf");
     registry_server::options options;
@@ -123,8 +126,9 @@ BOOST_AUTO_TEST_CASE(tls_with_a_self_signed_ca) {
     }
     {
         // A CA that did not sign it: refused as well.
-        run("cd " + d + " && openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key "
-                        "-out other.crt -days 2 -subj /CN=other-ca");
+        run("cd " + d +
+            " && openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key "
+            "-out other.crt -days 2 -subj /CN=other-ca");
         auto o = no_docker_config();
         o.loopback_is_insecure = false;
         o.ca_file = d + "/other.crt";

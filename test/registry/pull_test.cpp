@@ -144,6 +144,13 @@ BOOST_AUTO_TEST_CASE(pull_by_digest_and_errors) {
     BOOST_REQUIRE(!ghost);
     BOOST_TEST(ghost.error() == make_error_code(errc::not_found));
 
+    // A single-platform amd64 image is not an arm64 one.
+    auto arm = client.pull(parse(r.ref("test/busybox:1")), store,
+                           oci::parse_platform("linux/arm64").value());
+    BOOST_REQUIRE(!arm);
+    BOOST_TEST(arm.error() == make_error_code(errc::platform_not_found));
+    BOOST_TEST(client.last_error().find("linux/amd64") != std::string::npos);
+
     // Nothing listens on this port.
     oci::registry_client refused;
     auto down = refused.pull(parse("127.0.0.1:" + std::to_string(free_port()) + "/a:b"), store);

@@ -104,6 +104,11 @@ with tarfile.open(fileobj=b1, mode="w", format=tarfile.GNU_FORMAT) as t:
     add(t, "big", bytes(range(256)) * 4096 * 3 + b"tail")  # 3 MiB + 4 bytes
 l1 = b1.getvalue()
 
+def write_raw(name, data):
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(data)
+
+
 # ---- layer 2: PAX ----
 b2 = io.BytesIO()
 with tarfile.open(fileobj=b2, mode="w", format=tarfile.PAX_FORMAT) as t:
@@ -125,6 +130,16 @@ with tarfile.open(fileobj=b2, mode="w", format=tarfile.PAX_FORMAT) as t:
     }
     ti.size = 5
     t.addfile(ti, io.BytesIO(b"ping\n"))
+    # A POSIX ACL as the kernel's VFS xattr (version 2): user::rw- user:1000:r-- group::r-- mask::r-- other::---
+    import struct
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in
+                                          [(1, 6, 0xffffffff), (2, 4, 1000), (4, 4, 0xffffffff),
+                                           (0x10, 4, 0xffffffff), (0x20, 0, 0xffffffff)])
+    ti = info("acl", mode=0o640)
+    ti.pax_headers = {"SCHILY.xattr.system.posix_acl_access": acl.decode("utf-8", "surrogateescape")}
+    ti.size = 4
+    t.addfile(ti, io.BytesIO(b"acl\n"))
+    write_raw("acl.xattr", acl)
     add(t, "usrlink/bin/through-link", b"via symlinked parent\n")
     add(t, "dup", b"second wins\n")
     add(t, "etc/passwd-hardlink", kind=tarfile.LNKTYPE, linkname="etc/passwd")

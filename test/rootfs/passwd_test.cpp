@@ -76,7 +76,8 @@ BOOST_AUTO_TEST_CASE(errors) {
     BOOST_TEST(oci::resolve_user("ghost", passwd, group).error() == sm::errc::not_found);
     BOOST_TEST(oci::resolve_user("app:ghosts", passwd, group).error() == sm::errc::not_found);
     BOOST_TEST(oci::resolve_user("-1", passwd, group).error() == sm::errc::invalid_argument);
-    BOOST_TEST(oci::resolve_user("99999999999", passwd, group).error() == sm::errc::invalid_argument);
+    BOOST_TEST(oci::resolve_user("99999999999", passwd, group).error() ==
+               sm::errc::invalid_argument);
     BOOST_TEST(oci::resolve_user("app:", passwd, group).error() == sm::errc::invalid_argument);
     BOOST_TEST(oci::resolve_user("a:b:c", passwd, group).error() == sm::errc::invalid_argument);
 }

@@ -49,7 +49,8 @@ read_all_result read_all(Source source, oci::decompress_limits dl = {}, oci::tar
     }
 }
 
-read_all_result read_file(const fs::path& p, oci::decompress_limits dl = {}, oci::tar_limits tl = {}) {
+read_all_result read_file(const fs::path& p, oci::decompress_limits dl = {},
+                          oci::tar_limits tl = {}) {
     return read_all(oci::file_source::open(p).value(), dl, tl);
 }
 
@@ -76,7 +77,9 @@ std::string zstd_bytes(const std::string& data) {
     return out;
 }
 
-std::span<const std::byte> bytes(const std::string& s) { return std::as_bytes(std::span(s)); }
+std::span<const std::byte> bytes(const std::string& s) {
+    return std::as_bytes(std::span(s));
+}
 
 } // namespace
 
@@ -94,7 +97,8 @@ BOOST_AUTO_TEST_CASE(detects_format_by_magic_not_name) {
     BOOST_TEST(zst.entries.size() == plain.entries.size());
     BOOST_TEST(lying.entries.size() == plain.entries.size());
     BOOST_TEST(zst.data == plain.data);
-    oci::decompressing_source<oci::file_source> s(oci::file_source::open(f.layer("mislabelled.tar.gz")).value());
+    oci::decompressing_source<oci::file_source> s(
+        oci::file_source::open(f.layer("mislabelled.tar.gz")).value());
     std::array<std::byte, 10> b;
     BOOST_TEST(s.read_some(b).value() == 10u);
     BOOST_TEST((s.format() == oci::compression::zstd));
@@ -114,7 +118,8 @@ BOOST_AUTO_TEST_CASE(gnu_long_names_links_devices_and_base_fields) {
     layers_fixture f;
     auto r = read_file(f.layer("l1.tar.gz"));
     BOOST_REQUIRE(!r.error);
-    auto* longfile = find(r, "long/" + std::string(90, 'd') + "/" + std::string(90, 'e') + "/file-with-a-long-path");
+    auto* longfile = find(r, "long/" + std::string(90, 'd') + "/" + std::string(90, 'e') +
+                                 "/file-with-a-long-path");
     BOOST_REQUIRE(longfile);
     auto* longlink = find(r, "long/link");
     BOOST_REQUIRE(longlink);
@@ -153,14 +158,16 @@ BOOST_AUTO_TEST_CASE(pax_paths_ids_times_and_xattrs) {
     auto r = read_file(f.layer("l2.tar"));
     BOOST_REQUIRE(!r.error);
     std::string deep = "pax/";
-    for (int i = 0; i < 5; ++i) deep += std::string(60, 'p') + "/";
+    for (int i = 0; i < 5; ++i)
+        deep += std::string(60, 'p') + "/";
     BOOST_TEST(find(r, deep + "deep"));
     auto* ping = find(r, "bin/ping");
     BOOST_REQUIRE(ping);
     BOOST_REQUIRE(ping->xattrs.size() == 2u);
     bool cap = false;
     for (auto& x : ping->xattrs)
-        if (x.name == "security.capability") cap = x.value.size() == 20 && x.value[0] == 1 && x.value[5] == 0x20;
+        if (x.name == "security.capability")
+            cap = x.value.size() == 20 && x.value[0] == 1 && x.value[5] == 0x20;
     BOOST_TEST(cap);
     auto* high = find(r, "highuid");
     BOOST_TEST(high->uid == 3000000000u);
@@ -179,8 +186,8 @@ BOOST_AUTO_TEST_CASE(gnu_tar_formats_agree) {
     fs::create_symlink(std::string(130, 'l'), src / "sym");
     for (std::string format : {"gnu", "pax", "ustar", "v7"}) {
         auto tarball = t.path / (format + ".tar");
-        auto [rc, out] = run("tar --format=" + format + " -cf " + shell_quote(tarball.string()) + " -C " +
-                             shell_quote(src.string()) + " . 2>&1");
+        auto [rc, out] = run("tar --format=" + format + " -cf " + shell_quote(tarball.string()) +
+                             " -C " + shell_quote(src.string()) + " . 2>&1");
         if (rc != 0) {
             // ustar / v7 cannot store these names: tar itself refuses.
             BOOST_TEST_MESSAGE(format << ": tar refused: " << out);
@@ -197,9 +204,59 @@ BOOST_AUTO_TEST_CASE(gnu_tar_formats_agree) {
     }
 }
 
+BOOST_AUTO_TEST_CASE(pax_global_headers_apply_to_later_entries) {
+    supermachine::test::skip_unless(have_tool("python3"), "python3 missing");
+    temp_dir t;
+    auto tarball = t.path / "global.tar";
+    auto [rc, out] = run("python3 -c " + shell_quote(R"(
+import tarfile, io, sys
+with tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT, pax_headers={'uid': '4242', 'mtime': '5.25'}) as t:
+    for name in ['a', 'b']:
+        ti = tarfile.TarInfo(name); ti.size = 1
+        if name == 'b': ti.pax_headers = {'uid': '7'}
+        t.addfile(ti, io.BytesIO(b'x'))
+)") + " " + shell_quote(tarball.string()) +
+                         " 2>&1");
+    BOOST_REQUIRE_MESSAGE(rc == 0, out);
+    auto r = read_file(tarball);
+    BOOST_REQUIRE(!r.error);
+    BOOST_REQUIRE(r.entries.size() == 2u);
+    BOOST_TEST(r.entries[0].uid == 4242u);
+    BOOST_TEST(r.entries[0].mtime == 5);
+    BOOST_TEST(r.entries[0].mtime_nsec == 250000000u);
+    BOOST_TEST(r.entries[1].uid == 7u); // a local record beats the global one
+}
+
+BOOST_AUTO_TEST_CASE(gnu_base256_numbers) {
+    supermachine::test::skip_unless(have_tool("python3"), "python3 missing");
+    temp_dir t;
+    auto tarball = t.path / "b256.tar";
+    // GNU format stores numbers too big for octal in base-256 (high bit set).
+    auto [rc, out] = run("python3 -c " + shell_quote(R"(
+import tarfile, io, sys
+with tarfile.open(sys.argv[1], 'w', format=tarfile.GNU_FORMAT) as t:
+    ti = tarfile.TarInfo('big-ids'); ti.size = 2; ti.uid = 3000000000; ti.gid = 4000000000; ti.mtime = 2**35
+    t.addfile(ti, io.BytesIO(b'ok'))
+)") + " " + shell_quote(tarball.string()) +
+                         " 2>&1");
+    BOOST_REQUIRE_MESSAGE(rc == 0, out);
+    std::ifstream in(tarball, std::ios::binary);
+    std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    BOOST_TEST((static_cast<unsigned char>(raw[108]) & 0x80) != 0); // uid really is base-256
+    auto r = read_file(tarball);
+    BOOST_REQUIRE(!r.error);
+    BOOST_REQUIRE(r.entries.size() == 1u);
+    BOOST_TEST(r.entries[0].uid == 3000000000u);
+    BOOST_TEST(r.entries[0].gid == 4000000000u);
+    BOOST_TEST(r.entries[0].mtime == (std::int64_t{1} << 35));
+    BOOST_TEST(r.data[0] == "ok");
+}
+
 BOOST_AUTO_TEST_CASE(hostile_streams_are_clean_errors) {
     layers_fixture f;
-    auto h = [&](const char* name) { return read_file(f.dir.path / "layers" / "hostile" / name).error; };
+    auto h = [&](const char* name) {
+        return read_file(f.dir.path / "layers" / "hostile" / name).error;
+    };
     BOOST_TEST(h("truncated.tar") == sm::errc::archive_malformed);
     BOOST_TEST(h("truncated_header.tar") == sm::errc::archive_malformed);
     BOOST_TEST(h("no_end_marker.tar") == sm::errc::archive_malformed);
@@ -244,10 +301,14 @@ BOOST_AUTO_TEST_CASE(zip_bombs_stop_at_the_limits) {
         std::snprintf(tar.data() + 100, 8, "%07o", 0644);
         std::snprintf(tar.data() + 124, 12, "%011o", unsigned(zeros.size()));
         tar[156] = '0';
-        std::memcpy(tar.data() + 257, "ustar\0" "00", 8);
+        std::memcpy(tar.data() + 257,
+                    "ustar\0"
+                    "00",
+                    8);
         std::memset(tar.data() + 148, ' ', 8);
         unsigned sum = 0;
-        for (unsigned char c : tar) sum += c;
+        for (unsigned char c : tar)
+            sum += c;
         std::snprintf(tar.data() + 148, 8, "%06o", sum);
         tar += zeros;
         tar += std::string(1024, '\0');

@@ -7,6 +7,8 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include <nlohmann/json.hpp>
+
 using namespace rootfs_test;
 namespace sm = supermachine;
 
@@ -17,7 +19,9 @@ struct fixture {
     temp_dir escape; // the place hostile archives aim at, outside every image
     fs::path layers;
     fs::path spool;
-    fixture() : layers(dir.path / "layers"), spool(dir.path / "spool") {
+    fixture()
+        : layers(dir.path / "layers")
+        , spool(dir.path / "spool") {
         fs::create_directories(spool);
         make_layers(layers, escape.path / "target");
     }
@@ -47,8 +51,9 @@ BOOST_AUTO_TEST_CASE(merged_tree_matches_umoci_unpack) {
     auto ours = list_tree(tree.value());
 
     auto bundle = f.dir.path / "bundle";
-    auto [rc, out] = run("umoci unpack --rootless --image " + shell_quote((f.layers / "oci").string()) +
-                         ":test " + shell_quote(bundle.string()) + " 2>&1");
+    auto [rc, out] =
+        run("umoci unpack --rootless --image " + shell_quote((f.layers / "oci").string()) +
+            ":test " + shell_quote(bundle.string()) + " 2>&1");
     BOOST_REQUIRE_MESSAGE(rc == 0, out);
     auto theirs = list_host(bundle / "rootfs");
     // umoci --rootless makes empty files for device nodes: compare the rest.
@@ -61,8 +66,90 @@ BOOST_AUTO_TEST_CASE(merged_tree_matches_umoci_unpack) {
         }
     }
     BOOST_TEST(ours.size() > 40u);
-    for (auto& [path, line] : theirs) BOOST_TEST(at(ours, path) == line, path);
-    for (auto& [path, line] : ours) BOOST_TEST(theirs.count(path) == 1u, path << " only in ours: " << line);
+    for (auto& [path, line] : theirs)
+        BOOST_TEST(at(ours, path) == line, path);
+    for (auto& [path, line] : ours)
+        BOOST_TEST(theirs.count(path) == 1u, path << " only in ours: " << line);
+}
+
+BOOST_AUTO_TEST_CASE(umoci_repacked_layers_with_its_own_whiteouts) {
+    supermachine::test::skip_unless(have_tool("umoci"), "umoci not installed");
+    supermachine::test::skip_unless(fs::exists("/bin/busybox"), "busybox-static not installed");
+    temp_dir t;
+    auto layout = (t.path / "oci").string();
+    auto bundle = t.path / "bundle";
+    auto rootfs = bundle / "rootfs";
+    auto sh = [](const std::string& command) {
+        auto [rc, out] = run(command + " 2>&1");
+        BOOST_REQUIRE_MESSAGE(rc == 0, command << ": " << out);
+    };
+    sh("umoci init --layout " + shell_quote(layout));
+    sh("umoci new --image " + shell_quote(layout) + ":t");
+    sh("umoci unpack --rootless --image " + shell_quote(layout) + ":t " +
+       shell_quote(bundle.string()));
+    // Layer 1: busybox and its applet links, a small tree.
+    fs::create_directories(rootfs / "bin");
+    fs::copy_file("/bin/busybox", rootfs / "bin/busybox");
+    for (auto applet : {"sh", "ls", "cat", "id"})
+        fs::create_symlink("busybox", rootfs / "bin" / applet);
+    fs::create_directories(rootfs / "etc");
+    std::ofstream(rootfs / "etc/passwd") << "root:x:0:0:root:/root:/bin/sh\n";
+    fs::create_directories(rootfs / "d/sub/deeper");
+    std::ofstream(rootfs / "d/sub/deeper/f") << "f\n";
+    std::ofstream(rootfs / "d/keep") << "keep\n";
+    std::ofstream(rootfs / "gone") << "gone\n";
+    fs::create_hard_link(rootfs / "d/keep", rootfs / "d/keep-link");
+    sh("umoci repack --image " + shell_quote(layout) + ":t " + shell_quote(bundle.string()));
+    // repack diffs against the image the bundle came from: unpack the new one to go on.
+    fs::remove_all(bundle);
+    sh("umoci unpack --rootless --image " + shell_quote(layout) + ":t " +
+       shell_quote(bundle.string()));
+    // Layer 2: deletions (umoci writes the whiteouts), a replacement, an addition.
+    fs::remove(rootfs / "gone");
+    fs::remove_all(rootfs / "d/sub");
+    fs::remove(rootfs / "bin/cat");
+    std::ofstream(rootfs / "bin/cat") << "not busybox any more\n";
+    std::ofstream(rootfs / "etc/motd") << "hello\n";
+    fs::permissions(rootfs / "etc/motd", fs::perms(0600));
+    sh("umoci repack --image " + shell_quote(layout) + ":t " + shell_quote(bundle.string()));
+
+    // The layer blobs, in order, as the manifest lists them.
+    auto read_json = [](const fs::path& p) {
+        std::ifstream in(p);
+        return nlohmann::json::parse(in);
+    };
+    auto blob = [&](const std::string& digest) {
+        return fs::path(layout) / "blobs/sha256" / digest.substr(7);
+    };
+    auto index = read_json(fs::path(layout) / "index.json");
+    auto manifest = read_json(blob(index["manifests"][0]["digest"]));
+    std::vector<fs::path> layers;
+    for (auto& l : manifest["layers"])
+        layers.push_back(blob(l["digest"]));
+    BOOST_REQUIRE(layers.size() == 2u);
+
+    auto spool = t.path / "spool";
+    fs::create_directories(spool);
+    auto tree = oci::filesystem_tree::create(spool).value();
+    BOOST_REQUIRE(oci::apply_layer_file(tree, layers[0], 1));
+    auto second = oci::apply_layer_file(tree, layers[1], 2);
+    BOOST_REQUIRE(second);
+    BOOST_TEST(second.value().whiteouts == 2u); // umoci's own .wh.gone and .wh.sub
+    BOOST_TEST((second.value().format == oci::compression::gzip));
+
+    auto check = t.path / "check";
+    sh("umoci unpack --rootless --image " + shell_quote(layout) + ":t " +
+       shell_quote(check.string()));
+    auto ours = list_tree(tree);
+    auto theirs = list_host(check / "rootfs");
+    BOOST_TEST(at(ours, "/gone") == "<missing>");
+    BOOST_TEST(at(ours, "/d/sub") == "<missing>");
+    BOOST_TEST(at(ours, "/bin/cat").starts_with("file 0644 21 "));
+    BOOST_TEST(at(ours, "/etc/motd").starts_with("file 0600 6 "));
+    BOOST_TEST(at(ours, "/d/keep-link").find("link-group=/d/keep") != std::string::npos);
+    for (auto& [path, line] : theirs)
+        BOOST_TEST(at(ours, path) == line, path);
+    BOOST_TEST(ours.size() == theirs.size());
 }
 
 BOOST_AUTO_TEST_CASE(layer_semantics) {
@@ -70,20 +157,20 @@ BOOST_AUTO_TEST_CASE(layer_semantics) {
     auto tree = merge(f.spool, f.gzip_plain_gzip());
     BOOST_REQUIRE(tree);
     auto l = list_tree(tree.value());
-    BOOST_TEST(at(l, "/wh/gone") == "<missing>");          // .wh.gone
-    BOOST_TEST(at(l, "/wh/dir/x") == "<missing>");         // .wh.x in a subdirectory
+    BOOST_TEST(at(l, "/wh/gone") == "<missing>");  // .wh.gone
+    BOOST_TEST(at(l, "/wh/dir/x") == "<missing>"); // .wh.x in a subdirectory
     BOOST_TEST(at(l, "/wh/keep").starts_with("file"));
-    BOOST_TEST(at(l, "/opaque/a") == "<missing>");         // opaque: lower children hidden
+    BOOST_TEST(at(l, "/opaque/a") == "<missing>"); // opaque: lower children hidden
     BOOST_TEST(at(l, "/opaque/sub") == "<missing>");
     BOOST_TEST(at(l, "/opaque/new").starts_with("file")); // this layer's child kept
-    BOOST_TEST(at(l, "/replace/f") == "dir 0755");         // file → directory
+    BOOST_TEST(at(l, "/replace/f") == "dir 0755");        // file → directory
     BOOST_TEST(at(l, "/replace/f/inside").starts_with("file"));
     BOOST_TEST(at(l, "/replace/d").starts_with("file 0644 11 ")); // directory → file
     BOOST_TEST(at(l, "/replace/d/child") == "<missing>");
-    BOOST_TEST(at(l, "/replace/l").starts_with("file 0644 17 ")); // symlink → file
+    BOOST_TEST(at(l, "/replace/l").starts_with("file 0644 17 "));   // symlink → file
     BOOST_TEST(at(l, "/usr/bin/through-link").starts_with("file")); // via usrlink -> usr
     BOOST_TEST(at(l, "/usrlink") == "symlink -> usr");
-    BOOST_TEST(at(l, "/dup").starts_with("file 0644 12 "));       // "second wins\n"
+    BOOST_TEST(at(l, "/dup").starts_with("file 0644 12 ")); // "second wins\n"
     BOOST_TEST(at(l, "/bin/ls") == at(l, "/bin/busybox"));
     BOOST_TEST(at(l, "/bin/ls").find("link-group=/bin/busybox") != std::string::npos);
     BOOST_TEST(at(l, "/etc/passwd-hardlink").find("link-group=/etc/passwd") != std::string::npos);
@@ -104,7 +191,8 @@ BOOST_AUTO_TEST_CASE(compression_does_not_change_the_tree) {
     fixture f;
     auto a = merge(f.spool, f.gzip_plain_gzip());
     auto b = merge(f.spool, {f.layers / "l1.tar.gz", f.layers / "l2.tar.zst", f.layers / "l3.tar"});
-    auto c = merge(f.spool, {f.layers / "l1.tar.gz", f.layers / "mislabelled.tar.gz", f.layers / "l3.tar"});
+    auto c = merge(f.spool,
+                   {f.layers / "l1.tar.gz", f.layers / "mislabelled.tar.gz", f.layers / "l3.tar"});
     BOOST_REQUIRE(a);
     BOOST_REQUIRE(b);
     BOOST_REQUIRE(c);

@@ -141,6 +141,10 @@ public:
         for (auto& d : devices_) {
             boost::system::error_code ignored;
             d.acceptor->close(ignored);
+            // A vhost-user session may outlive us (until its executor runs or
+            // is destroyed) and keeps the backend alive; the device it refers
+            // to may not. Detach now, while the device surely exists.
+            if (d.stop_serving) d.stop_serving();
         }
         if (!runtime_directory_.empty()) {
             std::error_code ignored;
@@ -179,6 +183,7 @@ public:
                 });
         };
         d.keep_alive = served;
+        d.stop_serving = [served] { served->stop(); };
         if constexpr (virtio::saves_state<Device>) {
             d.save_state = [&device] { return device.save_state(); };
             d.restore_state = [&device](std::span<const std::byte> b) {
@@ -371,6 +376,7 @@ private:
         std::unique_ptr<local::acceptor> acceptor;
         std::function<void(local::socket)> serve;
         std::shared_ptr<void> keep_alive;
+        std::function<void()> stop_serving; // detach the backend from the device
         std::error_code end_reason;
         std::function<std::vector<std::byte>()> save_state; // empty: the core keeps no state
         std::function<result<void>(std::span<const std::byte>)> restore_state;

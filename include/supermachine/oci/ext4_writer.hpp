@@ -29,13 +29,13 @@
 namespace supermachine::oci {
 
 struct ext4_options {
-    double free_space_ratio = 0.20;                       ///< extra free space, share of content
+    double free_space_ratio = 0.20; ///< extra free space, share of content
     std::uint64_t free_space_bytes = std::uint64_t{64} << 20; ///< plus this much
-    std::uint64_t min_size_bytes = 0;                     ///< at least this big
-    std::uint64_t max_size_bytes = std::uint64_t{1} << 40; ///< refuse larger (image_too_large)
-    std::uint32_t bytes_per_inode = 16384;                ///< free inodes for the guest, like mke2fs
-    std::int64_t timestamp = 0;                           ///< filesystem times (mkfs/write)
-    std::array<std::uint8_t, 16> uuid{};                  ///< all zero: random
+    std::uint64_t min_size_bytes = 0;                         ///< at least this big
+    std::uint64_t max_size_bytes = std::uint64_t{1} << 40;    ///< refuse larger (image_too_large)
+    std::uint32_t bytes_per_inode = 16384; ///< free inodes for the guest, like mke2fs
+    std::int64_t timestamp = 0;            ///< filesystem times (mkfs/write)
+    std::array<std::uint8_t, 16> uuid{};   ///< all zero: random
     std::string volume_label = "rootfs";
 };
 
@@ -70,7 +70,8 @@ struct ext4_planned_inode {
 class ext4_plan {
 public:
     ext4_plan(const filesystem_tree& tree, const ext4_options& options)
-        : tree_(tree), options_(options) {}
+        : tree_(tree)
+        , options_(options) {}
 
     result<ext4_stats> write(int fd) {
         SUPERMACHINE_TRY(number_inodes());
@@ -122,7 +123,8 @@ private:
                 node_id child = it->second.node;
                 const tree_node& n = tree_.node(child);
                 if (ino_of[child] == 0) {
-                    if (inodes_.size() >= 0xffffffffu) return make_error_code(errc::image_too_large);
+                    if (inodes_.size() >= 0xffffffffu)
+                        return make_error_code(errc::image_too_large);
                     ino_of[child] = static_cast<std::uint32_t>(inodes_.size());
                     inodes_.push_back({});
                     inodes_.back().node = child;
@@ -131,8 +133,10 @@ private:
                         work.push_back(child);
                     }
                 } else if (n.kind == node_kind::directory) {
-                    if (ino_of[child] == ext4_first_inode) work.push_back(child); // lost+found
-                    else return make_error_code(errc::archive_malformed);      // a directory twice
+                    if (ino_of[child] == ext4_first_inode)
+                        work.push_back(child); // lost+found
+                    else
+                        return make_error_code(errc::archive_malformed); // a directory twice
                 }
                 auto& p = inodes_[ino_of[child]];
                 if (n.kind != node_kind::directory && ++p.links > ext4_link_max)
@@ -183,13 +187,20 @@ private:
 
     static std::uint8_t file_type(node_kind k) {
         switch (k) {
-        case node_kind::regular: return ft_regular;
-        case node_kind::directory: return ft_directory;
-        case node_kind::symlink: return ft_symlink;
-        case node_kind::char_device: return ft_char_device;
-        case node_kind::block_device: return ft_block_device;
-        case node_kind::fifo: return ft_fifo;
-        case node_kind::socket: return ft_socket;
+        case node_kind::regular:
+            return ft_regular;
+        case node_kind::directory:
+            return ft_directory;
+        case node_kind::symlink:
+            return ft_symlink;
+        case node_kind::char_device:
+            return ft_char_device;
+        case node_kind::block_device:
+            return ft_block_device;
+        case node_kind::fifo:
+            return ft_fifo;
+        case node_kind::socket:
+            return ft_socket;
         }
         return ft_unknown;
     }
@@ -209,7 +220,8 @@ private:
             return static_cast<std::uint32_t>(blocks);
         }
         if (n.kind == node_kind::symlink && n.link_target.size() >= 60) {
-            if (n.link_target.size() > ext4_block_size - 1) return make_error_code(errc::archive_malformed);
+            if (n.link_target.size() > ext4_block_size - 1)
+                return make_error_code(errc::archive_malformed);
             return 1u;
         }
         return 0u;
@@ -229,25 +241,32 @@ private:
                 auto& xs = xattr_sets_[ino];
                 for (auto& x : tree_.node(inodes_[ino].node).xattrs) {
                     ext4_xattr e;
-                    if (ext4_xattr_from(x, e)) xs.push_back(std::move(e));
-                    else ++dropped_xattrs_;
+                    if (ext4_xattr_from(x, e))
+                        xs.push_back(std::move(e));
+                    else
+                        ++dropped_xattrs_;
                 }
                 ext4_sort_xattrs(xs);
                 if (!xs.empty()) {
                     auto space = ext4_xattr_space(xs);
-                    if (space <= ext4_inline_xattr_space) inodes_[ino].xattrs_in_inode = true;
-                    else if (space + 32 <= ext4_block_size) ++content_blocks;
-                    else return make_error_code(errc::image_too_large);
+                    if (space <= ext4_inline_xattr_space)
+                        inodes_[ino].xattrs_in_inode = true;
+                    else if (space + 32 <= ext4_block_size)
+                        ++content_blocks;
+                    else
+                        return make_error_code(errc::image_too_large);
                 }
             }
         }
-        std::uint64_t wanted = content_blocks +
-                               static_cast<std::uint64_t>(content_blocks * options_.free_space_ratio) +
-                               options_.free_space_bytes / ext4_block_size;
+        std::uint64_t wanted =
+            content_blocks +
+            static_cast<std::uint64_t>(static_cast<double>(content_blocks) * options_.free_space_ratio) +
+            options_.free_space_bytes / ext4_block_size;
         wanted = std::max<std::uint64_t>(wanted, options_.min_size_bytes / ext4_block_size);
         wanted = std::max<std::uint64_t>(wanted, 1024);
         for (int attempt = 0; attempt < 64; ++attempt) {
-            if (wanted * ext4_block_size > options_.max_size_bytes || wanted >= (std::uint64_t{1} << 32))
+            if (wanted * ext4_block_size > options_.max_size_bytes ||
+                wanted >= (std::uint64_t{1} << 32))
                 return make_error_code(errc::image_too_large);
             SUPERMACHINE_TRY(fits, try_layout(wanted));
             if (fits) return success();
@@ -258,12 +277,15 @@ private:
 
     result<bool> try_layout(std::uint64_t blocks) {
         total_blocks_ = blocks;
-        groups_ = static_cast<std::uint32_t>((blocks + ext4_blocks_per_group - 1) / ext4_blocks_per_group);
+        groups_ = static_cast<std::uint32_t>((blocks + ext4_blocks_per_group - 1) /
+                                             ext4_blocks_per_group);
         std::uint64_t used_inodes = inodes_.size() - 1;
-        std::uint64_t want_inodes = std::max<std::uint64_t>(
-            used_inodes + used_inodes / 10 + 64, blocks * ext4_block_size / options_.bytes_per_inode);
+        std::uint64_t want_inodes =
+            std::max<std::uint64_t>(used_inodes + used_inodes / 10 + 64,
+                                    blocks * ext4_block_size / options_.bytes_per_inode);
         std::uint64_t per_group = (want_inodes + groups_ - 1) / groups_;
-        per_group = (per_group + ext4_inodes_per_block - 1) / ext4_inodes_per_block * ext4_inodes_per_block;
+        per_group =
+            (per_group + ext4_inodes_per_block - 1) / ext4_inodes_per_block * ext4_inodes_per_block;
         if (per_group > ext4_blocks_per_group) {
             if (used_inodes > std::uint64_t{ext4_blocks_per_group} * groups_) return false;
             per_group = ext4_blocks_per_group;
@@ -272,11 +294,7 @@ private:
         gdt_blocks_ = (groups_ * 32 + ext4_block_size - 1) / ext4_block_size;
         inode_table_blocks_ = inodes_per_group_ / ext4_inodes_per_block;
         // The last group must hold its own metadata plus some data.
-        std::uint64_t last_start = std::uint64_t{groups_ - 1} * ext4_blocks_per_group;
-        if (data_start(groups_ - 1) + 16 > total_blocks_) {
-            (void)last_start;
-            return false;
-        }
+        if (data_start(groups_ - 1) + 16 > total_blocks_) return false;
         // Allocate in inode order.
         allocated_in_group_.assign(groups_, 0);
         cursor_group_ = 0;
@@ -293,7 +311,8 @@ private:
             while (need) {
                 std::uint32_t start, length;
                 if (!allocate(std::min(need, ext4_max_extent_length), start, length)) return false;
-                if (!p.extents.empty() && p.extents.back().physical + p.extents.back().length == start &&
+                if (!p.extents.empty() &&
+                    p.extents.back().physical + p.extents.back().length == start &&
                     p.extents.back().length + length <= ext4_max_extent_length)
                     p.extents.back().length += length;
                 else
@@ -302,7 +321,8 @@ private:
                 need -= length;
             }
             if (p.extents.size() > 4) {
-                std::size_t leaves = (p.extents.size() + ext4_extents_per_block - 1) / ext4_extents_per_block;
+                std::size_t leaves =
+                    (p.extents.size() + ext4_extents_per_block - 1) / ext4_extents_per_block;
                 if (leaves > 4) return make_error_code(errc::image_too_large); // > ~170 GiB file
                 for (std::size_t i = 0; i < leaves; ++i) {
                     std::uint32_t start, length;
@@ -322,7 +342,9 @@ private:
         return true;
     }
 
-    std::uint64_t group_start(std::uint32_t g) const { return std::uint64_t{g} * ext4_blocks_per_group; }
+    std::uint64_t group_start(std::uint32_t g) const {
+        return std::uint64_t{g} * ext4_blocks_per_group;
+    }
     std::uint64_t group_end(std::uint32_t g) const {
         return std::min<std::uint64_t>(group_start(g) + ext4_blocks_per_group, total_blocks_);
     }
@@ -362,7 +384,8 @@ private:
     }
 
     // Copy `length` bytes of the spool at `from` to the image at `to` (in the kernel when it can).
-    result<void> copy_from_spool(int fd, std::uint64_t from, std::uint64_t to, std::uint64_t length) {
+    result<void> copy_from_spool(int fd, std::uint64_t from, std::uint64_t to,
+                                 std::uint64_t length) {
         int spool = tree_.spool().fd();
         while (length && use_copy_file_range_) {
             loff_t in = static_cast<loff_t>(from), out = static_cast<loff_t>(to);
@@ -392,12 +415,15 @@ private:
         return success();
     }
 
-    result<void> write_extents(int fd, const ext4_planned_inode& p, std::span<const std::byte> data) {
+    result<void> write_extents(int fd, const ext4_planned_inode& p,
+                               std::span<const std::byte> data) {
         for (auto& e : p.extents) {
             std::uint64_t at = std::uint64_t{e.logical} * ext4_block_size;
             if (at >= data.size()) break;
-            std::uint64_t n = std::min<std::uint64_t>(std::uint64_t{e.length} * ext4_block_size, data.size() - at);
-            SUPERMACHINE_TRY(pwrite_all(fd, data.subspan(at, n), std::uint64_t{e.physical} * ext4_block_size));
+            std::uint64_t n = std::min<std::uint64_t>(std::uint64_t{e.length} * ext4_block_size,
+                                                      data.size() - at);
+            SUPERMACHINE_TRY(
+                pwrite_all(fd, data.subspan(at, n), std::uint64_t{e.physical} * ext4_block_size));
         }
         return success();
     }
@@ -410,9 +436,8 @@ private:
             if (is_directory(ino)) {
                 buffer.clear();
                 ext4_dir_packer packer(&buffer);
-                for_each_dirent(ino, [&](std::string_view name, std::uint32_t child, std::uint8_t type) {
-                    packer.add(name, child, type);
-                });
+                for_each_dirent(ino, [&](std::string_view name, std::uint32_t child,
+                                         std::uint8_t type) { packer.add(name, child, type); });
                 packer.finish();
                 SUPERMACHINE_TRY(write_extents(fd, p, buffer));
             } else {
@@ -420,8 +445,11 @@ private:
                 if (n.kind == node_kind::regular) {
                     for (auto& e : p.extents) {
                         std::uint64_t at = std::uint64_t{e.logical} * ext4_block_size;
-                        std::uint64_t len = std::min<std::uint64_t>(std::uint64_t{e.length} * ext4_block_size, n.size - at);
-                        SUPERMACHINE_TRY(copy_from_spool(fd, n.data_offset + at, std::uint64_t{e.physical} * ext4_block_size, len));
+                        std::uint64_t len = std::min<std::uint64_t>(
+                            std::uint64_t{e.length} * ext4_block_size, n.size - at);
+                        SUPERMACHINE_TRY(
+                            copy_from_spool(fd, n.data_offset + at,
+                                            std::uint64_t{e.physical} * ext4_block_size, len));
                     }
                 } else if (n.kind == node_kind::symlink && !p.extents.empty()) {
                     SUPERMACHINE_TRY(write_extents(fd, p, std::as_bytes(std::span(n.link_target))));
@@ -431,9 +459,12 @@ private:
             for (std::size_t leaf = 0; leaf < p.leaf_blocks.size(); ++leaf) {
                 std::array<std::byte, ext4_block_size> block{};
                 std::size_t first = leaf * ext4_extents_per_block;
-                std::size_t count = std::min<std::size_t>(ext4_extents_per_block, p.extents.size() - first);
-                write_extent_node(block, std::span(p.extents).subspan(first, count), ext4_extents_per_block);
-                SUPERMACHINE_TRY(pwrite_all(fd, block, std::uint64_t{p.leaf_blocks[leaf]} * ext4_block_size));
+                std::size_t count =
+                    std::min<std::size_t>(ext4_extents_per_block, p.extents.size() - first);
+                write_extent_node(block, std::span(p.extents).subspan(first, count),
+                                  ext4_extents_per_block);
+                SUPERMACHINE_TRY(
+                    pwrite_all(fd, block, std::uint64_t{p.leaf_blocks[leaf]} * ext4_block_size));
             }
             if (p.xattr_block) {
                 std::array<std::byte, ext4_block_size> block{};
@@ -442,7 +473,8 @@ private:
                 put32(block, 8, 1); // blocks
                 std::uint32_t hash = ext4_pack_xattrs(block, 32, 0, xattr_sets_[ino]);
                 put32(block, 12, hash);
-                SUPERMACHINE_TRY(pwrite_all(fd, block, std::uint64_t{p.xattr_block} * ext4_block_size));
+                SUPERMACHINE_TRY(
+                    pwrite_all(fd, block, std::uint64_t{p.xattr_block} * ext4_block_size));
             }
         }
         return success();
@@ -485,7 +517,11 @@ private:
             nsec = n->mtime_nsec;
             std::uint16_t perm = static_cast<std::uint16_t>(n->mode & 07777);
             switch (n->kind) {
-            case node_kind::regular: mode = 0100000 | perm; size = n->size; extents = true; break;
+            case node_kind::regular:
+                mode = 0100000 | perm;
+                size = n->size;
+                extents = true;
+                break;
             case node_kind::directory:
                 mode = 040000 | perm;
                 size = std::uint64_t{p.data_blocks} * ext4_block_size;
@@ -495,12 +531,21 @@ private:
                 mode = 0120000 | perm;
                 size = n->link_target.size();
                 extents = !p.extents.empty();
-                if (!extents) std::memcpy(out.data() + 0x28, n->link_target.data(), n->link_target.size());
+                if (!extents)
+                    std::memcpy(out.data() + 0x28, n->link_target.data(), n->link_target.size());
                 break;
-            case node_kind::char_device: mode = 020000 | perm; break;
-            case node_kind::block_device: mode = 060000 | perm; break;
-            case node_kind::fifo: mode = 010000 | perm; break;
-            case node_kind::socket: mode = 0140000 | perm; break;
+            case node_kind::char_device:
+                mode = 020000 | perm;
+                break;
+            case node_kind::block_device:
+                mode = 060000 | perm;
+                break;
+            case node_kind::fifo:
+                mode = 010000 | perm;
+                break;
+            case node_kind::socket:
+                mode = 0140000 | perm;
+                break;
             }
             if (n->kind == node_kind::char_device || n->kind == node_kind::block_device) {
                 std::uint32_t major = n->device_major, minor = n->device_minor;
@@ -576,7 +621,8 @@ private:
                 std::uint32_t ino = first + i;
                 if (is_reserved(ino)) continue;
                 if (is_directory(ino)) ++dirs;
-                fill_inode(ino, std::span(table).subspan(std::size_t{i} * ext4_inode_size, ext4_inode_size));
+                fill_inode(ino, std::span(table).subspan(std::size_t{i} * ext4_inode_size,
+                                                         ext4_inode_size));
             }
             SUPERMACHINE_TRY(pwrite_all(fd, table, inode_table(g) * ext4_block_size));
             // Inode bitmap: used prefix, and the bits past inodes_per_group set.
@@ -617,18 +663,20 @@ private:
     }
 
     static void set_bits(std::span<std::byte> bitmap, std::uint32_t from, std::uint32_t to) {
-        for (std::uint32_t bit = from; bit < to; ++bit) bitmap[bit / 8] |= std::byte(1u << (bit % 8));
+        for (std::uint32_t bit = from; bit < to; ++bit)
+            bitmap[bit / 8] |= std::byte(1u << (bit % 8));
     }
 
-    void fill_superblock(std::span<std::byte> s, std::uint64_t free_blocks, std::uint64_t free_inodes) const {
+    void fill_superblock(std::span<std::byte> s, std::uint64_t free_blocks,
+                         std::uint64_t free_inodes) const {
         put32(s, 0x00, inodes_per_group_ * groups_);
         put32(s, 0x04, static_cast<std::uint32_t>(total_blocks_));
         put32(s, 0x08, 0); // reserved blocks: none, the guest's root owns it all
         put32(s, 0x0C, static_cast<std::uint32_t>(free_blocks));
         put32(s, 0x10, static_cast<std::uint32_t>(free_inodes));
-        put32(s, 0x14, 0);                 // first data block (4 KiB blocks)
-        put32(s, 0x18, 2);                 // log2(block size) - 10
-        put32(s, 0x1C, 2);                 // cluster size = block size
+        put32(s, 0x14, 0); // first data block (4 KiB blocks)
+        put32(s, 0x18, 2); // log2(block size) - 10
+        put32(s, 0x1C, 2); // cluster size = block size
         put32(s, 0x20, ext4_blocks_per_group);
         put32(s, 0x24, ext4_blocks_per_group);
         put32(s, 0x28, inodes_per_group_);
@@ -638,19 +686,21 @@ private:
         put16(s, 0x34, 0);      // mount count
         put16(s, 0x36, 0xFFFF); // max mount count: no forced checks
         put16(s, 0x38, 0xEF53);
-        put16(s, 0x3A, 1);      // state: clean
-        put16(s, 0x3C, 1);      // errors: continue
-        put32(s, 0x40, now);    // last check
-        put32(s, 0x4C, 1);      // revision: dynamic
+        put16(s, 0x3A, 1);   // state: clean
+        put16(s, 0x3C, 1);   // errors: continue
+        put32(s, 0x40, now); // last check
+        put32(s, 0x4C, 1);   // revision: dynamic
         put32(s, 0x54, ext4_first_inode);
         put16(s, 0x58, ext4_inode_size);
         put32(s, 0x5C, ext4_compat_ext_attr);
         put32(s, 0x60, ext4_incompat_filetype | ext4_incompat_extents);
-        put32(s, 0x64, ext4_ro_compat_sparse_super | ext4_ro_compat_large_file |
-                           ext4_ro_compat_dir_nlink | ext4_ro_compat_extra_isize);
+        put32(s, 0x64,
+              ext4_ro_compat_sparse_super | ext4_ro_compat_large_file | ext4_ro_compat_dir_nlink |
+                  ext4_ro_compat_extra_isize);
         std::memcpy(s.data() + 0x68, uuid_.data(), 16);
-        std::memcpy(s.data() + 0x78, options_.volume_label.data(), std::min<std::size_t>(16, options_.volume_label.size()));
-        put32(s, 0x108, now); // mkfs time
+        std::memcpy(s.data() + 0x78, options_.volume_label.data(),
+                    std::min<std::size_t>(16, options_.volume_label.size()));
+        put32(s, 0x108, now);              // mkfs time
         put16(s, 0x15C, ext4_extra_isize); // min extra isize
         put16(s, 0x15E, ext4_extra_isize); // want extra isize
     }
@@ -678,12 +728,14 @@ private:
 } // namespace detail
 
 /// Write `tree` as an ext4 image to the open, writable, seekable `fd`.
-inline result<ext4_stats> write_ext4(const filesystem_tree& tree, int fd, const ext4_options& options = {}) {
+inline result<ext4_stats> write_ext4(const filesystem_tree& tree, int fd,
+                                     const ext4_options& options = {}) {
     detail::ext4_plan plan(tree, options);
     auto uuid = options.uuid;
     if (uuid == std::array<std::uint8_t, 16>{}) {
         std::random_device random;
-        for (auto& b : uuid) b = static_cast<std::uint8_t>(random());
+        for (auto& b : uuid)
+            b = static_cast<std::uint8_t>(random());
         uuid[6] = static_cast<std::uint8_t>((uuid[6] & 0x0f) | 0x40); // version 4
         uuid[8] = static_cast<std::uint8_t>((uuid[8] & 0x3f) | 0x80);
     }

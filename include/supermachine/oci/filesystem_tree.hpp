@@ -59,10 +59,10 @@ struct tree_node {
 };
 
 struct tree_limits {
-    std::size_t max_nodes = 8u << 20;                            ///< inodes ever created
-    std::uint64_t max_total_data = std::uint64_t{256} << 30;    ///< bytes spooled over all layers
-    std::size_t max_depth = 1024;                                ///< path components
-    unsigned max_symlink_hops = 40;                              ///< as Linux ELOOP
+    std::size_t max_nodes = 4u << 20; ///< inodes ever created (~1 GiB of metadata at most)
+    std::uint64_t max_total_data = std::uint64_t{256} << 30; ///< bytes spooled over all layers
+    std::size_t max_depth = 1024;                            ///< path components
+    unsigned max_symlink_hops = 40;                          ///< as Linux ELOOP
 };
 
 class filesystem_tree {
@@ -157,7 +157,8 @@ public:
     result<void> apply(const tar_entry& entry, DataReader& data, std::uint32_t layer) {
         SUPERMACHINE_TRY(parts, normalize(entry.path));
         if (parts.empty()) { // the root itself: only its metadata may change
-            if (entry.type != entry_type::directory) return make_error_code(errc::archive_malformed);
+            if (entry.type != entry_type::directory)
+                return make_error_code(errc::archive_malformed);
             set_metadata(nodes_[root()], entry);
             return success();
         }
@@ -188,16 +189,27 @@ public:
             tree_node& n = nodes_[id];
             set_metadata(n, entry);
             switch (entry.type) {
-            case entry_type::regular: n.kind = node_kind::regular; break;
-            case entry_type::directory: n.kind = node_kind::directory; break;
+            case entry_type::regular:
+                n.kind = node_kind::regular;
+                break;
+            case entry_type::directory:
+                n.kind = node_kind::directory;
+                break;
             case entry_type::symlink:
                 n.kind = node_kind::symlink;
                 n.link_target = entry.link_target;
                 break;
-            case entry_type::char_device: n.kind = node_kind::char_device; break;
-            case entry_type::block_device: n.kind = node_kind::block_device; break;
-            case entry_type::fifo: n.kind = node_kind::fifo; break;
-            case entry_type::hard_link: break;
+            case entry_type::char_device:
+                n.kind = node_kind::char_device;
+                break;
+            case entry_type::block_device:
+                n.kind = node_kind::block_device;
+                break;
+            case entry_type::fifo:
+                n.kind = node_kind::fifo;
+                break;
+            case entry_type::hard_link:
+                break;
             }
             n.device_major = entry.device_major;
             n.device_minor = entry.device_minor;
@@ -211,7 +223,8 @@ public:
     }
 
     /// ".wh.NAME" in `directory_path`: remove NAME if a lower layer wrote it.
-    result<void> whiteout(std::string_view directory_path, std::string_view name, std::uint32_t layer) {
+    result<void> whiteout(std::string_view directory_path, std::string_view name,
+                          std::uint32_t layer) {
         SUPERMACHINE_TRY(parts, normalize(directory_path));
         SUPERMACHINE_TRY(parent, resolve_directory(parts, false, layer));
         if (!parent) return success(); // nothing below to hide
@@ -266,7 +279,8 @@ private:
     result<void> spool_data(node_id id, std::uint64_t size, DataReader& data) {
         if (spooled_ + size > limits_.max_total_data) return make_error_code(errc::image_too_large);
         nodes_[id].data_offset = spool_.size();
-        std::vector<std::byte> buffer(static_cast<std::size_t>(std::min<std::uint64_t>(size, 1 << 20)));
+        std::vector<std::byte> buffer(
+            static_cast<std::size_t>(std::min<std::uint64_t>(size, 1 << 20)));
         std::uint64_t left = size;
         while (left) {
             auto want = static_cast<std::size_t>(std::min<std::uint64_t>(left, buffer.size()));
@@ -315,7 +329,8 @@ private:
         while (!target.empty()) {
             auto slash = target.find('/');
             auto part = target.substr(0, slash);
-            target = slash == std::string_view::npos ? std::string_view{} : target.substr(slash + 1);
+            target =
+                slash == std::string_view::npos ? std::string_view{} : target.substr(slash + 1);
             if (part.empty() || part == ".") continue;
             if (part == "..") {
                 if (!base.empty()) base.pop_back();
@@ -357,13 +372,15 @@ private:
                     continue;
                 }
                 if (child.kind == node_kind::symlink) {
-                    if (++hops > limits_.max_symlink_hops) return make_error_code(errc::path_escape);
+                    if (++hops > limits_.max_symlink_hops)
+                        return make_error_code(errc::path_escape);
                     SUPERMACHINE_TRY(target, clamp_join(child.link_target.starts_with('/')
                                                             ? std::vector<std::string>{}
                                                             : walked,
                                                         child.link_target));
                     // Restart from the root with target + the rest.
-                    for (auto r = target.rbegin(); r != target.rend(); ++r) pending.push_front(*r);
+                    for (auto r = target.rbegin(); r != target.rend(); ++r)
+                        pending.push_front(*r);
                     stack.resize(1);
                     walked.clear();
                     if (pending.size() > limits_.max_depth * 4)

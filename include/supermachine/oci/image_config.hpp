@@ -90,8 +90,9 @@ inline result<image_config> parse_image_config(std::string_view bytes) {
         SUPERMACHINE_TRY(ids, detail::parse_string_list(*rootfs, "diff_ids", max_layers));
         if (ids)
             for (const auto& id : *ids) {
-                SUPERMACHINE_TRY(d, digest::parse(id));
-                c.diff_ids.push_back(std::move(d));
+                auto d = digest::parse(id);
+                if (!d) return errc::manifest_invalid;
+                c.diff_ids.push_back(std::move(d).value());
             }
     }
     return c;

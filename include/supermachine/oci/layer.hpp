@@ -40,7 +40,8 @@ result<layer_stats> apply_layer(filesystem_tree& tree, Source source, std::uint3
         const tar_entry& entry = *next;
         ++stats.entries;
         std::string_view path = entry.path;
-        while (path.size() > 1 && path.ends_with('/')) path.remove_suffix(1);
+        while (path.size() > 1 && path.ends_with('/'))
+            path.remove_suffix(1);
         auto slash = path.rfind('/');
         std::string_view directory = slash == std::string_view::npos ? "" : path.substr(0, slash);
         std::string_view base = slash == std::string_view::npos ? path : path.substr(slash + 1);
@@ -60,8 +61,10 @@ result<layer_stats> apply_layer(filesystem_tree& tree, Source source, std::uint3
             SUPERMACHINE_TRY(tree.make_opaque(directory, layer));
             break;
         }
-        case whiteout_kind::internal: break;
-        case whiteout_kind::invalid: return make_error_code(errc::archive_malformed);
+        case whiteout_kind::internal:
+            break;
+        case whiteout_kind::invalid:
+            return make_error_code(errc::archive_malformed);
         }
     }
     // Drain what follows the end marker so the compressed stream is checked to its end.
@@ -77,8 +80,9 @@ result<layer_stats> apply_layer(filesystem_tree& tree, Source source, std::uint3
 }
 
 /// The same for a layer file on disk.
-inline result<layer_stats> apply_layer_file(filesystem_tree& tree, const std::filesystem::path& path,
-                                            std::uint32_t layer, const layer_limits& limits = {}) {
+inline result<layer_stats> apply_layer_file(filesystem_tree& tree,
+                                            const std::filesystem::path& path, std::uint32_t layer,
+                                            const layer_limits& limits = {}) {
     SUPERMACHINE_TRY(file, file_source::open(path));
     return apply_layer(tree, std::move(file), layer, limits);
 }

@@ -120,8 +120,9 @@ inline result<descriptor> parse_descriptor(const nlohmann::json& j, bool require
     d.media_type = std::move(media_type);
     auto digest_it = j.find("digest");
     if (digest_it == j.end() || !digest_it->is_string()) return errc::manifest_invalid;
-    SUPERMACHINE_TRY(parsed_digest, digest::parse(digest_it->get_ref<const std::string&>()));
-    d.digest = std::move(parsed_digest);
+    auto parsed_digest = digest::parse(digest_it->get_ref<const std::string&>());
+    if (!parsed_digest) return errc::manifest_invalid;
+    d.digest = std::move(parsed_digest).value();
     auto size_it = j.find("size");
     if (size_it == j.end() || !size_it->is_number_integer()) return errc::manifest_invalid;
     auto size = size_it->get<std::int64_t>();

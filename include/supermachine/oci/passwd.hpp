@@ -116,16 +116,21 @@ inline std::vector<group_entry> parse_group(std::string_view text) {
 inline result<process_user> resolve_user(std::string_view user_spec, std::string_view passwd_text,
                                          std::string_view group_text) {
     auto trim = [](std::string_view s) {
-        while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-        while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+        while (!s.empty() && (s.front() == ' ' || s.front() == '\t'))
+            s.remove_prefix(1);
+        while (!s.empty() && (s.back() == ' ' || s.back() == '\t'))
+            s.remove_suffix(1);
         return s;
     };
     user_spec = trim(user_spec);
     auto colon = user_spec.find(':');
     std::string_view user_part = user_spec.substr(0, colon);
-    std::string_view group_part = colon == std::string_view::npos ? "" : user_spec.substr(colon + 1);
-    if (group_part.find(':') != std::string_view::npos) return make_error_code(errc::invalid_argument);
-    if (colon != std::string_view::npos && group_part.empty()) return make_error_code(errc::invalid_argument);
+    std::string_view group_part =
+        colon == std::string_view::npos ? "" : user_spec.substr(colon + 1);
+    if (group_part.find(':') != std::string_view::npos)
+        return make_error_code(errc::invalid_argument);
+    if (colon != std::string_view::npos && group_part.empty())
+        return make_error_code(errc::invalid_argument);
 
     auto users = parse_passwd(passwd_text);
     auto groups = parse_group(group_text);
@@ -134,7 +139,9 @@ inline result<process_user> resolve_user(std::string_view user_spec, std::string
 
     const passwd_entry* match = nullptr;
     for (auto& u : users) {
-        bool hit = user_part.empty() ? u.uid == 0 : uid_number ? u.uid == *uid_number : u.name == user_part;
+        bool hit = user_part.empty() ? u.uid == 0
+                   : uid_number      ? u.uid == *uid_number
+                                     : u.name == user_part;
         if (hit) {
             match = &u;
             break;
@@ -148,8 +155,9 @@ inline result<process_user> resolve_user(std::string_view user_spec, std::string
     } else if (!user_part.empty()) {
         if (!uid_number) {
             // Not a number and not in passwd: "-1" or "abc" alike.
-            bool looks_numeric = !user_part.empty() && (user_part.front() == '-' ||
-                                                        (user_part.front() >= '0' && user_part.front() <= '9'));
+            bool looks_numeric =
+                !user_part.empty() && (user_part.front() == '-' ||
+                                       (user_part.front() >= '0' && user_part.front() <= '9'));
             return make_error_code(looks_numeric ? errc::invalid_argument : errc::not_found);
         }
         result.uid = *uid_number;
@@ -163,10 +171,13 @@ inline result<process_user> resolve_user(std::string_view user_spec, std::string
                 g = &candidate;
                 break;
             }
-        if (g) result.gid = g->gid;
-        else if (gid_number) result.gid = *gid_number;
+        if (g)
+            result.gid = g->gid;
+        else if (gid_number)
+            result.gid = *gid_number;
         else {
-            bool looks_numeric = group_part.front() == '-' || (group_part.front() >= '0' && group_part.front() <= '9');
+            bool looks_numeric = group_part.front() == '-' ||
+                                 (group_part.front() >= '0' && group_part.front() <= '9');
             return make_error_code(looks_numeric ? errc::invalid_argument : errc::not_found);
         }
     } else if (match) {

@@ -83,4 +83,13 @@ inline bool platform_matches(const platform& wanted, const platform& candidate) 
            detail::normalize_variant(arch, candidate.variant);
 }
 
+/// For an image reached without an index: does its config's platform fit?
+/// Configs that do not say are accepted.
+inline bool config_platform_fits(const platform& wanted, const platform& config) {
+    if (config.architecture.empty()) return true;
+    platform candidate = config;
+    if (candidate.os.empty()) candidate.os = wanted.os;
+    return platform_matches(wanted, candidate);
+}
+
 } // namespace supermachine::oci

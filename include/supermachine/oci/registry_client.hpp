@@ -341,7 +341,10 @@ private:
             auto size = plan.blob->expected_size();
             remaining = size >= 0 ? std::uint64_t(size) - plan.blob->offset()
                                   : std::uint64_t(max_blob_bytes);
-            parser.body_limit(std::max<std::uint64_t>(remaining, options_.max_error_body));
+            // The whole blob, not just the rest: a server that ignores Range
+            // sends it all again. The writer enforces the exact size.
+            parser.body_limit(std::max<std::uint64_t>(size >= 0 ? std::uint64_t(size) : remaining,
+                                                      options_.max_error_body));
         } else {
             parser.body_limit(plan.max_string_body);
         }
@@ -751,6 +754,8 @@ private:
                 if (response.error() == make_error_code(errc::io_error) &&
                     attempt < options_.max_retries)
                     continue;
+                // More bytes than the descriptor allows: nothing of it may stay.
+                if (response.error() == make_error_code(errc::digest_mismatch)) writer.discard();
                 co_return response.error();
             }
             if (response.value().status != 200 && response.value().status != 206) {
@@ -794,6 +799,10 @@ private:
             co_return fail<pulled_image>(config.error(), "image config " +
                                                              resolved.manifest.config.digest.str() +
                                                              " is invalid");
+        if (!config_platform_fits(wanted, config.value().platform))
+            co_return fail<pulled_image>(errc::platform_not_found,
+                                         ref.familiar() + " is a " + config.value().platform.str() +
+                                             " image, not " + wanted.str());
         pulled_image image;
         for (const auto& layer : resolved.manifest.layers) {
             BOOST_OUTCOME_CO_TRYV(

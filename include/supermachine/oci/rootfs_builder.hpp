@@ -14,6 +14,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <ctime>
 #include <filesystem>
 #include <span>
 #include <string>
@@ -51,7 +52,8 @@ namespace detail {
 /// (it becomes a file name, so no '/', no "..").
 inline result<std::string> rootfs_file_stem(std::string_view digest) {
     auto colon = digest.find(':');
-    if (colon == std::string_view::npos || colon == 0 || colon + 1 >= digest.size() || digest.size() > 300)
+    if (colon == std::string_view::npos || colon == 0 || colon + 1 >= digest.size() ||
+        digest.size() > 300)
         return make_error_code(errc::bad_digest);
     for (std::size_t i = 0; i < digest.size(); ++i) {
         char c = digest[i];
@@ -118,7 +120,8 @@ inline result<std::string> rootfs_account_file(const filesystem_tree& tree, std:
 
 class rootfs_lock {
 public:
-    explicit rootfs_lock(int fd) : fd_(fd) {}
+    explicit rootfs_lock(int fd)
+        : fd_(fd) {}
     rootfs_lock(const rootfs_lock&) = delete;
     ~rootfs_lock() {
         if (fd_ >= 0) ::close(fd_); // closing drops the flock
@@ -137,11 +140,14 @@ inline result<std::filesystem::path> rootfs_path(const std::filesystem::path& ca
     return cache_dir / "rootfs" / (stem + ".ext4");
 }
 
-/// Build (or reuse) the root filesystem image of `image_digest` from its layer
-/// files, bottom layer first. Layer files may be gzip, zstd or plain tar.
-inline result<rootfs_image> build_rootfs(std::string_view image_digest,
-                                         std::span<const std::filesystem::path> layer_files,
-                                         const rootfs_build_options& options) {
+/// Build (or reuse) the root filesystem image of `image_digest`. `layer_count`
+/// layers, bottom first; `open_layer(i)` returns result<S> for a byte_source S
+/// of layer i (gzip, zstd or plain tar: detected). It is called only when the
+/// image is not cached yet.
+template <class OpenLayer>
+result<rootfs_image> build_rootfs_from(std::string_view image_digest, std::size_t layer_count,
+                                       OpenLayer&& open_layer,
+                                       const rootfs_build_options& options) {
     if (options.cache_dir.empty()) return make_error_code(errc::invalid_argument);
     SUPERMACHINE_TRY(stem, detail::rootfs_file_stem(image_digest));
     auto dir = options.cache_dir / "rootfs";
@@ -169,29 +175,50 @@ inline result<rootfs_image> build_rootfs(std::string_view image_digest,
         return out;
     }
 
+    // Under the lock no other builder of this digest runs: temporaries left by a
+    // crashed one are garbage.
+    const std::string temp_prefix = stem + ".ext4.tmp-";
+    for (auto& entry : std::filesystem::directory_iterator(dir, ec))
+        if (entry.path().filename().string().starts_with(temp_prefix))
+            std::filesystem::remove(entry.path(), ec);
+
     SUPERMACHINE_TRY(tree, filesystem_tree::create(dir, options.tree));
-    std::uint32_t layer = 1;
-    for (const auto& file : layer_files) {
-        SUPERMACHINE_TRY(stats, apply_layer_file(tree, file, layer++, options.layers));
+    for (std::size_t i = 0; i < layer_count; ++i) {
+        SUPERMACHINE_TRY(source, open_layer(i));
+        SUPERMACHINE_TRY(stats, apply_layer(tree, std::move(source),
+                                            static_cast<std::uint32_t>(i + 1), options.layers));
         out.layers.push_back(stats);
     }
-    SUPERMACHINE_TRY(passwd, detail::rootfs_account_file(tree, "/etc/passwd", options.max_account_file));
-    SUPERMACHINE_TRY(group, detail::rootfs_account_file(tree, "/etc/group", options.max_account_file));
+    SUPERMACHINE_TRY(passwd,
+                     detail::rootfs_account_file(tree, "/etc/passwd", options.max_account_file));
+    SUPERMACHINE_TRY(group,
+                     detail::rootfs_account_file(tree, "/etc/group", options.max_account_file));
     out.passwd = std::move(passwd);
     out.group = std::move(group);
 
-    auto temp = dir / (stem + ".ext4.tmp-" + std::to_string(::getpid()));
+    auto temp = dir / (temp_prefix + std::to_string(::getpid()));
     auto fail = [&](std::error_code e) -> result<rootfs_image> {
         ::unlink(temp.c_str());
         return e;
     };
-    auto written = write_ext4(tree, temp, options.ext4);
+    ext4_options ext4 = options.ext4;
+    if (ext4.timestamp == 0) ext4.timestamp = static_cast<std::int64_t>(::time(nullptr));
+    auto written = write_ext4(tree, temp, ext4);
     if (!written) return fail(written.error());
     out.ext4 = written.value();
     if (auto r = detail::rootfs_write_file(passwd_path, out.passwd); !r) return fail(r.error());
     if (auto r = detail::rootfs_write_file(group_path, out.group); !r) return fail(r.error());
     if (::rename(temp.c_str(), out.path.c_str()) != 0) return fail(errno_code(errno));
     return out;
+}
+
+/// The same from layer files on disk (e.g. content-store blobs), bottom layer first.
+inline result<rootfs_image> build_rootfs(std::string_view image_digest,
+                                         std::span<const std::filesystem::path> layer_files,
+                                         const rootfs_build_options& options) {
+    return build_rootfs_from(
+        image_digest, layer_files.size(),
+        [&](std::size_t i) { return file_source::open(layer_files[i]); }, options);
 }
 
 } // namespace supermachine::oci

@@ -41,9 +41,9 @@ struct tar_entry {
     std::string path;        ///< as written in the archive (not yet normalized)
     std::string link_target; ///< symlink target or hard-link target path
     entry_type type = entry_type::regular;
-    std::uint32_t mode = 0;  ///< permission bits 07777 only
+    std::uint32_t mode = 0; ///< permission bits 07777 only
     std::uint32_t uid = 0, gid = 0;
-    std::uint64_t size = 0;  ///< data bytes (regular files; 0 for everything else)
+    std::uint64_t size = 0; ///< data bytes (regular files; 0 for everything else)
     std::int64_t mtime = 0;
     std::uint32_t mtime_nsec = 0;
     std::uint32_t device_major = 0, device_minor = 0;
@@ -51,12 +51,11 @@ struct tar_entry {
 };
 
 struct tar_limits {
-    std::size_t max_path = 4096;                          ///< PATH_MAX
-    std::size_t max_extended_header = 1 << 20;            ///< one PAX / GNU long-name block
-    std::size_t max_xattr_bytes = 64 * 1024;              ///< names + values of one entry
+    std::size_t max_path = 4096;                           ///< PATH_MAX
+    std::size_t max_extended_header = 1 << 20;             ///< one PAX / GNU long-name block
+    std::size_t max_xattr_bytes = 64 * 1024;               ///< names + values of one entry
     std::uint64_t max_entry_size = std::uint64_t{1} << 40; ///< one file's data
 };
-
 
 namespace detail {
 
@@ -78,7 +77,9 @@ struct tar_header {
     std::uint32_t device_major = 0, device_minor = 0;
 };
 
-inline std::uint64_t tar_padded(std::uint64_t size) noexcept { return (size + 511) & ~std::uint64_t{511}; }
+inline std::uint64_t tar_padded(std::uint64_t size) noexcept {
+    return (size + 511) & ~std::uint64_t{511};
+}
 
 inline bool tar_is_zero_block(std::span<const std::byte, 512> block) noexcept {
     for (auto b : block)
@@ -90,7 +91,8 @@ inline std::string_view tar_field(std::span<const std::byte, 512> block, std::si
                                   std::size_t length) noexcept {
     auto* p = reinterpret_cast<const char*>(block.data()) + offset;
     std::size_t n = 0;
-    while (n < length && p[n] != '\0') ++n;
+    while (n < length && p[n] != '\0')
+        ++n;
     return {p, n};
 }
 
@@ -110,7 +112,8 @@ inline result<std::int64_t> tar_number(std::span<const std::byte, 512> block, st
         return static_cast<std::int64_t>(value);
     }
     std::size_t i = 0;
-    while (i < length && (p[i] == ' ' || p[i] == '\0')) ++i;
+    while (i < length && (p[i] == ' ' || p[i] == '\0'))
+        ++i;
     std::uint64_t value = 0;
     bool any = false;
     for (; i < length && p[i] >= '0' && p[i] <= '7'; ++i) {
@@ -162,7 +165,8 @@ result<tar_header> tar_parse_header(std::span<const std::byte, 512> block, const
     if (ustar || gnu) {
         SUPERMACHINE_TRY(major, tar_number(block, 329, 8));
         SUPERMACHINE_TRY(minor, tar_number(block, 337, 8));
-        if (major < 0 || minor < 0 || major > 0xfffff || minor > 0xfffff)
+        // Linux dev_t: 12-bit major, 20-bit minor.
+        if (major < 0 || minor < 0 || major > 0xfff || minor > 0xfffff)
             return make_error_code(errc::archive_malformed);
         h.device_major = static_cast<std::uint32_t>(major);
         h.device_minor = static_cast<std::uint32_t>(minor);
@@ -193,7 +197,8 @@ result<void> tar_parse_pax(std::span<const char> text, tar_records& records, con
         std::string_view record = rest.substr(space + 1, length - space - 2);
         rest.remove_prefix(length);
         std::size_t eq = record.find('=');
-        if (eq == std::string_view::npos || eq == 0) return make_error_code(errc::archive_malformed);
+        if (eq == std::string_view::npos || eq == 0)
+            return make_error_code(errc::archive_malformed);
         std::string key(record.substr(0, eq));
         std::string value(record.substr(eq + 1));
         bool replaced = false;
@@ -217,14 +222,16 @@ inline result<std::uint64_t> tar_decimal(std::string_view text, std::uint64_t ma
     std::uint64_t value = 0;
     for (char c : text) {
         if (c < '0' || c > '9') return make_error_code(errc::archive_malformed);
-        if (value > (max - static_cast<unsigned>(c - '0')) / 10) return make_error_code(errc::archive_malformed);
+        if (value > (max - static_cast<unsigned>(c - '0')) / 10)
+            return make_error_code(errc::archive_malformed);
         value = value * 10 + static_cast<std::uint64_t>(c - '0');
     }
     return value;
 }
 
 /// PAX mtime: [-]seconds[.fraction]
-inline result<void> tar_pax_time(std::string_view text, std::int64_t& seconds, std::uint32_t& nsec) {
+inline result<void> tar_pax_time(std::string_view text, std::int64_t& seconds,
+                                 std::uint32_t& nsec) {
     bool negative = !text.empty() && text.front() == '-';
     if (negative) text.remove_prefix(1);
     auto dot = text.find('.');
@@ -265,24 +272,34 @@ result<Entry> tar_make_entry(tar_header& header, tar_pending& pending, const tar
     for (const tar_records* records : std::array<const tar_records*, 2>{&global, &pending.pax}) {
         for (auto& [key, value] : *records) {
             std::string_view k = key;
-            if (k == "path") e.path = value;
-            else if (k == "linkpath") e.link_target = value;
-            else if (k == "uid") { SUPERMACHINE_TRY(v, tar_decimal(value, 0xffffffffu)); uid = v; }
-            else if (k == "gid") { SUPERMACHINE_TRY(v, tar_decimal(value, 0xffffffffu)); gid = v; }
-            else if (k == "size") {
+            if (k == "path")
+                e.path = value;
+            else if (k == "linkpath")
+                e.link_target = value;
+            else if (k == "uid") {
+                SUPERMACHINE_TRY(v, tar_decimal(value, 0xffffffffu));
+                uid = v;
+            } else if (k == "gid") {
+                SUPERMACHINE_TRY(v, tar_decimal(value, 0xffffffffu));
+                gid = v;
+            } else if (k == "size") {
                 SUPERMACHINE_TRY(v, tar_decimal(value, limits.max_entry_size));
                 size = v;
             } else if (k == "mtime") {
                 SUPERMACHINE_TRY(tar_pax_time(value, e.mtime, e.mtime_nsec));
-            }
-            else if (k.starts_with("SCHILY.xattr.")) {
+            } else if (k.starts_with("SCHILY.xattr.")) {
                 auto name = k.substr(13);
-                if (name.empty() || name.size() > 255) return make_error_code(errc::archive_malformed);
+                if (name.empty() || name.size() > 255)
+                    return make_error_code(errc::archive_malformed);
                 xattr_bytes += name.size() + value.size();
-                if (xattr_bytes > limits.max_xattr_bytes) return make_error_code(errc::image_too_large);
+                if (xattr_bytes > limits.max_xattr_bytes)
+                    return make_error_code(errc::image_too_large);
                 bool replaced = false;
                 for (auto& x : e.xattrs)
-                    if (x.name == name) { x.value = value; replaced = true; }
+                    if (x.name == name) {
+                        x.value = value;
+                        replaced = true;
+                    }
                 if (!replaced) e.xattrs.push_back(Xattr{std::string(name), value});
             } else if (k.starts_with("GNU.sparse.")) {
                 return make_error_code(errc::not_supported);
@@ -300,15 +317,35 @@ result<Entry> tar_make_entry(tar_header& header, tar_pending& pending, const tar
     e.device_major = header.device_major;
     e.device_minor = header.device_minor;
     switch (header.typeflag) {
-    case '0': case '\0': case '7': e.type = Type::regular; break;
-    case '1': e.type = Type::hard_link; break;
-    case '2': e.type = Type::symlink; break;
-    case '3': e.type = Type::char_device; break;
-    case '4': e.type = Type::block_device; break;
-    case '5': case 'D': e.type = Type::directory; break;
-    case '6': e.type = Type::fifo; break;
-    case 'S': case 'M': return make_error_code(errc::not_supported); // GNU sparse / multi-volume
-    default: return make_error_code(errc::archive_malformed);
+    case '0':
+    case '\0':
+    case '7':
+        e.type = Type::regular;
+        break;
+    case '1':
+        e.type = Type::hard_link;
+        break;
+    case '2':
+        e.type = Type::symlink;
+        break;
+    case '3':
+        e.type = Type::char_device;
+        break;
+    case '4':
+        e.type = Type::block_device;
+        break;
+    case '5':
+    case 'D':
+        e.type = Type::directory;
+        break;
+    case '6':
+        e.type = Type::fifo;
+        break;
+    case 'S':
+    case 'M':
+        return make_error_code(errc::not_supported); // GNU sparse / multi-volume
+    default:
+        return make_error_code(errc::archive_malformed);
     }
     // Old V7 archives mark directories with a trailing slash on a regular entry.
     if (e.type == Type::regular && header.typeflag == '\0' && e.path.ends_with('/'))
@@ -324,7 +361,9 @@ result<Entry> tar_make_entry(tar_header& header, tar_pending& pending, const tar
 template <byte_source Source>
 class tar_reader {
 public:
-    explicit tar_reader(Source& source, tar_limits limits = {}) : source_(source), limits_(limits) {}
+    explicit tar_reader(Source& source, tar_limits limits = {})
+        : source_(source)
+        , limits_(limits) {}
 
     /// The next entry (after skipping what is left of the current one's data),
     /// or nullopt at the end-of-archive marker.
@@ -345,11 +384,13 @@ public:
             switch (header.typeflag) {
             case 'L':
             case 'K': {
-                if (header.size > limits_.max_path + 1) return make_error_code(errc::archive_malformed);
+                if (header.size > limits_.max_path + 1)
+                    return make_error_code(errc::archive_malformed);
                 SUPERMACHINE_TRY(text, read_blob(header.size));
                 std::string value(text.begin(), text.end());
                 if (auto nul = value.find('\0'); nul != std::string::npos) value.resize(nul);
-                (header.typeflag == 'L' ? pending.gnu_long_name : pending.gnu_long_link) = std::move(value);
+                (header.typeflag == 'L' ? pending.gnu_long_name : pending.gnu_long_link) =
+                    std::move(value);
                 continue;
             }
             case 'x':
@@ -357,8 +398,9 @@ public:
                 if (header.size > limits_.max_extended_header)
                     return make_error_code(errc::archive_malformed);
                 SUPERMACHINE_TRY(text, read_blob(header.size));
+                // A global header overrides earlier ones key by key (POSIX), for all entries after
+                // it.
                 auto& records = header.typeflag == 'x' ? pending.pax : global_pax_;
-                if (header.typeflag == 'g') records.clear();
                 SUPERMACHINE_TRY(detail::tar_parse_pax(text, records, limits_));
                 continue;
             }
@@ -366,7 +408,8 @@ public:
                 SUPERMACHINE_TRY(skip_bytes(detail::tar_padded(header.size)));
                 continue;
             }
-            default: break;
+            default:
+                break;
             }
             SUPERMACHINE_TRY(entry, detail::tar_make_entry<tar_entry, entry_type, xattr>(
                                         header, pending, global_pax_, limits_));

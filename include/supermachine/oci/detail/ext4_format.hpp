@@ -56,11 +56,13 @@ inline void put16(std::span<std::byte> b, std::size_t at, std::uint16_t v) {
     b[at + 1] = std::byte(v >> 8);
 }
 inline void put32(std::span<std::byte> b, std::size_t at, std::uint32_t v) {
-    for (int i = 0; i < 4; ++i) b[at + i] = std::byte((v >> (8 * i)) & 0xff);
+    for (int i = 0; i < 4; ++i)
+        b[at + i] = std::byte((v >> (8 * i)) & 0xff);
 }
 inline std::uint32_t get32(std::span<const std::byte> b, std::size_t at) {
     std::uint32_t v = 0;
-    for (int i = 3; i >= 0; --i) v = (v << 8) | std::to_integer<std::uint32_t>(b[at + i]);
+    for (int i = 3; i >= 0; --i)
+        v = (v << 8) | std::to_integer<std::uint32_t>(b[at + i]);
     return v;
 }
 
@@ -69,7 +71,8 @@ inline bool ext4_group_has_super(std::uint32_t group) {
     if (group <= 1) return true;
     for (std::uint32_t base : {3u, 5u, 7u}) {
         std::uint64_t p = base;
-        while (p < group) p *= base;
+        while (p < group)
+            p *= base;
         if (p == group) return true;
     }
     return false;
@@ -96,13 +99,49 @@ struct ext4_xattr {
     std::string value;
 };
 
-/// Map "security.capability" to (6, "capability"); nullopt-like false for
-/// namespaces ext4 stores differently (system.* ACLs) or not at all.
+/// A POSIX ACL in the VFS xattr format (what tar layers carry: version 2, 8-byte
+/// entries) → ext4's on-disk format (version 1; short 4-byte entries for the
+/// owner/group/mask/other tags). False if malformed.
+inline bool ext4_acl_from_vfs(std::string_view vfs, std::string& disk) {
+    auto u16 = [&](std::size_t at) {
+        return static_cast<std::uint16_t>(static_cast<unsigned char>(vfs[at]) |
+                                          static_cast<unsigned char>(vfs[at + 1]) << 8);
+    };
+    if (vfs.size() < 4 || (vfs.size() - 4) % 8 != 0 || vfs.size() > 4 + 8 * 1024) return false;
+    if (u16(0) != 2 || vfs[2] != 0 || vfs[3] != 0) return false;
+    disk.assign("\x01\x00\x00\x00", 4);
+    for (std::size_t at = 4; at < vfs.size(); at += 8) {
+        std::uint16_t tag = u16(at);
+        switch (tag) {
+        case 0x01:
+        case 0x04:
+        case 0x10:
+        case 0x20: // USER_OBJ GROUP_OBJ MASK OTHER
+            disk.append(vfs.substr(at, 4));
+            break;
+        case 0x02:
+        case 0x08: // USER GROUP: with the id
+            disk.append(vfs.substr(at, 8));
+            break;
+        default:
+            return false;
+        }
+    }
+    return true;
+}
+
+/// Map "security.capability" to (6, "capability"), POSIX ACLs to their ext4
+/// indexes (2, 3) in ext4's format; false for what ext4 cannot hold.
 inline bool ext4_xattr_from(const xattr& x, ext4_xattr& out) {
     struct prefix {
         std::string_view text;
         std::uint8_t index;
     };
+    if (x.name == "system.posix_acl_access" || x.name == "system.posix_acl_default") {
+        out.index = x.name == "system.posix_acl_access" ? 2 : 3;
+        out.name.clear();
+        return ext4_acl_from_vfs(x.value, out.value);
+    }
     static constexpr prefix prefixes[] = {{"user.", 1}, {"trusted.", 4}, {"security.", 6}};
     for (auto& p : prefixes)
         if (std::string_view(x.name).starts_with(p.text) && x.name.size() > p.text.size()) {
@@ -114,13 +153,18 @@ inline bool ext4_xattr_from(const xattr& x, ext4_xattr& out) {
     return false;
 }
 
-inline std::size_t ext4_xattr_entry_size(const ext4_xattr& x) { return (16 + x.name.size() + 3) & ~std::size_t{3}; }
-inline std::size_t ext4_xattr_value_size(const ext4_xattr& x) { return (x.value.size() + 3) & ~std::size_t{3}; }
+inline std::size_t ext4_xattr_entry_size(const ext4_xattr& x) {
+    return (16 + x.name.size() + 3) & ~std::size_t{3};
+}
+inline std::size_t ext4_xattr_value_size(const ext4_xattr& x) {
+    return (x.value.size() + 3) & ~std::size_t{3};
+}
 
 /// Bytes the attributes need in a region (entries + 4-byte terminator + values).
 inline std::size_t ext4_xattr_space(const std::vector<ext4_xattr>& xs) {
     std::size_t n = 4;
-    for (auto& x : xs) n += ext4_xattr_entry_size(x) + ext4_xattr_value_size(x);
+    for (auto& x : xs)
+        n += ext4_xattr_entry_size(x) + ext4_xattr_value_size(x);
     return n;
 }
 
@@ -133,7 +177,8 @@ inline std::uint32_t ext4_xattr_hash(const ext4_xattr& x) {
         padded.resize(ext4_xattr_value_size(x), '\0');
         for (std::size_t i = 0; i < padded.size(); i += 4) {
             std::uint32_t word = 0;
-            for (int k = 3; k >= 0; --k) word = (word << 8) | static_cast<unsigned char>(padded[i + k]);
+            for (int k = 3; k >= 0; --k)
+                word = (word << 8) | static_cast<unsigned char>(padded[i + k]);
             hash = (hash << 16) ^ (hash >> 16) ^ word;
         }
     }
@@ -163,7 +208,8 @@ inline std::uint32_t ext4_pack_xattrs(std::span<std::byte> region, std::size_t e
         std::uint32_t hash = ext4_xattr_hash(x);
         region[entry] = std::byte(x.name.size());
         region[entry + 1] = std::byte(x.index);
-        put16(region, entry + 2, static_cast<std::uint16_t>(x.value.empty() ? 0 : value_end - offset_base));
+        put16(region, entry + 2,
+              static_cast<std::uint16_t>(x.value.empty() ? 0 : value_end - offset_base));
         put32(region, entry + 4, 0);
         put32(region, entry + 8, static_cast<std::uint32_t>(x.value.size()));
         put32(region, entry + 12, hash);
@@ -184,7 +230,8 @@ inline std::uint32_t ext4_dirent_size(std::size_t name_length) {
 /// Packs directory entries into blocks; with no output span it only counts blocks.
 class ext4_dir_packer {
 public:
-    explicit ext4_dir_packer(std::vector<std::byte>* out) : out_(out) {}
+    explicit ext4_dir_packer(std::vector<std::byte>* out)
+        : out_(out) {}
 
     void add(std::string_view name, std::uint32_t inode, std::uint8_t type) {
         std::uint32_t size = ext4_dirent_size(name.size());
@@ -195,7 +242,8 @@ public:
             if (out_) out_->resize(std::size_t{blocks_} * ext4_block_size);
         }
         if (out_) {
-            auto b = std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size, ext4_block_size);
+            auto b = std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size,
+                                              ext4_block_size);
             put32(b, offset_, inode);
             put16(b, offset_ + 4, static_cast<std::uint16_t>(size));
             b[offset_ + 6] = std::byte(name.size());
@@ -215,7 +263,8 @@ public:
 private:
     void close_block() {
         if (blocks_ == 0 || !out_) return;
-        auto b = std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size, ext4_block_size);
+        auto b =
+            std::span(*out_).subspan(std::size_t{blocks_ - 1} * ext4_block_size, ext4_block_size);
         put16(b, last_ + 4, static_cast<std::uint16_t>(ext4_block_size - last_));
     }
     std::vector<std::byte>* out_;

@@ -20,7 +20,8 @@ class tree_spool {
 public:
     tree_spool() = default;
     tree_spool(tree_spool&& other) noexcept
-        : fd_(std::exchange(other.fd_, -1)), size_(std::exchange(other.size_, 0)) {}
+        : fd_(std::exchange(other.fd_, -1))
+        , size_(std::exchange(other.size_, 0)) {}
     tree_spool& operator=(tree_spool&& other) noexcept {
         if (this != &other) {
             if (fd_ >= 0) ::close(fd_);

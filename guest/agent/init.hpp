@@ -1,0 +1,192 @@
+#pragma once
+// What the agent does as PID 1 before it serves: the mounts a container
+// expects, kernel modules, the root disk and switch_root, the token from the
+// kernel command line, and the loopback interface (TCP forwarding connects to
+// 127.0.0.1 inside the guest). Failures are logged and survived: a VM that
+// can still serve exec is more useful than one that panics.
+#include "server.hpp"
+
+#include <net/if.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+
+namespace supermachine::agent::guest {
+
+inline void make_dir(const char* path, mode_t mode = 0755) {
+    ::mkdir(path, mode);
+}
+
+inline void mount_one(const char* source, const char* target, const char* type, unsigned long flags,
+                      const char* data = nullptr) {
+    make_dir(target);
+    if (::mount(source, target, type, flags, data) < 0 && errno != EBUSY)
+        log("mount %s failed: errno %d", target, errno);
+}
+
+inline void mount_basics() {
+    mount_one("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC);
+    mount_one("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC);
+    mount_one("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    mount_one("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "gid=5,mode=0620,ptmxmode=0666");
+    mount_one("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    mount_one("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    mount_one("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+    // /dev/ptmx must reach the devpts instance for posix_openpt.
+    if (::access("/dev/ptmx", F_OK) != 0) ::symlink("pts/ptmx", "/dev/ptmx");
+}
+
+inline std::string read_small_file(const char* path, std::size_t max = 64 * 1024) {
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return {};
+    std::string s(max, '\0');
+    std::size_t got = 0;
+    while (got < max) {
+        ssize_t n = ::read(fd, s.data() + got, max - got);
+        if (n <= 0) break;
+        got += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+    s.resize(got);
+    return s;
+}
+
+/// The value of `key=` on the kernel command line, or empty.
+inline std::string cmdline_value(const std::string& cmdline, const std::string& key) {
+    // No <sstream>: it drags libstdc++'s locale machinery into the static binary.
+    std::string prefix = key + "=";
+    std::size_t pos = 0;
+    while (pos < cmdline.size()) {
+        std::size_t start = cmdline.find_first_not_of(" \t\n", pos);
+        if (start == std::string::npos) break;
+        std::size_t end = cmdline.find_first_of(" \t\n", start);
+        if (end == std::string::npos) end = cmdline.size();
+        std::string_view word(cmdline.data() + start, end - start);
+        if (word.substr(0, prefix.size()) == prefix) return std::string(word.substr(prefix.size()));
+        pos = end;
+    }
+    return {};
+}
+
+/// The lines of `text`, trimmed.
+inline std::vector<std::string> split_lines(const std::string& text) {
+    std::vector<std::string> lines;
+    std::size_t pos = 0;
+    while (pos <= text.size()) {
+        std::size_t end = text.find('\n', pos);
+        if (end == std::string::npos) end = text.size();
+        lines.push_back(text.substr(pos, end - pos));
+        pos = end + 1;
+    }
+    return lines;
+}
+
+inline std::string trim(std::string s) {
+    while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' '))
+        s.pop_back();
+    return s;
+}
+
+/// Loads each module named in the list files: one path per line, relative to
+/// /lib/modules (or absolute); '#' starts a comment. A module whose
+/// dependencies come later in the list fails with ENOENT (unknown symbol);
+/// failed ones are retried while a pass makes progress, so order is forgiving.
+inline void load_modules() {
+    std::vector<std::string> pending;
+    for (const char* list : {"/etc/supermachine/modules", "/etc/modules-load"}) {
+        for (std::string line : split_lines(read_small_file(list))) {
+            line = trim(line);
+            if (line.empty() || line[0] == '#') continue;
+            pending.push_back(line[0] == '/' ? line : "/lib/modules/" + line);
+        }
+    }
+    for (bool progress = true; progress && !pending.empty();) {
+        progress = false;
+        std::vector<std::string> failed;
+        std::vector<int> errors;
+        for (auto& path : pending) {
+            int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+            if (fd < 0) {
+                log("module %s: cannot open (errno %d)", path.c_str(), errno);
+                continue;
+            }
+            if (::syscall(SYS_finit_module, fd, "", 0) == 0 || errno == EEXIST) {
+                progress = true;
+            } else {
+                failed.push_back(path);
+                errors.push_back(errno);
+            }
+            ::close(fd);
+        }
+        if (!progress)
+            for (std::size_t i = 0; i < failed.size(); ++i)
+                log("module %s: finit_module errno %d", failed[i].c_str(), errors[i]);
+        pending = std::move(failed);
+    }
+}
+
+inline void bring_up_loopback() {
+    int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return;
+    ifreq req{};
+    std::strncpy(req.ifr_name, "lo", IFNAMSIZ - 1);
+    if (::ioctl(fd, SIOCGIFFLAGS, &req) == 0) {
+        req.ifr_flags |= IFF_UP | IFF_RUNNING;
+        ::ioctl(fd, SIOCSIFFLAGS, &req);
+    }
+    ::close(fd);
+}
+
+/// Mounts the root disk (when present) and makes it `/`, moving the API
+/// filesystems along. Stays in the initramfs when there is no disk.
+inline void switch_to_root_disk(const std::string& cmdline) {
+    std::string device = cmdline_value(cmdline, "supermachine.root");
+    if (device.empty()) device = "/dev/vda";
+    if (device == "none") return;
+    std::string type = cmdline_value(cmdline, "supermachine.rootfstype");
+    if (type.empty()) type = "ext4";
+    // The disk appears when its driver probes, which may trail PID 1 slightly.
+    std::int64_t wait_ms = 1000;
+    if (auto w = cmdline_value(cmdline, "supermachine.root_wait_ms"); !w.empty())
+        wait_ms = std::strtoll(w.c_str(), nullptr, 10);
+    std::int64_t until = now_ms() + wait_ms;
+    while (::access(device.c_str(), F_OK) != 0 && now_ms() < until)
+        ::usleep(10 * 1000);
+    if (::access(device.c_str(), F_OK) != 0) {
+        log("no root disk %s: staying in the initramfs", device.c_str());
+        return;
+    }
+    make_dir("/newroot");
+    if (::mount(device.c_str(), "/newroot", type.c_str(), 0, nullptr) < 0) {
+        log("mount root %s failed (errno %d): staying in the initramfs", device.c_str(), errno);
+        return;
+    }
+    for (const char* m : {"/proc", "/sys", "/dev", "/tmp", "/run"}) {
+        std::string target = std::string("/newroot") + m;
+        ::mkdir(target.c_str(), 0755);
+        if (::mount(m, target.c_str(), nullptr, MS_MOVE, nullptr) < 0)
+            log("move %s failed: errno %d", m, errno);
+    }
+    if (::chdir("/newroot") < 0 || ::mount("/newroot", "/", nullptr, MS_MOVE, nullptr) < 0 ||
+        ::chroot(".") < 0 || ::chdir("/") < 0) {
+        log("switch_root failed: errno %d", "", errno);
+        return;
+    }
+    log("switched root to %s", device.c_str());
+}
+
+/// The token: supermachine.token=HEX on the command line, else /etc/supermachine/token.
+inline std::string find_token(const std::string& cmdline) {
+    std::string token = cmdline_value(cmdline, "supermachine.token");
+    if (token.empty()) token = trim(read_small_file("/etc/supermachine/token", max_token_size));
+    return token;
+}
+
+[[noreturn]] inline void power_off() {
+    ::sync();
+    ::reboot(RB_POWER_OFF);
+    for (;;)
+        ::pause();
+}
+
+} // namespace supermachine::agent::guest

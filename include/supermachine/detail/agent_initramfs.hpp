@@ -1,0 +1,76 @@
+#pragma once
+// The initramfs every image VM boots: our guest agent as /init, the kernel
+// modules it loads (virtio-mmio, blk, vsock, ...), and their load order.
+// Layout and cmdline keys: doc/agent.md ("Initramfs layout").
+#include <supermachine/boot/initramfs.hpp>
+#include <supermachine/boot/kernel_cache.hpp>
+#include <supermachine/error.hpp>
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace supermachine::detail {
+
+/// Where the guest agent binary is: $SUPERMACHINE_AGENT, else beside the
+/// running program (the build puts both in bin/), else the install's libexec.
+inline result<std::filesystem::path> find_agent_binary() {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    if (const char* env = std::getenv("SUPERMACHINE_AGENT"); env && *env) {
+        if (fs::is_regular_file(env, ec)) return fs::path(env);
+        return errc::agent_unavailable;
+    }
+    const auto self = fs::read_symlink("/proc/self/exe", ec);
+    if (!ec) {
+        for (const auto& candidate :
+             {self.parent_path() / "supermachine-agent",
+              self.parent_path().parent_path() / "libexec" / "supermachine" / "supermachine-agent"})
+            if (fs::is_regular_file(candidate, ec)) return candidate;
+    }
+    return errc::agent_unavailable;
+}
+
+/// /init = the agent, /etc/supermachine/modules = `kernel.modules` in load
+/// order, the .ko files under /lib/modules/. The token goes on the kernel
+/// command line, not in here, so one initramfs serves every VM of a kernel.
+inline result<std::vector<std::byte>> build_agent_initramfs(const std::filesystem::path& agent,
+                                                            const boot::kernel_files& kernel) {
+    using boot::initramfs_entry;
+    std::vector<initramfs_entry> entries;
+    std::set<std::string> directories;
+    auto add_parents = [&](const std::filesystem::path& path) {
+        std::filesystem::path prefix;
+        for (const auto& part : path.parent_path()) {
+            prefix /= part;
+            if (directories.insert(prefix.string()).second)
+                entries.push_back(initramfs_entry::directory(prefix.string()));
+        }
+    };
+
+    SUPERMACHINE_TRY(agent_bytes, boot::read_host_file(agent, 64u << 20));
+    entries.push_back(initramfs_entry::file("init", std::move(agent_bytes), 0755));
+    add_parents("dev/console");
+    entries.push_back(
+        initramfs_entry::device("dev/console", boot::cpio_kind::character_device, 5, 1));
+
+    std::string list;
+    for (const auto& module : kernel.modules) {
+        const auto relative = module.lexically_relative(kernel.modules_dir);
+        if (relative.empty() || *relative.begin() == "..") return errc::invalid_argument;
+        const auto inside = std::filesystem::path("lib/modules") / relative;
+        add_parents(inside);
+        SUPERMACHINE_TRY(bytes, boot::read_host_file(module, 64u << 20));
+        entries.push_back(initramfs_entry::file(inside.string(), std::move(bytes)));
+        list += relative.string() + "\n";
+    }
+    add_parents("etc/supermachine/modules");
+    entries.push_back(initramfs_entry::text_file("etc/supermachine/modules", list));
+    return boot::build_initramfs(entries);
+}
+
+} // namespace supermachine::detail

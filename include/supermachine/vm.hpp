@@ -1,0 +1,421 @@
+#pragma once
+// A running microVM of an image, and the commands run in it.
+//
+//   boost::asio::io_context io;
+//   auto ready = supermachine::image::from_oci("oci:/images:busybox").prepare().value();
+//   supermachine::vm::async_start(io.get_executor(), ready, {},
+//       [](std::error_code ec, std::shared_ptr<supermachine::vm> vm) {
+//           vm->async_exec({.argv = {"echo", "hi"}}, [vm](std::error_code,
+//           supermachine::agent::exec_output out) {});
+//       });
+//   io.run();
+//
+// What runs where: the engine (QEMU here; see doc/engines.md) runs the vCPUs;
+// this process serves the root disk (virtio-blk, a copy-on-write overlay in
+// memory over the image's cached ext4, so the base is never written) and
+// virtio-vsock; the guest agent (/init of our initramfs) mounts the disk and
+// serves exec/file/TCP requests over vsock, authenticated by a per-VM token
+// passed on the kernel command line.
+//
+// Every async operation takes an Asio completion token and completes on the
+// vm's executor. Blocking set-up work (reading the kernel modules, writing
+// the initramfs) runs on a small private thread pool, not the caller's executor.
+#include <supermachine/agent/client.hpp>
+#include <supermachine/backend/qemu.hpp>
+#include <supermachine/boot/kernel_cache.hpp>
+#include <supermachine/detail/agent_initramfs.hpp>
+#include <supermachine/error.hpp>
+#include <supermachine/image.hpp>
+#include <supermachine/storage/cow_file.hpp>
+#include <supermachine/storage/raw_file.hpp>
+#include <supermachine/virtio/blk.hpp>
+#include <supermachine/virtio/vsock.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace supermachine {
+
+struct vm_options {
+    std::uint32_t memory_mib = 512;
+    std::uint32_t cpus = 1;
+    std::string engine = "auto"; // "kvm" | "qemu" | "auto"
+    /// The guest kernel; default: boot::default_kernel(), fetched on first use.
+    std::optional<boot::kernel_files> kernel;
+    /// Guest console lines (kernel + agent). Default: kept only as a tail
+    /// for error messages (console_tail()).
+    std::function<void(std::string_view)> console;
+    std::chrono::milliseconds ready_timeout{120'000};
+    std::vector<std::string> extra_cmdline;
+    /// Directory for sockets and the initramfs; default: a fresh one in /tmp.
+    std::filesystem::path runtime_dir;
+};
+
+class vm : public std::enable_shared_from_this<vm> {
+public:
+    using executor_type = boost::asio::any_io_executor;
+    using socket_type = boost::asio::local::stream_protocol::socket;
+    using client_type = agent::basic_client<socket_type>;
+    using root_disk = virtio::blk<storage::cow_file<storage::raw_file>>;
+
+    static constexpr std::uint32_t agent_port = 1024;
+    static constexpr std::uint64_t guest_cid = 3;
+
+    ~vm() { kill(); }
+
+    /// Boot `image` and wait until its agent answers. Completes with
+    /// void(std::error_code, std::shared_ptr<vm>); on error the vm is already
+    /// stopped and is given only for console_tail().
+    template <class Token>
+    static auto async_start(executor_type executor, prepared_image image, vm_options options,
+                            Token&& token) {
+        return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
+            [executor](auto handler, prepared_image image, vm_options options) {
+                auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
+                auto done = std::make_shared<decltype(handler)>(std::move(handler));
+                self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
+                    (*done)(ec, std::move(v));
+                };
+                // Set-up reads and writes files: off the caller's executor.
+                // The guard keeps the caller's executor alive (io_context::run
+                // does not return) while the set-up runs elsewhere.
+                auto work = boost::asio::make_work_guard(executor);
+                boost::asio::post(setup_pool(), [self, work, image = std::move(image)]() mutable {
+                    auto prepared = self->prepare(image);
+                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
+                        if (!prepared) return self->finish_start(prepared.error());
+                        self->launch();
+                    });
+                });
+            },
+            token, std::move(image), std::move(options));
+    }
+
+    executor_type get_executor() const noexcept { return executor_; }
+
+    /// The agent client, for what the wrappers below do not cover.
+    client_type& agent() noexcept { return *client_; }
+
+    /// Run a command to completion, collecting its output:
+    /// void(std::error_code, agent::exec_output).
+    template <class Token>
+    auto async_exec(agent::exec_request request, Token&& token) {
+        return client_->async_exec(std::move(request), std::forward<Token>(token));
+    }
+
+    /// Start a command and stream it: void(std::error_code, agent::exec_child<socket_type>).
+    template <class Token>
+    auto async_spawn(agent::exec_request request, Token&& token) {
+        return client_->async_spawn(std::move(request), std::forward<Token>(token));
+    }
+
+    template <class Token>
+    auto async_read_file(std::string path, std::uint64_t max_bytes, Token&& token) {
+        return client_->async_read_file(std::move(path), max_bytes, std::forward<Token>(token));
+    }
+
+    template <class Token>
+    auto async_write_file(std::string path, std::string data, std::uint32_t mode, Token&& token) {
+        return client_->async_write_file(std::move(path), std::move(data), mode,
+                                         std::forward<Token>(token));
+    }
+
+    /// Listen on 127.0.0.1:host_port (0: any free port); each connection is
+    /// forwarded to guest_port inside the guest through the agent. Returns
+    /// the bound host port.
+    result<std::uint16_t> expose_tcp(std::uint16_t host_port, std::uint16_t guest_port) {
+        namespace ip = boost::asio::ip;
+        auto acceptor = std::make_shared<ip::tcp::acceptor>(executor_);
+        boost::system::error_code ec;
+        const ip::tcp::endpoint endpoint(ip::make_address_v4("127.0.0.1"), host_port);
+        acceptor->open(endpoint.protocol(), ec);
+        if (!ec) acceptor->set_option(ip::tcp::acceptor::reuse_address(true), ec);
+        if (!ec) acceptor->bind(endpoint, ec);
+        if (!ec) acceptor->listen(64, ec);
+        if (ec) return std::error_code(ec.value(), std::system_category());
+        const auto port = acceptor->local_endpoint().port();
+        listeners_.push_back(acceptor);
+        accept_forward(acceptor, guest_port);
+        return port;
+    }
+
+    /// Stop the guest at once (the overlay is in memory: nothing to flush).
+    void kill() noexcept {
+        if (client_) client_->close();
+        for (auto& l : listeners_) {
+            boost::system::error_code ignored;
+            l->close(ignored);
+        }
+        if (machine_) machine_->kill();
+    }
+
+    /// The guest's last console lines, for error messages.
+    std::string console_tail() const {
+        std::lock_guard lock(console_mutex_);
+        std::string out;
+        for (const auto& line : console_lines_)
+            out += line + "\n";
+        return out;
+    }
+
+    /// Which engine runs this VM, and why (for one line on stderr).
+    const std::string& engine_description() const noexcept { return engine_description_; }
+
+private:
+    vm(executor_type executor, vm_options options)
+        : executor_(std::move(executor))
+        , options_(std::move(options))
+        , timer_(executor_) {}
+
+    static boost::asio::thread_pool& setup_pool() {
+        static boost::asio::thread_pool pool(1);
+        return pool;
+    }
+
+    // Blocking set-up, on setup_pool().
+    result<void> prepare(const prepared_image& image) {
+        SUPERMACHINE_TRY(engine, backend::select_engine(options_.engine, nullptr));
+        engine_description_ =
+            std::string(engine.kind == backend::engine_kind::kvm ? "kvm" : "qemu") + " (" +
+            engine.reason + ")";
+        if (engine.kind == backend::engine_kind::kvm) {
+            // The in-process kvm engine runs our conformance guest and devices
+            // (supermachine boot); image VMs on it are not wired yet.
+            return errc::not_supported;
+        }
+        if (!options_.kernel) {
+            auto kernel = boot::default_kernel();
+            if (!kernel) kernel = boot::fetch_default_kernel();
+            if (!kernel) return kernel.error();
+            options_.kernel = std::move(kernel).value();
+        }
+        SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
+        SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, *options_.kernel));
+
+        std::error_code ec;
+        if (options_.runtime_dir.empty()) {
+            char pattern[] = "/tmp/supermachine-vm-XXXXXX";
+            if (!::mkdtemp(pattern)) return errno_code(errno);
+            options_.runtime_dir = pattern;
+            owns_runtime_dir_ = true;
+        }
+        const auto initrd_path = options_.runtime_dir / "initramfs.cpio";
+        {
+            std::FILE* f = std::fopen(initrd_path.c_str(), "wb");
+            if (!f) return errno_code(errno);
+            const bool ok =
+                std::fwrite(initramfs.data(), 1, initramfs.size(), f) == initramfs.size();
+            if (std::fclose(f) != 0 || !ok) return errc::io_error;
+        }
+
+        std::array<std::byte, 16> secret{};
+        if (::getrandom(secret.data(), secret.size(), 0) != static_cast<ssize_t>(secret.size()))
+            return errno_code(errno);
+        static constexpr char hex[] = "0123456789abcdef";
+        for (auto b : secret) {
+            token_ += hex[std::to_integer<unsigned>(b) >> 4];
+            token_ += hex[std::to_integer<unsigned>(b) & 15];
+        }
+
+        typename root_disk::config disk;
+        disk.storage.base.path = image.rootfs.string();
+        disk.storage.base.read_only = true; // one cached base serves every VM
+        disk.id = image.digest.hex().substr(0, 20);
+        SUPERMACHINE_TRY(blk, root_disk::create(disk));
+        disk_ = std::move(blk);
+        virtio::vsock::config socket_config;
+        socket_config.guest_cid = guest_cid;
+        SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
+        vsock_ = std::move(vsock);
+
+        backend::qemu_config q;
+        q.kernel = options_.kernel->vmlinuz;
+        q.initrd = initrd_path;
+        q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
+        q.vcpus = options_.cpus;
+        q.cmdline =
+            "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init supermachine.token=" + token_ +
+            " supermachine.root=/dev/vda supermachine.port=" + std::to_string(agent_port);
+        for (const auto& extra : options_.extra_cmdline)
+            q.cmdline += " " + extra;
+        machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
+        return success();
+    }
+
+    // On the executor: attach devices, start the engine, wait for the agent.
+    void launch() {
+        if (auto r = machine_->attach(backend::vhost_user_device_kind::blk, *disk_); !r)
+            return finish_start(r.error());
+        if (auto r = machine_->attach(backend::vhost_user_device_kind::vsock, *vsock_); !r)
+            return finish_start(r.error());
+        std::weak_ptr<vm> weak = shared_from_this();
+        auto started = machine_->start([weak](std::string_view text) {
+            if (auto self = weak.lock()) self->on_console(text);
+        });
+        if (!started) return finish_start(started.error());
+        machine_->async_wait([weak](std::error_code, int) {
+            if (auto self = weak.lock()) {
+                self->machine_exited_ = true;
+                if (self->start_)
+                    self->finish_start(errc::agent_unavailable);
+                else if (self->client_)
+                    self->client_->close(); // pending operations fail
+            }
+        });
+        deadline_ = std::chrono::steady_clock::now() + options_.ready_timeout;
+        try_connect();
+    }
+
+    void try_connect() {
+        auto self = shared_from_this();
+        vsock_->async_connect(executor_, agent_port,
+                              [self](std::error_code ec, socket_type socket) {
+                                  if (!self->start_) return;
+                                  if (ec) return self->retry_connect();
+                                  self->client_ = std::make_unique<client_type>(std::move(socket));
+                                  self->client_->async_hello(
+                                      self->token_, [self](std::error_code ec, agent::hello_ok) {
+                                          if (!self->start_) return;
+                                          if (ec == errc::agent_auth_failed)
+                                              return self->finish_start(ec);
+                                          if (ec) return self->retry_connect();
+                                          self->finish_start({});
+                                      });
+                              });
+    }
+
+    void retry_connect() {
+        if (machine_exited_) return finish_start(errc::agent_unavailable);
+        if (std::chrono::steady_clock::now() >= deadline_) return finish_start(errc::timeout);
+        client_.reset();
+        timer_.expires_after(std::chrono::milliseconds(50));
+        timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+            if (!ec) self->try_connect();
+        });
+    }
+
+    void finish_start(std::error_code ec) {
+        auto done = std::move(start_);
+        start_ = nullptr;
+        if (!done) return;
+        if (ec) kill();
+        done(ec, shared_from_this()); // on error: for console_tail() only
+    }
+
+    void on_console(std::string_view text) {
+        if (options_.console) options_.console(text);
+        std::lock_guard lock(console_mutex_);
+        for (char c : text) {
+            if (c == '\n') {
+                console_lines_.push_back(std::move(partial_line_));
+                partial_line_.clear();
+                if (console_lines_.size() > 40) console_lines_.pop_front();
+            } else if (c != '\r' && partial_line_.size() < 4096) {
+                partial_line_ += c;
+            }
+        }
+    }
+
+    void accept_forward(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor,
+                        std::uint16_t guest_port) {
+        auto self = shared_from_this();
+        acceptor->async_accept([self, acceptor, guest_port](boost::system::error_code ec,
+                                                            boost::asio::ip::tcp::socket peer) {
+            if (ec) return; // closed
+            self->accept_forward(acceptor, guest_port);
+            auto connection = std::make_shared<boost::asio::ip::tcp::socket>(std::move(peer));
+            self->client_->async_open_tcp(
+                guest_port, [connection](std::error_code ec, auto channel) {
+                    if (ec) return; // dropping the socket closes the host side
+                    forward(connection, std::make_shared<decltype(channel)>(std::move(channel)));
+                });
+        });
+    }
+
+    // Splice bytes both ways between a host TCP connection and an agent
+    // TCP channel; each side's reader waits for its writer (bounded buffers).
+    template <class Channel>
+    static void forward(std::shared_ptr<boost::asio::ip::tcp::socket> host,
+                        std::shared_ptr<Channel> guest) {
+        struct state {
+            std::array<char, 64 * 1024> buffer;
+        };
+        auto host_to_guest = std::make_shared<std::function<void()>>();
+        auto s = std::make_shared<state>();
+        *host_to_guest = [host, guest, s, host_to_guest]() {
+            host->async_read_some(
+                boost::asio::buffer(s->buffer),
+                [host, guest, s, host_to_guest](boost::system::error_code ec, std::size_t n) {
+                    if (ec) {
+                        guest->async_close_write([](std::error_code) {});
+                        *host_to_guest = nullptr; // break the cycle
+                        return;
+                    }
+                    guest->async_write(std::string(s->buffer.data(), n),
+                                       [host_to_guest](std::error_code ec) {
+                                           if (!ec && *host_to_guest) (*host_to_guest)();
+                                       });
+                });
+        };
+        (*host_to_guest)();
+        auto guest_to_host = std::make_shared<std::function<void()>>();
+        *guest_to_host = [host, guest, guest_to_host]() {
+            guest->async_read([host, guest_to_host](std::error_code ec, std::string data) {
+                if (ec || data.empty()) {
+                    boost::system::error_code ignored;
+                    host->shutdown(boost::asio::ip::tcp::socket::shutdown_send, ignored);
+                    *guest_to_host = nullptr;
+                    return;
+                }
+                auto chunk = std::make_shared<std::string>(std::move(data));
+                boost::asio::async_write(
+                    *host, boost::asio::buffer(*chunk),
+                    [chunk, guest_to_host](boost::system::error_code ec, std::size_t) {
+                        if (!ec && *guest_to_host) (*guest_to_host)();
+                    });
+            });
+        };
+        (*guest_to_host)();
+    }
+
+    executor_type executor_;
+    vm_options options_;
+    boost::asio::steady_timer timer_;
+    std::chrono::steady_clock::time_point deadline_{};
+    std::function<void(std::error_code, std::shared_ptr<vm>)> start_;
+    std::string token_;
+    std::string engine_description_;
+    bool owns_runtime_dir_ = false;
+    bool machine_exited_ = false;
+    // Destroyed in reverse order: the engine before the devices it uses.
+    std::unique_ptr<root_disk> disk_;
+    std::unique_ptr<virtio::vsock> vsock_;
+    std::unique_ptr<backend::qemu_machine> machine_;
+    std::unique_ptr<client_type> client_;
+    std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> listeners_;
+    mutable std::mutex console_mutex_;
+    std::deque<std::string> console_lines_;
+    std::string partial_line_;
+};
+
+} // namespace supermachine

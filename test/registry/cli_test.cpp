@@ -1,0 +1,77 @@
+// `supermachine pull` and `supermachine images` as users run them.
+#include "registry_fixture.hpp"
+
+#include <boost/test/unit_test.hpp>
+
+#include <cstdlib>
+
+using namespace supermachine::test;
+namespace fs = std::filesystem;
+
+namespace {
+std::string cli() {
+    const char* dir = std::getenv("SUPERMACHINE_BINARY_DIR");
+    skip_unless(dir != nullptr, "SUPERMACHINE_BINARY_DIR not set (run through ctest)");
+    auto path = fs::path(dir) / "bin/supermachine";
+    skip_unless(fs::exists(path), "supermachine CLI not built");
+    return path.string();
+}
+// Run with the cache in `cache`; returns exit status and output.
+std::pair<int, std::string> run_cli(const fs::path& cache, const std::string& args) {
+    std::string command = "XDG_CACHE_HOME=" + cache.string() + " " + cli() + " " + args + " 2>&1";
+    FILE* pipe = ::popen(command.c_str(), "r");
+    std::string out;
+    char buffer[4096];
+    while (auto n = std::fread(buffer, 1, sizeof buffer, pipe))
+        out.append(buffer, n);
+    int status = ::pclose(pipe);
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+} // namespace
+
+BOOST_AUTO_TEST_CASE(pull_and_images_commands) {
+    cli();
+    temp_dir dir;
+    auto layout = make_busybox_layout(dir.path);
+    registry_server server(dir.path);
+    skopeo_copy("oci:" + layout.string() + ":latest",
+                "docker://" + server.host() + "/cli/busybox:1");
+    auto cache = dir.path / "cache";
+
+    auto [status, out] = run_cli(cache, "pull " + server.host() + "/cli/busybox:1");
+    BOOST_TEST_INFO(out);
+    BOOST_TEST(status == 0);
+    BOOST_TEST(out.find("layer ") != std::string::npos); // plain progress lines (not a TTY)
+    BOOST_TEST(out.find("done") != std::string::npos);
+    BOOST_TEST(out.find("Digest:   sha256:") != std::string::npos);
+    BOOST_TEST(fs::exists(cache / "supermachine/images.json"));
+
+    auto [s2, again] = run_cli(cache, "pull " + server.host() + "/cli/busybox:1");
+    BOOST_TEST(s2 == 0);
+    BOOST_TEST(again.find("already present") != std::string::npos);
+
+    auto [s3, local] = run_cli(cache, "pull --quiet oci:" + layout.string() + ":latest");
+    BOOST_TEST(s3 == 0);
+    BOOST_TEST(local.starts_with("sha256:"));
+
+    auto [s4, listing] = run_cli(cache, "images");
+    BOOST_TEST_INFO(listing);
+    BOOST_TEST(s4 == 0);
+    BOOST_TEST(listing.find("REFERENCE") != std::string::npos);
+    BOOST_TEST(listing.find(server.host() + "/cli/busybox:1") != std::string::npos);
+    BOOST_TEST(listing.find("oci:" + layout.string() + ":latest") != std::string::npos);
+    BOOST_TEST(listing.find("linux/amd64") != std::string::npos);
+
+    auto [s5, missing] = run_cli(cache, "pull " + server.host() + "/cli/none:1");
+    BOOST_TEST(s5 == 1);
+    BOOST_TEST(missing.find("MANIFEST_UNKNOWN") != std::string::npos);
+
+    auto [s6, bad] = run_cli(cache, "pull library/Alpine");
+    BOOST_TEST(s6 == 2);
+    BOOST_TEST(bad.find("lowercase") != std::string::npos);
+
+    auto [s7, wrong_platform] =
+        run_cli(cache, "pull --platform linux/arm64 " + server.host() + "/cli/busybox:1");
+    BOOST_TEST(s7 == 1);
+    BOOST_TEST(wrong_platform.find("not linux/arm64") != std::string::npos);
+}

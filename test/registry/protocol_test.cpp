@@ -1,0 +1,353 @@
+// The registry protocol against scripted servers: the Bearer token flow, a
+// cross-host redirect to blob storage, resume after a dropped connection, and
+// hostile responses (huge lengths, endless headers, bad JSON, wrong bytes).
+#include "fake_server.hpp"
+#include "registry_fixture.hpp"
+
+#include <supermachine/oci/registry_client.hpp>
+
+#include <boost/test/unit_test.hpp>
+
+namespace oci = supermachine::oci;
+namespace fs = std::filesystem;
+using supermachine::errc;
+using supermachine::make_error_code;
+using namespace supermachine::test;
+
+namespace {
+
+oci::image_reference parse(const std::string& text) {
+    return oci::parse_reference(text).value();
+}
+
+oci::registry_options quick_options() {
+    oci::registry_options o;
+    o.use_docker_config = false;
+    o.timeout = std::chrono::seconds(5);
+    return o;
+}
+
+std::size_t count_files(const fs::path& dir) {
+    std::size_t n = 0;
+    std::error_code ec;
+    if (!fs::exists(dir, ec)) return 0;
+    for (auto& e : fs::recursive_directory_iterator(dir))
+        if (e.is_regular_file()) ++n;
+    return n;
+}
+
+// A real image (from umoci) whose blobs the fake registries serve.
+struct real_image {
+    temp_dir dir;
+    fs::path layout;
+    std::string manifest_bytes;
+    oci::digest manifest_digest;
+    oci::image_manifest manifest;
+    real_image() {
+        layout = make_busybox_layout(dir.path);
+        auto index = nlohmann::json::parse(read_text(layout / "index.json"));
+        manifest_digest =
+            oci::digest::parse(index["manifests"][0]["digest"].get<std::string>()).value();
+        manifest_bytes = blob(manifest_digest);
+        manifest = oci::parse_image_manifest(manifest_bytes).value();
+    }
+    std::string blob(const oci::digest& d) const {
+        return read_text(layout / "blobs/sha256" / d.hex());
+    }
+    std::string blob_for_target(const std::string& target) const {
+        auto at = target.rfind("sha256:");
+        auto d = oci::digest::parse(target.substr(at, 7 + 64));
+        if (!d || !fs::exists(layout / "blobs/sha256" / d.value().hex())) return {};
+        return blob(d.value());
+    }
+};
+
+real_image& image() {
+    static real_image instance;
+    return instance;
+}
+
+fake_reply manifest_reply(const std::string& body, const std::string& extra = "") {
+    return http_reply(200, body, extra, std::string(oci::media_type::oci_manifest));
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_SUITE(registry_protocol)
+
+BOOST_AUTO_TEST_CASE(bearer_token_flow_and_cross_host_redirect) {
+    auto& img = image();
+    fake_server storage([&](const fake_request& r) {
+        auto body = img.blob_for_target(r.target);
+        if (body.empty()) return http_reply(404, "");
+        return http_reply(200, body, "", "application/octet-stream");
+    });
+    std::string registry_host;
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        // Scheme and parameter names in odd case, quoted values, as servers send them.
+        std::string challenge =
+            "WWW-Authenticate: BEARER Realm=\"http://" + registry_host +
+            "/token\",SERVICE=\"fake-registry\",scope=\"repository:test/img:pull\"\r\n";
+        if (r.target.starts_with("/token")) {
+            if (r.target.find("scope=repository%3Atest%2Fimg%3Apull") == std::string::npos ||
+                r.target.find("service=fake-registry") == std::string::npos)
+                return http_reply(400, "{}");
+            return http_reply(200, R"({"access_token":"tok-123","expires_in":300})");
+        }
+        if (r.header("authorization") != "Bearer tok-123")
+            return http_reply(
+                401, R"({"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]})",
+                challenge);
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        if (r.target == "/v2/test/img/manifests/1") return manifest_reply(img.manifest_bytes);
+        if (r.target.starts_with("/v2/test/img/blobs/")) {
+            auto hex = r.target.substr(r.target.rfind(':') + 1);
+            return {"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://" + storage.host() +
+                    "/storage/sha256:" + hex + "?sig=abc\r\nContent-Length: 0\r\n\r\n"};
+        }
+        return http_reply(404, R"({"errors":[{"code":"NAME_UNKNOWN","message":"no"}]})");
+    });
+    registry_host = registry.host();
+
+    temp_dir cache;
+    oci::content_store store(cache.path);
+    oci::registry_client client(quick_options());
+    auto pulled = client.pull(parse(registry.host() + "/test/img:1"), store);
+    BOOST_TEST_INFO(client.last_error());
+    BOOST_REQUIRE(pulled.has_value());
+    BOOST_TEST(pulled.value().manifest_digest.str() == img.manifest_digest.str());
+    BOOST_TEST(read_text(pulled.value().layers.at(0)) ==
+               img.blob(img.manifest.layers.at(0).digest));
+
+    // One token request, then the token on every registry request...
+    int token_requests = 0;
+    for (auto& r : registry.requests()) {
+        if (r.target.starts_with("/token")) {
+            ++token_requests;
+            BOOST_TEST(r.header("authorization").empty()); // anonymous
+        } else if (r.target != "/v2/") {
+            BOOST_TEST(r.header("authorization") == "Bearer tok-123");
+        }
+    }
+    BOOST_TEST(token_requests == 1);
+    // ...but never to the other host the blobs were redirected to.
+    auto stored = storage.requests();
+    BOOST_REQUIRE(stored.size() == 2u); // config and layer
+    for (auto& r : stored) {
+        BOOST_TEST(r.header("authorization").empty());
+        BOOST_TEST(r.target.find("?sig=abc") != std::string::npos);
+    }
+}
+
+BOOST_AUTO_TEST_CASE(resume_after_a_dropped_connection) {
+    auto& img = image();
+    auto layer = img.manifest.layers.at(0);
+    auto bytes = img.blob(layer.digest);
+    int blob_requests = 0;
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        if (!r.target.starts_with("/v2/test/img/blobs/")) return http_reply(404, "");
+        ++blob_requests;
+        auto range = r.header("range");
+        if (range.empty()) { // the whole blob announced, a third sent, then the line drops
+            auto reply = http_reply(200, bytes, "", "application/octet-stream");
+            reply.cut_after = reply.bytes.size() - bytes.size() + bytes.size() / 3;
+            return reply;
+        }
+        auto start = std::stoul(range.substr(6));
+        auto rest = bytes.substr(start);
+        return http_reply(206, rest,
+                          "Content-Range: bytes " + std::to_string(start) + "-" +
+                              std::to_string(bytes.size() - 1) + "/" +
+                              std::to_string(bytes.size()) + "\r\n",
+                          "application/octet-stream");
+    });
+    temp_dir cache;
+    oci::content_store store(cache.path);
+    oci::registry_client client(quick_options());
+    auto fetched = client.fetch_blob(parse(registry.host() + "/test/img:1"), layer, store);
+    BOOST_TEST_INFO(client.last_error());
+    BOOST_REQUIRE(fetched.has_value());
+    BOOST_TEST(blob_requests == 2);
+    BOOST_TEST(registry.requests().back().header("range") ==
+               "bytes=" + std::to_string(bytes.size() / 3) + "-");
+    BOOST_TEST(read_text(store.blob_path(layer.digest)) == bytes);
+    BOOST_TEST(count_files(cache.path / "ingest") == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(range_ignored_means_start_over) {
+    auto& img = image();
+    auto layer = img.manifest.layers.at(0);
+    auto bytes = img.blob(layer.digest);
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        return http_reply(200, bytes, "", "application/octet-stream"); // no Range support
+    });
+    temp_dir cache;
+    oci::content_store store(cache.path);
+    {
+        auto writer = store.begin_write(layer.digest, layer.size).value();
+        BOOST_REQUIRE(writer.write(std::string(100, 'x'))); // garbage, would not verify
+    }
+    oci::registry_client client(quick_options());
+    auto fetched = client.fetch_blob(parse(registry.host() + "/test/img:1"), layer, store);
+    BOOST_TEST_INFO(client.last_error());
+    BOOST_REQUIRE(fetched.has_value());
+    BOOST_TEST(registry.requests().back().header("range") == "bytes=100-");
+    BOOST_TEST(read_text(store.blob_path(layer.digest)) == bytes);
+}
+
+BOOST_AUTO_TEST_CASE(hostile_manifest_responses) {
+    auto& img = image();
+    std::string mode;
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        if (mode == "huge")
+            return {
+                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+                "Content-Length: 10000000000\r\n\r\n{"};
+        if (mode == "endless") return {"HTTP/1.1 200 OK\r\n", std::string::npos, true};
+        if (mode == "badjson") return manifest_reply("{\"schemaVersion\":2,\"config\":");
+        if (mode == "deep")
+            return manifest_reply(std::string(100000, '[') + std::string(100000, ']'));
+        if (mode == "wrongdigest")
+            return manifest_reply(img.manifest_bytes,
+                                  "Docker-Content-Digest: sha256:" + std::string(64, 'a') + "\r\n");
+        if (mode == "schema1")
+            return http_reply(200, R"({"schemaVersion":1,"name":"x","tag":"y","fsLayers":[]})", "",
+                              std::string(oci::media_type::docker_schema1_signed));
+        if (mode == "negative") {
+            auto j = nlohmann::json::parse(img.manifest_bytes);
+            j["layers"][0]["size"] = -5;
+            return manifest_reply(j.dump());
+        }
+        if (mode == "baddigest") {
+            auto j = nlohmann::json::parse(img.manifest_bytes);
+            j["layers"][0]["digest"] = "sha256:XYZ";
+            return manifest_reply(j.dump());
+        }
+        if (mode == "wrongtype")
+            return http_reply(200, img.manifest_bytes, "", std::string(oci::media_type::oci_index));
+        if (mode == "429")
+            return http_reply(429,
+                              R"({"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]})");
+        if (mode == "500") return http_reply(500, "<html>oops</html>", "", "text/html");
+        if (mode == "403")
+            return http_reply(
+                403,
+                R"({"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]})");
+        if (mode == "401bare") return http_reply(401, "");
+        if (mode == "loop")
+            return {"HTTP/1.1 302 Found\r\nLocation: /v2/x/manifests/again\r\nContent-Length: "
+                    "0\r\n\r\n"};
+        if (mode == "badlocation")
+            return {"HTTP/1.1 302 Found\r\nLocation: ftp://x/y\r\nContent-Length: 0\r\n\r\n"};
+        if (mode == "garbage") return {"SSH-2.0-OpenSSH_9.2\r\n\r\n"};
+        if (mode == "truncated") {
+            auto reply = manifest_reply(img.manifest_bytes);
+            reply.cut_after = reply.bytes.size() - 10;
+            return reply;
+        }
+        return http_reply(404, "");
+    });
+    auto ref = parse(registry.host() + "/x:1");
+    auto expect = [&](const std::string& m, errc code, const std::string& words = "") {
+        mode = m;
+        oci::registry_client client(quick_options());
+        auto start = std::chrono::steady_clock::now();
+        auto r = client.pull_manifest(ref);
+        auto seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        BOOST_TEST_INFO("mode " << m << ": " << client.last_error());
+        BOOST_TEST(!r.has_value());
+        if (!r) BOOST_TEST(r.error() == make_error_code(code));
+        BOOST_TEST(seconds < 4.0); // refused at once, not by a timeout
+        if (!words.empty()) BOOST_TEST(client.last_error().find(words) != std::string::npos);
+    };
+    expect("huge", errc::image_too_large, "larger than allowed");
+    expect("endless", errc::registry_error, "header");
+    expect("badjson", errc::manifest_invalid);
+    expect("deep", errc::manifest_invalid);
+    expect("wrongdigest", errc::digest_mismatch, "Docker-Content-Digest");
+    expect("schema1", errc::not_supported, "schema 1");
+    expect("negative", errc::manifest_invalid);
+    expect("baddigest", errc::manifest_invalid);
+    expect("wrongtype", errc::manifest_invalid);
+    expect("429", errc::rate_limited, "TOOMANYREQUESTS");
+    expect("500", errc::registry_error, "500");
+    expect("403", errc::unauthorized, "DENIED");
+    expect("401bare", errc::unauthorized, "401");
+    expect("loop", errc::registry_error, "redirects");
+    expect("badlocation", errc::registry_error, "Location");
+    expect("garbage", errc::io_error);
+    expect("truncated", errc::io_error, "broke");
+
+    // A pinned digest that the bytes do not hash to.
+    mode = "plain";
+    fake_server pinned([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        return manifest_reply(img.manifest_bytes);
+    });
+    oci::registry_client client(quick_options());
+    auto r = client.pull_manifest(parse(pinned.host() + "/x@sha256:" + std::string(64, 'b')));
+    BOOST_REQUIRE(!r);
+    BOOST_TEST(r.error() == make_error_code(errc::digest_mismatch));
+    BOOST_TEST(
+        client.pull_manifest(parse(pinned.host() + "/x@" + img.manifest_digest.str())).has_value());
+}
+
+BOOST_AUTO_TEST_CASE(hostile_blob_responses_leave_nothing_behind) {
+    auto& img = image();
+    auto layer = img.manifest.layers.at(0);
+    auto bytes = img.blob(layer.digest);
+    std::string mode;
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        if (mode == "wrongbytes") {
+            auto wrong = bytes;
+            wrong[wrong.size() / 2] ^= 1;
+            return http_reply(200, wrong, "", "application/octet-stream");
+        }
+        if (mode == "longer")
+            return http_reply(200, bytes + "extra", "", "application/octet-stream");
+        if (mode == "huge")
+            return {"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n" +
+                    bytes.substr(0, 1000)};
+        if (mode == "chunked-longer") {
+            std::string body = bytes + std::string(5000, 'z');
+            char size[32];
+            std::snprintf(size, sizeof size, "%zx", body.size());
+            return {"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + std::string(size) +
+                    "\r\n" + body + "\r\n0\r\n\r\n"};
+        }
+        if (mode == "badrange")
+            return http_reply(206, bytes, "Content-Range: bytes 7-9/10\r\n",
+                              "application/octet-stream");
+        if (mode == "404")
+            return http_reply(
+                404,
+                R"({"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]})");
+        return http_reply(500, "");
+    });
+    auto ref = parse(registry.host() + "/x:1");
+    auto expect = [&](const std::string& m, errc code) {
+        mode = m;
+        temp_dir cache;
+        oci::content_store store(cache.path);
+        oci::registry_client client(quick_options());
+        auto r = client.fetch_blob(ref, layer, store);
+        BOOST_TEST_INFO("mode " << m << ": " << client.last_error());
+        BOOST_TEST(!r.has_value());
+        if (!r) BOOST_TEST(r.error() == make_error_code(code));
+        BOOST_TEST(!store.contains(layer.digest));
+        if (code == errc::digest_mismatch) BOOST_TEST(count_files(cache.path) == 0u);
+    };
+    expect("wrongbytes", errc::digest_mismatch);
+    expect("longer", errc::digest_mismatch);
+    expect("huge", errc::digest_mismatch);
+    expect("chunked-longer", errc::digest_mismatch);
+    expect("badrange", errc::registry_error);
+    expect("404", errc::not_found);
+}
+
+BOOST_AUTO_TEST_SUITE_END()

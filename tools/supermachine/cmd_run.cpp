@@ -1,0 +1,300 @@
+// supermachine run [OPTIONS] IMAGE [COMMAND [ARG...]]
+// Like `docker run`: pull if needed, build (or reuse) the root filesystem,
+// boot a microVM, run the image's process (or COMMAND) through the guest
+// agent, stream its output, and exit with its status.
+#include "command.hpp"
+#include "exec_session.hpp"
+
+#include <supermachine/image.hpp>
+#include <supermachine/oci/process.hpp>
+#include <supermachine/vm.hpp>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace sm = supermachine;
+
+int usage() {
+    std::fprintf(
+        stderr,
+        "usage: supermachine run [OPTIONS] IMAGE [COMMAND [ARG...]]\n"
+        "  -e, --env KEY[=VALUE]   set an environment variable (KEY alone: the host's value)\n"
+        "  -w, --workdir DIR       working directory in the guest\n"
+        "  -u, --user USER[:GROUP] user to run as (name or id)\n"
+        "  -p, --publish HOST:GUEST  forward 127.0.0.1:HOST to the guest's port GUEST\n"
+        "  -i, --interactive       forward stdin\n"
+        "  -t, --tty               allocate a terminal in the guest\n"
+        "      --rm                accepted (every run is ephemeral: writes go to memory)\n"
+        "  -m, --memory SIZE       guest memory (512m, 1g; default 512m)\n"
+        "      --cpus N            vCPUs (default 1)\n"
+        "      --entrypoint CMD    override the image's entrypoint\n"
+        "      --platform OS/ARCH  image platform (default linux/amd64)\n"
+        "      --engine E          kvm | qemu | auto (default auto)\n"
+        "      --insecure          allow plain HTTP / unverified TLS registries\n"
+        "      --timeout SECONDS   kill the command after this long\n"
+        "  -q, --quiet             no progress output\n"
+        "      --console           show the guest console on stderr\n"
+        "IMAGE: a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]\n");
+    return 125;
+}
+
+// docker's size syntax: 512m, 1g, 1073741824 (bytes), or a plain MiB count below 1 MiB.
+std::optional<std::uint32_t> parse_memory_mib(std::string_view text) {
+    std::uint64_t value = 0;
+    auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (ec != std::errc() || value == 0) return std::nullopt;
+    std::string_view unit(end, static_cast<std::size_t>(text.data() + text.size() - end));
+    std::uint64_t mib;
+    if (unit.empty())
+        mib = value >= (1u << 20) ? value >> 20 : value;
+    else if (unit == "m" || unit == "M" || unit == "mb" || unit == "MiB")
+        mib = value;
+    else if (unit == "g" || unit == "G" || unit == "gb" || unit == "GiB")
+        mib = value << 10;
+    else
+        return std::nullopt;
+    if (mib < 64 || mib > (1u << 20)) return std::nullopt;
+    return static_cast<std::uint32_t>(mib);
+}
+
+struct port_mapping {
+    std::uint16_t host = 0, guest = 0;
+};
+
+std::optional<port_mapping> parse_port(std::string_view text) {
+    auto number = [](std::string_view s) -> std::optional<std::uint16_t> {
+        unsigned v = 0;
+        auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+        if (ec != std::errc() || end != s.data() + s.size() || v > 65535) return std::nullopt;
+        return static_cast<std::uint16_t>(v);
+    };
+    if (text.ends_with("/tcp")) text.remove_suffix(4);
+    if (text.starts_with("127.0.0.1:")) text.remove_prefix(10);
+    const auto colon = text.find(':');
+    if (colon == std::string_view::npos) {
+        auto p = number(text);
+        if (!p || *p == 0) return std::nullopt;
+        return port_mapping{*p, *p};
+    }
+    auto host = number(text.substr(0, colon));
+    auto guest = number(text.substr(colon + 1));
+    if (!host || !guest || *guest == 0) return std::nullopt;
+    return port_mapping{*host, *guest};
+}
+
+int run_run(std::span<char*> args) {
+    sm::oci::process_overrides overrides;
+    sm::vm_options vm_options;
+    sm::image_options image_options;
+    std::vector<port_mapping> ports;
+    bool interactive = false, tty = false, quiet = false, console = false;
+    std::uint32_t timeout_seconds = 0;
+    std::string image_name;
+
+    std::size_t i = 0;
+    auto value = [&](std::string_view flag) -> const char* {
+        if (i + 1 >= args.size()) {
+            std::fprintf(stderr, "supermachine run: %.*s needs a value\n",
+                         static_cast<int>(flag.size()), flag.data());
+            return nullptr;
+        }
+        return args[++i];
+    };
+    for (; i < args.size(); ++i) {
+        std::string_view a = args[i];
+        if (!a.starts_with('-') || a == "-") break;
+        if (a == "--") {
+            ++i;
+            break;
+        }
+        // Combined short flags: -it, -ti, -i, -t.
+        if (a.size() > 1 && a[1] != '-' && a.find_first_not_of("it", 1) == std::string_view::npos) {
+            interactive |= a.find('i') != std::string_view::npos;
+            tty |= a.find('t') != std::string_view::npos;
+            continue;
+        }
+        const char* v = nullptr;
+        if (a == "-e" || a == "--env") {
+            if (!(v = value(a))) return usage();
+            overrides.env.emplace_back(v);
+        } else if (a == "-w" || a == "--workdir") {
+            if (!(v = value(a))) return usage();
+            overrides.working_dir = v;
+        } else if (a == "-u" || a == "--user") {
+            if (!(v = value(a))) return usage();
+            overrides.user = v;
+        } else if (a == "-p" || a == "--publish") {
+            if (!(v = value(a))) return usage();
+            auto p = parse_port(v);
+            if (!p) {
+                std::fprintf(stderr, "supermachine run: bad port mapping '%s' (want HOST:GUEST)\n",
+                             v);
+                return 125;
+            }
+            ports.push_back(*p);
+        } else if (a == "--interactive") {
+            interactive = true;
+        } else if (a == "--tty") {
+            tty = true;
+        } else if (a == "--rm") {
+        } else if (a == "-m" || a == "--memory") {
+            if (!(v = value(a))) return usage();
+            auto mib = parse_memory_mib(v);
+            if (!mib) {
+                std::fprintf(stderr, "supermachine run: bad memory size '%s' (64m..1024g)\n", v);
+                return 125;
+            }
+            vm_options.memory_mib = *mib;
+        } else if (a == "--cpus") {
+            if (!(v = value(a))) return usage();
+            unsigned n = 0;
+            auto [end, ec] = std::from_chars(v, v + std::strlen(v), n);
+            if (ec != std::errc() || *end || n < 1 || n > 64) {
+                std::fprintf(stderr, "supermachine run: bad --cpus '%s' (1..64)\n", v);
+                return 125;
+            }
+            vm_options.cpus = n;
+        } else if (a == "--entrypoint") {
+            if (!(v = value(a))) return usage();
+            overrides.entrypoint = v;
+        } else if (a == "--platform") {
+            if (!(v = value(a))) return usage();
+            auto p = sm::oci::parse_platform(v);
+            if (!p) {
+                std::fprintf(stderr, "supermachine run: bad platform '%s'\n", v);
+                return 125;
+            }
+            image_options.pull.platform = p.value();
+        } else if (a == "--engine") {
+            if (!(v = value(a))) return usage();
+            vm_options.engine = v;
+        } else if (a == "--insecure") {
+            image_options.pull.registry.insecure = true;
+        } else if (a == "--timeout") {
+            if (!(v = value(a))) return usage();
+            timeout_seconds = static_cast<std::uint32_t>(std::strtoul(v, nullptr, 10));
+        } else if (a == "-q" || a == "--quiet") {
+            quiet = true;
+        } else if (a == "--console") {
+            console = true;
+        } else if (a == "-h" || a == "--help") {
+            usage();
+            return 0;
+        } else {
+            std::fprintf(stderr, "supermachine run: unknown option '%.*s'\n",
+                         static_cast<int>(a.size()), a.data());
+            return usage();
+        }
+    }
+    if (i >= args.size()) return usage();
+    image_name = args[i++];
+    for (; i < args.size(); ++i)
+        overrides.command.emplace_back(args[i]);
+
+    if (!quiet) {
+        image_options.status = [](std::string_view line) {
+            std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());
+        };
+        image_options.pull.progress = [](const sm::oci::progress_event& e) {
+            if (e.state == sm::oci::progress_event::phase::completed)
+                std::fprintf(stderr, "  %s %s: %lld bytes\n", e.kind.c_str(),
+                             e.digest.hex().substr(0, 12).c_str(), static_cast<long long>(e.done));
+        };
+    }
+    auto img = sm::image::from_oci(image_name, image_options);
+    std::string why;
+    auto ready = img.prepare(&why);
+    if (!ready) {
+        std::fprintf(stderr, "supermachine run: %s\n",
+                     why.empty() ? ready.error().message().c_str() : why.c_str());
+        return 125;
+    }
+    auto process = sm::oci::make_process(ready.value().config, overrides, ready.value().passwd,
+                                         ready.value().group);
+    if (!process) {
+        std::fprintf(stderr, "supermachine run: %s: %s\n",
+                     process.error() == sm::errc::not_found ? "unknown user or group"
+                                                            : "no command to run",
+                     process.error().message().c_str());
+        return 125;
+    }
+
+    sm::agent::exec_request request;
+    request.argv = process.value().argv;
+    request.env = process.value().env;
+    request.cwd = process.value().working_dir;
+    request.uid = process.value().user.uid;
+    request.gid = process.value().user.gid;
+    request.groups = process.value().user.supplementary_gids;
+    request.timeout_ms = timeout_seconds * 1000;
+    if (tty) {
+        winsize size{};
+        if (::isatty(1) && ::ioctl(1, TIOCGWINSZ, &size) == 0 && size.ws_row > 0)
+            request.tty = sm::agent::tty_size{size.ws_row, size.ws_col};
+        else
+            request.tty = sm::agent::tty_size{24, 80};
+    }
+    if (console)
+        vm_options.console = [](std::string_view text) {
+            sm::cli::write_all_fd(2, std::string(text));
+        };
+
+    boost::asio::io_context io;
+    int status = 125;
+    std::shared_ptr<sm::vm> machine;
+    boost::asio::signal_set stop_signals(io, SIGINT, SIGTERM);
+    sm::vm::async_start(
+        io.get_executor(), ready.value(), vm_options,
+        [&](std::error_code ec, std::shared_ptr<sm::vm> started) {
+            if (ec) {
+                std::fprintf(stderr, "supermachine run: the VM did not come up: %s\n",
+                             ec.message().c_str());
+                if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
+                io.stop();
+                return;
+            }
+            machine = std::move(started);
+            for (const auto& p : ports) {
+                auto bound = machine->expose_tcp(p.host, p.guest);
+                if (!bound) {
+                    std::fprintf(stderr, "supermachine run: cannot listen on 127.0.0.1:%u: %s\n",
+                                 p.host, bound.error().message().c_str());
+                    io.stop();
+                    return;
+                }
+            }
+            stop_signals.async_wait([&](boost::system::error_code e, int) {
+                if (!e && machine) machine->kill();
+                io.stop();
+            });
+            sm::cli::exec_session<sm::vm::socket_type>::start(machine->agent(), std::move(request),
+                                                              interactive, [&](int exit_status) {
+                                                                  status = exit_status;
+                                                                  stop_signals.cancel();
+                                                                  machine->kill();
+                                                                  io.stop();
+                                                              });
+        });
+    {
+        sm::cli::raw_terminal raw(tty && interactive);
+        io.run();
+    }
+    return status;
+}
+
+const supermachine::cli::command_registration registration{
+    "run", "run a command in a new microVM of an image (like docker run)", &run_run};
+
+} // namespace
