@@ -151,6 +151,13 @@ BOOST_AUTO_TEST_CASE(missing_qemu_is_a_clear_error) {
     BOOST_TEST(r.error() == sm::make_error_code(sm::errc::engine_unavailable));
 }
 
+BOOST_AUTO_TEST_CASE(run_qemu_boot_reports_missing_qemu_as_127) {
+    sm::backend::qemu_boot_options options;
+    options.qemu.qemu_binary = "qemu-system-does-not-exist";
+    options.qemu.kernel = "/nonexistent";
+    BOOST_TEST(sm::backend::run_qemu_boot(options, [](std::string_view) {}) == 127);
+}
+
 BOOST_AUTO_TEST_CASE(auto_engine_picks_qemu_here_and_says_why) {
     std::ostringstream log;
     auto d = sm::backend::select_engine("auto", &log);
