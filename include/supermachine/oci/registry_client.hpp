@@ -8,10 +8,15 @@
 //   registry_client                   blocking wrappers (own io_context)
 //
 // Every operation that fails leaves a human-readable reason in last_error().
+// Async handlers are void(boost::system::error_code, T), so use_awaitable
+// throws and use_future rethrows as Asio users expect; from_asio_error(ec)
+// gives back the std::error_code to compare with supermachine::errc.
+// The client must outlive its operations; it is not thread-safe (use a strand).
 #include <supermachine/error.hpp>
 #include <supermachine/oci/auth.hpp>
 #include <supermachine/oci/content_store.hpp>
 #include <supermachine/oci/detail/http_url.hpp>
+#include <supermachine/oci/detail/registry_asio_error.hpp>
 #include <supermachine/oci/digest.hpp>
 #include <supermachine/oci/image_config.hpp>
 #include <supermachine/oci/manifest.hpp>
@@ -241,7 +246,7 @@ private:
     // Run `op` on our executor and complete the token's handler with its result.
     template <class T, class Token>
     auto launch(awaitable<result<T>> op, Token&& token) {
-        return boost::asio::async_initiate<Token, void(std::error_code, T)>(
+        return boost::asio::async_initiate<Token, void(boost::system::error_code, T)>(
             [this](auto handler, awaitable<result<T>> op) {
                 boost::asio::co_spawn(
                     executor_,
@@ -260,9 +265,9 @@ private:
                             handler_executor,
                             [handler = std::move(handler), r = std::move(*outcome)]() mutable {
                                 if (r)
-                                    handler(std::error_code{}, std::move(r).value());
+                                    handler(boost::system::error_code{}, std::move(r).value());
                                 else
-                                    handler(r.error(), T{});
+                                    handler(to_asio_error(r.error()), T{});
                             });
                     },
                     boost::asio::detached);
@@ -870,9 +875,9 @@ private:
     template <class T, class Start>
     result<T> run(Start start) {
         std::optional<result<T>> out;
-        start([&out](std::error_code ec, T value) {
+        start([&out](boost::system::error_code ec, T value) {
             if (ec)
-                out.emplace(ec);
+                out.emplace(from_asio_error(ec));
             else
                 out.emplace(std::move(value));
         });
