@@ -355,6 +355,27 @@ BOOST_AUTO_TEST_CASE(hostile_blob_responses_leave_nothing_behind) {
     expect("404", errc::not_found);
 }
 
+BOOST_AUTO_TEST_CASE(a_silent_server_times_out) {
+    // Accepts, reads the request, answers /v2/ and then says nothing.
+    std::atomic<bool> release{false};
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        for (int i = 0; i < 100 && !release; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        return http_reply(404, "");
+    });
+    auto options = quick_options();
+    options.timeout = std::chrono::seconds(1);
+    oci::registry_client client(options);
+    auto start = std::chrono::steady_clock::now();
+    auto r = client.pull_manifest(parse(registry.host() + "/x:1"));
+    auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    release = true;
+    BOOST_REQUIRE(!r);
+    BOOST_TEST(r.error() == make_error_code(errc::timeout));
+    BOOST_TEST(seconds < 3.0);
+}
+
 BOOST_AUTO_TEST_CASE(async_api_with_completion_tokens) {
     auto& img = image();
     fake_server registry([&](const fake_request& r) -> fake_reply {

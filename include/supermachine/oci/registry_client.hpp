@@ -235,6 +235,11 @@ private:
         return code;
     }
 
+    // A stalled peer (our per-step deadline) is a timeout; anything else on the wire is I/O.
+    static errc network_failure(const boost::system::error_code& ec) {
+        return ec == boost::beast::error::timeout ? errc::timeout : errc::io_error;
+    }
+
     bool insecure_allowed(std::string_view endpoint) const {
         if (options_.insecure) return true;
         if (options_.loopback_is_insecure && detail::is_loopback_host(endpoint)) return true;
@@ -289,8 +294,9 @@ private:
         stream.expires_after(options_.timeout);
         co_await stream.async_connect(endpoints, use);
         if (ec)
-            co_return fail<detail::http_response>(
-                errc::io_error, "cannot connect to " + spec.url.authority() + ": " + ec.message());
+            co_return fail<detail::http_response>(network_failure(ec), "cannot connect to " +
+                                                                           spec.url.authority() +
+                                                                           ": " + ec.message());
 
         namespace http = boost::beast::http;
         http::request<http::empty_body> request{http::verb::get, spec.url.target, 11};
@@ -317,9 +323,9 @@ private:
         boost::beast::get_lowest_layer(tls).expires_after(options_.timeout);
         co_await tls.async_handshake(boost::asio::ssl::stream_base::client, use);
         if (ec)
-            co_return fail<detail::http_response>(errc::io_error, "TLS handshake with " +
-                                                                      spec.url.authority() +
-                                                                      " failed: " + ec.message());
+            co_return fail<detail::http_response>(network_failure(ec),
+                                                  "TLS handshake with " + spec.url.authority() +
+                                                      " failed: " + ec.message());
         co_return co_await exchange_on(tls, request, plan, spec.url);
     }
 
@@ -336,7 +342,7 @@ private:
         co_await http::async_write(stream, request, use);
         if (ec)
             co_return fail<detail::http_response>(
-                errc::io_error, "sending request to " + url.authority() + ": " + ec.message());
+                network_failure(ec), "sending request to " + url.authority() + ": " + ec.message());
 
         boost::beast::flat_buffer buffer(options_.max_header_bytes + 256 * 1024);
         http::response_parser<http::buffer_body> parser;
@@ -365,8 +371,9 @@ private:
                 "response from " + url.authority() + " announces a body larger than allowed (" +
                     std::to_string(plan.blob ? remaining : plan.max_string_body) + " bytes)");
         if (ec)
-            co_return fail<detail::http_response>(
-                errc::io_error, "reading response from " + url.authority() + ": " + ec.message());
+            co_return fail<detail::http_response>(network_failure(ec), "reading response from " +
+                                                                           url.authority() + ": " +
+                                                                           ec.message());
 
         auto& message = parser.get();
         detail::http_response response;
@@ -453,8 +460,8 @@ private:
                     "response body from " + url.authority() + " exceeds its bound");
             if (ec)
                 co_return fail<detail::http_response>(
-                    errc::io_error, "connection to " + url.authority() +
-                                        " broke while reading the body: " + ec.message());
+                    network_failure(ec), "connection to " + url.authority() +
+                                             " broke while reading the body: " + ec.message());
         }
         co_return response_t(std::move(response));
     }
@@ -756,7 +763,8 @@ private:
             auto response = co_await registry_get(ref, target, no_accept, plan);
             if (!response) {
                 // A dropped connection keeps what arrived; retry with Range.
-                if (response.error() == make_error_code(errc::io_error) &&
+                if ((response.error() == make_error_code(errc::io_error) ||
+                     response.error() == make_error_code(errc::timeout)) &&
                     attempt < options_.max_retries)
                     continue;
                 // More bytes than the descriptor allows: nothing of it may stay.
