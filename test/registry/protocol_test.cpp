@@ -374,6 +374,23 @@ BOOST_AUTO_TEST_CASE(a_silent_server_times_out) {
     BOOST_REQUIRE(!r);
     BOOST_TEST(r.error() == make_error_code(errc::timeout));
     BOOST_TEST(seconds < 3.0);
+
+    // A manifest trickled a byte every 100 ms: each byte is "progress", but
+    // the whole response shares one deadline.
+    auto& img = image();
+    fake_server trickler([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        auto reply = manifest_reply(img.manifest_bytes);
+        reply.trickle_ms = 100;
+        return reply;
+    });
+    oci::registry_client slow_client(options);
+    start = std::chrono::steady_clock::now();
+    auto slow = slow_client.pull_manifest(parse(trickler.host() + "/x:1"));
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    BOOST_REQUIRE(!slow);
+    BOOST_TEST(slow.error() == make_error_code(errc::timeout));
+    BOOST_TEST(seconds < 3.0);
 }
 
 BOOST_AUTO_TEST_CASE(async_api_with_completion_tokens) {

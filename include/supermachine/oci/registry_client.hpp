@@ -431,7 +431,10 @@ private:
         while (!parser.is_done()) {
             message.body().data = chunk.data();
             message.body().size = chunk.size();
-            lowest.expires_after(options_.timeout);
+            // Blobs may be large: the deadline restarts per chunk. Small bodies
+            // (manifests, tokens, errors) share the header's deadline, so a
+            // peer trickling bytes cannot stretch them.
+            if (to_blob) lowest.expires_after(options_.timeout);
             co_await http::async_read(stream, buffer, parser, use);
             if (ec == http::error::need_buffer) ec = {};
             std::size_t n = chunk.size() - message.body().size;
