@@ -2,8 +2,12 @@
 // image configs, WWW-Authenticate headers and URLs must parse or fail cleanly.
 #include <supermachine/oci/auth.hpp>
 #include <supermachine/oci/detail/http_url.hpp>
+#include <supermachine/oci/detail/registry_tar_index.hpp>
 #include <supermachine/oci/image_config.hpp>
 #include <supermachine/oci/manifest.hpp>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -34,5 +38,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (auto url = oci::detail::parse_http_url(text))
         if (!oci::detail::valid_http_target(url->target)) std::abort();
     (void)oci::base64_decode(text);
+
+    // The same bytes as a docker-archive tar: index, look up, read bounded.
+    static int fd = ::memfd_create("fuzz-tar", 0);
+    if (fd >= 0 && ::ftruncate(fd, 0) == 0 && ::pwrite(fd, data, size, 0) == ssize_t(size)) {
+        auto tar = oci::detail::registry_tar_index::open("/proc/self/fd/" + std::to_string(fd));
+        if (tar) {
+            for (auto& [name, member] : tar.value().members())
+                if (member.offset + member.size > size) std::abort(); // never past the end
+            if (auto m = tar.value().find_file("manifest.json"))
+                (void)tar.value().read(m.value(), 1 << 20);
+            if (auto m = tar.value().find_file("a/../b/layer.tar"))
+                (void)tar.value().read(m.value(), 1 << 20);
+        }
+    }
     return 0;
 }
