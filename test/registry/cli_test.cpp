@@ -70,6 +70,19 @@ BOOST_AUTO_TEST_CASE(pull_and_images_commands) {
     BOOST_TEST(s6 == 2);
     BOOST_TEST(bad.find("lowercase") != std::string::npos);
 
+    // On a terminal: redrawn bars (cursor-up escapes, a bar, a rate).
+    if (have_program("/usr/bin/script")) {
+        auto [s8, tty] = run_cli(
+            cache, "images >/dev/null; XDG_CACHE_HOME=" + (dir.path / "tty-cache").string() +
+                       " script -qec '" + cli() + " pull " + server.host() +
+                       "/cli/busybox:1' /dev/null");
+        BOOST_TEST_INFO(tty);
+        BOOST_TEST(s8 == 0);
+        BOOST_TEST(tty.find("\x1b[2K") != std::string::npos);
+        BOOST_TEST(tty.find("[==============================]") != std::string::npos);
+        BOOST_TEST(tty.find("/s") != std::string::npos);
+    }
+
     auto [s7, wrong_platform] =
         run_cli(cache, "pull --platform linux/arm64 " + server.host() + "/cli/busybox:1");
     BOOST_TEST(s7 == 1);

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -31,6 +32,7 @@ struct fake_reply {
     std::string bytes;                         // status line, headers, body
     std::size_t cut_after = std::string::npos; // close the connection after this many bytes
     bool endless_headers = false;              // then keep sending header lines forever
+    int trickle_ms = 0;                        // > 0: send one byte, then sleep this long
 };
 
 inline fake_reply http_reply(int status, const std::string& body,
@@ -127,7 +129,13 @@ private:
         }
         auto reply = handler_(request);
         auto size = std::min(reply.cut_after, reply.bytes.size());
-        if (!send_all(fd, reply.bytes.data(), size)) return;
+        if (reply.trickle_ms > 0) {
+            for (std::size_t i = 0; i < size && !stop_; ++i) {
+                if (!send_all(fd, reply.bytes.data() + i, 1)) return;
+                std::this_thread::sleep_for(std::chrono::milliseconds(reply.trickle_ms));
+            }
+        } else if (!send_all(fd, reply.bytes.data(), size))
+            return;
         if (reply.endless_headers) {
             std::string line = "X-Filler: " + std::string(1000, 'a') + "\r\n";
             for (int i = 0; i < 100000 && !stop_; ++i)

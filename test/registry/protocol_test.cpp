@@ -6,6 +6,10 @@
 
 #include <supermachine/oci/registry_client.hpp>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
 #include <boost/test/unit_test.hpp>
 
 namespace oci = supermachine::oci;
@@ -56,6 +60,7 @@ struct real_image {
     }
     std::string blob_for_target(const std::string& target) const {
         auto at = target.rfind("sha256:");
+        if (at == std::string::npos) return {};
         auto d = oci::digest::parse(target.substr(at, 7 + 64));
         if (!d || !fs::exists(layout / "blobs/sha256" / d.value().hex())) return {};
         return blob(d.value());
@@ -348,6 +353,104 @@ BOOST_AUTO_TEST_CASE(hostile_blob_responses_leave_nothing_behind) {
     expect("chunked-longer", errc::digest_mismatch);
     expect("badrange", errc::registry_error);
     expect("404", errc::not_found);
+}
+
+BOOST_AUTO_TEST_CASE(a_silent_server_times_out) {
+    // Accepts, reads the request, answers /v2/ and then says nothing.
+    std::atomic<bool> release{false};
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        for (int i = 0; i < 100 && !release; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        return http_reply(404, "");
+    });
+    auto options = quick_options();
+    options.timeout = std::chrono::seconds(1);
+    oci::registry_client client(options);
+    auto start = std::chrono::steady_clock::now();
+    auto r = client.pull_manifest(parse(registry.host() + "/x:1"));
+    auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    release = true;
+    BOOST_REQUIRE(!r);
+    BOOST_TEST(r.error() == make_error_code(errc::timeout));
+    BOOST_TEST(seconds < 3.0);
+
+    // A manifest trickled a byte every 100 ms: each byte is "progress", but
+    // the whole response shares one deadline.
+    auto& img = image();
+    fake_server trickler([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        auto reply = manifest_reply(img.manifest_bytes);
+        reply.trickle_ms = 100;
+        return reply;
+    });
+    oci::registry_client slow_client(options);
+    start = std::chrono::steady_clock::now();
+    auto slow = slow_client.pull_manifest(parse(trickler.host() + "/x:1"));
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    BOOST_REQUIRE(!slow);
+    BOOST_TEST(slow.error() == make_error_code(errc::timeout));
+    BOOST_TEST(seconds < 3.0);
+}
+
+BOOST_AUTO_TEST_CASE(async_api_with_completion_tokens) {
+    auto& img = image();
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        if (r.target == "/v2/test/img/manifests/1") return manifest_reply(img.manifest_bytes);
+        auto body = img.blob_for_target(r.target);
+        if (body.empty()) return http_reply(404, "");
+        return http_reply(200, body, "", "application/octet-stream");
+    });
+    auto ref = parse(registry.host() + "/test/img:1");
+    temp_dir cache;
+    oci::content_store store(cache.path);
+    boost::asio::io_context io;
+    // On a strand: the client is an I/O object templated on its executor.
+    oci::basic_registry_client client(boost::asio::make_strand(io), quick_options());
+
+    // A plain callback.
+    std::optional<oci::fetched_manifest> by_callback;
+    client.async_fetch_manifest(ref, "1",
+                                [&](boost::system::error_code ec, oci::fetched_manifest m) {
+                                    BOOST_TEST(!ec);
+                                    by_callback = std::move(m);
+                                });
+    // A coroutine.
+    std::optional<oci::resolved_manifest> by_coroutine;
+    boost::asio::co_spawn(
+        io,
+        [&]() -> boost::asio::awaitable<void> {
+            by_coroutine = co_await client.async_pull_manifest(ref, oci::default_platform(),
+                                                               boost::asio::use_awaitable);
+        },
+        boost::asio::detached);
+    io.run();
+    BOOST_REQUIRE(by_callback.has_value());
+    BOOST_TEST(by_callback->digest.str() == img.manifest_digest.str());
+    BOOST_REQUIRE(by_coroutine.has_value());
+    BOOST_TEST(by_coroutine->manifest.layers.size() == 1u);
+
+    // A future, with the io_context running on another thread.
+    io.restart();
+    auto work = boost::asio::make_work_guard(io);
+    std::thread runner([&] { io.run(); });
+    auto future =
+        client.async_pull(ref, oci::default_platform(), store, {}, boost::asio::use_future);
+    auto pulled = future.get(); // throws boost::system::system_error on failure
+    BOOST_TEST(pulled.manifest_digest.str() == img.manifest_digest.str());
+    BOOST_TEST(store.contains(img.manifest.layers.at(0).digest));
+    // Errors arrive as the handler's error_code (a future rethrows them).
+    auto missing = client.async_fetch_manifest(ref, "nope", boost::asio::use_future);
+    try {
+        missing.get();
+        BOOST_FAIL("a missing manifest must fail");
+    } catch (const boost::system::system_error& e) {
+        BOOST_TEST(oci::from_asio_error(e.code()) == make_error_code(errc::not_found));
+        BOOST_TEST(std::string(e.code().category().name()) == "supermachine");
+    }
+    work.reset();
+    runner.join();
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -307,6 +307,57 @@ BOOST_AUTO_TEST_CASE(docker_schema2_manifest) {
                pulled.value().manifest.layers.at(0).digest.str());
 }
 
+BOOST_AUTO_TEST_CASE(mislabelled_layer_is_fetched_as_is) {
+    // A manifest that calls an uncompressed tar "tar+gzip", pushed with the raw
+    // registry API (skopeo would repair it). The registry client moves bytes
+    // by digest; the layer reader decides by magic bytes, not the label.
+    auto& r = shared();
+    temp_dir work;
+    write_text(work.path / "hello.txt", "hello\n");
+    run("tar -cf " + (work.path / "layer.tar").string() + " -C " + work.path.string() +
+        " hello.txt");
+    auto layer = read_text(work.path / "layer.tar");
+    auto layer_digest = oci::compute_digest(layer);
+    std::string config =
+        R"({"architecture":"amd64","os":"linux","config":{"Cmd":["/hello"]},"rootfs":{"type":"layers","diff_ids":[")" +
+        layer_digest.str() + R"("]}})";
+    write_text(work.path / "config.json", config);
+    auto config_digest = oci::compute_digest(config);
+    auto upload = [&](const fs::path& file, const oci::digest& d) {
+        run("loc=$(curl -sf -i -X POST http://" + r.ref("v2/test/mislabelled/blobs/uploads/") +
+            " | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p') && curl -sf -X PUT -H "
+            "'Content-Type: application/octet-stream' --data-binary @" +
+            file.string() + " \"$loc&digest=" + d.str() + "\"");
+    };
+    upload(work.path / "layer.tar", layer_digest);
+    upload(work.path / "config.json", config_digest);
+    nlohmann::json manifest = {{"schemaVersion", 2},
+                               {"mediaType", std::string(oci::media_type::oci_manifest)},
+                               {"config",
+                                {{"mediaType", std::string(oci::media_type::oci_config)},
+                                 {"digest", config_digest.str()},
+                                 {"size", config.size()}}},
+                               {"layers",
+                                {{{"mediaType", std::string(oci::media_type::oci_layer_gzip)},
+                                  {"digest", layer_digest.str()},
+                                  {"size", layer.size()}}}}};
+    write_text(work.path / "manifest.json", manifest.dump());
+    run("curl -sf -X PUT -H 'Content-Type: " + std::string(oci::media_type::oci_manifest) +
+        "' --data-binary @" + (work.path / "manifest.json").string() + " http://" +
+        r.ref("v2/test/mislabelled/manifests/1"));
+
+    oci::content_store store(work.path / "cache");
+    oci::registry_client client;
+    auto pulled = client.pull(parse(r.ref("test/mislabelled:1")), store);
+    BOOST_TEST_INFO(client.last_error());
+    BOOST_REQUIRE(pulled.has_value());
+    BOOST_TEST(pulled.value().manifest.layers.at(0).media_type == oci::media_type::oci_layer_gzip);
+    auto bytes = read_text(pulled.value().layers.at(0));
+    BOOST_TEST(bytes == layer);
+    BOOST_TEST(!(bytes.size() > 2 && bytes[0] == '\x1f' && bytes[1] == '\x8b')); // not gzip at all
+    BOOST_TEST(bytes.substr(257, 5) == "ustar");
+}
+
 BOOST_AUTO_TEST_CASE(concurrent_pulls_of_one_image) {
     auto& r = shared();
     temp_dir cache;

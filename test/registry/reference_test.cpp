@@ -4,6 +4,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include <string>
+#include <vector>
 
 namespace oci = supermachine::oci;
 using supermachine::errc;
@@ -86,6 +87,20 @@ BOOST_AUTO_TEST_CASE(digests_and_tags) {
     BOOST_TEST(ok("a:T.a-g_9").tag == "T.a-g_9");
     BOOST_TEST(ok("a:" + std::string(128, 'x')).tag.size() == 128u);
     BOOST_TEST(ok("a__b/c-d---e.f_g").repository == "a__b/c-d---e.f_g");
+}
+
+BOOST_AUTO_TEST_CASE(printed_forms_parse_back) {
+    // Found by fuzzing: forms that would read differently when parsed again.
+    for (std::string text : std::vector<std::string>{
+             "docker.io/b22222ocker.io/b22222", "docker.io/" + hex64, "docker.io/localhost/x",
+             "alpine", "a/b:c", "localhost:1/x@sha256:" + hex64}) {
+        auto r = ok(text);
+        BOOST_TEST(ok(r.str()).str() == r.str());
+        BOOST_TEST(ok(r.familiar()).str() == r.str());
+    }
+    BOOST_TEST(ok("docker.io/b.c/d").familiar() == "docker.io/b.c/d:latest");
+    // The 255 bound applies to the normalized name, as in docker.
+    bad("a/" + std::string(250, 'b'));
 }
 
 BOOST_AUTO_TEST_CASE(rejects_bad_references) {

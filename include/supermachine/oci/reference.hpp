@@ -53,8 +53,15 @@ struct image_reference {
         std::string out;
         if (registry != default_registry)
             out = registry + "/" + repository;
-        else if (repository.starts_with("library/") && repository.find('/', 8) == std::string::npos)
-            out = repository.substr(8);
+        else if (repository.starts_with("library/") &&
+                 repository.find('/', 8) == std::string::npos &&
+                 !(repository.size() == 8 + 64 &&
+                   repository.find_first_not_of("0123456789abcdef", 8) == std::string::npos))
+            out = repository.substr(8); // (a bare 64-hex name would read as an image ID)
+        else if (auto first = repository.substr(0, repository.find('/'));
+                 repository.find('/') != std::string::npos &&
+                 (first.find_first_of(".:") != std::string::npos || first == "localhost"))
+            out = registry + "/" + repository; // would read as a registry host otherwise
         else
             out = repository;
         if (!tag.empty()) out += ":" + tag;
@@ -226,6 +233,9 @@ inline result<image_reference> parse_reference(std::string_view text,
     ref.repository.assign(remainder);
     if (ref.registry == default_registry && ref.repository.find('/') == std::string::npos)
         ref.repository.insert(0, "library/");
+    // As docker: the bound applies to the normalized name (registry included).
+    if (ref.name().size() > max_name_length)
+        return fail("repository name longer than 255 characters once normalized");
     if (ref.tag.empty() && !ref.digest) ref.tag = default_tag;
     return ref;
 }

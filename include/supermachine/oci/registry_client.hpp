@@ -8,10 +8,15 @@
 //   registry_client                   blocking wrappers (own io_context)
 //
 // Every operation that fails leaves a human-readable reason in last_error().
+// Async handlers are void(boost::system::error_code, T), so use_awaitable
+// throws and use_future rethrows as Asio users expect; from_asio_error(ec)
+// gives back the std::error_code to compare with supermachine::errc.
+// The client must outlive its operations; it is not thread-safe (use a strand).
 #include <supermachine/error.hpp>
 #include <supermachine/oci/auth.hpp>
 #include <supermachine/oci/content_store.hpp>
 #include <supermachine/oci/detail/http_url.hpp>
+#include <supermachine/oci/detail/registry_asio_error.hpp>
 #include <supermachine/oci/digest.hpp>
 #include <supermachine/oci/image_config.hpp>
 #include <supermachine/oci/manifest.hpp>
@@ -144,6 +149,13 @@ inline std::pair<errc, std::string> describe_registry_failure(unsigned status,
 
 } // namespace detail
 
+// GCC 12 at -O2 reports Asio's coroutine-frame operator new/delete pair as
+// mismatched (-Wmismatched-new-delete); it is a known false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
 template <class Executor = boost::asio::any_io_executor>
 class basic_registry_client {
 public:
@@ -230,6 +242,11 @@ private:
         return code;
     }
 
+    // A stalled peer (our per-step deadline) is a timeout; anything else on the wire is I/O.
+    static errc network_failure(const boost::system::error_code& ec) {
+        return ec == boost::beast::error::timeout ? errc::timeout : errc::io_error;
+    }
+
     bool insecure_allowed(std::string_view endpoint) const {
         if (options_.insecure) return true;
         if (options_.loopback_is_insecure && detail::is_loopback_host(endpoint)) return true;
@@ -241,7 +258,7 @@ private:
     // Run `op` on our executor and complete the token's handler with its result.
     template <class T, class Token>
     auto launch(awaitable<result<T>> op, Token&& token) {
-        return boost::asio::async_initiate<Token, void(std::error_code, T)>(
+        return boost::asio::async_initiate<Token, void(boost::system::error_code, T)>(
             [this](auto handler, awaitable<result<T>> op) {
                 boost::asio::co_spawn(
                     executor_,
@@ -260,9 +277,9 @@ private:
                             handler_executor,
                             [handler = std::move(handler), r = std::move(*outcome)]() mutable {
                                 if (r)
-                                    handler(std::error_code{}, std::move(r).value());
+                                    handler(boost::system::error_code{}, std::move(r).value());
                                 else
-                                    handler(r.error(), T{});
+                                    handler(to_asio_error(r.error()), T{});
                             });
                     },
                     boost::asio::detached);
@@ -284,8 +301,9 @@ private:
         stream.expires_after(options_.timeout);
         co_await stream.async_connect(endpoints, use);
         if (ec)
-            co_return fail<detail::http_response>(
-                errc::io_error, "cannot connect to " + spec.url.authority() + ": " + ec.message());
+            co_return fail<detail::http_response>(network_failure(ec), "cannot connect to " +
+                                                                           spec.url.authority() +
+                                                                           ": " + ec.message());
 
         namespace http = boost::beast::http;
         http::request<http::empty_body> request{http::verb::get, spec.url.target, 11};
@@ -312,9 +330,9 @@ private:
         boost::beast::get_lowest_layer(tls).expires_after(options_.timeout);
         co_await tls.async_handshake(boost::asio::ssl::stream_base::client, use);
         if (ec)
-            co_return fail<detail::http_response>(errc::io_error, "TLS handshake with " +
-                                                                      spec.url.authority() +
-                                                                      " failed: " + ec.message());
+            co_return fail<detail::http_response>(network_failure(ec),
+                                                  "TLS handshake with " + spec.url.authority() +
+                                                      " failed: " + ec.message());
         co_return co_await exchange_on(tls, request, plan, spec.url);
     }
 
@@ -331,9 +349,12 @@ private:
         co_await http::async_write(stream, request, use);
         if (ec)
             co_return fail<detail::http_response>(
-                errc::io_error, "sending request to " + url.authority() + ": " + ec.message());
+                network_failure(ec), "sending request to " + url.authority() + ": " + ec.message());
 
         boost::beast::flat_buffer buffer(options_.max_header_bytes + 256 * 1024);
+        // Beast reads as much as the buffer's free capacity (at least 512
+        // bytes): without room it would recv() half a KiB at a time.
+        buffer.reserve(128 * 1024);
         http::response_parser<http::buffer_body> parser;
         parser.header_limit(std::uint32_t(options_.max_header_bytes));
         std::uint64_t remaining = 0;
@@ -360,8 +381,9 @@ private:
                 "response from " + url.authority() + " announces a body larger than allowed (" +
                     std::to_string(plan.blob ? remaining : plan.max_string_body) + " bytes)");
         if (ec)
-            co_return fail<detail::http_response>(
-                errc::io_error, "reading response from " + url.authority() + ": " + ec.message());
+            co_return fail<detail::http_response>(network_failure(ec), "reading response from " +
+                                                                           url.authority() + ": " +
+                                                                           ec.message());
 
         auto& message = parser.get();
         detail::http_response response;
@@ -409,7 +431,10 @@ private:
         while (!parser.is_done()) {
             message.body().data = chunk.data();
             message.body().size = chunk.size();
-            lowest.expires_after(options_.timeout);
+            // Blobs may be large: the deadline restarts per chunk. Small bodies
+            // (manifests, tokens, errors) share the header's deadline, so a
+            // peer trickling bytes cannot stretch them.
+            if (to_blob) lowest.expires_after(options_.timeout);
             co_await http::async_read(stream, buffer, parser, use);
             if (ec == http::error::need_buffer) ec = {};
             std::size_t n = chunk.size() - message.body().size;
@@ -448,8 +473,8 @@ private:
                     "response body from " + url.authority() + " exceeds its bound");
             if (ec)
                 co_return fail<detail::http_response>(
-                    errc::io_error, "connection to " + url.authority() +
-                                        " broke while reading the body: " + ec.message());
+                    network_failure(ec), "connection to " + url.authority() +
+                                             " broke while reading the body: " + ec.message());
         }
         co_return response_t(std::move(response));
     }
@@ -751,7 +776,8 @@ private:
             auto response = co_await registry_get(ref, target, no_accept, plan);
             if (!response) {
                 // A dropped connection keeps what arrived; retry with Range.
-                if (response.error() == make_error_code(errc::io_error) &&
+                if ((response.error() == make_error_code(errc::io_error) ||
+                     response.error() == make_error_code(errc::timeout)) &&
                     attempt < options_.max_retries)
                     continue;
                 // More bytes than the descriptor allows: nothing of it may stay.
@@ -833,6 +859,10 @@ private:
     std::map<std::string, host_state> hosts_;
 };
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 /// Blocking wrappers: each call runs its own io_context until the operation ends.
 class registry_client {
 public:
@@ -870,9 +900,9 @@ private:
     template <class T, class Start>
     result<T> run(Start start) {
         std::optional<result<T>> out;
-        start([&out](std::error_code ec, T value) {
+        start([&out](boost::system::error_code ec, T value) {
             if (ec)
-                out.emplace(ec);
+                out.emplace(from_asio_error(ec));
             else
                 out.emplace(std::move(value));
         });
