@@ -262,3 +262,88 @@ BOOST_AUTO_TEST_CASE(guest_drives_blk_and_rng_through_ioeventfd_and_irqfd) {
     BOOST_TEST(sha256(read_all(base)) == base_sha);
     BOOST_TEST(sha256(read_all(ro)) == ro_sha);
 }
+
+namespace {
+test::process_result boot_cli(std::vector<std::string> extra) {
+    std::vector<std::string> argv = {
+        test::cli_path(), "boot", "--kernel", test::conformance_bzimage(), "--memory", "32"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto r = test::run_process(argv, {}, std::chrono::seconds(90));
+    BOOST_TEST_MESSAGE("status " << r.status << "\nstdout:\n" << r.out << "stderr:\n" << r.err);
+    return r;
+}
+} // namespace
+
+BOOST_AUTO_TEST_CASE(boot_cli_disks_and_rng) {
+    require_kvm();
+    temp_dir dir;
+    const auto a = dir.file("first.img"), b = dir.file("second.img"), ro = dir.file("third.img");
+    const auto a0 = make_disk(a, disk_bytes, 11), b0 = make_disk(b, 64 * 1024, 12),
+               ro0 = make_disk(ro, disk_bytes, 13);
+    const std::uint64_t seed = 77;
+    auto r = boot_cli({"--disk", a, "--disk", b, "--disk", ro + ",ro", "--rng", "--append",
+                       "conformance.mode=virtio conformance.virtio=4 conformance.virtio.seed=77"});
+    BOOST_TEST(r.status == 0);
+    BOOST_TEST(r.err.empty());
+    BOOST_TEST(has(r.out, "conformance: PASS"));
+    BOOST_TEST(!has(r.out, "FAIL"));
+    // In command-line order, then the rng; ids are the file names.
+    BOOST_TEST(has(r.out, "virtio: device 0 at 0xd0000000 gsi 5: id 2 (blk)"));
+    BOOST_TEST(has(r.out, "virtio: device 3 at 0xd0003000 gsi 8: id 4 (rng)"));
+    BOOST_TEST(has(r.out, "virtio-blk 0: features 0x100000240, capacity 2048 sectors, ro 0, id "
+                          "'first.img'"));
+    BOOST_TEST(has(r.out, "virtio-blk 1: features 0x100000240, capacity 128 sectors, ro 0, id "
+                          "'second.img'"));
+    BOOST_TEST(has(r.out, "virtio-blk 2: features 0x100000260, capacity 2048 sectors, ro 1, id "
+                          "'third.img'"));
+    const std::size_t at = first_sector * 512;
+    for (unsigned disk : {0u, 1u}) {
+        const auto& path = disk == 0 ? a : b;
+        const auto& before = disk == 0 ? a0 : b0;
+        const auto now = read_all(path);
+        BOOST_TEST(has(r.out, "virtio-blk " + std::to_string(disk) + ": sectors 0..7 before fnv " +
+                                  hex(fnv1a(before.substr(0, 4096)))));
+        BOOST_TEST((now.substr(at, 4096) == pattern(seed, disk)));
+        BOOST_TEST((now.substr(0, at) == before.substr(0, at)));
+        BOOST_TEST((now.substr(at + 4096) == before.substr(at + 4096)));
+        BOOST_TEST(has(r.out, "virtio-blk " + std::to_string(disk) +
+                                  ": sectors 8..15 read back equal, fnv " +
+                                  hex(fnv1a(now.substr(at, 4096)))));
+    }
+    BOOST_TEST(has(r.out, "virtio-blk 2: write refused, status 1"));
+    BOOST_TEST((read_all(ro) == ro0));
+    BOOST_TEST(std::regex_search(r.out, std::regex("virtio-rng 0: [0-9a-f]{64}")));
+    BOOST_TEST(has(r.out, "by polling 0,"));
+}
+
+BOOST_AUTO_TEST_CASE(boot_cli_without_disks_attaches_no_virtio_device) {
+    require_kvm();
+    auto r = boot_cli({"--append", "conformance.virtio=0"});
+    BOOST_TEST(r.status == 0);
+    BOOST_TEST(has(r.out, "virtio-mmio devices: DSDT 0, cmdline 0"));
+    BOOST_TEST(has(r.out, "conformance: PASS"));
+}
+
+BOOST_AUTO_TEST_CASE(boot_cli_rejects_bad_disks_with_one_line) {
+    require_kvm();
+    temp_dir dir;
+    const auto a = dir.file("a.img");
+    make_disk(a, 4096, 1);
+    auto expect_bad = [](const test::process_result& r, const std::string& words) {
+        BOOST_TEST(r.status == 2);
+        BOOST_TEST(test::count_lines(r.err) == 1u);
+        BOOST_TEST(has(r.err, words), "stderr '" << r.err << "' names '" << words << "'");
+        BOOST_TEST(r.out.empty());
+    };
+    expect_bad(boot_cli({"--disk", dir.file("missing.img")}), "cannot open disk");
+    expect_bad(boot_cli({"--disk", a + ",rw"}), "the only option after ',' is 'ro'");
+    expect_bad(boot_cli({"--disk", ",ro"}), "need a file");
+    std::vector<std::string> nine;
+    for (int i = 0; i < 9; ++i) {
+        nine.push_back("--disk");
+        nine.push_back(a);
+    }
+    expect_bad(boot_cli(nine), "too many --disk options (9); at most 8");
+    // A directory passes access() but is no disk: still one line, status 2.
+    expect_bad(boot_cli({"--disk", dir.path.string()}), "disk");
+}

@@ -21,9 +21,11 @@
 #include <supermachine/virtio/mmio_transport.hpp>
 #include <supermachine/virtio/rng.hpp>
 
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
 #include <poll.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -136,11 +138,17 @@ inline int boot_with_kvm(const boot_options& options) {
                     std::to_string(options.disks.size()), std::to_string(max_disks));
         return boot_bad_input;
     }
-    for (const auto& disk : options.disks)
+    for (const auto& disk : options.disks) {
         if (::access(disk.path.c_str(), disk.read_only ? R_OK : R_OK | W_OK) != 0) {
             print_error("cannot open disk '%s': %s", disk.path, std::strerror(errno));
             return boot_bad_input;
         }
+        struct stat st {};
+        if (::stat(disk.path.c_str(), &st) != 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))) {
+            print_error("disk '%s' is not a regular file or block device", disk.path);
+            return boot_bad_input;
+        }
+    }
 
     machine::config cfg;
     configure_disks(cfg, options.disks, std::make_index_sequence<max_disks>{});
@@ -180,7 +188,20 @@ inline int boot_with_kvm(const boot_options& options) {
             console->flush_locked();
     };
 
+    // The virtio devices wait for doorbells and run their kick handlers on
+    // this executor: one thread runs it until the machine is gone (the
+    // joiner is declared before the machine, so it is destroyed after it).
     boost::asio::io_context io;
+    auto work = boost::asio::make_work_guard(io);
+    std::thread io_thread([&io] { io.run(); });
+    struct io_joiner {
+        decltype(work)& guard;
+        std::thread& thread;
+        ~io_joiner() {
+            guard.reset();
+            thread.join();
+        }
+    } join_io{work, io_thread};
     auto created = machine::create(io.get_executor(), std::move(cfg));
     if (!created) {
         const std::error_code e = created.error();
