@@ -279,7 +279,7 @@ public:
                           { b.kernel_cmdline() } -> std::convertible_to<std::string>;
                       })
             append(self->backend_->kernel_cmdline());
-        std::apply([&](auto&... device) { (append(device_cmdline(*device)), ...); },
+        std::apply([&](auto&... device) { (append(device_cmdline(device.get())), ...); },
                    self->bus_.devices());
         append(cfg.extra_cmdline);
         boot_config.kernel = cfg.kernel;
@@ -371,6 +371,7 @@ public:
             token);
     }
 
+    /// The device of type D (which must be attached and appear once in the list).
     template <class D>
     bus_device_for<D>& device() noexcept {
         return bus_.template get<bus_device_for<D>>();
@@ -397,11 +398,11 @@ private:
     }
 
     template <class D>
-    static std::string device_cmdline(const D& device) {
+    static std::string device_cmdline(const D* device) { // nullptr: slot not attached
         if constexpr (requires {
-                          { device.kernel_cmdline() } -> std::convertible_to<std::string>;
+                          { device->kernel_cmdline() } -> std::convertible_to<std::string>;
                       })
-            return device.kernel_cmdline();
+            return device ? device->kernel_cmdline() : std::string();
         else
             return {};
     }
