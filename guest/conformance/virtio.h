@@ -12,7 +12,9 @@
  *   virtio: completions by interrupt N, by polling M
  *
  * Parameters: conformance.virtio.seed=N (pattern seed, default 1),
- * conformance.virtio.sector=N (first sector written, default 8).
+ * conformance.virtio.sector=N (first sector written, default 8),
+ * conformance.virtio.irq=0 (leave the IOAPIC pins masked: every completion
+ * must then be found by polling).
  * Completions are awaited with interrupts on (IOAPIC pin -> LAPIC vector
  * 0x30 -> InterruptStatus/InterruptAck), the used ring checked by polling
  * as well; each request reports which one arrived first. */
