@@ -21,6 +21,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include <openssl/sha.h>
+#include <sys/stat.h>
 
 #include <cstdio>
 #include <cstring>
@@ -336,7 +337,7 @@ BOOST_AUTO_TEST_CASE(boot_cli_rejects_bad_disks_with_one_line) {
         BOOST_TEST(r.out.empty());
     };
     expect_bad(boot_cli({"--disk", dir.file("missing.img")}), "cannot open disk");
-    expect_bad(boot_cli({"--disk", a + ",rw"}), "the only option after ',' is 'ro'");
+    expect_bad(boot_cli({"--disk", a + ",rw"}), "the option after ',' is 'ro' or 'cow'");
     expect_bad(boot_cli({"--disk", ",ro"}), "need a file");
     std::vector<std::string> nine;
     for (int i = 0; i < 9; ++i) {
@@ -363,4 +364,25 @@ BOOST_AUTO_TEST_CASE(the_guest_tells_interrupts_from_polling) {
     BOOST_TEST(std::regex_search(
         r.out, std::regex("completions by interrupt 0, by polling [1-9][0-9]*, interrupts 0")));
     BOOST_TEST(has(r.out, "conformance: PASS"));
+}
+
+BOOST_AUTO_TEST_CASE(boot_cli_cow_disk_keeps_its_base_file) {
+    // --disk PATH,cow: the guest writes and reads its data back, the file
+    // (even one the user may not write) stays byte-identical.
+    require_kvm();
+    temp_dir dir;
+    const auto base = dir.file("base.img");
+    const auto base0 = make_disk(base, disk_bytes, 21);
+    ::chmod(base.c_str(), 0444);
+    const std::string base_sha = sha256(base0);
+    auto r = boot_cli(
+        {"--disk", base + ",cow", "--append", "conformance.mode=virtio conformance.virtio.seed=9"});
+    BOOST_TEST(r.status == 0);
+    BOOST_TEST(has(r.out, "conformance: PASS"));
+    BOOST_TEST(has(r.out, "virtio-blk 0: features 0x100000240, capacity 2048 sectors, ro 0"));
+    BOOST_TEST(
+        has(r.out, "virtio-blk 0: sectors 0..7 before fnv " + hex(fnv1a(base0.substr(0, 4096)))));
+    BOOST_TEST(has(r.out, "virtio-blk 0: sectors 8..15 read back equal, fnv " +
+                              hex(fnv1a(pattern(9, 0)))));
+    BOOST_TEST(sha256(read_all(base)) == base_sha);
 }

@@ -1,5 +1,5 @@
 // supermachine boot --kernel K [--initrd I] [--append A] [--memory MiB] [--cpus N] [--timeout S]
-//                   [--disk PATH[,ro]]... [--rng]
+//                   [--disk PATH[,ro|,cow]]... [--rng]
 //
 // Boots a kernel on KVM with a serial console, streams the console to stdout
 // and stdin to the guest, and exits 0 when the guest powers off or reboots.
@@ -16,6 +16,8 @@
 #include <supermachine/devices/i8042.hpp>
 #include <supermachine/devices/serial.hpp>
 #include <supermachine/machine.hpp>
+#include <supermachine/storage/cow_file.hpp>
+#include <supermachine/storage/one_of.hpp>
 #include <supermachine/storage/raw_file.hpp>
 #include <supermachine/virtio/blk.hpp>
 #include <supermachine/virtio/mmio_transport.hpp>
@@ -46,10 +48,11 @@
 
 namespace supermachine::cli {
 
-/// One --disk PATH[,ro].
+/// One --disk PATH[,ro|,cow].
 struct disk_option {
     std::string path;
     bool read_only = false;
+    bool copy_on_write = false; // writes go to an in-memory overlay; the file is never written
 };
 
 struct boot_options {
@@ -69,7 +72,9 @@ struct boot_options {
 /// window, GSI or ACPI entry: blk::config::attached = false), so the guest
 /// sees exactly the disks given, in order, from 0xd0000000 / GSI 5 upward.
 inline constexpr std::size_t max_disks = 8;
-using boot_disk = virtio::blk<storage::raw_file>;
+/// A slot is a plain file or a copy-on-write overlay over one, chosen per --disk.
+using boot_disk =
+    virtio::blk<storage::one_of<storage::raw_file, storage::cow_file<storage::raw_file>>>;
 using boot_machine = basic_machine<backend::kvm, devices::serial, devices::i8042,
                                    devices::acpi_power, boot_disk, boot_disk, boot_disk, boot_disk,
                                    boot_disk, boot_disk, boot_disk, boot_disk, virtio::rng>;
@@ -84,7 +89,12 @@ void configure_disks(boot_machine::config& cfg, const std::vector<disk_option>& 
             slot.attached = false;
             return;
         }
-        slot.storage = {disks[index].path, disks[index].read_only};
+        const auto& disk = disks[index];
+        if (disk.copy_on_write)
+            slot.storage.choice.emplace<1>(
+                storage::cow_file<storage::raw_file>::config{.base = {disk.path, true}});
+        else
+            slot.storage.choice.emplace<0>(storage::raw_file::config{disk.path, disk.read_only});
     };
     (one(std::get<first_disk_slot + I>(cfg.devices), I), ...);
 }
@@ -139,7 +149,8 @@ inline int boot_with_kvm(const boot_options& options) {
         return boot_bad_input;
     }
     for (const auto& disk : options.disks) {
-        if (::access(disk.path.c_str(), disk.read_only ? R_OK : R_OK | W_OK) != 0) {
+        const bool written = !disk.read_only && !disk.copy_on_write;
+        if (::access(disk.path.c_str(), written ? R_OK | W_OK : R_OK) != 0) {
             print_error("cannot open disk '%s': %s", disk.path, std::strerror(errno));
             return boot_bad_input;
         }
@@ -297,9 +308,10 @@ void usage(FILE* to) {
         to,
         "usage: supermachine boot --kernel FILE [--initrd FILE] [--append ARGS] [--cmdline ARGS]\n"
         "                         [--memory MiB] [--cpus N] [--timeout SECONDS]\n"
-        "                         [--disk PATH[,ro]]... [--rng]\n"
+        "                         [--disk PATH[,ro|,cow]]... [--rng]\n"
         "Boots FILE (bzImage or ELF vmlinux) on KVM; the serial console is stdin/stdout.\n"
-        "--disk: a virtio-blk disk over the file (up to 8, in order; ,ro: read-only);\n"
+        "--disk: a virtio-blk disk over the file (up to 8, in order; ,ro: read-only;\n"
+        "        ,cow: writable, but writes stay in memory and the file is never changed);\n"
         "--rng: a virtio-rng device. Both are virtio-mmio, in the DSDT and on the cmdline.\n"
         "Exit status: 0 guest powered off or rebooted, 2 bad input, 3 guest crashed,\n"
         "4 VMM/KVM failure, 5 timed out.\n");
@@ -335,12 +347,15 @@ int run_boot(std::span<char*> args) {
             disk_option disk{std::string(value)};
             if (const auto comma = disk.path.rfind(','); comma != std::string::npos) {
                 const std::string flag = disk.path.substr(comma + 1);
-                if (flag != "ro") {
-                    print_error("--disk '%s': the only option after ',' is 'ro'",
+                if (flag == "ro") {
+                    disk.read_only = true;
+                } else if (flag == "cow") {
+                    disk.copy_on_write = true;
+                } else {
+                    print_error("--disk '%s': the option after ',' is 'ro' or 'cow'",
                                 std::string(value));
                     return boot_bad_input;
                 }
-                disk.read_only = true;
                 disk.path.resize(comma);
             }
             if (disk.path.empty()) {
