@@ -3,7 +3,8 @@
  * page, e820 map, cmdline, initrd, ACPI tables — talks over the UART and ends
  * the machine the way its cmdline asks:
  *
- *   conformance.mode=poweroff|reset|acpireset|triplefault|panic|echo|popcnt
+ *   conformance.mode=poweroff|reset|acpireset|triplefault|panic|echo|popcnt|virtio
+ *     (virtio: drive every virtio-mmio device, see virtio.h)
  *     (popcnt: execute POPCNT, which some hosts cannot emulate, then power off)
  *   conformance.cpus=N        MADT must list N enabled processors
  *   conformance.memory_mib=M  e820 RAM must add up to M MiB
@@ -17,6 +18,8 @@
  * emulates only a subset. Interrupts stay off; any exception triple-faults. */
 #include <stddef.h>
 #include <stdint.h>
+
+#include "virtio.h"
 
 /* ---- freestanding support the compiler may call ---- */
 void* memset(void* d, int c, size_t n) {
@@ -584,6 +587,7 @@ void conformance_main(uint64_t zero_page, uint64_t start_info) {
         echo();
         check(1, "echo");
     }
+    if (param_is("conformance.mode", "virtio")) virtio_conformance(&(struct virtio_console){puts_, check, cmdline});
     finish_line();
     if (param_is("conformance.mode", "popcnt")) {
         __asm__ volatile(".byte 0xf3, 0x48, 0x0f, 0xb8, 0xc0" ::: "rax", "cc"); /* popcnt rax, rax */

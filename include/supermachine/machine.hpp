@@ -279,7 +279,7 @@ public:
                           { b.kernel_cmdline() } -> std::convertible_to<std::string>;
                       })
             append(self->backend_->kernel_cmdline());
-        std::apply([&](auto&... device) { (append(device_cmdline(*device)), ...); },
+        std::apply([&](auto&... device) { (append(device_cmdline(device.get())), ...); },
                    self->bus_.devices());
         append(cfg.extra_cmdline);
         boot_config.kernel = cfg.kernel;
@@ -371,9 +371,16 @@ public:
             token);
     }
 
+    /// The device of type D (which must be attached and appear once in the list).
     template <class D>
     bus_device_for<D>& device() noexcept {
         return bus_.template get<bus_device_for<D>>();
+    }
+    /// The device in slot I of the type list (when a type appears twice);
+    /// nullptr for a slot that is not attached.
+    template <std::size_t I>
+    auto* device_at() noexcept {
+        return std::get<I>(bus_.devices()).get();
     }
     const guest_memory& memory() const noexcept { return memory_; }
     Backend& backend() noexcept { return *backend_; }
@@ -391,11 +398,11 @@ private:
     }
 
     template <class D>
-    static std::string device_cmdline(const D& device) {
+    static std::string device_cmdline(const D* device) { // nullptr: slot not attached
         if constexpr (requires {
-                          { device.kernel_cmdline() } -> std::convertible_to<std::string>;
+                          { device->kernel_cmdline() } -> std::convertible_to<std::string>;
                       })
-            return device.kernel_cmdline();
+            return device ? device->kernel_cmdline() : std::string();
         else
             return {};
     }
@@ -409,6 +416,13 @@ private:
         auto one = [&]<std::size_t Index>(std::integral_constant<std::size_t, Index>) {
             if (!status) return;
             using D = bus_device_for<std::tuple_element_t<Index, std::tuple<Devices...>>>;
+            // A slot whose config says "not attached" stays empty: no window,
+            // no GSI, no ACPI or cmdline entry (a fixed device list, e.g. N
+            // disk slots, with only some in use).
+            if constexpr (requires(const typename D::config& c) {
+                              { D::attached(c) } -> std::convertible_to<bool>;
+                          })
+                if (!D::attached(std::get<Index>(cfg.devices))) return;
             device_resources resources;
             if (D::requirements.mmio_window) {
                 resources.mmio_base = next_window;

@@ -1,4 +1,5 @@
 // supermachine boot --kernel K [--initrd I] [--append A] [--memory MiB] [--cpus N] [--timeout S]
+//                   [--disk PATH[,ro|,cow]]... [--rng]
 //
 // Boots a kernel on KVM with a serial console, streams the console to stdout
 // and stdin to the guest, and exits 0 when the guest powers off or reboots.
@@ -15,10 +16,18 @@
 #include <supermachine/devices/i8042.hpp>
 #include <supermachine/devices/serial.hpp>
 #include <supermachine/machine.hpp>
+#include <supermachine/storage/cow_file.hpp>
+#include <supermachine/storage/one_of.hpp>
+#include <supermachine/storage/raw_file.hpp>
+#include <supermachine/virtio/blk.hpp>
+#include <supermachine/virtio/mmio_transport.hpp>
+#include <supermachine/virtio/rng.hpp>
 
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
 #include <poll.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -34,8 +43,17 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
+#include <vector>
 
 namespace supermachine::cli {
+
+/// One --disk PATH[,ro|,cow].
+struct disk_option {
+    std::string path;
+    bool read_only = false;
+    bool copy_on_write = false; // writes go to an in-memory overlay; the file is never written
+};
 
 struct boot_options {
     std::string kernel;
@@ -45,7 +63,41 @@ struct boot_options {
     std::uint64_t memory_mib = 256;
     std::uint32_t cpus = 1;
     std::uint32_t timeout_seconds = 0; // 0: none
+    std::vector<disk_option> disks;    // virtio-blk, in order: /dev/vda, /dev/vdb, ...
+    bool rng = false;                  // a virtio-rng device after the disks
 };
+
+/// The device list is a compile-time type list, so `boot` has a fixed number
+/// of virtio-blk slots; the ones without a --disk are not attached (no
+/// window, GSI or ACPI entry: blk::config::attached = false), so the guest
+/// sees exactly the disks given, in order, from 0xd0000000 / GSI 5 upward.
+inline constexpr std::size_t max_disks = 8;
+/// A slot is a plain file or a copy-on-write overlay over one, chosen per --disk.
+using boot_disk =
+    virtio::blk<storage::one_of<storage::raw_file, storage::cow_file<storage::raw_file>>>;
+using boot_machine = basic_machine<backend::kvm, devices::serial, devices::i8042,
+                                   devices::acpi_power, boot_disk, boot_disk, boot_disk, boot_disk,
+                                   boot_disk, boot_disk, boot_disk, boot_disk, virtio::rng>;
+inline constexpr std::size_t first_disk_slot = 3; // after serial, i8042, acpi_power
+
+template <std::size_t... I>
+void configure_disks(boot_machine::config& cfg, const std::vector<disk_option>& disks,
+                     std::index_sequence<I...>) {
+    static_assert(sizeof...(I) == max_disks);
+    auto one = [&](boot_disk::config& slot, std::size_t index) {
+        if (index >= disks.size()) {
+            slot.attached = false;
+            return;
+        }
+        const auto& disk = disks[index];
+        if (disk.copy_on_write)
+            slot.storage.choice.emplace<1>(
+                storage::cow_file<storage::raw_file>::config{.base = {disk.path, true}});
+        else
+            slot.storage.choice.emplace<0>(storage::raw_file::config{disk.path, disk.read_only});
+    };
+    (one(std::get<first_disk_slot + I>(cfg.devices), I), ...);
+}
 
 /// Exit statuses of `supermachine boot`.
 enum boot_status : int {
@@ -76,8 +128,7 @@ inline std::string default_kernel_folder() {
 
 /// Boot on /dev/kvm (set SUPERMACHINE_KVM_DEVICE to use another device node).
 inline int boot_with_kvm(const boot_options& options) {
-    using machine =
-        basic_machine<backend::kvm, devices::serial, devices::i8042, devices::acpi_power>;
+    using machine = boot_machine;
     if (options.kernel.empty()) {
         print_error("no --kernel given and no default kernel in %s (run scripts/fetch-kernel.sh)",
                     default_kernel_folder());
@@ -92,7 +143,27 @@ inline int boot_with_kvm(const boot_options& options) {
         return boot_bad_input;
     }
 
+    if (options.disks.size() > max_disks) {
+        print_error("too many --disk options (%s); at most %s",
+                    std::to_string(options.disks.size()), std::to_string(max_disks));
+        return boot_bad_input;
+    }
+    for (const auto& disk : options.disks) {
+        const bool written = !disk.read_only && !disk.copy_on_write;
+        if (::access(disk.path.c_str(), written ? R_OK | W_OK : R_OK) != 0) {
+            print_error("cannot open disk '%s': %s", disk.path, std::strerror(errno));
+            return boot_bad_input;
+        }
+        struct stat st {};
+        if (::stat(disk.path.c_str(), &st) != 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))) {
+            print_error("disk '%s' is not a regular file or block device", disk.path);
+            return boot_bad_input;
+        }
+    }
+
     machine::config cfg;
+    configure_disks(cfg, options.disks, std::make_index_sequence<max_disks>{});
+    std::get<virtio::rng::config>(cfg.devices).attached = options.rng;
     cfg.memory_mib = options.memory_mib;
     cfg.vcpus = options.cpus;
     cfg.kernel_path = options.kernel;
@@ -128,7 +199,20 @@ inline int boot_with_kvm(const boot_options& options) {
             console->flush_locked();
     };
 
+    // The virtio devices wait for doorbells and run their kick handlers on
+    // this executor: one thread runs it until the machine is gone (the
+    // joiner is declared before the machine, so it is destroyed after it).
     boost::asio::io_context io;
+    auto work = boost::asio::make_work_guard(io);
+    std::thread io_thread([&io] { io.run(); });
+    struct io_joiner {
+        decltype(work)& guard;
+        std::thread& thread;
+        ~io_joiner() {
+            guard.reset();
+            thread.join();
+        }
+    } join_io{work, io_thread};
     auto created = machine::create(io.get_executor(), std::move(cfg));
     if (!created) {
         const std::error_code e = created.error();
@@ -224,7 +308,11 @@ void usage(FILE* to) {
         to,
         "usage: supermachine boot --kernel FILE [--initrd FILE] [--append ARGS] [--cmdline ARGS]\n"
         "                         [--memory MiB] [--cpus N] [--timeout SECONDS]\n"
+        "                         [--disk PATH[,ro|,cow]]... [--rng]\n"
         "Boots FILE (bzImage or ELF vmlinux) on KVM; the serial console is stdin/stdout.\n"
+        "--disk: a virtio-blk disk over the file (up to 8, in order; ,ro: read-only;\n"
+        "        ,cow: writable, but writes stay in memory and the file is never changed);\n"
+        "--rng: a virtio-rng device. Both are virtio-mmio, in the DSDT and on the cmdline.\n"
         "Exit status: 0 guest powered off or rebooted, 2 bad input, 3 guest crashed,\n"
         "4 VMM/KVM failure, 5 timed out.\n");
 }
@@ -236,6 +324,10 @@ int run_boot(std::span<char*> args) {
         if (arg == "--help" || arg == "-h") {
             usage(stdout);
             return 0;
+        }
+        if (arg == "--rng") {
+            options.rng = true;
+            continue;
         }
         if (i + 1 >= args.size()) {
             print_error("unknown or incomplete option '%s' (see supermachine boot --help)",
@@ -251,7 +343,27 @@ int run_boot(std::span<char*> args) {
             options.append = value;
         else if (arg == "--cmdline")
             options.cmdline = std::string(value);
-        else if (arg == "--memory") {
+        else if (arg == "--disk") {
+            disk_option disk{std::string(value)};
+            if (const auto comma = disk.path.rfind(','); comma != std::string::npos) {
+                const std::string flag = disk.path.substr(comma + 1);
+                if (flag == "ro") {
+                    disk.read_only = true;
+                } else if (flag == "cow") {
+                    disk.copy_on_write = true;
+                } else {
+                    print_error("--disk '%s': the option after ',' is 'ro' or 'cow'",
+                                std::string(value));
+                    return boot_bad_input;
+                }
+                disk.path.resize(comma);
+            }
+            if (disk.path.empty()) {
+                print_error("--disk '%s': need a file", std::string(value));
+                return boot_bad_input;
+            }
+            options.disks.push_back(std::move(disk));
+        } else if (arg == "--memory") {
             using M = basic_machine<backend::kvm>;
             if (!parse_number(value, options.memory_mib) ||
                 options.memory_mib < M::min_memory_mib || options.memory_mib > M::max_memory_mib) {

@@ -85,7 +85,11 @@ public:
         std::string id;                 // GET_ID serial; empty: the storage's id()
         std::uint32_t queue_size = 256; // power of two
         std::size_t io_threads = 2;     // the bounded pool for blocking file I/O
+        /// false: basic_machine leaves this slot of its device list empty (no
+        /// window, GSI or ACPI entry), so a fixed list can hold N optional disks.
+        bool attached = true;
     };
+    static bool attached(const config& cfg) noexcept { return cfg.attached; }
     static constexpr device_type type = device_type::block;
     /// Largest data segment advertised (size_max) and segments per request (seg_max).
     static constexpr std::uint32_t max_segment_bytes = 1u << 20;

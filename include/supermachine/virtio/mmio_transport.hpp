@@ -87,6 +87,17 @@ public:
     using config = typename Core::config;
     static constexpr device_requirements requirements{true, true};
 
+    /// Whether basic_machine gives this slot a window at all (the core's
+    /// config may leave it empty, e.g. blk::config::attached).
+    static bool attached(const config& cfg) {
+        if constexpr (requires {
+                          { Core::attached(cfg) } -> std::convertible_to<bool>;
+                      })
+            return Core::attached(cfg);
+        else
+            return true;
+    }
+
     static result<std::unique_ptr<mmio_transport>> create(device_environment& env,
                                                           const config& cfg) {
         SUPERMACHINE_TRY(core, Core::create(cfg));

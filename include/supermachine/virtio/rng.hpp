@@ -20,7 +20,10 @@ public:
         /// Bytes served per request at most: a guest cannot make one kick
         /// cost unbounded host work.
         std::uint32_t max_bytes_per_request = 64 * 1024;
+        /// false: basic_machine leaves this slot empty (see blk::config::attached).
+        bool attached = true;
     };
+    static bool attached(const config& cfg) noexcept { return cfg.attached; }
     static constexpr device_type type = device_type::entropy;
 
     explicit rng(const config& cfg)
