@@ -11,6 +11,9 @@
 #include "command.hpp"
 
 #include <supermachine/backend/kvm.hpp>
+#include <supermachine/backend/qemu.hpp>
+#include <supermachine/boot/bzimage.hpp>
+#include <supermachine/boot/demo_initramfs.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/devices/acpi_power.hpp>
 #include <supermachine/devices/i8042.hpp>
@@ -65,6 +68,7 @@ struct boot_options {
     std::uint32_t timeout_seconds = 0; // 0: none
     std::vector<disk_option> disks;    // virtio-blk, in order: /dev/vda, /dev/vdb, ...
     bool rng = false;                  // a virtio-rng device after the disks
+    std::string engine = "auto";       // kvm | qemu | auto (see choose_engine)
 };
 
 /// The device list is a compile-time type list, so `boot` has a fixed number
@@ -114,13 +118,7 @@ inline void print_error(const char* fmt, const std::string& a, const std::string
     std::fputc('\n', stderr);
 }
 
-/// The default guest kernel: the boot layer's cache ($SUPERMACHINE_KERNEL_DIR,
-/// else kernel_cache_dir()/current), filled by scripts/fetch-kernel.sh.
-inline std::string default_kernel() {
-    auto k = boot::default_kernel();
-    return k ? k.value().vmlinuz.string() : std::string();
-}
-
+/// Where the default guest kernel is looked for (the boot layer's cache).
 inline std::string default_kernel_folder() {
     if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir) return dir;
     return (boot::kernel_cache_dir() / "current").string();
@@ -303,16 +301,119 @@ bool parse_number(std::string_view text, T& out) {
     return ec == std::errc() && end == text.data() + text.size();
 }
 
+/// Whether `kernel` is a Linux kernel: a bzImage that names a kernel version
+/// (our conformance guest's bzImage does not), or an ELF holding Linux's
+/// banner. Only Linux is what some hosts' KVM cannot run (kvm_pvm).
+inline bool is_linux_kernel(const std::string& path) {
+    auto bytes = boot::read_host_file(path, 1ull << 30);
+    if (!bytes) return false;
+    const auto& data = bytes.value();
+    if (auto image = boot::parse_bzimage(data)) return image.value().header.kernel_version != 0;
+    static constexpr std::string_view banner = "Linux version ";
+    const auto* begin = reinterpret_cast<const char*>(data.data());
+    return std::string_view(begin, data.size()).find(banner) != std::string_view::npos;
+}
+
+/// --engine auto: kvm, unless the guest is Linux and this host's KVM cannot
+/// run Linux (then qemu, said once on stderr).
+inline backend::engine_kind choose_engine(const boot_options& options) {
+    if (options.engine == "kvm") return backend::engine_kind::kvm;
+    if (options.engine == "qemu") return backend::engine_kind::qemu;
+    std::string why;
+    if (backend::host_kvm_runs_linux(&why) || !is_linux_kernel(options.kernel))
+        return backend::engine_kind::kvm;
+    std::fprintf(stderr, "supermachine: engine auto: qemu (%s)\n", why.c_str());
+    return backend::engine_kind::qemu;
+}
+
+/// Boot under the QEMU engine (TCG where KVM cannot run Linux). The console
+/// goes to stdout; a Linux panic banner makes the status "guest crashed".
+inline int boot_with_qemu(const boot_options& options) {
+    if (!options.disks.empty() || options.rng) {
+        std::fprintf(stderr, "supermachine boot: --disk and --rng are served on the kvm engine; "
+                             "under qemu use `supermachine run` (our devices over vhost-user)\n");
+        return boot_bad_input;
+    }
+    backend::qemu_boot_options q;
+    q.qemu.kernel = options.kernel;
+    q.qemu.initrd = options.initrd;
+    q.qemu.memory_bytes = options.memory_mib << 20;
+    q.qemu.vcpus = options.cpus;
+    q.qemu.cmdline = options.cmdline.value_or("console=ttyS0 panic=-1") +
+                     (options.append.empty() ? "" : " " + options.append);
+    if (options.timeout_seconds) q.timeout = std::chrono::seconds(options.timeout_seconds);
+    std::string tail;
+    bool panicked = false;
+    const int status = backend::run_qemu_boot(q, [&](std::string_view text) {
+        std::fwrite(text.data(), 1, text.size(), stdout);
+        std::fflush(stdout);
+        tail.append(text);
+        if (tail.find("Kernel panic - not syncing") != std::string::npos) panicked = true;
+        if (tail.size() > 4096) tail.erase(0, tail.size() - 64);
+    });
+    if (status == 124) return boot_timed_out;
+    if (status == 127) return boot_bad_input;
+    if (panicked) {
+        std::fprintf(stderr, "supermachine boot: the guest kernel panicked\n");
+        return boot_guest_crashed;
+    }
+    return status == 0 ? boot_ok : boot_vmm_failure;
+}
+
+/// No --kernel: the default kernel (Debian's cloud kernel from the cache)
+/// with, unless --initrd is given, the demo initramfs: its modules, a
+/// greeting, power-off.
+inline int use_default_kernel(boot_options& options, std::filesystem::path& demo_initrd) {
+    auto kernel = boot::default_kernel();
+    if (!kernel) {
+        print_error("no --kernel given and no default kernel in %s (run scripts/fetch-kernel.sh)",
+                    default_kernel_folder());
+        return boot_bad_input;
+    }
+    options.kernel = kernel.value().vmlinuz.string();
+    if (!options.initrd.empty()) return boot_ok;
+    boot::demo_initramfs_options demo;
+    demo.modules = kernel.value().modules;
+    auto image = boot::build_demo_initramfs(demo);
+    if (!image) {
+        print_error("cannot build the demo initramfs: %s", image.error().message());
+        return boot_bad_input;
+    }
+    char pattern[] = "/tmp/supermachine-initrd-XXXXXX";
+    const int fd = ::mkstemp(pattern);
+    if (fd < 0) {
+        print_error("cannot write the demo initramfs: %s", std::strerror(errno));
+        return boot_bad_input;
+    }
+    const auto& bytes = image.value();
+    const bool written =
+        ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size());
+    ::close(fd);
+    demo_initrd = pattern;
+    if (!written) {
+        print_error("cannot write the demo initramfs %s", demo_initrd.string());
+        return boot_bad_input;
+    }
+    options.initrd = demo_initrd.string();
+    if (!options.cmdline) options.cmdline = "console=ttyS0 quiet panic=-1";
+    return boot_ok;
+}
+
 void usage(FILE* to) {
     std::fprintf(
         to,
         "usage: supermachine boot --kernel FILE [--initrd FILE] [--append ARGS] [--cmdline ARGS]\n"
         "                         [--memory MiB] [--cpus N] [--timeout SECONDS]\n"
-        "                         [--disk PATH[,ro|,cow]]... [--rng]\n"
+        "                         [--disk PATH[,ro|,cow]]... [--rng] [--engine kvm|qemu|auto]\n"
         "Boots FILE (bzImage or ELF vmlinux) on KVM; the serial console is stdin/stdout.\n"
         "--disk: a virtio-blk disk over the file (up to 8, in order; ,ro: read-only;\n"
         "        ,cow: writable, but writes stay in memory and the file is never changed);\n"
         "--rng: a virtio-rng device. Both are virtio-mmio, in the DSDT and on the cmdline.\n"
+        "Without --kernel: the default kernel (Debian's cloud kernel, scripts/fetch-kernel.sh)\n"
+        "with a demo initramfs that greets and powers off.\n"
+        "--engine: kvm runs the guest in this process; qemu runs it under QEMU (TCG where\n"
+        "KVM cannot run Linux); auto (default) picks qemu only for a Linux kernel on a host\n"
+        "whose KVM cannot run Linux (kvm_pvm), and says so.\n"
         "Exit status: 0 guest powered off or rebooted, 2 bad input, 3 guest crashed,\n"
         "4 VMM/KVM failure, 5 timed out.\n");
 }
@@ -343,7 +444,13 @@ int run_boot(std::span<char*> args) {
             options.append = value;
         else if (arg == "--cmdline")
             options.cmdline = std::string(value);
-        else if (arg == "--disk") {
+        else if (arg == "--engine") {
+            if (value != "kvm" && value != "qemu" && value != "auto") {
+                print_error("--engine '%s': kvm, qemu or auto", std::string(value));
+                return boot_bad_input;
+            }
+            options.engine = value;
+        } else if (arg == "--disk") {
             disk_option disk{std::string(value)};
             if (const auto comma = disk.path.rfind(','); comma != std::string::npos) {
                 const std::string flag = disk.path.substr(comma + 1);
@@ -388,12 +495,24 @@ int run_boot(std::span<char*> args) {
             return boot_bad_input;
         }
     }
-    if (options.kernel.empty()) options.kernel = default_kernel();
-    return boot_with_kvm(options);
+    std::filesystem::path demo_initrd;
+    if (options.kernel.empty())
+        if (int status = use_default_kernel(options, demo_initrd); status != boot_ok) return status;
+    struct remove_at_exit {
+        std::filesystem::path& path;
+        ~remove_at_exit() {
+            std::error_code ignored;
+            if (!path.empty()) std::filesystem::remove(path, ignored);
+        }
+    } cleanup{demo_initrd};
+    if (::access(options.kernel.c_str(), R_OK) != 0)
+        return boot_with_kvm(options); // names the problem
+    return choose_engine(options) == backend::engine_kind::qemu ? boot_with_qemu(options)
+                                                                : boot_with_kvm(options);
 }
 
-const command_registration registration{"boot", "boot a kernel on KVM with a serial console",
-                                        &run_boot};
+const command_registration registration{
+    "boot", "boot a kernel with a serial console (kvm or qemu engine)", &run_boot};
 
 } // namespace
 } // namespace supermachine::cli
