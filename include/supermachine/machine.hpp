@@ -368,8 +368,8 @@ public:
     /// RAM state into `store`, then resume (or stop) the machine. From any
     /// thread but a vCPU's; one snapshot at a time.
     template <class Store>
-    requires snapshot::snapshot_store<std::remove_cvref_t<Store>>
-    result<void> snapshot_to(Store&& store, after_snapshot then = after_snapshot::resume) {
+    requires snapshot::snapshot_store<std::remove_cvref_t<Store>> result<void>
+    snapshot_to(Store&& store, after_snapshot then = after_snapshot::resume) {
         SUPERMACHINE_TRY(image, pause_and_capture());
         auto saved = store.save(image);
         resume_after_capture(then);
@@ -393,9 +393,8 @@ public:
                     auto saved = snapshot_to(store, then);
                     std::error_code error = saved ? std::error_code{} : saved.error();
                     auto ex = work.get_executor();
-                    boost::asio::post(ex, [handler = std::move(handler), error]() mutable {
-                        handler(error);
-                    });
+                    boost::asio::post(
+                        ex, [handler = std::move(handler), error]() mutable { handler(error); });
                     work.reset();
                 });
             },
@@ -411,8 +410,7 @@ public:
         } else {
             std::unique_lock snapshot_lock(snapshot_mutex_);
             SUPERMACHINE_TRY(pause_vcpus());
-            std::apply([](auto&... device) { (pause_device(device.get()), ...); },
-                       bus_.devices());
+            std::apply([](auto&... device) { (pause_device(device.get()), ...); }, bus_.devices());
             auto image = capture_locked();
             if (!image) {
                 resume_locked(after_snapshot::resume);
@@ -671,9 +669,8 @@ private:
         snapshot::snapshot_records records;
         records.machine.vcpu_count = backend_->vcpu_count();
         records.machine.memory_size = memory_.size();
-        records.machine.kernel_identity =
-            cmdline_.substr(0, std::min<std::size_t>(cmdline_.size(),
-                                                     snapshot::max_kernel_identity_bytes));
+        records.machine.kernel_identity = cmdline_.substr(
+            0, std::min<std::size_t>(cmdline_.size(), snapshot::max_kernel_identity_bytes));
         SUPERMACHINE_TRY(kvm_records, backend::kvm_state::capture_records(*backend_, msr_indexes_));
         records.vcpus = std::move(kvm_records.vcpus);
         records.interrupt_controller = std::move(kvm_records.interrupt_controller);
@@ -694,14 +691,15 @@ private:
                     const auto& queue = state.queues[q];
                     const bool size_valid =
                         queue.size <= 32768 && (queue.size & (queue.size - 1)) == 0;
-                    r.queues.push_back({.index = static_cast<std::uint16_t>(q),
-                                        .size = static_cast<std::uint16_t>(size_valid ? queue.size : 0),
-                                        .ready = queue.ready,
-                                        .descriptor_table = queue.descriptor_table,
-                                        .available_ring = queue.available_ring,
-                                        .used_ring = queue.used_ring,
-                                        .next_available = queue.position.next_available,
-                                        .next_used = queue.position.next_used});
+                    r.queues.push_back(
+                        {.index = static_cast<std::uint16_t>(q),
+                         .size = static_cast<std::uint16_t>(size_valid ? queue.size : 0),
+                         .ready = queue.ready,
+                         .descriptor_table = queue.descriptor_table,
+                         .available_ring = queue.available_ring,
+                         .used_ring = queue.used_ring,
+                         .next_available = queue.position.next_available,
+                         .next_used = queue.position.next_used});
                 }
                 if constexpr (requires { device.core().save_state(); })
                     r.device_state = device.core().save_state();
@@ -773,7 +771,8 @@ private:
     static void for_each_device_index(F& f) {
         [&]<std::size_t... I>(std::index_sequence<I...>) {
             (f(std::integral_constant<std::size_t, I>{}), ...);
-        }(std::index_sequence_for<Devices...>{});
+        }
+        (std::index_sequence_for<Devices...>{});
     }
 
     void on_exit_request(exit_request r) {

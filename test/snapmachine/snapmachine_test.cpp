@@ -4,9 +4,9 @@
 // writes and reads ~8 MiB; bad files and other machines are clean errors.
 #include "count_guest.hpp"
 
+#include <skip.hpp>
 #include <supermachine/snapshot/file_store.hpp>
 #include <supermachine/snapshot/memory_store.hpp>
-#include <skip.hpp>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/test/unit_test.hpp>
@@ -90,12 +90,39 @@ T get(sm::result<T> r, const char* what) {
 
 /// Boot the count guest, let it print `ticks` lines, snapshot it to `path`
 /// (stopping it). Returns the last count printed before the snapshot.
+/// The "count=N" lines of a text (e.g. the console before a snapshot followed
+/// by a restored machine's console: a line may be split across the two when
+/// the capture fell inside its `rep outsb`).
+std::vector<std::uint64_t> counts_in(const std::string& text) {
+    console c;
+    c.text = text;
+    return c.counts();
+}
+
+/// The console before the snapshot followed by a restored machine's console
+/// counts 1, 2, ... without a gap or repeat, and the restored machine added
+/// at least `more` lines after `last` (and did not boot again).
+void check_continues(const std::string& before, const std::string& after, std::uint64_t last,
+                     std::size_t more = 2) {
+    const auto all = counts_in(before + after);
+    BOOST_CHECK_MESSAGE(consecutive(all, 1), "counts before + after the restore are not 1, 2, ...");
+    BOOST_CHECK_GE(all.size(), last + more);
+    BOOST_CHECK(after.find("conformance: start") == std::string::npos);
+    const auto restored = counts_in(after);
+    BOOST_REQUIRE(!restored.empty());
+    BOOST_TEST_MESSAGE("last count before the snapshot " << last << ", first complete line after "
+                                                         << restored.front());
+    // The first line is last+1, or its tail when the capture split it.
+    BOOST_CHECK(restored.front() == last + 1 ||
+                (restored.front() == last + 2 && after.rfind("count=", 0) != 0));
+}
+
 std::uint64_t boot_count_and_snapshot(boost::asio::io_context& io, const fs::path& path,
                                       std::uint64_t memory_mib = 256, std::uint64_t touch_mib = 0,
-                                      std::size_t ticks = 5) {
+                                      std::size_t ticks = 5, std::string* text = nullptr) {
     auto out = std::make_shared<console>();
-    auto vm = get(machine::create(io.get_executor(), count_config(out, memory_mib, touch_mib)),
-                  "create");
+    auto vm =
+        get(machine::create(io.get_executor(), count_config(out, memory_mib, touch_mib)), "create");
     BOOST_REQUIRE(vm->start());
     BOOST_REQUIRE_MESSAGE(out->wait_counts(ticks),
                           "console: " << out->snapshot() << " exit: "
@@ -110,10 +137,11 @@ std::uint64_t boot_count_and_snapshot(boost::asio::io_context& io, const fs::pat
         auto loaded = get(ss::read_snapshot(path), "read back");
         const auto counter =
             get(loaded.memory.read_object<std::uint64_t>(*out->counter_address()), "counter");
-        BOOST_TEST_MESSAGE("snapshot after count=" << counts.back() << ", counter in RAM "
-                                                   << counter << ", console tail: "
-                                                   << out->snapshot().substr(out->snapshot().size() - 30));
+        BOOST_TEST_MESSAGE("snapshot after count="
+                           << counts.back() << ", counter in RAM " << counter << ", console tail: "
+                           << out->snapshot().substr(out->snapshot().size() - 30));
     }
+    if (text) *text = out->snapshot();
     return counts.back();
 }
 
@@ -132,8 +160,10 @@ BOOST_AUTO_TEST_CASE(count_continues_after_restore_with_state_intact) {
     BOOST_REQUIRE(out->wait_counts(5));
     // The two halves of snapshot_to(), to read the console while paused.
     std::uint64_t last_before = 0;
+    std::string before;
     {
         auto image = get(vm->pause_and_capture(), "pause and capture");
+        before = out->snapshot();
         last_before = out->counts().back();
         auto written = ss::write_snapshot(file, image);
         vm->resume_after_capture();
@@ -167,9 +197,9 @@ BOOST_AUTO_TEST_CASE(count_continues_after_restore_with_state_intact) {
                         "counter " << counter << " last printed " << last_before);
 
     auto restored_out = std::make_shared<console>();
-    auto clone = get(machine::restore(io.get_executor(), count_config(restored_out),
-                                      std::move(loaded)),
-                     "restore");
+    auto clone =
+        get(machine::restore(io.get_executor(), count_config(restored_out), std::move(loaded)),
+            "restore");
     // Before it runs: its state re-captured is the state saved (registers,
     // segments, UART, virtio transport).
     {
@@ -190,11 +220,7 @@ BOOST_AUTO_TEST_CASE(count_continues_after_restore_with_state_intact) {
     BOOST_REQUIRE_MESSAGE(restored_out->wait_counts(5), "restored: " << restored_out->snapshot());
     clone->stop();
     clone->wait();
-    const auto after = restored_out->counts();
-    BOOST_TEST_MESSAGE("last count before the snapshot " << last_before << ", first after restore "
-                                                         << after.front());
-    BOOST_CHECK_EQUAL(after.front(), last_before + 1); // no reset, no gap
-    BOOST_CHECK(consecutive(after, last_before + 1));
+    check_continues(before, restored_out->snapshot(), last_before, 5);
     BOOST_CHECK(restored_out->snapshot().find("conformance: start") == std::string::npos);
 }
 
@@ -203,7 +229,8 @@ BOOST_AUTO_TEST_CASE(two_restores_from_one_file_run_side_by_side_each_private) {
     boost::asio::io_context io;
     temp_dir dir;
     const fs::path file = dir.path / "count.snap";
-    const std::uint64_t last = boot_count_and_snapshot(io, file);
+    std::string before;
+    const std::uint64_t last = boot_count_and_snapshot(io, file, 256, 0, 5, &before);
     const std::string file_before = file_bytes(file);
 
     auto out_a = std::make_shared<console>(), out_b = std::make_shared<console>();
@@ -227,15 +254,12 @@ BOOST_AUTO_TEST_CASE(two_restores_from_one_file_run_side_by_side_each_private) {
     BOOST_REQUIRE(out_a->wait_counts(b_lines + 5));
     a->stop();
     a->wait();
-    BOOST_CHECK(consecutive(out_a->counts(), last + 1));
-    BOOST_CHECK(consecutive(out_b->counts(), last + 1));
-    BOOST_CHECK_EQUAL(out_b->counts().size(), b_lines);              // B stopped, A went on
+    check_continues(before, out_a->snapshot(), last);
+    check_continues(before, out_b->snapshot(), last);
+    BOOST_CHECK_EQUAL(out_b->counts().size(), b_lines);           // B stopped, A went on
     BOOST_CHECK(out_a->counts().size() > out_b->counts().size()); // they ran apart
     BOOST_CHECK_EQUAL(get(a->memory().read_object<std::uint64_t>(marker_address), "a"), marker);
     BOOST_CHECK_EQUAL(get(b->memory().read_object<std::uint64_t>(marker_address), "b"), 0u);
-    // Each one's counter is its own.
-    const auto address = *out_a->counter_address();
-    (void)address;
     BOOST_CHECK(file_bytes(file) == file_before);
     // And a third restore still starts at the saved count.
     auto out_c = std::make_shared<console>();
@@ -246,7 +270,7 @@ BOOST_AUTO_TEST_CASE(two_restores_from_one_file_run_side_by_side_each_private) {
     BOOST_REQUIRE(out_c->wait_counts(2));
     c->stop();
     c->wait();
-    BOOST_CHECK_EQUAL(out_c->counts().front(), last + 1);
+    check_continues(before, out_c->snapshot(), last);
 }
 
 BOOST_AUTO_TEST_CASE(restored_machine_snapshots_again) {
@@ -254,7 +278,8 @@ BOOST_AUTO_TEST_CASE(restored_machine_snapshots_again) {
     boost::asio::io_context io;
     temp_dir dir;
     const fs::path first = dir.path / "first.snap", second = dir.path / "second.snap";
-    const std::uint64_t last = boot_count_and_snapshot(io, first);
+    std::string before;
+    const std::uint64_t last = boot_count_and_snapshot(io, first, 256, 0, 5, &before);
     auto out = std::make_shared<console>();
     auto vm = get(machine::restore(io.get_executor(), count_config(out),
                                    get(ss::read_snapshot(first), "read")),
@@ -263,15 +288,15 @@ BOOST_AUTO_TEST_CASE(restored_machine_snapshots_again) {
     BOOST_REQUIRE(out->wait_counts(4));
     // Through the async form, into a memory_store-free file path.
     std::promise<std::error_code> done;
-    vm->async_snapshot(second, [&](std::error_code e) { done.set_value(e); },
-                       sm::after_snapshot::stop);
+    vm->async_snapshot(
+        second, [&](std::error_code e) { done.set_value(e); }, sm::after_snapshot::stop);
     std::thread runner([&] { io.run(); });
     const auto error = done.get_future().get();
     runner.join();
     BOOST_REQUIRE_MESSAGE(!error, error.message());
     vm->wait();
     const std::uint64_t last_second = out->counts().back();
-    BOOST_CHECK(consecutive(out->counts(), last + 1));
+    check_continues(before, out->snapshot(), last);
     auto out2 = std::make_shared<console>();
     auto again = get(machine::restore(io.get_executor(), count_config(out2),
                                       get(ss::read_snapshot(second), "read second")),
@@ -280,7 +305,7 @@ BOOST_AUTO_TEST_CASE(restored_machine_snapshots_again) {
     BOOST_REQUIRE(out2->wait_counts(2));
     again->stop();
     again->wait();
-    BOOST_CHECK_EQUAL(out2->counts().front(), last_second + 1);
+    check_continues(before + out->snapshot(), out2->snapshot(), last_second);
 }
 
 BOOST_AUTO_TEST_CASE(two_gib_guest_that_touched_8_mib_writes_and_reads_about_8_mib) {
@@ -288,10 +313,11 @@ BOOST_AUTO_TEST_CASE(two_gib_guest_that_touched_8_mib_writes_and_reads_about_8_m
     boost::asio::io_context io;
     temp_dir dir;
     const fs::path file = dir.path / "big.snap";
-    const std::uint64_t last = boot_count_and_snapshot(io, file, 2048, 8, 2);
+    std::string before;
+    const std::uint64_t last = boot_count_and_snapshot(io, file, 2048, 8, 2, &before);
     const std::uint64_t allocated = allocated_bytes(file);
     BOOST_TEST_MESSAGE("2 GiB guest, 8 MiB touched: file " << fs::file_size(file) << " bytes, "
-                                                            << allocated << " allocated");
+                                                           << allocated << " allocated");
     BOOST_CHECK_EQUAL(fs::file_size(file) % 4096, 0u);
     BOOST_CHECK(fs::file_size(file) > (2048ull << 20));
     BOOST_CHECK(allocated >= (8ull << 20));
@@ -300,9 +326,9 @@ BOOST_AUTO_TEST_CASE(two_gib_guest_that_touched_8_mib_writes_and_reads_about_8_m
     auto loaded = get(ss::read_snapshot(file), "read");
     const void* ram = loaded.memory.host_mapping().data();
     auto out = std::make_shared<console>();
-    auto vm = get(machine::restore(io.get_executor(), count_config(out, 2048, 8),
-                                   std::move(loaded)),
-                  "restore");
+    auto vm =
+        get(machine::restore(io.get_executor(), count_config(out, 2048, 8), std::move(loaded)),
+            "restore");
     const std::uint64_t rss_mapped = mapping_rss(ram);
     BOOST_REQUIRE(vm->start());
     BOOST_REQUIRE(out->wait_counts(3)); // each tick reads all 8 MiB
@@ -310,11 +336,11 @@ BOOST_AUTO_TEST_CASE(two_gib_guest_that_touched_8_mib_writes_and_reads_about_8_m
     vm->stop();
     vm->wait();
     BOOST_TEST_MESSAGE("RSS of the restored RAM mapping: " << rss_mapped << " after restore, "
-                                                          << rss_running << " after 3 ticks");
+                                                           << rss_running << " after 3 ticks");
     BOOST_CHECK(rss_mapped < (1ull << 20));
     BOOST_CHECK(rss_running >= (8ull << 20));
     BOOST_CHECK(rss_running <= (8ull << 20) + (3ull << 20));
-    BOOST_CHECK_EQUAL(out->counts().front(), last + 1);
+    check_continues(before, out->snapshot(), last);
 }
 
 BOOST_AUTO_TEST_CASE(bad_files_and_other_machines_are_clean_errors) {
@@ -322,7 +348,7 @@ BOOST_AUTO_TEST_CASE(bad_files_and_other_machines_are_clean_errors) {
     boost::asio::io_context io;
     temp_dir dir;
     const fs::path file = dir.path / "count.snap";
-    boot_count_and_snapshot(io, file, 64, 0, 2);
+    boot_count_and_snapshot(io, file, 256, 0, 2);
     auto out = std::make_shared<console>();
 
     // Another vCPU count, memory size, device set.
@@ -333,29 +359,29 @@ BOOST_AUTO_TEST_CASE(bad_files_and_other_machines_are_clean_errors) {
         BOOST_CHECK(!r && r.error() == sm::errc::snapshot_mismatch);
     }
     {
-        auto r = machine::restore(io.get_executor(), count_config(out, 128),
+        auto r = machine::restore(io.get_executor(), count_config(out, 512),
                                   get(ss::read_snapshot(file), "read"));
         BOOST_CHECK(!r && r.error() == sm::errc::snapshot_mismatch);
     }
     {
         using other = sm::basic_machine<sm::backend::kvm, sm::devices::serial>;
         other::config cfg;
-        cfg.memory_mib = 64;
+        cfg.memory_mib = 256;
         auto r = other::restore(io.get_executor(), cfg, get(ss::read_snapshot(file), "read"));
         BOOST_CHECK(!r && r.error() == sm::errc::snapshot_mismatch);
         using two_rng = sm::basic_machine<sm::backend::kvm, sm::devices::serial, sm::virtio::rng,
                                           sm::virtio::rng>;
         two_rng::config cfg2;
-        cfg2.memory_mib = 64;
+        cfg2.memory_mib = 256;
         auto r2 = two_rng::restore(io.get_executor(), cfg2, get(ss::read_snapshot(file), "read"));
         BOOST_CHECK(!r2 && r2.error() == sm::errc::snapshot_mismatch);
     }
     // Truncations (at the header, in the body, in RAM), a bad magic.
     const std::string bytes = file_bytes(file);
-    for (std::uint64_t cut : {std::uint64_t{0}, std::uint64_t{10}, std::uint64_t{64},
-                              std::uint64_t{200}, std::uint64_t{4096},
-                              static_cast<std::uint64_t>(bytes.size() - 4096),
-                              static_cast<std::uint64_t>(bytes.size() - 1)}) {
+    for (std::uint64_t cut :
+         {std::uint64_t{0}, std::uint64_t{10}, std::uint64_t{64}, std::uint64_t{200},
+          std::uint64_t{4096}, static_cast<std::uint64_t>(bytes.size() - 4096),
+          static_cast<std::uint64_t>(bytes.size() - 1)}) {
         const fs::path cut_file = dir.path / ("cut-" + std::to_string(cut));
         std::ofstream(cut_file, std::ios::binary).write(bytes.data(), static_cast<long>(cut));
         auto r = ss::read_snapshot(cut_file);
@@ -381,7 +407,8 @@ BOOST_AUTO_TEST_CASE(bad_files_and_other_machines_are_clean_errors) {
         auto loaded = get(ss::read_snapshot(file), "read");
         loaded.records.uart->interrupt_enable = 0xff;
         auto r = machine::restore(io.get_executor(), count_config(out), std::move(loaded));
-        BOOST_CHECK(!r && r.error() == sm::errc::snapshot_bad_record);
+        BOOST_CHECK_MESSAGE(!r && r.error() == sm::errc::snapshot_bad_record,
+                            (r ? std::string("accepted") : r.error().message()));
     }
     {
         auto loaded = get(ss::read_snapshot(file), "read");
@@ -413,19 +440,4 @@ BOOST_AUTO_TEST_CASE(pausing_often_loses_no_console_output) {
             BOOST_TEST_MESSAGE("after " << counts[i - 1] << " comes " << counts[i]);
             break;
         }
-}
-
-BOOST_AUTO_TEST_CASE(debug_env) {
-    const char* m = std::getenv("DBG_MEM");
-    if (!m) return;
-    boost::asio::io_context io;
-    auto out = std::make_shared<console>();
-    auto vm = get(machine::create(io.get_executor(),
-                                  count_config(out, std::stoull(m), std::stoull(std::getenv("DBG_TOUCH")), std::stoull(std::getenv("DBG_EVERY")))),
-                  "create");
-    BOOST_REQUIRE(vm->start());
-    std::this_thread::sleep_for(std::chrono::seconds(5));
-    BOOST_TEST_MESSAGE("console: " << out->snapshot().substr(out->snapshot().size() - std::min<std::size_t>(out->snapshot().size(), 300)) << " counts " << out->counts().size());
-    vm->stop();
-    vm->wait();
 }

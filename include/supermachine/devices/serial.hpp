@@ -106,7 +106,8 @@ public:
         r.modem_status = modem_status_value();
         r.scratch = scr_;
         r.transmit_interrupt_pending = thre_pending_;
-        const std::size_t kept = std::min<std::size_t>(input_.size(), snapshot::max_uart_fifo_bytes);
+        const std::size_t kept =
+            std::min<std::size_t>(input_.size(), snapshot::max_uart_fifo_bytes);
         r.receive_fifo.reserve(kept);
         for (std::size_t i = 0; i < kept; ++i)
             r.receive_fifo.push_back(std::byte{input_[i]});
