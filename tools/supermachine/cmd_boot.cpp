@@ -15,6 +15,7 @@
 #include <supermachine/devices/i8042.hpp>
 #include <supermachine/devices/serial.hpp>
 #include <supermachine/machine.hpp>
+#include <supermachine/snapshot/file_store.hpp>
 
 #include <boost/asio/io_context.hpp>
 
@@ -45,6 +46,9 @@ struct boot_options {
     std::uint64_t memory_mib = 256;
     std::uint32_t cpus = 1;
     std::uint32_t timeout_seconds = 0; // 0: none
+    // --snapshot-after-ms N --snapshot-to FILE: snapshot, then stop (supermachine restore FILE).
+    std::uint32_t snapshot_after_ms = 0;
+    std::string snapshot_to;
 };
 
 /// Exit statuses of `supermachine boot`.
@@ -180,15 +184,35 @@ inline int boot_with_kvm(const boot_options& options) {
         }
     });
 
+    std::optional<std::error_code> snapshot_result;
+    std::thread snapshotter;
+    if (!options.snapshot_to.empty())
+        snapshotter = std::thread([&] {
+            if (vm.wait_for(std::chrono::milliseconds(options.snapshot_after_ms))) return;
+            auto saved =
+                vm.snapshot_to(snapshot::file_store(options.snapshot_to), after_snapshot::stop);
+            snapshot_result = saved ? std::error_code{} : saved.error();
+        });
     std::optional<machine_exit> exit;
     if (options.timeout_seconds)
         exit = vm.wait_for(std::chrono::seconds(options.timeout_seconds));
     else
         exit = vm.wait();
     done = true;
+    if (snapshotter.joinable()) snapshotter.join();
     input.join();
     flusher.join();
     console->flush(); // the console before any error line
+    if (snapshot_result) {
+        if (*snapshot_result) {
+            print_error("snapshot to '%s' failed: %s", options.snapshot_to,
+                        snapshot_result->message());
+            return boot_vmm_failure;
+        }
+        std::fprintf(stderr, "supermachine boot: snapshot written to %s\n",
+                     options.snapshot_to.c_str());
+        return boot_ok;
+    }
     if (!exit) {
         vm.stop();
         vm.wait();
@@ -224,6 +248,7 @@ void usage(FILE* to) {
         to,
         "usage: supermachine boot --kernel FILE [--initrd FILE] [--append ARGS] [--cmdline ARGS]\n"
         "                         [--memory MiB] [--cpus N] [--timeout SECONDS]\n"
+        "                         [--snapshot-after-ms N --snapshot-to FILE]\n"
         "Boots FILE (bzImage or ELF vmlinux) on KVM; the serial console is stdin/stdout.\n"
         "Exit status: 0 guest powered off or rebooted, 2 bad input, 3 guest crashed,\n"
         "4 VMM/KVM failure, 5 timed out.\n");
@@ -271,6 +296,13 @@ int run_boot(std::span<char*> args) {
                 print_error("--timeout '%s': need a number of seconds", std::string(value));
                 return boot_bad_input;
             }
+        } else if (arg == "--snapshot-after-ms") {
+            if (!parse_number(value, options.snapshot_after_ms)) {
+                print_error("--snapshot-after-ms '%s': need a number", std::string(value));
+                return boot_bad_input;
+            }
+        } else if (arg == "--snapshot-to") {
+            options.snapshot_to = value;
         } else {
             print_error("unknown option '%s' (see supermachine boot --help)", std::string(arg));
             return boot_bad_input;
