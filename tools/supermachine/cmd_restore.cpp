@@ -20,6 +20,7 @@
 
 #include <unistd.h>
 
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -93,6 +94,7 @@ int run_restore(std::span<char*> args) {
             std::string_view text = pending;
             while (!text.empty()) {
                 const ssize_t n = ::write(STDOUT_FILENO, text.data(), text.size());
+                if (n < 0 && errno == EINTR) continue; // a vCPU kick landed here
                 if (n <= 0) break;
                 text.remove_prefix(static_cast<std::size_t>(n));
             }
