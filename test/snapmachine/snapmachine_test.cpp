@@ -308,6 +308,45 @@ BOOST_AUTO_TEST_CASE(restored_machine_snapshots_again) {
     check_continues(before + out->snapshot(), out2->snapshot(), last_second);
 }
 
+BOOST_AUTO_TEST_CASE(two_vcpus_one_halted_in_kvm_are_paused_and_restored) {
+    require_kvm();
+    boost::asio::io_context io;
+    temp_dir dir;
+    const fs::path file = dir.path / "smp.snap";
+    auto out = std::make_shared<console>();
+    auto cfg = count_config(out);
+    cfg.vcpus = 2;
+    cfg.extra_cmdline += " conformance.smp=1 conformance.cpus=2";
+    auto vm = get(machine::create(io.get_executor(), cfg), "create");
+    BOOST_REQUIRE(vm->start());
+    BOOST_REQUIRE_MESSAGE(out->wait_counts(3), out->snapshot());
+    BOOST_CHECK(out->snapshot().find("application processors running: 1 of 1") !=
+                std::string::npos);
+    require_ok(vm->snapshot_to(ss::file_store(file), sm::after_snapshot::stop), "snapshot");
+    vm->wait();
+    const std::string before = out->snapshot();
+    const std::uint64_t last = out->counts().back();
+
+    auto loaded = get(ss::read_snapshot(file), "read");
+    BOOST_REQUIRE_EQUAL(loaded.records.vcpus.size(), 2u);
+    auto ap = get(sm::backend::kvm_state::decode_vcpu_state(loaded.records.vcpus[1].state), "ap");
+    BOOST_TEST_MESSAGE("AP MP state " << ap.mp_state.mp_state << ", rip 0x" << std::hex
+                                      << ap.regs.rip);
+    BOOST_CHECK(ap.mp_state.mp_state == KVM_MP_STATE_HALTED ||
+                ap.mp_state.mp_state == KVM_MP_STATE_RUNNABLE);
+    auto restored_out = std::make_shared<console>();
+    auto restored_cfg = count_config(restored_out);
+    restored_cfg.vcpus = 2;
+    auto clone =
+        get(machine::restore(io.get_executor(), restored_cfg, std::move(loaded)), "restore");
+    BOOST_REQUIRE(clone->start());
+    BOOST_REQUIRE(restored_out->wait_counts(3));
+    clone->stop();
+    const auto e = clone->wait();
+    BOOST_CHECK(e.what == sm::machine_exit::reason::stopped);
+    check_continues(before, restored_out->snapshot(), last);
+}
+
 BOOST_AUTO_TEST_CASE(two_gib_guest_that_touched_8_mib_writes_and_reads_about_8_mib) {
     require_kvm();
     boost::asio::io_context io;
