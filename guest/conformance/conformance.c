@@ -3,8 +3,9 @@
  * page, e820 map, cmdline, initrd, ACPI tables — talks over the UART and ends
  * the machine the way its cmdline asks:
  *
- *   conformance.mode=poweroff|reset|acpireset|triplefault|panic|echo|popcnt|virtio
- *     (virtio: drive every virtio-mmio device, see virtio.h)
+ *   conformance.mode=poweroff|reset|acpireset|triplefault|panic|echo|popcnt|virtio|count
+ *     (virtio: drive every virtio-mmio device, see virtio.h;
+ *      count: count forever on the console, see count.c)
  *     (popcnt: execute POPCNT, which some hosts cannot emulate, then power off)
  *   conformance.cpus=N        MADT must list N enabled processors
  *   conformance.memory_mib=M  e820 RAM must add up to M MiB
@@ -571,6 +572,8 @@ static void echo(void) {
     }
 }
 
+void conformance_count(uint64_t touch_mib, uint64_t every); /* count.c */
+
 void conformance_main(uint64_t zero_page, uint64_t start_info) {
     uart_init();
     puts_("conformance: start\n");
@@ -583,6 +586,12 @@ void conformance_main(uint64_t zero_page, uint64_t start_info) {
     report_cpuid();
     if (param_is("conformance.smp", "1")) start_other_cpus();
 
+    if (param_is("conformance.mode", "count")) { /* count.c; never returns */
+        uint64_t touch_mib = 0, every = 0;
+        param_number("conformance.touch_mib", &touch_mib);
+        param_number("conformance.every", &every);
+        conformance_count(touch_mib, every);
+    }
     if (param_is("conformance.mode", "echo")) {
         echo();
         check(1, "echo");

@@ -14,13 +14,25 @@
 // Threads: create/start on the caller's thread; each vCPU on its own thread
 // serving port I/O and MMIO through the bus; stop() and device input from
 // any thread; async_wait completions on the handler's associated executor.
+//
+// Snapshots (doc/snapshot-machine.md), on a backend with KVM state access:
+//   vm->snapshot_to(snapshot::file_store{"vm.snap"});   // pause, capture, resume
+//   vm->async_snapshot("vm.snap", token);               // the same on a helper thread
+//   auto loaded = snapshot::read_snapshot("vm.snap");   // validated, RAM MAP_PRIVATE
+//   auto clone = machine::restore(executor, cfg, std::move(loaded).value());
+//   clone.value()->start();                             // continues where it was
 #include <supermachine/backend/hypervisor_backend.hpp>
+#include <supermachine/backend/kvm_state.hpp>
 #include <supermachine/boot/linux_loader.hpp>
 #include <supermachine/device.hpp>
 #include <supermachine/devices/bus.hpp>
 #include <supermachine/devices/exit_request.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/memory.hpp>
+#include <supermachine/snapshot/file_store.hpp>
+#include <supermachine/snapshot/records.hpp>
+#include <supermachine/snapshot/store.hpp>
+#include <supermachine/virtio/mmio_state.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/associated_executor.hpp>
@@ -32,10 +44,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -191,6 +206,9 @@ inline backend::entry_state to_entry_state(const boot::boot_entry& e) {
 }
 } // namespace detail
 
+/// What snapshot_to() does with the machine once its state is saved.
+enum class after_snapshot { resume, stop };
+
 template <backend::hypervisor_backend Backend, class... Devices>
 class basic_machine {
 public:
@@ -231,6 +249,8 @@ public:
     ~basic_machine() {
         stop(); // completes every async_wait too
         join();
+        for (auto& t : snapshot_threads_)
+            if (t.joinable()) t.join();
     }
 
     /// Allocate memory, open the VM, create every device, load the kernel and
@@ -298,6 +318,113 @@ public:
         self->cmdline_ = boot::full_cmdline(boot_config); // what load_linux wrote
         self->panic_grace_ = cfg.panic_grace;
         return self;
+    }
+
+    /// A machine from a snapshot: the backend over the snapshot's private RAM
+    /// mapping, every vCPU, the interrupt controllers and clock, the UART and
+    /// each virtio device as they were. No kernel is loaded and no entry
+    /// state set; start() runs the vCPUs (each one's saved MP state decides
+    /// whether it runs or waits for a SIPI). `cfg` must describe the same
+    /// machine (vCPUs, memory, device list); its kernel fields are ignored.
+    /// Another vCPU count, memory size or device set: snapshot_mismatch.
+    static result<std::unique_ptr<basic_machine>>
+    restore(boost::asio::any_io_executor executor, config cfg, snapshot::loaded_snapshot loaded) {
+        if constexpr (!backend::kvm_state::kvm_state_access<Backend>) {
+            return errc::not_supported;
+        } else {
+            const auto& records = loaded.records;
+            if (cfg.vcpus == 0) return errc::invalid_argument;
+            if (cfg.memory_mib < min_memory_mib || cfg.memory_mib > max_memory_mib)
+                return errc::snapshot_mismatch;
+            if (records.machine.vcpu_count != cfg.vcpus || records.vcpus.size() != cfg.vcpus ||
+                records.machine.memory_size != (cfg.memory_mib << 20) ||
+                loaded.memory.size() != records.machine.memory_size)
+                return errc::snapshot_mismatch;
+            if (!records.interrupt_controller) return errc::snapshot_bad_record;
+
+            std::unique_ptr<basic_machine> self(new basic_machine(std::move(executor)));
+            self->memory_ = std::move(loaded.memory);
+            self->source_ = std::move(loaded.source);
+            cfg.backend.vcpus = cfg.vcpus;
+            if constexpr (requires { cfg.backend.restoring = true; }) cfg.backend.restoring = true;
+            SUPERMACHINE_TRY(vm, Backend::create(self->memory_, cfg.backend));
+            self->backend_ = std::move(vm);
+            boot::linux_boot_config unused;
+            SUPERMACHINE_TRY(
+                self->create_devices(cfg, unused, std::index_sequence_for<Devices...>{}));
+            // Everything that can be checked without changing state first.
+            SUPERMACHINE_TRY(self->check_device_records(records));
+            SUPERMACHINE_TRY(backend::kvm_state::restore_records(*self->backend_, records.vcpus,
+                                                                 *records.interrupt_controller));
+            SUPERMACHINE_TRY(self->restore_devices(records));
+            self->cmdline_ = records.machine.kernel_identity;
+            self->panic_grace_ = cfg.panic_grace;
+            return self;
+        }
+    }
+
+    /// Pause every vCPU (each returns from KVM_RUN and parks), quiesce the
+    /// devices (requests in flight complete), save vCPU, VM, UART, virtio and
+    /// RAM state into `store`, then resume (or stop) the machine. From any
+    /// thread but a vCPU's; one snapshot at a time.
+    template <class Store>
+    requires snapshot::snapshot_store<std::remove_cvref_t<Store>> result<void>
+    snapshot_to(Store&& store, after_snapshot then = after_snapshot::resume) {
+        SUPERMACHINE_TRY(image, pause_and_capture());
+        auto saved = store.save(image);
+        resume_after_capture(then);
+        return saved;
+    }
+
+    /// snapshot_to(file_store{path}) on a helper thread; completes with
+    /// void(std::error_code) on the handler's associated executor.
+    template <class CompletionToken>
+    auto async_snapshot(std::filesystem::path path, CompletionToken&& token,
+                        after_snapshot then = after_snapshot::resume) {
+        return boost::asio::async_initiate<CompletionToken, void(std::error_code)>(
+            [this, then](auto handler, std::filesystem::path path) {
+                auto handler_executor = boost::asio::get_associated_executor(handler, executor_);
+                auto work = boost::asio::make_work_guard(handler_executor);
+                std::lock_guard lock(snapshot_threads_mutex_);
+                snapshot_threads_.emplace_back([this, then, path = std::move(path),
+                                                handler = std::move(handler),
+                                                work = std::move(work)]() mutable {
+                    snapshot::file_store store(path);
+                    auto saved = snapshot_to(store, then);
+                    std::error_code error = saved ? std::error_code{} : saved.error();
+                    auto ex = work.get_executor();
+                    boost::asio::post(
+                        ex, [handler = std::move(handler), error]() mutable { handler(error); });
+                    work.reset();
+                });
+            },
+            token, std::move(path));
+    }
+
+    /// Pause the machine and return its state as a snapshot image (RAM is
+    /// this machine's memory: the vCPUs stay parked until
+    /// resume_after_capture()). snapshot_to() is this + save + resume.
+    result<snapshot::snapshot_image> pause_and_capture() {
+        if constexpr (!backend::kvm_state::kvm_state_access<Backend>) {
+            return errc::not_supported;
+        } else {
+            std::unique_lock snapshot_lock(snapshot_mutex_);
+            SUPERMACHINE_TRY(pause_vcpus());
+            std::apply([](auto&... device) { (pause_device(device.get()), ...); }, bus_.devices());
+            auto image = capture_locked();
+            if (!image) {
+                resume_locked(after_snapshot::resume);
+                return image.error();
+            }
+            snapshot_lock.release(); // held until resume_after_capture()
+            return image;
+        }
+    }
+
+    /// Resume (or stop) after pause_and_capture().
+    void resume_after_capture(after_snapshot then = after_snapshot::resume) {
+        resume_locked(then);
+        snapshot_mutex_.unlock();
     }
 
     /// Start one thread per vCPU.
@@ -383,6 +510,10 @@ public:
         return std::get<I>(bus_.devices()).get();
     }
     const guest_memory& memory() const noexcept { return memory_; }
+    /// For a restored machine: the snapshot file its RAM maps (else empty).
+    const std::shared_ptr<const snapshot::ram_source>& snapshot_source() const noexcept {
+        return source_;
+    }
     Backend& backend() noexcept { return *backend_; }
     /// The command line the guest was given.
     const std::string& kernel_cmdline() const noexcept { return cmdline_; }
@@ -449,6 +580,7 @@ private:
                         return vm->make_doorbell(address, length, value);
                     },
             };
+            resources_[Index] = resources;
             auto created = D::create(env, std::get<Index>(cfg.devices));
             if (!created) {
                 status = created.error();
@@ -465,6 +597,196 @@ private:
         };
         (one(std::integral_constant<std::size_t, I>{}), ...);
         return status;
+    }
+
+    template <class D>
+    static void pause_device(D* device) {
+        if constexpr (requires { device->pause(); })
+            if (device) device->pause();
+    }
+
+    template <class D>
+    static constexpr bool is_uart = requires(D& d, const D& cd, const snapshot::uart_record& r) {
+        { cd.save_state() } -> std::same_as<snapshot::uart_record>;
+        { d.restore_state(r) } -> std::same_as<result<void>>;
+    };
+    template <class D>
+    static constexpr bool is_virtio_transport = requires(D& d, const D& cd,
+                                                         const virtio::mmio_state& s) {
+        { cd.state() } -> std::same_as<virtio::mmio_state>;
+        { d.restore(s) } -> std::same_as<result<void>>;
+        { d.resume() } -> std::same_as<result<void>>;
+        D::core_type::type;
+    };
+
+    // Kick every vCPU out of KVM_RUN and wait until each thread has returned
+    // from run_vcpu and parked (doc/kvm-state.md: only then is a capture
+    // correct). A machine not started yet has nothing to park.
+    result<void> pause_vcpus() {
+        std::unique_lock lock(mutex_);
+        if (exit_ || finishing_) return errc::invalid_argument;
+        pause_requested_ = true;
+        const std::size_t running = threads_.size();
+        lock.unlock();
+        for (std::uint32_t i = 0; i < backend_->vcpu_count(); ++i)
+            backend_->kick(i);
+        lock.lock();
+        pause_changed_.wait(lock, [&] { return parked_ == running || exit_ || finishing_; });
+        if (parked_ != running || exit_ || finishing_) {
+            pause_requested_ = false;
+            pause_changed_.notify_all();
+            return errc::invalid_argument; // the machine ended meanwhile
+        }
+        return success();
+    }
+
+    void park(std::uint32_t) {
+        std::unique_lock lock(mutex_);
+        ++parked_;
+        pause_changed_.notify_all();
+        pause_changed_.wait(lock, [&] { return !pause_requested_ || finishing_; });
+        --parked_;
+    }
+
+    // Devices resume under mutex_ so that a concurrent finish() (which sets
+    // finishing_ under it, then stops the devices) always stops them after.
+    void resume_locked(after_snapshot then) {
+        if (then == after_snapshot::stop) {
+            stop();
+        } else {
+            std::lock_guard lock(mutex_);
+            if (!finishing_)
+                std::apply([](auto&... device) { (resume_device(device.get()), ...); },
+                           bus_.devices());
+        }
+        std::lock_guard lock(mutex_);
+        pause_requested_ = false;
+        pause_changed_.notify_all();
+    }
+
+    template <class D>
+    static void resume_device(D* device) {
+        if constexpr (requires { device->resume(); })
+            if (device) (void)device->resume();
+    }
+
+    result<snapshot::snapshot_image> capture_locked() {
+        if (msr_indexes_.empty()) {
+            if constexpr (requires { backend_->system_fd(); }) {
+                SUPERMACHINE_TRY(list, backend::kvm_state::msr_index_list(backend_->system_fd()));
+                msr_indexes_ = std::move(list);
+            } else {
+                SUPERMACHINE_TRY(list, backend::kvm_state::msr_index_list());
+                msr_indexes_ = std::move(list);
+            }
+        }
+        snapshot::snapshot_records records;
+        records.machine.vcpu_count = backend_->vcpu_count();
+        records.machine.memory_size = memory_.size();
+        records.machine.kernel_identity = cmdline_.substr(
+            0, std::min<std::size_t>(cmdline_.size(), snapshot::max_kernel_identity_bytes));
+        SUPERMACHINE_TRY(kvm_records, backend::kvm_state::capture_records(*backend_, msr_indexes_));
+        records.vcpus = std::move(kvm_records.vcpus);
+        records.interrupt_controller = std::move(kvm_records.interrupt_controller);
+        result<void> status = success();
+        auto one = [&]<std::size_t Index>(std::integral_constant<std::size_t, Index>) {
+            using D = bus_device_for<std::tuple_element_t<Index, std::tuple<Devices...>>>;
+            const D& device = *std::get<Index>(bus_.devices());
+            if constexpr (is_uart<D>) {
+                records.uart = device.save_state();
+            } else if constexpr (is_virtio_transport<D>) {
+                snapshot::virtio_device_record r;
+                r.kind = static_cast<snapshot::virtio_device_kind>(D::core_type::type);
+                r.mmio_base = resources_[Index].mmio_base;
+                r.gsi = resources_[Index].gsi;
+                const virtio::mmio_state state = device.state();
+                r.transport_state = virtio::encode(state);
+                for (std::size_t q = 0; q < state.queues.size(); ++q) {
+                    const auto& queue = state.queues[q];
+                    const bool size_valid =
+                        queue.size <= 32768 && (queue.size & (queue.size - 1)) == 0;
+                    r.queues.push_back(
+                        {.index = static_cast<std::uint16_t>(q),
+                         .size = static_cast<std::uint16_t>(size_valid ? queue.size : 0),
+                         .ready = queue.ready,
+                         .descriptor_table = queue.descriptor_table,
+                         .available_ring = queue.available_ring,
+                         .used_ring = queue.used_ring,
+                         .next_available = queue.position.next_available,
+                         .next_used = queue.position.next_used});
+                }
+                if constexpr (requires { device.core().save_state(); })
+                    r.device_state = device.core().save_state();
+                records.virtio_devices.push_back(std::move(r));
+            }
+        };
+        for_each_device_index(one);
+        (void)status;
+        return snapshot::snapshot_image::of(memory_, std::move(records), source_);
+    }
+
+    result<void> check_device_records(const snapshot::snapshot_records& records) const {
+        bool has_uart = false;
+        std::size_t virtio_index = 0;
+        result<void> status = success();
+        auto one = [&]<std::size_t Index>(std::integral_constant<std::size_t, Index>) {
+            using D = bus_device_for<std::tuple_element_t<Index, std::tuple<Devices...>>>;
+            if constexpr (is_uart<D>) {
+                has_uart = true;
+            } else if constexpr (is_virtio_transport<D>) {
+                if (virtio_index >= records.virtio_devices.size()) {
+                    status = errc::snapshot_mismatch;
+                    return;
+                }
+                const auto& r = records.virtio_devices[virtio_index++];
+                if (r.kind != static_cast<snapshot::virtio_device_kind>(D::core_type::type) ||
+                    r.mmio_base != resources_[Index].mmio_base || r.gsi != resources_[Index].gsi)
+                    status = errc::snapshot_mismatch;
+            }
+        };
+        for_each_device_index(one);
+        if (!status) return status;
+        if (virtio_index != records.virtio_devices.size()) return errc::snapshot_mismatch;
+        if (has_uart != records.uart.has_value()) return errc::snapshot_mismatch;
+        return success();
+    }
+
+    result<void> restore_devices(const snapshot::snapshot_records& records) {
+        std::size_t virtio_index = 0;
+        result<void> status = success();
+        auto one = [&]<std::size_t Index>(std::integral_constant<std::size_t, Index>) {
+            if (!status) return;
+            using D = bus_device_for<std::tuple_element_t<Index, std::tuple<Devices...>>>;
+            D& device = *std::get<Index>(bus_.devices());
+            if constexpr (is_uart<D>) {
+                status = device.restore_state(*records.uart);
+            } else if constexpr (is_virtio_transport<D>) {
+                const auto& r = records.virtio_devices[virtio_index++];
+                auto state = virtio::decode_mmio_state(r.transport_state);
+                if (!state) {
+                    status = state.error();
+                    return;
+                }
+                if constexpr (requires { device.core().restore_state(r.device_state); }) {
+                    status = device.core().restore_state(r.device_state);
+                    if (!status) return;
+                } else if (!r.device_state.empty()) {
+                    status = errc::snapshot_mismatch;
+                    return;
+                }
+                status = device.restore(state.value());
+            }
+        };
+        for_each_device_index(one);
+        return status;
+    }
+
+    template <class F>
+    static void for_each_device_index(F& f) {
+        [&]<std::size_t... I>(std::index_sequence<I...>) {
+            (f(std::integral_constant<std::size_t, I>{}), ...);
+        }
+        (std::index_sequence_for<Devices...>{});
     }
 
     void on_exit_request(exit_request r) {
@@ -498,6 +820,10 @@ private:
     void run_vcpu_thread(std::uint32_t index) {
         for (;;) {
             if (stopping_.load(std::memory_order_acquire)) return;
+            if (pause_requested_.load(std::memory_order_acquire)) {
+                park(index); // outside KVM_RUN, after its re-entry: safe to capture
+                continue;
+            }
             const backend::vcpu_exit e = backend_->run_vcpu(index, bus_);
             using K = backend::vcpu_exit::kind;
             using R = machine_exit::reason;
@@ -560,6 +886,7 @@ private:
             waiters.swap(waiters_);
         }
         exited_.notify_all();
+        pause_changed_.notify_all();
         for (auto& waiter : waiters)
             waiter(*exit_);
     }
@@ -602,6 +929,16 @@ private:
     bool started_ = false;
     std::vector<std::thread> threads_;
     std::vector<std::function<void(const machine_exit&)>> waiters_;
+    // Snapshots.
+    std::array<device_resources, sizeof...(Devices)> resources_{};
+    std::shared_ptr<const snapshot::ram_source> source_;
+    std::vector<std::uint32_t> msr_indexes_;
+    std::mutex snapshot_mutex_;
+    std::atomic<bool> pause_requested_{false};
+    std::size_t parked_ = 0;
+    std::condition_variable pause_changed_;
+    std::mutex snapshot_threads_mutex_;
+    std::vector<std::thread> snapshot_threads_;
 };
 
 } // namespace supermachine

@@ -19,6 +19,7 @@
 #include <supermachine/devices/i8042.hpp>
 #include <supermachine/devices/serial.hpp>
 #include <supermachine/machine.hpp>
+#include <supermachine/snapshot/file_store.hpp>
 #include <supermachine/storage/cow_file.hpp>
 #include <supermachine/storage/one_of.hpp>
 #include <supermachine/storage/raw_file.hpp>
@@ -69,6 +70,9 @@ struct boot_options {
     std::vector<disk_option> disks;    // virtio-blk, in order: /dev/vda, /dev/vdb, ...
     bool rng = false;                  // a virtio-rng device after the disks
     std::string engine = "auto";       // kvm | qemu | auto (see choose_engine)
+    // --snapshot-after-ms N --snapshot-to FILE: snapshot, then stop (supermachine restore FILE).
+    std::uint32_t snapshot_after_ms = 0;
+    std::string snapshot_to;
 };
 
 /// The device list is a compile-time type list, so `boot` has a fixed number
@@ -179,6 +183,7 @@ inline int boot_with_kvm(const boot_options& options) {
             std::string_view text = pending;
             while (!text.empty()) {
                 const ssize_t n = ::write(STDOUT_FILENO, text.data(), text.size());
+                if (n < 0 && errno == EINTR) continue; // a snapshot pause signals vCPU threads
                 if (n <= 0) break;
                 text.remove_prefix(static_cast<std::size_t>(n));
             }
@@ -262,15 +267,35 @@ inline int boot_with_kvm(const boot_options& options) {
         }
     });
 
+    std::optional<std::error_code> snapshot_result;
+    std::thread snapshotter;
+    if (!options.snapshot_to.empty())
+        snapshotter = std::thread([&] {
+            if (vm.wait_for(std::chrono::milliseconds(options.snapshot_after_ms))) return;
+            auto saved =
+                vm.snapshot_to(snapshot::file_store(options.snapshot_to), after_snapshot::stop);
+            snapshot_result = saved ? std::error_code{} : saved.error();
+        });
     std::optional<machine_exit> exit;
     if (options.timeout_seconds)
         exit = vm.wait_for(std::chrono::seconds(options.timeout_seconds));
     else
         exit = vm.wait();
     done = true;
+    if (snapshotter.joinable()) snapshotter.join();
     input.join();
     flusher.join();
     console->flush(); // the console before any error line
+    if (snapshot_result) {
+        if (*snapshot_result) {
+            print_error("snapshot to '%s' failed: %s", options.snapshot_to,
+                        snapshot_result->message());
+            return boot_vmm_failure;
+        }
+        std::fprintf(stderr, "supermachine boot: snapshot written to %s\n",
+                     options.snapshot_to.c_str());
+        return boot_ok;
+    }
     if (!exit) {
         vm.stop();
         vm.wait();
@@ -405,6 +430,7 @@ void usage(FILE* to) {
         "usage: supermachine boot --kernel FILE [--initrd FILE] [--append ARGS] [--cmdline ARGS]\n"
         "                         [--memory MiB] [--cpus N] [--timeout SECONDS]\n"
         "                         [--disk PATH[,ro|,cow]]... [--rng] [--engine kvm|qemu|auto]\n"
+        "                         [--snapshot-after-ms N --snapshot-to FILE]\n"
         "Boots FILE (bzImage or ELF vmlinux) on KVM; the serial console is stdin/stdout.\n"
         "--disk: a virtio-blk disk over the file (up to 8, in order; ,ro: read-only;\n"
         "        ,cow: writable, but writes stay in memory and the file is never changed);\n"
@@ -490,6 +516,13 @@ int run_boot(std::span<char*> args) {
                 print_error("--timeout '%s': need a number of seconds", std::string(value));
                 return boot_bad_input;
             }
+        } else if (arg == "--snapshot-after-ms") {
+            if (!parse_number(value, options.snapshot_after_ms)) {
+                print_error("--snapshot-after-ms '%s': need a number", std::string(value));
+                return boot_bad_input;
+            }
+        } else if (arg == "--snapshot-to") {
+            options.snapshot_to = value;
         } else {
             print_error("unknown option '%s' (see supermachine boot --help)", std::string(arg));
             return boot_bad_input;

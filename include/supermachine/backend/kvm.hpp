@@ -48,6 +48,9 @@ public:
         /// cannot handle (see detail/kvm_cpuid.hpp). Never applied elsewhere.
         bool host_workarounds = true;
         const char* device_path = "/dev/kvm";
+        /// A snapshot restore will set every vCPU's state: skip the boot
+        /// MSRs and LAPIC LINT wiring it would overwrite anyway.
+        bool restoring = false;
     };
 
     /// The most vCPUs we describe: xAPIC ids in the MADT are 8-bit and 0xff is broadcast.
@@ -128,8 +131,10 @@ public:
                 if (::ioctl(v.fd.get(), detail::ioctl_set_cpuid2, cpuid.header()) != 0)
                     return detail::kvm_error();
             }
-            SUPERMACHINE_TRY(self->set_boot_msrs(v));
-            SUPERMACHINE_TRY(self->set_local_interrupts(v));
+            if (!cfg.restoring) {
+                SUPERMACHINE_TRY(self->set_boot_msrs(v));
+                SUPERMACHINE_TRY(self->set_local_interrupts(v));
+            }
         }
         install_kick_signal();
         return self;
@@ -146,6 +151,8 @@ public:
     }
     bool host_is_pvm() const noexcept { return pvm_; }
     int vm_fd() const noexcept { return vm_.get(); }
+    /// The open /dev/kvm (e.g. for kvm_state::msr_index_list).
+    int system_fd() const noexcept { return system_.get(); }
     int vcpu_fd(std::uint32_t index) const noexcept { return vcpus_.at(index).fd.get(); }
 
     /// Registers, segments, control registers and FPU for the kernel entry.

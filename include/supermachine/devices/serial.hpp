@@ -14,7 +14,9 @@
 #include <supermachine/device.hpp>
 #include <supermachine/devices/exit_request.hpp>
 #include <supermachine/platform.hpp>
+#include <supermachine/snapshot/records.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -85,6 +87,53 @@ public:
     std::size_t pending_input() const {
         std::lock_guard lock(mutex_);
         return input_.size();
+    }
+
+    /// The registers and queued host input, for a snapshot (take it while
+    /// the vCPUs are paused). At most snapshot::max_uart_fifo_bytes of queued
+    /// input are kept; the rest (host input the guest never read) is dropped.
+    snapshot::uart_record save_state() const {
+        std::lock_guard lock(mutex_);
+        snapshot::uart_record r;
+        r.divisor_latch_low = static_cast<std::uint8_t>(divisor_);
+        r.divisor_latch_high = static_cast<std::uint8_t>(divisor_ >> 8);
+        r.interrupt_enable = ier_;
+        r.interrupt_identification = fifo_enabled_ ? iir_fifo_enabled : 0; // informational
+        r.fifo_control = fifo_enabled_ ? 1 : 0;
+        r.line_control = lcr_;
+        r.modem_control = mcr_;
+        r.line_status = lsr_thr_empty | lsr_idle | (input_.empty() ? 0 : lsr_data_ready);
+        r.modem_status = modem_status_value();
+        r.scratch = scr_;
+        r.transmit_interrupt_pending = thre_pending_;
+        const std::size_t kept =
+            std::min<std::size_t>(input_.size(), snapshot::max_uart_fifo_bytes);
+        r.receive_fifo.reserve(kept);
+        for (std::size_t i = 0; i < kept; ++i)
+            r.receive_fifo.push_back(std::byte{input_[i]});
+        return r;
+    }
+
+    /// Load save_state() output (hostile: values a guest could not have
+    /// written are snapshot_bad_record). Raises no interrupt: an edge that
+    /// was pending is part of the interrupt controller's saved state.
+    result<void> restore_state(const snapshot::uart_record& r) {
+        if ((r.interrupt_enable & ~0x0fu) || (r.modem_control & ~0x1fu) || r.fifo_control > 1 ||
+            r.receive_fifo.size() > snapshot::max_uart_fifo_bytes)
+            return errc::snapshot_bad_record;
+        std::lock_guard lock(mutex_);
+        divisor_ = static_cast<std::uint16_t>(r.divisor_latch_low | (r.divisor_latch_high << 8));
+        ier_ = r.interrupt_enable;
+        fifo_enabled_ = r.fifo_control != 0;
+        lcr_ = r.line_control;
+        mcr_ = r.modem_control;
+        scr_ = r.scratch;
+        thre_pending_ = r.transmit_interrupt_pending;
+        input_.clear();
+        for (std::byte b : r.receive_fifo)
+            if (input_.size() < input_limit_) input_.push_back(std::to_integer<std::uint8_t>(b));
+        panic_matched_ = 0;
+        return success();
     }
 
     void read(std::uint64_t address, std::span<std::byte> data) {
@@ -159,20 +208,24 @@ private:
         case line_status:
             return lsr_thr_empty | lsr_idle | (input_.empty() ? 0 : lsr_data_ready);
         case modem_status:
-            if (mcr_ & mcr_loopback) {
-                // Loopback wiring: DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD (Linux probes this).
-                std::uint8_t msr = 0;
-                if (mcr_ & 0x01) msr |= 0x20;
-                if (mcr_ & 0x02) msr |= 0x10;
-                if (mcr_ & 0x04) msr |= 0x40;
-                if (mcr_ & 0x08) msr |= 0x80;
-                return msr;
-            }
-            return 0xb0; // DCD, DSR, CTS: a cable with the other end ready
+            return modem_status_value();
         case scratch:
             return scr_;
         }
         return 0;
+    }
+
+    std::uint8_t modem_status_value() const {
+        if (mcr_ & mcr_loopback) {
+            // Loopback wiring: DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD (Linux probes this).
+            std::uint8_t msr = 0;
+            if (mcr_ & 0x01) msr |= 0x20;
+            if (mcr_ & 0x02) msr |= 0x10;
+            if (mcr_ & 0x04) msr |= 0x40;
+            if (mcr_ & 0x08) msr |= 0x80;
+            return msr;
+        }
+        return 0xb0; // DCD, DSR, CTS: a cable with the other end ready
     }
 
     // Returns whether to raise the interrupt; sets `out` for a byte sent to the host.
