@@ -9,6 +9,7 @@
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/image.hpp>
 
+#include <boost/asio/io_context.hpp>
 #include <boost/test/unit_test.hpp>
 
 #include <skip.hpp>
@@ -76,6 +77,7 @@ fixture_state& state() {
         s.image = "oci:" + s.image_dir.string() + ":busybox";
         ::setenv("XDG_CACHE_HOME", (s.work / "cache").c_str(), 1);
         ::setenv("SUPERMACHINE_KERNEL_DIR", s.kernel_dir.c_str(), 1);
+        ::setenv("SUPERMACHINE_AGENT", s.agent.c_str(), 1); // for the API cases in this process
         return s;
     }();
     return s;
@@ -181,6 +183,76 @@ BOOST_AUTO_TEST_CASE(corrupted_snapshot_is_rebuilt_not_trusted) {
         BOOST_REQUIRE(bytes);
         BOOST_TEST(static_cast<bool>(sm::detail::warm_snapshot_meta::decode(bytes.value())));
     }
+}
+
+// The API refuses a snapshot that does not match (other memory size), is
+// truncated or corrupted, before QEMU starts; one whose record and
+// fingerprints are valid but whose contents are garbage still fails (here:
+// the device-state file), never runs a guest.
+BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
+    auto& s = state();
+    auto ready = sm::image::from_oci(s.image).prepare();
+    BOOST_REQUIRE(ready);
+    const auto dir = s.work / "fabricated";
+    fs::create_directories(dir);
+    auto write = [&](const char* name, const std::string& text) {
+        std::ofstream out(dir / name, std::ios::binary | std::ios::trunc);
+        out << text;
+    };
+    write("machine", std::string(4096, 'Q'));
+    write("machine.devices", std::string(16, 'D'));
+    write("initramfs.cpio", std::string(512, 'I'));
+    sm::detail::warm_snapshot_meta meta;
+    meta.image_digest = ready.value().digest.str();
+    meta.rootfs = ready.value().rootfs.string();
+    meta.memory_mib = 256;
+    meta.cpus = 1;
+    meta.kernel_release = sm::boot::default_kernel().value().release;
+    meta.agent_identity = sm::detail::agent_identity(s.agent);
+    meta.token = "0123456789abcdef0123456789abcdef";
+    meta.cmdline =
+        "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init supermachine.token=" + meta.token +
+        " supermachine.root=/dev/vda supermachine.port=1024";
+    meta.stream = sm::detail::fingerprint_file(dir / "machine").value();
+    meta.devices = sm::detail::fingerprint_file(dir / "machine.devices").value();
+    meta.initramfs = sm::detail::fingerprint_file(dir / "initramfs.cpio").value();
+    auto seal = [&] {
+        const auto bytes = meta.encode();
+        std::ofstream out(dir / "meta", std::ios::binary | std::ios::trunc);
+        out.write(reinterpret_cast<const char*>(bytes.data()),
+                  static_cast<std::streamsize>(bytes.size()));
+    };
+    auto restore = [&](std::uint32_t memory_mib) {
+        boost::asio::io_context io;
+        sm::vm_options options;
+        options.memory_mib = memory_mib;
+        options.ready_timeout = std::chrono::seconds(60);
+        std::error_code result = sm::errc::invalid_argument;
+        sm::vm::async_restore(io.get_executor(), dir, ready.value(), options,
+                              [&](std::error_code ec, std::shared_ptr<sm::vm> v) {
+                                  result = ec;
+                                  if (v) v->kill();
+                              });
+        io.run();
+        BOOST_TEST_MESSAGE("restore: " << result.message());
+        return result;
+    };
+    seal();
+    BOOST_TEST((restore(512) == sm::errc::snapshot_mismatch)); // taken with 256 MiB
+    meta.memory_mib = 512;
+    seal();
+    write("machine", std::string(4095, 'Q')); // truncated
+    BOOST_TEST((restore(512) == sm::errc::snapshot_truncated));
+    write("machine", std::string(4095, 'Q') + "R"); // same size, one byte changed
+    BOOST_TEST((restore(512) == sm::errc::snapshot_bad_record));
+    write("meta", "WARM");
+    BOOST_TEST(static_cast<bool>(restore(512)));
+    // Record and fingerprints valid, contents garbage.
+    write("machine", std::string(4096, 'Q'));
+    seal();
+    const auto garbage = restore(512);
+    BOOST_TEST(static_cast<bool>(garbage));
+    BOOST_TEST_MESSAGE("garbage stream: " << garbage.message());
 }
 
 BOOST_AUTO_TEST_CASE(cleanup) {
