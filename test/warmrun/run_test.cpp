@@ -255,6 +255,29 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
     BOOST_TEST_MESSAGE("garbage stream: " << garbage.message());
 }
 
+// Two runs of one image at once: each its own VM and exit code, each sees
+// only its own file; neither waits for the other's snapshot creation.
+BOOST_AUTO_TEST_CASE(concurrent_runs_are_private_and_safe) {
+    auto& s = state();
+    std::string command;
+    for (int k : {1, 2}) {
+        const auto n = std::to_string(k);
+        command += "( timeout 300 " + quote(s.cli.string()) + " run " + quote(s.image) +
+                   " sh -c 'echo mine" + n + " > /tmp/own; sleep 1; cat /tmp/own; exit 2" + n +
+                   "' >" + quote((s.work / ("cc" + n + ".out")).string()) + " 2>" +
+                   quote((s.work / ("cc" + n + ".err")).string()) + " </dev/null; echo $? >" +
+                   quote((s.work / ("cc" + n + ".status")).string()) + " ) & ";
+    }
+    command += "wait";
+    BOOST_REQUIRE(std::system(("bash -c " + quote(command)).c_str()) == 0);
+    for (int k : {1, 2}) {
+        const auto n = std::to_string(k);
+        BOOST_TEST(slurp(s.work / ("cc" + n + ".status")) == "2" + n + "\n");
+        BOOST_TEST(slurp(s.work / ("cc" + n + ".out")) == "mine" + n + "\n");
+        BOOST_TEST_MESSAGE("concurrent " << n << ": " << slurp(s.work / ("cc" + n + ".err")));
+    }
+}
+
 BOOST_AUTO_TEST_CASE(cleanup) {
     std::error_code ec;
     fs::remove_all(state().work, ec);

@@ -3,8 +3,9 @@
 // (image digest, memory, cpus, kernel release, agent binary, engine) under
 // $XDG_CACHE_HOME/supermachine/snapshots/<key>, taken right after the agent
 // is ready. Present and valid: restore it. Missing, stale or corrupt: cold
-// boot, snapshot (one stderr line), continue. Concurrent runs: creation is
-// serialised by a lock file; the directory appears by rename.
+// boot, snapshot (one stderr line), continue. Concurrent runs: one creates
+// (a lock file, never waited on: the others cold boot meanwhile); the
+// directory appears by rename.
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/oci/content_store.hpp>
 #include <supermachine/vm.hpp>
@@ -40,6 +41,19 @@ inline std::string warm_snapshot_key(const prepared_image& image, const vm_optio
     return text;
 }
 
+/// The per-key creation lock, without waiting: -1 when another run holds it
+/// (that run is creating the snapshot; this one cold boots meanwhile rather
+/// than queueing behind it).
+inline int try_creation_lock(const std::filesystem::path& dir) {
+    const int fd = ::open((dir.string() + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        ::close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 /// Start a vm for `supermachine run`: restore the cached snapshot, or cold
 /// boot (and create it). Completion: void(std::error_code, std::shared_ptr<vm>).
 inline void async_warm_start(boost::asio::any_io_executor executor, prepared_image image,
@@ -48,18 +62,20 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     auto say = [quiet = warm.quiet](const std::string& line) {
         if (!quiet) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
     };
-    auto cold = [&] { vm::async_start(executor, image, options, std::move(done)); };
-    if (!warm.use_snapshot) return cold();
+    auto cold = [executor, done](const prepared_image& image, const vm_options& options) {
+        vm::async_start(executor, image, options, done);
+    };
+    if (!warm.use_snapshot) return cold(image, options);
     auto engine = backend::select_engine(options.engine, nullptr);
-    if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold();
+    if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold(image, options);
     if (!options.kernel) {
         auto kernel = boot::default_kernel();
         if (!kernel) kernel = boot::fetch_default_kernel();
-        if (!kernel) return cold(); // async_start reports it
+        if (!kernel) return cold(image, options); // async_start reports it
         options.kernel = std::move(kernel).value();
     }
     auto agent_binary = detail::find_agent_binary();
-    if (!agent_binary) return cold();
+    if (!agent_binary) return cold(image, options);
     const auto dir =
         oci::content_store::default_root() / "snapshots" /
         warm_snapshot_key(image, options, detail::agent_identity(agent_binary.value()));
@@ -72,13 +88,13 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
             executor, image, options,
             [dir, say, done, lock_fd](std::error_code ec, std::shared_ptr<vm> v) {
                 if (ec) {
-                    if (lock_fd >= 0) ::close(lock_fd);
+                    ::close(lock_fd);
                     return done(ec, std::move(v));
                 }
                 v->async_snapshot(
                     dir, true,
                     [dir, say, done, lock_fd, v](std::error_code ec, vm::snapshot_report report) {
-                        if (lock_fd >= 0) ::close(lock_fd);
+                        ::close(lock_fd);
                         if (ec)
                             say("snapshot not created (" + ec.message() + "); this run continues");
                         else if (!report.saved)
@@ -91,31 +107,30 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                     });
             });
     };
-    auto restore = [executor, image, options, dir, say, done, create]() {
-        vm::async_restore(
-            executor, dir, image, options,
-            [dir, say, done, create](std::error_code ec, std::shared_ptr<vm> v) {
-                if (!ec) {
-                    say("restored from snapshot " + dir.filename().string());
-                    return done({}, std::move(v));
-                }
-                // Stale or corrupt: never trusted; rebuild it under the lock.
-                say("cached snapshot unusable (" + ec.message() + "); cold boot, rebuilding it");
-                const int fd =
-                    ::open((dir.string() + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-                if (fd >= 0) ::flock(fd, LOCK_EX);
-                std::error_code ignored;
-                std::filesystem::remove_all(dir, ignored);
-                create(fd);
-            });
+    auto restore = [executor, image, options, dir, say, done, create, cold]() {
+        vm::async_restore(executor, dir, image, options,
+                          [dir, say, done, create, cold, image, options](std::error_code ec,
+                                                                         std::shared_ptr<vm> v) {
+                              if (!ec) {
+                                  say("restored from snapshot " + dir.filename().string());
+                                  return done({}, std::move(v));
+                              }
+                              // Stale or corrupt: never trusted; rebuilt under the lock.
+                              say("cached snapshot unusable (" + ec.message() +
+                                  "); cold boot, rebuilding it");
+                              const int fd = try_creation_lock(dir);
+                              if (fd < 0)
+                                  return cold(image, options); // another run is rebuilding it
+                              std::error_code ignored;
+                              std::filesystem::remove_all(dir, ignored);
+                              create(fd);
+                          });
     };
     if (std::filesystem::exists(dir / "meta", fs_ec)) return restore();
-    // Creating: one run at a time per key; a run that waited restores what
-    // the first one made.
-    const int fd = ::open((dir.string() + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd >= 0) ::flock(fd, LOCK_EX);
-    if (std::filesystem::exists(dir / "meta", fs_ec)) {
-        if (fd >= 0) ::close(fd);
+    const int fd = try_creation_lock(dir);
+    if (fd < 0) return cold(image, options);            // another run is creating it: do not queue
+    if (std::filesystem::exists(dir / "meta", fs_ec)) { // made while we looked
+        ::close(fd);
         return restore();
     }
     create(fd);
