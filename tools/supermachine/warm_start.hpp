@@ -83,28 +83,29 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     std::filesystem::create_directories(dir.parent_path(), fs_ec);
 
     // Cold boot, snapshot, hand the running vm over. Holds `lock_fd` (closed at the end).
-    auto create = [executor, image, options, dir, say, done](int lock_fd) {
+    auto create = [executor, image, options, dir, say, done, quiet = warm.quiet](int lock_fd) {
         vm::async_start(
             executor, image, options,
-            [dir, say, done, lock_fd](std::error_code ec, std::shared_ptr<vm> v) {
+            [dir, say, done, lock_fd, quiet](std::error_code ec, std::shared_ptr<vm> v) {
                 if (ec) {
                     ::close(lock_fd);
                     return done(ec, std::move(v));
                 }
-                v->async_snapshot(
-                    dir, true,
-                    [dir, say, done, lock_fd, v](std::error_code ec, vm::snapshot_report report) {
-                        ::close(lock_fd);
-                        if (ec)
-                            say("snapshot not created (" + ec.message() + "); this run continues");
-                        else if (!report.saved)
-                            backend::explain_snapshot_fallback(report);
-                        else
-                            say("snapshot created: " + dir.string() + " (" +
-                                std::to_string(report.bytes >> 20) + " MiB, " +
-                                std::to_string(report.duration.count()) + " ms)");
-                        done({}, v);
-                    });
+                v->async_snapshot(dir, true,
+                                  [dir, say, done, lock_fd, v, quiet](std::error_code ec,
+                                                                      vm::snapshot_report report) {
+                                      ::close(lock_fd);
+                                      if (ec)
+                                          say("snapshot not created (" + ec.message() +
+                                              "); this run continues");
+                                      else if (!report.saved) {
+                                          if (!quiet) backend::explain_snapshot_fallback(report);
+                                      } else
+                                          say("snapshot created: " + dir.string() + " (" +
+                                              std::to_string(report.bytes >> 20) + " MiB, " +
+                                              std::to_string(report.duration.count()) + " ms)");
+                                      done({}, v);
+                                  });
             });
     };
     auto restore = [executor, image, options, dir, say, done, create, cold]() {
