@@ -200,12 +200,12 @@ public:
                 auto done = std::make_shared<decltype(handler)>(std::move(handler));
                 auto fail = [this, done](std::error_code ec) {
                     boost::asio::post(executor_,
-                                      [done, ec] { std::move(*done)(ec, snapshot_report{}); });
+                                      [done, ec] { std::move (*done)(ec, snapshot_report{}); });
                 };
                 if (!machine_ || snapshot_.token.empty()) return fail(errc::invalid_argument);
                 std::error_code fs_ec;
-                const auto parent = path.parent_path().empty() ? std::filesystem::path(".")
-                                                                : path.parent_path();
+                const auto parent =
+                    path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
                 std::filesystem::create_directories(parent, fs_ec);
                 std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX"));
                 if (!::mkdtemp(pattern.data())) return fail(errno_code(errno));
@@ -229,7 +229,7 @@ public:
                         boost::asio::post(setup_pool(), [self, done, staging, path, report, work] {
                             auto r = self->seal_snapshot(staging, path);
                             boost::asio::dispatch(self->executor_, [done, r, report, work] {
-                                std::move(*done)(r ? std::error_code{} : r.error(), report);
+                                std::move (*done)(r ? std::error_code{} : r.error(), report);
                             });
                         });
                     });
@@ -608,9 +608,9 @@ private:
                 expected += " " + extra;
             if (expected != cmdline) return errc::snapshot_mismatch;
         }
-        for (auto [name, want] : {std::pair{"machine", meta.stream},
-                                  std::pair{"machine.devices", meta.devices},
-                                  std::pair{"initramfs.cpio", meta.initramfs}}) {
+        for (auto [name, want] :
+             {std::pair{"machine", meta.stream}, std::pair{"machine.devices", meta.devices},
+              std::pair{"initramfs.cpio", meta.initramfs}}) {
             auto got = detail::fingerprint_file(dir / name);
             if (!got) return errc::snapshot_truncated;
             if (got.value().size != want.size) return errc::snapshot_truncated;
