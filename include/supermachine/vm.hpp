@@ -24,6 +24,7 @@
 #include <supermachine/backend/qemu.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
+#include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/image.hpp>
 #include <supermachine/storage/cow_file.hpp>
@@ -181,6 +182,95 @@ public:
     /// Which engine runs this VM, and why (for one line on stderr).
     const std::string& engine_description() const noexcept { return engine_description_; }
 
+    // ------------------------------------------------------------ snapshots
+    // (doc/warm-start.md) A snapshot is a directory: QEMU's migration stream,
+    // our devices' states (the copy-on-write overlay), the initramfs, and a
+    // validated record (detail/warm_snapshot.hpp). It appears atomically.
+
+    using snapshot_report = backend::qemu_machine::snapshot_report;
+
+    /// Pause the guest, write a snapshot directory at `path` (replacing one
+    /// there), then resume it when `resume` (else it stays paused).
+    /// Completion: void(std::error_code, snapshot_report); a refusal by the
+    /// engine is not an error: report.saved is false and report.refusal says why.
+    template <class Token>
+    auto async_snapshot(std::filesystem::path path, bool resume, Token&& token) {
+        return boost::asio::async_initiate<Token, void(std::error_code, snapshot_report)>(
+            [this](auto handler, std::filesystem::path path, bool resume) {
+                auto done = std::make_shared<decltype(handler)>(std::move(handler));
+                auto fail = [this, done](std::error_code ec) {
+                    boost::asio::post(executor_,
+                                      [done, ec] { std::move (*done)(ec, snapshot_report{}); });
+                };
+                if (!machine_ || snapshot_.token.empty()) return fail(errc::invalid_argument);
+                std::error_code fs_ec;
+                const auto parent =
+                    path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
+                std::filesystem::create_directories(parent, fs_ec);
+                std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX"));
+                if (!::mkdtemp(pattern.data())) return fail(errno_code(errno));
+                const std::filesystem::path staging = pattern;
+                std::filesystem::copy_file(snapshot_.initramfs, staging / "initramfs.cpio", fs_ec);
+                if (fs_ec) {
+                    std::filesystem::remove_all(staging, fs_ec);
+                    return fail(errc::io_error);
+                }
+                auto self = shared_from_this();
+                machine_->async_save_snapshot(
+                    staging / "machine", resume,
+                    [self, done, staging, path](std::error_code ec, snapshot_report report) {
+                        if (ec || !report.saved) {
+                            std::error_code ignored;
+                            std::filesystem::remove_all(staging, ignored);
+                            return std::move(*done)(ec, report);
+                        }
+                        // Fingerprinting reads the whole stream: off the executor.
+                        auto work = boost::asio::make_work_guard(self->executor_);
+                        boost::asio::post(setup_pool(), [self, done, staging, path, report, work] {
+                            auto r = self->seal_snapshot(staging, path);
+                            boost::asio::dispatch(self->executor_, [done, r, report, work] {
+                                std::move (*done)(r ? std::error_code{} : r.error(), report);
+                            });
+                        });
+                    });
+            },
+            token, std::move(path), resume);
+    }
+
+    /// Start a vm from a snapshot directory written by async_snapshot for
+    /// `image` with the same memory, cpus, kernel and agent; anything else
+    /// (or a truncated/corrupted file) fails with an errc::snapshot_* code
+    /// before the engine starts, never restoring it. After the restore the
+    /// agent is reconnected with the saved token and the guest RNG is
+    /// reseeded with fresh host bytes (clones never share random state).
+    /// Completion: void(std::error_code, std::shared_ptr<vm>).
+    template <class Token>
+    static auto async_restore(executor_type executor, std::filesystem::path snapshot,
+                              prepared_image image, vm_options options, Token&& token) {
+        return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
+            [executor](auto handler, std::filesystem::path snapshot, prepared_image image,
+                       vm_options options) {
+                auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
+                self->restore_from_ = std::move(snapshot);
+                auto done = std::make_shared<decltype(handler)>(std::move(handler));
+                self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
+                    (*done)(ec, std::move(v));
+                };
+                auto work = boost::asio::make_work_guard(executor);
+                boost::asio::post(setup_pool(), [self, work, image = std::move(image)]() mutable {
+                    auto prepared = self->prepare_restore(image);
+                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
+                        if (!prepared) return self->finish_start(prepared.error());
+                        self->launch();
+                    });
+                });
+            },
+            token, std::move(snapshot), std::move(image), std::move(options));
+    }
+
+    /// Whether this vm was restored from a snapshot (rather than booted).
+    bool restored() const noexcept { return restore_from_.has_value(); }
+
 private:
     vm(executor_type executor, vm_options options)
         : executor_(std::move(executor))
@@ -258,6 +348,7 @@ private:
             " supermachine.root=/dev/vda supermachine.port=" + std::to_string(agent_port);
         for (const auto& extra : options_.extra_cmdline)
             q.cmdline += " " + extra;
+        remember_for_snapshot(image, q.cmdline, initrd_path, agent_binary);
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
         return success();
     }
@@ -268,6 +359,10 @@ private:
             return finish_start(r.error());
         if (auto r = machine_->attach(backend::vhost_user_device_kind::vsock, *vsock_); !r)
             return finish_start(r.error());
+        if (restore_from_) {
+            if (auto r = machine_->restore_device_states(*restore_from_ / "machine"); !r)
+                return finish_start(r.error());
+        }
         std::weak_ptr<vm> weak = shared_from_this();
         auto started = machine_->start([weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
@@ -299,6 +394,7 @@ private:
                                           if (ec == errc::agent_auth_failed)
                                               return self->finish_start(ec);
                                           if (ec) return self->retry_connect();
+                                          if (self->restore_from_) return self->after_restore();
                                           self->finish_start({});
                                       });
                               });
@@ -397,6 +493,169 @@ private:
         };
         (*guest_to_host)();
     }
+
+    // ------------------------------------------------------------ snapshot machinery
+
+    struct snapshot_identity {
+        std::string token, image_digest, rootfs, kernel_release, kernel_path, cmdline,
+            agent_identity;
+        std::filesystem::path initramfs;
+    };
+
+    void remember_for_snapshot(const prepared_image& image, const std::string& cmdline,
+                               const std::filesystem::path& initramfs,
+                               const std::filesystem::path& agent_binary) {
+        snapshot_.token = token_;
+        snapshot_.image_digest = image.digest.str();
+        snapshot_.rootfs = image.rootfs.string();
+        snapshot_.kernel_release = options_.kernel->release;
+        snapshot_.kernel_path = options_.kernel->vmlinuz.string();
+        snapshot_.cmdline = cmdline;
+        snapshot_.initramfs = initramfs;
+        snapshot_.agent_identity = detail::agent_identity(agent_binary);
+    }
+
+    // On setup_pool(): fingerprint the files, write the record last, fsync,
+    // and move the staging directory into place.
+    result<void> seal_snapshot(const std::filesystem::path& staging,
+                               const std::filesystem::path& path) {
+        auto cleanup = [&](std::error_code ec) -> result<void> {
+            std::error_code ignored;
+            std::filesystem::remove_all(staging, ignored);
+            return ec;
+        };
+        detail::warm_snapshot_meta meta;
+        meta.image_digest = snapshot_.image_digest;
+        meta.rootfs = snapshot_.rootfs;
+        meta.memory_mib = options_.memory_mib;
+        meta.cpus = options_.cpus;
+        meta.kernel_release = snapshot_.kernel_release;
+        meta.kernel_path = snapshot_.kernel_path;
+        meta.cmdline = snapshot_.cmdline;
+        meta.agent_identity = snapshot_.agent_identity;
+        meta.token = snapshot_.token;
+        auto stream = detail::fingerprint_file(staging / "machine");
+        auto devices = detail::fingerprint_file(staging / "machine.devices");
+        auto initramfs = detail::fingerprint_file(staging / "initramfs.cpio");
+        if (!stream || !devices || !initramfs) return cleanup(errc::io_error);
+        meta.stream = stream.value();
+        meta.devices = devices.value();
+        meta.initramfs = initramfs.value();
+        const auto bytes = meta.encode();
+        if (bytes.empty()) return cleanup(errc::snapshot_too_large);
+        for (const char* name : {"machine", "machine.devices", "initramfs.cpio"}) {
+            const int fd = ::open((staging / name).c_str(), O_RDONLY | O_CLOEXEC);
+            if (fd < 0 || ::fsync(fd) != 0) {
+                if (fd >= 0) ::close(fd);
+                return cleanup(errc::io_error);
+            }
+            ::close(fd);
+        }
+        {
+            const int fd =
+                ::open((staging / "meta").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+            if (fd < 0) return cleanup(errno_code(errno));
+            const bool ok =
+                ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()) &&
+                ::fsync(fd) == 0;
+            ::close(fd);
+            if (!ok) return cleanup(errc::io_error);
+        }
+        if (::rename(staging.c_str(), path.c_str()) != 0) {
+            if (errno != ENOTEMPTY && errno != EEXIST) return cleanup(errno_code(errno));
+            // Replace an older snapshot: move it aside first (rename(2) will
+            // not replace a non-empty directory), then drop it.
+            const auto old = staging.string() + ".old";
+            if (::rename(path.c_str(), old.c_str()) != 0) return cleanup(errno_code(errno));
+            if (::rename(staging.c_str(), path.c_str()) != 0) return cleanup(errno_code(errno));
+            std::error_code ignored;
+            std::filesystem::remove_all(old, ignored);
+        }
+        return success();
+    }
+
+    // Blocking, on setup_pool(): validate the snapshot against this image and
+    // these options (record, then every file's fingerprint) before anything
+    // starts; then the same devices as a cold boot, and QEMU with -incoming.
+    result<void> prepare_restore(const prepared_image& image) {
+        SUPERMACHINE_TRY(engine, backend::select_engine(options_.engine, nullptr));
+        engine_description_ =
+            std::string(engine.kind == backend::engine_kind::kvm ? "kvm" : "qemu") + " (" +
+            engine.reason + "), restored";
+        if (engine.kind == backend::engine_kind::kvm) return errc::not_supported;
+        if (!options_.kernel) {
+            auto kernel = boot::default_kernel();
+            if (!kernel) return kernel.error(); // a snapshot implies the kernel is cached
+            options_.kernel = std::move(kernel).value();
+        }
+        SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
+        const auto& dir = *restore_from_;
+        SUPERMACHINE_TRY(raw, detail::read_small_file(dir / "meta", 64 * 1024));
+        SUPERMACHINE_TRY(meta, detail::warm_snapshot_meta::decode(raw));
+        if (meta.engine != "qemu" || meta.image_digest != image.digest.str() ||
+            meta.rootfs != image.rootfs.string() || meta.memory_mib != options_.memory_mib ||
+            meta.cpus != options_.cpus || meta.kernel_release != options_.kernel->release ||
+            meta.agent_identity != detail::agent_identity(agent_binary))
+            return errc::snapshot_mismatch;
+        std::string cmdline = meta.cmdline;
+        {
+            // The saved command line must be what these options would boot.
+            std::string expected = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init "
+                                   "supermachine.token=" +
+                                   meta.token + " supermachine.root=/dev/vda supermachine.port=" +
+                                   std::to_string(agent_port);
+            for (const auto& extra : options_.extra_cmdline)
+                expected += " " + extra;
+            if (expected != cmdline) return errc::snapshot_mismatch;
+        }
+        for (auto [name, want] :
+             {std::pair{"machine", meta.stream}, std::pair{"machine.devices", meta.devices},
+              std::pair{"initramfs.cpio", meta.initramfs}}) {
+            auto got = detail::fingerprint_file(dir / name);
+            if (!got) return errc::snapshot_truncated;
+            if (got.value().size != want.size) return errc::snapshot_truncated;
+            if (!(got.value() == want)) return errc::snapshot_bad_record;
+        }
+        token_ = meta.token;
+
+        typename root_disk::config disk;
+        disk.storage.base.path = image.rootfs.string();
+        disk.storage.base.read_only = true;
+        disk.id = image.digest.hex().substr(0, 20);
+        SUPERMACHINE_TRY(blk, root_disk::create(disk));
+        disk_ = std::move(blk);
+        virtio::vsock::config socket_config;
+        socket_config.guest_cid = guest_cid;
+        SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
+        vsock_ = std::move(vsock);
+
+        backend::qemu_config q;
+        q.kernel = options_.kernel->vmlinuz;
+        q.initrd = dir / "initramfs.cpio";
+        q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
+        q.vcpus = options_.cpus;
+        q.cmdline = cmdline;
+        q.incoming = dir / "machine";
+        // The restored vm can itself be snapshotted.
+        remember_for_snapshot(image, cmdline, q.initrd, agent_binary);
+        machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
+        return success();
+    }
+
+    // After hello on a restored vm: fresh host randomness into the guest RNG.
+    void after_restore() {
+        std::string seed(64, '\0');
+        if (::getrandom(seed.data(), seed.size(), 0) != static_cast<ssize_t>(seed.size()))
+            return finish_start(errno_code(errno));
+        auto self = shared_from_this();
+        client_->async_reseed_rng(std::move(seed), [self](std::error_code ec, auto&&...) {
+            if (!self->start_) return;
+            self->finish_start(ec);
+        });
+    }
+
+    std::optional<std::filesystem::path> restore_from_;
+    snapshot_identity snapshot_;
 
     executor_type executor_;
     vm_options options_;

@@ -4,6 +4,7 @@
 // agent, stream its output, and exit with its status.
 #include "command.hpp"
 #include "exec_session.hpp"
+#include "warm_start.hpp"
 
 #include <supermachine/image.hpp>
 #include <supermachine/oci/process.hpp>
@@ -46,6 +47,7 @@ int usage() {
         "      --timeout SECONDS   kill the command after this long\n"
         "  -q, --quiet             no progress output\n"
         "      --console           show the guest console on stderr\n"
+        "      --no-snapshot       cold boot (do not use or create the cached snapshot)\n"
         "IMAGE: a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]\n");
     return 125;
 }
@@ -102,6 +104,7 @@ int run_run(std::span<char*> args) {
     bool interactive = false, tty = false, quiet = false, console = false;
     std::uint32_t timeout_seconds = 0;
     std::string image_name;
+    sm::cli::warm_start_options warm;
 
     std::size_t i = 0;
     auto value = [&](std::string_view flag) -> const char* {
@@ -189,6 +192,8 @@ int run_run(std::span<char*> args) {
             quiet = true;
         } else if (a == "--console") {
             console = true;
+        } else if (a == "--no-snapshot") {
+            warm.use_snapshot = false;
         } else if (a == "-h" || a == "--help") {
             usage();
             return 0;
@@ -255,8 +260,9 @@ int run_run(std::span<char*> args) {
     int status = 125;
     std::shared_ptr<sm::vm> machine;
     boost::asio::signal_set stop_signals(io, SIGINT, SIGTERM);
-    sm::vm::async_start(
-        io.get_executor(), ready.value(), vm_options,
+    warm.quiet = quiet;
+    sm::cli::async_warm_start(
+        io.get_executor(), ready.value(), vm_options, warm,
         [&](std::error_code ec, std::shared_ptr<sm::vm> started) {
             if (ec) {
                 std::fprintf(stderr, "supermachine run: the VM did not come up: %s\n",

@@ -387,6 +387,19 @@ private:
         using namespace std::chrono_literals;
         detail::qmp_client qmp;
         SUPERMACHINE_TRY(qmp.connect(config_.qmp_socket, 10s));
+        // Ask before pausing: QEMU (>= 6.0) lists what blocks a migration, and
+        // a refused snapshot must leave the guest untouched (a stop/cont
+        // cycle restarts the vhost-user rings under live connections).
+        if (auto info = qmp.execute("query-migrate", nullptr, 30s); info) {
+            if (auto reasons = info.value().find("blocked-reasons");
+                reasons != info.value().end() && reasons->is_array() && !reasons->empty()) {
+                for (const auto& reason : *reasons) {
+                    if (!report.refusal.empty()) report.refusal += "; ";
+                    report.refusal += reason.is_string() ? reason.get<std::string>() : "blocked";
+                }
+                return success();
+            }
+        }
         SUPERMACHINE_TRY(qmp.execute("stop", nullptr, 30s));
         // Our devices' state at this pause: QEMU has stopped the vhost-user
         // rings (GET_VRING_BASE drained them) before "stop" returned.

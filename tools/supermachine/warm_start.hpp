@@ -1,0 +1,140 @@
+#pragma once
+// `supermachine run`'s warm start (doc/warm-start.md): one snapshot per
+// (image digest, memory, cpus, kernel release, agent binary, engine) under
+// $XDG_CACHE_HOME/supermachine/snapshots/<key>, taken right after the agent
+// is ready. Present and valid: restore it. Missing, stale or corrupt: cold
+// boot, snapshot (one stderr line), continue. Concurrent runs: one creates
+// (a lock file, never waited on: the others cold boot meanwhile); the
+// directory appears by rename.
+#include <supermachine/detail/warm_snapshot.hpp>
+#include <supermachine/oci/content_store.hpp>
+#include <supermachine/vm.hpp>
+
+#include <sys/file.h>
+
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace supermachine::cli {
+
+struct warm_start_options {
+    bool use_snapshot = true;
+    bool quiet = false;
+};
+
+inline std::string warm_snapshot_key(const prepared_image& image, const vm_options& options,
+                                     const std::string& agent_identity) {
+    const std::string identity = "v1|qemu|" + image.digest.str() + "|" + image.rootfs.string() +
+                                 "|" + std::to_string(options.memory_mib) + "|" +
+                                 std::to_string(options.cpus) + "|" + options.kernel->release +
+                                 "|" + agent_identity;
+    std::string extra;
+    for (const auto& e : options.extra_cmdline)
+        extra += e + "\n";
+    const auto h1 = detail::hash_bytes(std::as_bytes(std::span(identity)));
+    const auto h2 = detail::hash_bytes(std::as_bytes(std::span(extra)), h1 ^ 0x5bd1e995);
+    char text[40];
+    std::snprintf(text, sizeof text, "%016llx%016llx", static_cast<unsigned long long>(h1),
+                  static_cast<unsigned long long>(h2));
+    return text;
+}
+
+/// The per-key creation lock, without waiting: -1 when another run holds it
+/// (that run is creating the snapshot; this one cold boots meanwhile rather
+/// than queueing behind it).
+inline int try_creation_lock(const std::filesystem::path& dir) {
+    const int fd = ::open((dir.string() + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        ::close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/// Start a vm for `supermachine run`: restore the cached snapshot, or cold
+/// boot (and create it). Completion: void(std::error_code, std::shared_ptr<vm>).
+inline void async_warm_start(boost::asio::any_io_executor executor, prepared_image image,
+                             vm_options options, warm_start_options warm,
+                             std::function<void(std::error_code, std::shared_ptr<vm>)> done) {
+    auto say = [quiet = warm.quiet](const std::string& line) {
+        if (!quiet) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
+    };
+    auto cold = [executor, done](const prepared_image& image, const vm_options& options) {
+        vm::async_start(executor, image, options, done);
+    };
+    if (!warm.use_snapshot) return cold(image, options);
+    auto engine = backend::select_engine(options.engine, nullptr);
+    if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold(image, options);
+    if (!options.kernel) {
+        auto kernel = boot::default_kernel();
+        if (!kernel) kernel = boot::fetch_default_kernel();
+        if (!kernel) return cold(image, options); // async_start reports it
+        options.kernel = std::move(kernel).value();
+    }
+    auto agent_binary = detail::find_agent_binary();
+    if (!agent_binary) return cold(image, options);
+    const auto dir =
+        oci::content_store::default_root() / "snapshots" /
+        warm_snapshot_key(image, options, detail::agent_identity(agent_binary.value()));
+    std::error_code fs_ec;
+    std::filesystem::create_directories(dir.parent_path(), fs_ec);
+
+    // Cold boot, snapshot, hand the running vm over. Holds `lock_fd` (closed at the end).
+    auto create = [executor, image, options, dir, say, done, quiet = warm.quiet](int lock_fd) {
+        vm::async_start(
+            executor, image, options,
+            [dir, say, done, lock_fd, quiet](std::error_code ec, std::shared_ptr<vm> v) {
+                if (ec) {
+                    ::close(lock_fd);
+                    return done(ec, std::move(v));
+                }
+                v->async_snapshot(dir, true,
+                                  [dir, say, done, lock_fd, v, quiet](std::error_code ec,
+                                                                      vm::snapshot_report report) {
+                                      ::close(lock_fd);
+                                      if (ec)
+                                          say("snapshot not created (" + ec.message() +
+                                              "); this run continues");
+                                      else if (!report.saved) {
+                                          if (!quiet) backend::explain_snapshot_fallback(report);
+                                      } else
+                                          say("snapshot created: " + dir.string() + " (" +
+                                              std::to_string(report.bytes >> 20) + " MiB, " +
+                                              std::to_string(report.duration.count()) + " ms)");
+                                      done({}, v);
+                                  });
+            });
+    };
+    auto restore = [executor, image, options, dir, say, done, create, cold]() {
+        vm::async_restore(executor, dir, image, options,
+                          [dir, say, done, create, cold, image, options](std::error_code ec,
+                                                                         std::shared_ptr<vm> v) {
+                              if (!ec) {
+                                  say("restored from snapshot " + dir.filename().string());
+                                  return done({}, std::move(v));
+                              }
+                              // Stale or corrupt: never trusted; rebuilt under the lock.
+                              say("cached snapshot unusable (" + ec.message() +
+                                  "); cold boot, rebuilding it");
+                              const int fd = try_creation_lock(dir);
+                              if (fd < 0)
+                                  return cold(image, options); // another run is rebuilding it
+                              std::error_code ignored;
+                              std::filesystem::remove_all(dir, ignored);
+                              create(fd);
+                          });
+    };
+    if (std::filesystem::exists(dir / "meta", fs_ec)) return restore();
+    const int fd = try_creation_lock(dir);
+    if (fd < 0) return cold(image, options);            // another run is creating it: do not queue
+    if (std::filesystem::exists(dir / "meta", fs_ec)) { // made while we looked
+        ::close(fd);
+        return restore();
+    }
+    create(fd);
+}
+
+} // namespace supermachine::cli
