@@ -282,23 +282,29 @@ private:
         return pool;
     }
 
-    // Blocking set-up, on setup_pool().
-    result<void> prepare(const prepared_image& image) {
-        SUPERMACHINE_TRY(engine, backend::select_engine(options_.engine, nullptr));
-        engine_description_ =
-            std::string(engine.kind == backend::engine_kind::kvm ? "kvm" : "qemu") + " (" +
-            engine.reason + ")";
-        if (engine.kind == backend::engine_kind::kvm) {
-            // The in-process kvm engine runs our conformance guest and devices
-            // (supermachine boot); image VMs on it are not wired yet.
-            return errc::not_supported;
-        }
+    // Image VMs run on the QEMU engine today (doc/architecture.md): "auto"
+    // and "qemu" mean qemu, "kvm" is refused until image VMs are wired to
+    // the in-process engine. Then the kernel: the caller's, else the cached
+    // default (fetched on first use when allowed).
+    result<void> select_engine_and_kernel(bool may_fetch_kernel, std::string_view suffix) {
+        if (options_.engine == "kvm") return errc::not_supported;
+        if (options_.engine != "auto" && options_.engine != "qemu") return errc::invalid_argument;
+        std::string why = "requested";
+        if (options_.engine == "auto" && backend::host_kvm_runs_linux(&why))
+            why = "image VMs run on the qemu engine; the kvm engine does not run them yet";
+        engine_description_ = "qemu (" + why + ")" + std::string(suffix);
         if (!options_.kernel) {
             auto kernel = boot::default_kernel();
-            if (!kernel) kernel = boot::fetch_default_kernel();
+            if (!kernel && may_fetch_kernel) kernel = boot::fetch_default_kernel();
             if (!kernel) return kernel.error();
             options_.kernel = std::move(kernel).value();
         }
+        return success();
+    }
+
+    // Blocking set-up, on setup_pool().
+    result<void> prepare(const prepared_image& image) {
+        SUPERMACHINE_TRY(select_engine_and_kernel(true, ""));
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
         SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, *options_.kernel));
 
@@ -578,16 +584,8 @@ private:
     // these options (record, then every file's fingerprint) before anything
     // starts; then the same devices as a cold boot, and QEMU with -incoming.
     result<void> prepare_restore(const prepared_image& image) {
-        SUPERMACHINE_TRY(engine, backend::select_engine(options_.engine, nullptr));
-        engine_description_ =
-            std::string(engine.kind == backend::engine_kind::kvm ? "kvm" : "qemu") + " (" +
-            engine.reason + "), restored";
-        if (engine.kind == backend::engine_kind::kvm) return errc::not_supported;
-        if (!options_.kernel) {
-            auto kernel = boot::default_kernel();
-            if (!kernel) return kernel.error(); // a snapshot implies the kernel is cached
-            options_.kernel = std::move(kernel).value();
-        }
+        // A snapshot implies the kernel is cached: no fetch.
+        SUPERMACHINE_TRY(select_engine_and_kernel(false, ", restored"));
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
         const auto& dir = *restore_from_;
         SUPERMACHINE_TRY(raw, detail::read_small_file(dir / "meta", 64 * 1024));

@@ -272,6 +272,9 @@ int run_run(std::span<char*> args) {
                 return;
             }
             machine = std::move(started);
+            if (!quiet)
+                std::fprintf(stderr, "supermachine: engine %s\n",
+                             machine->engine_description().c_str());
             for (const auto& p : ports) {
                 auto bound = machine->expose_tcp(p.host, p.guest);
                 if (!bound) {
