@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -62,7 +63,7 @@ struct process_result {
     std::string err; // stderr
     std::string out_sha256;
     std::uint64_t out_bytes = 0;
-    long max_rss_kib = 0; // of the child, from wait4
+    long max_rss_kib = 0; // peak RSS of the child itself (VmHWM)
     double seconds = 0;
     bool timed_out = false;
 };
@@ -107,7 +108,25 @@ inline process_result run_process(const std::vector<std::string>& argv, const st
     }
     bool out_open = true, err_open = true;
     std::vector<char> buffer(1 << 16);
+    // Peak RSS of the child alone (VmHWM), sampled while it runs: wait4's
+    // ru_maxrss would include its own children (QEMU and the guest's RAM).
+    auto sample_rss = [&] {
+        std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/status").c_str(), "r");
+        if (!f) return;
+        char line[256];
+        while (std::fgets(line, sizeof line, f)) {
+            long kib = 0;
+            if (std::sscanf(line, "VmHWM: %ld kB", &kib) == 1 && kib > r.max_rss_kib)
+                r.max_rss_kib = kib;
+        }
+        std::fclose(f);
+    };
+    auto last_sample = std::chrono::steady_clock::now();
     while (out_open || err_open) {
+        if (std::chrono::steady_clock::now() - last_sample > std::chrono::milliseconds(50)) {
+            sample_rss();
+            last_sample = std::chrono::steady_clock::now();
+        }
         const auto left = limit - (std::chrono::steady_clock::now() - start);
         if (left <= std::chrono::seconds(0)) {
             r.timed_out = true;
@@ -117,9 +136,9 @@ inline process_result run_process(const std::vector<std::string>& argv, const st
         pollfd fds[3] = {{out_open ? out[0] : -1, POLLIN, 0},
                          {err_open ? err[0] : -1, POLLIN, 0},
                          {stdin_fd, POLLOUT, 0}};
-        ::poll(
-            fds, 3,
-            static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(left).count()));
+        const auto wait_ms =
+            std::min<long>(50, std::chrono::duration_cast<std::chrono::milliseconds>(left).count());
+        ::poll(fds, 3, static_cast<int>(wait_ms));
         for (int i = 0; i < 2; ++i) {
             if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
             const ssize_t n = ::read(fds[i].fd, buffer.data(), buffer.size());
@@ -151,8 +170,8 @@ inline process_result run_process(const std::vector<std::string>& argv, const st
     ::close(err[0]);
     int status = 0;
     rusage usage{};
+    sample_rss(); // a zombie has no VmHWM any more; the last sample stands
     ::wait4(pid, &status, 0, &usage);
-    r.max_rss_kib = usage.ru_maxrss;
     r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     r.out_sha256 = sha256_hex(ctx);
     EVP_MD_CTX_free(ctx);
