@@ -7,6 +7,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -211,4 +212,43 @@ BOOST_AUTO_TEST_CASE(publish_port_to_busybox_httpd) {
     BOOST_TEST(contains(response, "hello from a supermachine microVM"), response);
     BOOST_TEST(contains(again, "hello from a supermachine microVM"), again);
     BOOST_TEST(!result.timed_out, describe(result)); // SIGTERM ends the CLI
+}
+
+BOOST_AUTO_TEST_CASE(closed_stdout_ends_the_run_and_qemu) {
+    // Orphans (QEMU, if the CLI died without stopping it) become our children.
+    ::prctl(PR_SET_CHILD_SUBREAPER, 1);
+    const std::string command = shell_quote(env().cli.string()) + " run -q " +
+                                shell_quote(env().image) + " yes | head -c 10";
+    auto r = run_process({"sh", "-c", command}, "", 120s);
+    BOOST_TEST(!r.timed_out, describe(r));
+    BOOST_TEST(r.out == "y\ny\ny\ny\ny\n", describe(r));
+    // Every descendant is gone within a few seconds: nothing left running.
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    bool all_gone = false;
+    while (!all_gone && std::chrono::steady_clock::now() < deadline) {
+        const pid_t pid = ::waitpid(-1, nullptr, WNOHANG);
+        if (pid < 0 && errno == ECHILD)
+            all_gone = true;
+        else if (pid == 0)
+            std::this_thread::sleep_for(100ms);
+    }
+    BOOST_TEST(all_gone, "a process (QEMU?) outlived `supermachine run` whose stdout closed");
+    if (!all_gone) { // end the orphans we adopted (our children, by pid), then reap them
+        for (const auto& entry : fs::directory_iterator("/proc")) {
+            const auto name = entry.path().filename().string();
+            if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+            std::FILE* f = std::fopen((entry.path() / "stat").c_str(), "r");
+            if (!f) continue;
+            int pid = 0, ppid = 0;
+            char state = 0;
+            char comm[256];
+            if (std::fscanf(f, "%d (%255[^)]) %c %d", &pid, comm, &state, &ppid) == 4 &&
+                ppid == ::getpid())
+                ::kill(pid, SIGKILL);
+            std::fclose(f);
+        }
+        while (::waitpid(-1, nullptr, 0) > 0) {
+        }
+    }
+    ::prctl(PR_SET_CHILD_SUBREAPER, 0);
 }

@@ -254,7 +254,10 @@ int run_run(std::span<char*> args) {
     boost::asio::io_context io;
     int status = 125;
     std::shared_ptr<sm::vm> machine;
-    boost::asio::signal_set stop_signals(io, SIGINT, SIGTERM);
+    // A closed stdout must end the run through our own path (which stops
+    // QEMU), not kill us by SIGPIPE and leave QEMU orphaned.
+    ::signal(SIGPIPE, SIG_IGN);
+    boost::asio::signal_set stop_signals(io, SIGINT, SIGTERM, SIGHUP);
     sm::vm::async_start(
         io.get_executor(), ready.value(), vm_options,
         [&](std::error_code ec, std::shared_ptr<sm::vm> started) {

@@ -99,7 +99,12 @@ private:
                 ++self->closed_streams_;
                 return self->maybe_finish();
             }
-            write_all_fd(channel == 0 ? 1 : 2, data);
+            if (!write_all_fd(channel == 0 ? 1 : 2, data)) {
+                // Our reader went away (EPIPE; SIGPIPE is ignored by `run`):
+                // stop like a shell pipeline would, and let the caller stop the VM.
+                self->child_->signal(SIGKILL);
+                return self->finish(128 + SIGPIPE);
+            }
             self->pump(channel);
         };
         if (channel == 0)
