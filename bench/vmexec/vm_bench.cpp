@@ -197,6 +197,9 @@ int main(int argc, char** argv) {
         vm_mib_s = static_cast<double>(streamed) / (1 << 20) / seconds_since(t);
     }
     const double host_mib_s = socketpair_mib_per_s(stream_mib);
+    std::printf("(progress) exec median %.0f us vs host %.0f us; stream %.1f MiB/s vs %.0f MiB/s\n",
+                median(vm_us), median(host_us), vm_mib_s, host_mib_s);
+    std::fflush(stdout);
     machine->kill();
     io.restart();
     io.run_for(std::chrono::milliseconds(200));
@@ -228,14 +231,15 @@ int main(int argc, char** argv) {
             return 1;
         }
         t = clock_type::now();
-        spawn_wait({"sh", "-c",
-                    "exec qemu-system-x86_64 -M microvm,acpi=on,memory-backend=mem -m 512M "
-                    "-object memory-backend-memfd,id=mem,size=512M,share=on -smp 1 -nodefaults "
-                    "-no-user-config -nographic -serial null -monitor none -no-reboot "
-                    "-global virtio-mmio.force-legacy=false -accel tcg -kernel '" +
-                        kernel.value().vmlinuz.string() + "' -initrd '" + baseline_initrd.string() +
-                        "' -append 'console=ttyS0 quiet panic=-1 reboot=t rdinit=/reboot -- -f' "
-                        "</dev/null >/dev/null 2>&1"});
+        spawn_wait(
+            {"sh", "-c",
+             "exec qemu-system-x86_64 -M microvm,acpi=on,memory-backend=mem -m 512M "
+             "-object memory-backend-memfd,id=mem,size=512M,share=on -smp 1 -nodefaults "
+             "-no-user-config -nographic -serial null -monitor none -no-reboot "
+             "-global virtio-mmio.force-legacy=false -accel tcg -icount shift=auto -kernel '" +
+                 kernel.value().vmlinuz.string() + "' -initrd '" + baseline_initrd.string() +
+                 "' -append 'console=ttyS0 quiet panic=-1 reboot=t rdinit=/reboot -- -f' "
+                 "</dev/null >/dev/null 2>&1"});
         qemu_s.push_back(seconds_since(t));
     }
     std::error_code ec;

@@ -24,6 +24,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace supermachine::test {
@@ -130,6 +131,16 @@ inline process_result run_process(const std::vector<std::string>& argv, const st
         const auto left = limit - (std::chrono::steady_clock::now() - start);
         if (left <= std::chrono::seconds(0)) {
             r.timed_out = true;
+            // SIGTERM first so the CLI stops its QEMU; SIGKILL if it does not exit.
+            ::kill(pid, SIGTERM);
+            for (int i = 0; i < 50; ++i) {
+                siginfo_t info{};
+                if (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) ==
+                        0 &&
+                    info.si_pid == pid)
+                    break; // exited; reaped below
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            }
             ::kill(pid, SIGKILL);
             break;
         }
@@ -228,7 +239,7 @@ struct vm_environment {
     /// `supermachine run -q OPTIONS... IMAGE CMD...`
     process_result run(const std::vector<std::string>& options,
                        const std::vector<std::string>& command, const std::string& input = "",
-                       std::chrono::seconds limit = std::chrono::seconds(120),
+                       std::chrono::seconds limit = std::chrono::seconds(200),
                        bool hash_stdout = false, const std::string& image_override = "",
                        const std::function<void(pid_t)>& started = {}) const {
         std::vector<std::string> argv = {cli.string(), "run", "-q"};
