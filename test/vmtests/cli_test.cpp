@@ -212,6 +212,7 @@ BOOST_AUTO_TEST_CASE(publish_port_to_busybox_httpd) {
     BOOST_TEST(contains(response, "hello from a supermachine microVM"), response);
     BOOST_TEST(contains(again, "hello from a supermachine microVM"), again);
     BOOST_TEST(!result.timed_out, describe(result)); // SIGTERM ends the CLI
+    BOOST_TEST(result.status == 143, describe(result));
 }
 
 BOOST_AUTO_TEST_CASE(closed_stdout_ends_the_run_and_qemu) {

@@ -278,8 +278,10 @@ int run_run(std::span<char*> args) {
                     return;
                 }
             }
-            stop_signals.async_wait([&](boost::system::error_code e, int) {
-                if (!e && machine) machine->kill();
+            stop_signals.async_wait([&](boost::system::error_code e, int signo) {
+                if (e) return;
+                status = 128 + signo; // like docker run / a shell: 130 for ^C, 143 for SIGTERM
+                if (machine) machine->kill();
                 io.stop();
             });
             sm::cli::exec_session<sm::vm::socket_type>::start(machine->agent(), std::move(request),
