@@ -259,7 +259,10 @@ int run_run(std::span<char*> args) {
     boost::asio::io_context io;
     int status = 125;
     std::shared_ptr<sm::vm> machine;
-    boost::asio::signal_set stop_signals(io, SIGINT, SIGTERM);
+    // A closed stdout must end the run through our own path (which stops
+    // QEMU), not kill us by SIGPIPE and leave QEMU orphaned.
+    ::signal(SIGPIPE, SIG_IGN);
+    boost::asio::signal_set stop_signals(io, SIGINT, SIGTERM, SIGHUP);
     warm.quiet = quiet;
     sm::cli::async_warm_start(
         io.get_executor(), ready.value(), vm_options, warm,
@@ -284,8 +287,10 @@ int run_run(std::span<char*> args) {
                     return;
                 }
             }
-            stop_signals.async_wait([&](boost::system::error_code e, int) {
-                if (!e && machine) machine->kill();
+            stop_signals.async_wait([&](boost::system::error_code e, int signo) {
+                if (e) return;
+                status = 128 + signo; // like docker run / a shell: 130 for ^C, 143 for SIGTERM
+                if (machine) machine->kill();
                 io.stop();
             });
             sm::cli::exec_session<sm::vm::socket_type>::start(machine->agent(), std::move(request),

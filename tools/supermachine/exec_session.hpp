@@ -63,25 +63,29 @@ public:
                       bool forward_stdin, std::function<void(int)> done) {
         auto self = std::shared_ptr<exec_session>(new exec_session(std::move(done)));
         request.stdin_open = forward_stdin;
-        client.async_spawn(
-            std::move(request), [self, forward_stdin](std::error_code ec, child_type child) {
-                if (ec) {
-                    const bool missing = ec == errc::command_not_found;
-                    std::fprintf(stderr, "supermachine: %s\n",
-                                 missing ? "command not found in the image" : ec.message().c_str());
-                    return self->finish(missing ? 127 : 126);
-                }
-                self->child_ = std::make_shared<child_type>(std::move(child));
-                self->pump(0);
-                self->pump(1);
-                if (forward_stdin) self->read_stdin();
-                self->child_->async_wait([self](std::error_code ec, agent::exit_status status) {
-                    self->exit_ = ec ? 125 : status.signal ? 128 + status.signal : status.code;
-                    if (ec) std::fprintf(stderr, "supermachine: %s\n", ec.message().c_str());
-                    if (!ec && status.timed_out) std::fprintf(stderr, "supermachine: timed out\n");
-                    self->maybe_finish();
-                });
+        const std::string program = request.argv.empty() ? std::string() : request.argv[0];
+        client.async_spawn(std::move(request), [self, forward_stdin, &client,
+                                                program](std::error_code ec, child_type child) {
+            if (ec) {
+                // The agent's text names the command or the failing step
+                // ("command not found: NAME", "cannot change directory to: DIR").
+                const bool missing = ec == errc::command_not_found;
+                auto text = client.last_agent_message();
+                if (text.empty()) text = missing ? "command not found: " + program : ec.message();
+                std::fprintf(stderr, "supermachine: %s\n", text.c_str());
+                return self->finish(missing ? 127 : 126);
+            }
+            self->child_ = std::make_shared<child_type>(std::move(child));
+            self->pump(0);
+            self->pump(1);
+            if (forward_stdin) self->read_stdin();
+            self->child_->async_wait([self](std::error_code ec, agent::exit_status status) {
+                self->exit_ = ec ? 125 : status.signal ? 128 + status.signal : status.code;
+                if (ec) std::fprintf(stderr, "supermachine: %s\n", ec.message().c_str());
+                if (!ec && status.timed_out) std::fprintf(stderr, "supermachine: timed out\n");
+                self->maybe_finish();
             });
+        });
     }
 
 private:
@@ -95,7 +99,12 @@ private:
                 ++self->closed_streams_;
                 return self->maybe_finish();
             }
-            write_all_fd(channel == 0 ? 1 : 2, data);
+            if (!write_all_fd(channel == 0 ? 1 : 2, data)) {
+                // Our reader went away (EPIPE; SIGPIPE is ignored by `run`):
+                // stop like a shell pipeline would, and let the caller stop the VM.
+                self->child_->signal(SIGKILL);
+                return self->finish(128 + SIGPIPE);
+            }
             self->pump(channel);
         };
         if (channel == 0)
