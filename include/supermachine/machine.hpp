@@ -691,6 +691,7 @@ private:
         result<void> status = success();
         auto one = [&]<std::size_t Index>(std::integral_constant<std::size_t, Index>) {
             using D = bus_device_for<std::tuple_element_t<Index, std::tuple<Devices...>>>;
+            if (!std::get<Index>(bus_.devices())) return; // an empty slot is not in the snapshot
             const D& device = *std::get<Index>(bus_.devices());
             if constexpr (is_uart<D>) {
                 records.uart = device.save_state();
@@ -731,6 +732,7 @@ private:
         result<void> status = success();
         auto one = [&]<std::size_t Index>(std::integral_constant<std::size_t, Index>) {
             using D = bus_device_for<std::tuple_element_t<Index, std::tuple<Devices...>>>;
+            if (!std::get<Index>(bus_.devices())) return; // empty slots are not captured
             if constexpr (is_uart<D>) {
                 has_uart = true;
             } else if constexpr (is_virtio_transport<D>) {
@@ -757,6 +759,7 @@ private:
         auto one = [&]<std::size_t Index>(std::integral_constant<std::size_t, Index>) {
             if (!status) return;
             using D = bus_device_for<std::tuple_element_t<Index, std::tuple<Devices...>>>;
+            if (!std::get<Index>(bus_.devices())) return; // empty slots are not captured
             D& device = *std::get<Index>(bus_.devices());
             if constexpr (is_uart<D>) {
                 status = device.restore_state(*records.uart);

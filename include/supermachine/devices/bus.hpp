@@ -53,6 +53,7 @@ public:
     }
 
     auto& devices() noexcept { return devices_; }
+    const auto& devices() const noexcept { return devices_; }
 
 private:
     template <class D>
