@@ -475,7 +475,10 @@ private:
                     }
                     guest->async_write(std::string(s->buffer.data(), n),
                                        [host_to_guest](std::error_code ec) {
-                                           if (!ec && *host_to_guest) (*host_to_guest)();
+                                           if (ec)
+                                               *host_to_guest = nullptr; // break the cycle
+                                           else if (*host_to_guest)
+                                               (*host_to_guest)();
                                        });
                 });
         };
@@ -493,7 +496,10 @@ private:
                 boost::asio::async_write(
                     *host, boost::asio::buffer(*chunk),
                     [chunk, guest_to_host](boost::system::error_code ec, std::size_t) {
-                        if (!ec && *guest_to_host) (*guest_to_host)();
+                        if (ec)
+                            *guest_to_host = nullptr; // break the cycle
+                        else if (*guest_to_host)
+                            (*guest_to_host)();
                     });
             });
         };
