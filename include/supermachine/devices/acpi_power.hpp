@@ -9,7 +9,6 @@
 
 #include <array>
 #include <memory>
-#include <mutex>
 
 namespace supermachine::devices {
 
@@ -24,10 +23,7 @@ public:
 
     std::span<const address_range> ranges() const noexcept { return ranges_; }
 
-    void set_exit_handler(exit_request_handler handler) {
-        std::lock_guard lock(mutex_);
-        on_exit_ = std::move(handler);
-    }
+    void set_exit_handler(exit_request_handler handler) { exit_.set(std::move(handler)); }
 
     void read(std::uint64_t, std::span<std::byte> data) {
         for (auto& b : data)
@@ -40,27 +36,18 @@ public:
         if (address == platform::acpi_sleep_control_port) {
             const unsigned sleep_type = (value >> 2) & 0x7;
             if ((value & platform::acpi_sleep_enable) && sleep_type == platform::acpi_s5_sleep_type)
-                request(exit_request::power_off);
+                exit_.request(exit_request::power_off);
         } else if (address == platform::acpi_reset_port && value == platform::acpi_reset_value) {
-            request(exit_request::reset);
+            exit_.request(exit_request::reset);
         }
     }
 
 private:
     acpi_power() = default;
-    void request(exit_request r) {
-        exit_request_handler handler;
-        {
-            std::lock_guard lock(mutex_);
-            handler = on_exit_;
-        }
-        if (handler) handler(r);
-    }
     static constexpr std::array<address_range, 2> ranges_{
         address_range{address_space::port_io, platform::acpi_sleep_control_port, 2},
         address_range{address_space::port_io, platform::acpi_reset_port, 1}};
-    std::mutex mutex_;
-    exit_request_handler on_exit_;
+    exit_request_slot exit_;
 };
 
 static_assert(bus_device<acpi_power>);

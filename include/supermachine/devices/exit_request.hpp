@@ -7,6 +7,7 @@
 // only record the request and kick the vCPUs.
 #include <concepts>
 #include <functional>
+#include <mutex>
 #include <string_view>
 
 namespace supermachine {
@@ -30,6 +31,29 @@ inline constexpr std::string_view to_string(exit_request r) noexcept {
 }
 
 using exit_request_handler = std::function<void(exit_request)>;
+
+/// The handler a device holds: set by the machine, called from vCPU
+/// threads. The handler is copied under the lock and called outside it, so
+/// it may kick vCPUs (and so re-enter nothing of ours) without deadlock.
+class exit_request_slot {
+public:
+    void set(exit_request_handler handler) {
+        std::lock_guard lock(mutex_);
+        handler_ = std::move(handler);
+    }
+    void request(exit_request r) const {
+        exit_request_handler handler;
+        {
+            std::lock_guard lock(mutex_);
+            handler = handler_;
+        }
+        if (handler) handler(r);
+    }
+
+private:
+    mutable std::mutex mutex_;
+    exit_request_handler handler_;
+};
 
 template <class D>
 concept exit_requesting = requires(D& d, exit_request_handler handler) {

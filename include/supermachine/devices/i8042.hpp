@@ -10,7 +10,6 @@
 
 #include <array>
 #include <memory>
-#include <mutex>
 
 namespace supermachine::devices {
 
@@ -25,10 +24,7 @@ public:
 
     std::span<const address_range> ranges() const noexcept { return ranges_; }
 
-    void set_exit_handler(exit_request_handler handler) {
-        std::lock_guard lock(mutex_);
-        on_exit_ = std::move(handler);
-    }
+    void set_exit_handler(exit_request_handler handler) { exit_.set(std::move(handler)); }
 
     void read(std::uint64_t, std::span<std::byte> data) {
         for (auto& b : data)
@@ -38,12 +34,7 @@ public:
     void write(std::uint64_t address, std::span<const std::byte> data) {
         if (data.empty() || address != platform::i8042_command_port) return;
         if (std::to_integer<std::uint8_t>(data[0]) != platform::i8042_reset_command) return;
-        exit_request_handler handler;
-        {
-            std::lock_guard lock(mutex_);
-            handler = on_exit_;
-        }
-        if (handler) handler(exit_request::reset);
+        exit_.request(exit_request::reset);
     }
 
 private:
@@ -51,8 +42,7 @@ private:
     static constexpr std::array<address_range, 2> ranges_{
         address_range{address_space::port_io, platform::i8042_data_port, 1},
         address_range{address_space::port_io, platform::i8042_command_port, 1}};
-    std::mutex mutex_;
-    exit_request_handler on_exit_;
+    exit_request_slot exit_;
 };
 
 static_assert(bus_device<i8042>);
