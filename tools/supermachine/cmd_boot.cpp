@@ -1,14 +1,20 @@
 // supermachine boot --kernel K [--initrd I] [--append A] [--memory MiB] [--cpus N] [--timeout S]
 //                   [--disk PATH[,ro|,cow]]... [--rng]
+// supermachine boot [--kernel K] --disk ROOT [-e/-w/-u/-i/-t/-p...] -- CMD [ARG...]
 //
 // Boots a kernel on KVM with a serial console, streams the console to stdout
 // and stdin to the guest, and exits 0 when the guest powers off or reboots.
 // Anything else (panic, triple fault, emulation failure, KVM error, bad
 // input) is one line on stderr and a non-zero status.
 //
+// With `-- CMD`, the first --disk is the root filesystem of a VM run by the
+// agent (vm.hpp): CMD runs in it like `supermachine run` runs an image's
+// command (same options, same exit statuses), see boot_command().
+//
 // boot_with_kvm() is the engine-specific part, so an --engine switch can
 // pick between it and another engine later.
 #include "command.hpp"
+#include "vm_command.hpp"
 
 #include <supermachine/backend/kvm.hpp>
 #include <supermachine/backend/qemu.hpp>
@@ -34,6 +40,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <charconv>
 #include <chrono>
@@ -424,6 +431,120 @@ inline int use_default_kernel(boot_options& options, std::filesystem::path& demo
     return boot_ok;
 }
 
+/// `boot --disk ROOT -- CMD`: the agent's initramfs, ROOT as /dev/vda
+/// (served copy-on-write: the guest may write, the file never changes), CMD
+/// run through the agent. Our own failures are 125, like `run`.
+inline int boot_command(const boot_options& options, const exec_cli_options& exec,
+                        std::vector<std::string> command) {
+    constexpr int failed = 125;
+    auto refuse = [](const char* text) {
+        std::fprintf(stderr, "supermachine boot: %s\n", text);
+        return failed;
+    };
+    if (command.empty()) return refuse("nothing to run after --");
+    if (options.disks.size() != 1)
+        return refuse("-- CMD needs exactly one --disk: the root filesystem (an ext4 image)");
+    if (options.rng) return refuse("--rng cannot be combined with -- CMD");
+    if (!options.initrd.empty() || options.cmdline)
+        return refuse("--initrd and --cmdline cannot be combined with -- CMD (the agent's "
+                      "initramfs and command line are used; --append adds to it)");
+    if (!options.snapshot_to.empty()) return refuse("--snapshot-to cannot be combined with -- CMD");
+    if (options.engine == "kvm")
+        return refuse("-- CMD runs on the qemu engine; the kvm engine does not run agent VMs yet "
+                      "(use --engine qemu or auto)");
+    const auto& disk = options.disks.front();
+    struct stat st {};
+    if (::access(disk.path.c_str(), R_OK) != 0 || ::stat(disk.path.c_str(), &st) != 0) {
+        print_error("cannot open disk '%s': %s", disk.path, std::strerror(errno));
+        return failed;
+    }
+    if (!(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))) {
+        print_error("disk '%s' is not a regular file or block device", disk.path);
+        return failed;
+    }
+
+    vm_options vm_options;
+    vm_options.memory_mib = static_cast<std::uint32_t>(options.memory_mib);
+    vm_options.cpus = options.cpus;
+    vm_options.engine = options.engine;
+    if (!options.append.empty()) vm_options.extra_cmdline.push_back(options.append);
+    if (!options.kernel.empty()) {
+        // A kernel of the user's. When it sits in an unpacked kernel package
+        // (ROOT/boot/vmlinuz-R beside ROOT/lib/modules/R, as the kernel cache
+        // holds them) its modules go into the initramfs; otherwise virtio-mmio,
+        // virtio-blk, ext4 and vsock must be built in.
+        if (::access(options.kernel.c_str(), R_OK) != 0) {
+            print_error("cannot read kernel '%s': %s", options.kernel, std::strerror(errno));
+            return failed;
+        }
+        const auto path = std::filesystem::absolute(options.kernel);
+        const auto name = path.filename().string();
+        boot::kernel_files kernel;
+        if (path.parent_path().filename() == "boot" && name.starts_with("vmlinuz-")) {
+            auto tree = boot::open_kernel_tree(path.parent_path().parent_path());
+            if (tree && tree.value().release == name.substr(8)) kernel = std::move(tree).value();
+        }
+        if (kernel.release.empty()) kernel.release = "user:" + path.string();
+        kernel.vmlinuz = path;
+        vm_options.kernel = std::move(kernel);
+    }
+
+    // The disk stands in for an image: vm.hpp uses only its path and an
+    // identity (the virtio-blk serial); the image config is empty, so
+    // defaults apply (root, /, the default PATH) unless -u/-w/-e say otherwise.
+    prepared_image root;
+    root.reference = disk.path;
+    root.rootfs = std::filesystem::absolute(disk.path);
+    std::array<unsigned char, 32> identity{};
+    const std::size_t hashes[] = {
+        std::hash<std::string>{}(root.rootfs.string()), static_cast<std::size_t>(st.st_dev),
+        static_cast<std::size_t>(st.st_ino), static_cast<std::size_t>(st.st_mtime)};
+    std::memcpy(identity.data(), hashes, sizeof hashes);
+    root.digest = oci::digest::from_raw(oci::digest_algorithm::sha256, identity);
+
+    boost::asio::io_context io;
+    vm_command runner(io);
+    auto overrides = exec.overrides;
+    overrides.command = std::move(command);
+    vm::async_start(
+        io.get_executor(), std::move(root), std::move(vm_options),
+        [&](std::error_code ec, std::shared_ptr<vm> started) {
+            if (ec) {
+                std::fprintf(stderr, "supermachine boot: the VM did not come up: %s\n",
+                             ec.message().c_str());
+                if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
+                return runner.fail(failed);
+            }
+            if (options.engine == "auto")
+                std::fprintf(stderr, "supermachine: engine %s\n",
+                             started->engine_description().c_str());
+            // Users and groups come from the disk itself (none there: root).
+            auto passwd = std::make_shared<std::string>();
+            started->async_read_file(
+                "/etc/passwd", 1u << 20,
+                [&, started, passwd](std::error_code ec, std::string text) {
+                    if (!ec) *passwd = std::move(text);
+                    started->async_read_file(
+                        "/etc/group", 1u << 20,
+                        [&, started, passwd](std::error_code ec, std::string group) {
+                            if (ec) group.clear();
+                            auto process = oci::make_process({}, overrides, *passwd, group);
+                            if (!process) {
+                                std::fprintf(stderr, "supermachine boot: %s\n",
+                                             process.error() == errc::not_found
+                                                 ? "unknown user or group (not in the disk's "
+                                                   "/etc/passwd or /etc/group)"
+                                                 : "bad -e, -w or -u value");
+                                return runner.fail(failed);
+                            }
+                            runner.start(started, make_exec_request(process.value(), exec), exec,
+                                         "supermachine boot");
+                        });
+                });
+        });
+    return runner.run(exec);
+}
+
 void usage(FILE* to) {
     std::fprintf(
         to,
@@ -441,16 +562,44 @@ void usage(FILE* to) {
         "KVM cannot run Linux); auto (default) picks qemu only for a Linux kernel on a host\n"
         "whose KVM cannot run Linux (kvm_pvm), and says so.\n"
         "Exit status: 0 guest powered off or rebooted, 2 bad input, 3 guest crashed,\n"
-        "4 VMM/KVM failure, 5 timed out.\n");
+        "4 VMM/KVM failure, 5 timed out.\n"
+        "\n"
+        "usage: supermachine boot [--kernel FILE] --disk ROOT [OPTIONS] -- CMD [ARG...]\n"
+        "Boots the kernel (default: the cached one) with the guest agent as /init and the\n"
+        "ext4 image ROOT as the root filesystem (copy-on-write: the file is never changed),\n"
+        "runs CMD in it and exits with CMD's status (128+N when killed by signal N, 127 when\n"
+        "CMD does not exist, 125 when supermachine itself failed), like `supermachine run`:\n"
+        "%s"
+        "(--timeout here is the command's; --memory, --cpus, --append, --engine apply.)\n",
+        exec_options_usage);
 }
 
 int run_boot(std::span<char*> args) {
     boot_options options;
+    exec_cli_options exec;
+    // `-- CMD`: everything after the first "--" is the command; our own
+    // failures then exit 125 (the command's statuses are the rest).
+    std::optional<std::vector<std::string>> command;
+    for (std::size_t i = 0; i < args.size(); ++i)
+        if (std::string_view(args[i]) == "--") {
+            command.emplace(args.begin() + static_cast<std::ptrdiff_t>(i) + 1, args.end());
+            args = args.first(i);
+            break;
+        }
+    const int bad_input = command ? 125 : boot_bad_input;
     for (std::size_t i = 0; i < args.size(); ++i) {
         const std::string_view arg = args[i];
         if (arg == "--help" || arg == "-h") {
             usage(stdout);
             return 0;
+        }
+        switch (parse_exec_option(args, i, exec, "supermachine boot")) {
+        case option_parse::taken:
+            continue;
+        case option_parse::bad:
+            return bad_input;
+        case option_parse::not_ours:
+            break;
         }
         if (arg == "--rng") {
             options.rng = true;
@@ -459,7 +608,7 @@ int run_boot(std::span<char*> args) {
         if (i + 1 >= args.size()) {
             print_error("unknown or incomplete option '%s' (see supermachine boot --help)",
                         std::string(arg));
-            return boot_bad_input;
+            return bad_input;
         }
         const std::string_view value = args[++i];
         if (arg == "--kernel")
@@ -473,7 +622,7 @@ int run_boot(std::span<char*> args) {
         else if (arg == "--engine") {
             if (value != "kvm" && value != "qemu" && value != "auto") {
                 print_error("--engine '%s': kvm, qemu or auto", std::string(value));
-                return boot_bad_input;
+                return bad_input;
             }
             options.engine = value;
         } else if (arg == "--disk") {
@@ -487,13 +636,13 @@ int run_boot(std::span<char*> args) {
                 } else {
                     print_error("--disk '%s': the option after ',' is 'ro' or 'cow'",
                                 std::string(value));
-                    return boot_bad_input;
+                    return bad_input;
                 }
                 disk.path.resize(comma);
             }
             if (disk.path.empty()) {
                 print_error("--disk '%s': need a file", std::string(value));
-                return boot_bad_input;
+                return bad_input;
             }
             options.disks.push_back(std::move(disk));
         } else if (arg == "--memory") {
@@ -502,32 +651,34 @@ int run_boot(std::span<char*> args) {
                 options.memory_mib < M::min_memory_mib || options.memory_mib > M::max_memory_mib) {
                 print_error("--memory '%s': need a whole number of MiB from 16 to 1048576",
                             std::string(value));
-                return boot_bad_input;
+                return bad_input;
             }
         } else if (arg == "--cpus") {
             if (!parse_number(value, options.cpus) || options.cpus < 1 ||
                 options.cpus > backend::kvm::max_vcpus) {
                 print_error("--cpus '%s': need a number from 1 to %s", std::string(value),
                             std::to_string(backend::kvm::max_vcpus));
-                return boot_bad_input;
-            }
-        } else if (arg == "--timeout") {
-            if (!parse_number(value, options.timeout_seconds)) {
-                print_error("--timeout '%s': need a number of seconds", std::string(value));
-                return boot_bad_input;
+                return bad_input;
             }
         } else if (arg == "--snapshot-after-ms") {
             if (!parse_number(value, options.snapshot_after_ms)) {
                 print_error("--snapshot-after-ms '%s': need a number", std::string(value));
-                return boot_bad_input;
+                return bad_input;
             }
         } else if (arg == "--snapshot-to") {
             options.snapshot_to = value;
         } else {
             print_error("unknown option '%s' (see supermachine boot --help)", std::string(arg));
-            return boot_bad_input;
+            return bad_input;
         }
     }
+    if (command) return boot_command(options, exec, std::move(*command));
+    if (exec.any_command_option()) {
+        std::fprintf(stderr, "supermachine boot: -e, -w, -u, -p, -i and -t need a command "
+                             "(boot --disk ROOT [OPTIONS] -- CMD)\n");
+        return boot_bad_input;
+    }
+    options.timeout_seconds = exec.timeout_seconds;
     std::filesystem::path demo_initrd;
     if (options.kernel.empty())
         if (int status = use_default_kernel(options, demo_initrd); status != boot_ok) return status;

@@ -4,6 +4,7 @@
 // agent, stream its output, and exit with its status.
 #include "command.hpp"
 #include "exec_session.hpp"
+#include "vm_command.hpp"
 #include "warm_start.hpp"
 
 #include <supermachine/image.hpp>
@@ -11,7 +12,6 @@
 #include <supermachine/vm.hpp>
 
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/signal_set.hpp>
 
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -31,12 +31,7 @@ int usage() {
     std::fprintf(
         stderr,
         "usage: supermachine run [OPTIONS] IMAGE [COMMAND [ARG...]]\n"
-        "  -e, --env KEY[=VALUE]   set an environment variable (KEY alone: the host's value)\n"
-        "  -w, --workdir DIR       working directory in the guest\n"
-        "  -u, --user USER[:GROUP] user to run as (name or id)\n"
-        "  -p, --publish HOST:GUEST  forward 127.0.0.1:HOST to the guest's port GUEST\n"
-        "  -i, --interactive       forward stdin\n"
-        "  -t, --tty               allocate a terminal in the guest\n"
+        "%s"
         "      --rm                accepted (every run is ephemeral: writes go to memory)\n"
         "  -m, --memory SIZE       guest memory (512m, 1g; default 512m)\n"
         "      --cpus N            vCPUs (default 1)\n"
@@ -44,11 +39,11 @@ int usage() {
         "      --platform OS/ARCH  image platform (default linux/amd64)\n"
         "      --engine E          kvm | qemu | auto (default auto)\n"
         "      --insecure          allow plain HTTP / unverified TLS registries\n"
-        "      --timeout SECONDS   kill the command after this long\n"
         "  -q, --quiet             no progress output\n"
         "      --console           show the guest console on stderr\n"
         "      --no-snapshot       cold boot (do not use or create the cached snapshot)\n"
-        "IMAGE: a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]\n");
+        "IMAGE: a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]\n",
+        sm::cli::exec_options_usage);
     return 125;
 }
 
@@ -71,38 +66,11 @@ std::optional<std::uint32_t> parse_memory_mib(std::string_view text) {
     return static_cast<std::uint32_t>(mib);
 }
 
-struct port_mapping {
-    std::uint16_t host = 0, guest = 0;
-};
-
-std::optional<port_mapping> parse_port(std::string_view text) {
-    auto number = [](std::string_view s) -> std::optional<std::uint16_t> {
-        unsigned v = 0;
-        auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-        if (ec != std::errc() || end != s.data() + s.size() || v > 65535) return std::nullopt;
-        return static_cast<std::uint16_t>(v);
-    };
-    if (text.ends_with("/tcp")) text.remove_suffix(4);
-    if (text.starts_with("127.0.0.1:")) text.remove_prefix(10);
-    const auto colon = text.find(':');
-    if (colon == std::string_view::npos) {
-        auto p = number(text);
-        if (!p || *p == 0) return std::nullopt;
-        return port_mapping{*p, *p};
-    }
-    auto host = number(text.substr(0, colon));
-    auto guest = number(text.substr(colon + 1));
-    if (!host || !guest || *guest == 0) return std::nullopt;
-    return port_mapping{*host, *guest};
-}
-
 int run_run(std::span<char*> args) {
-    sm::oci::process_overrides overrides;
+    sm::cli::exec_cli_options exec;
     sm::vm_options vm_options;
     sm::image_options image_options;
-    std::vector<port_mapping> ports;
-    bool interactive = false, tty = false, quiet = false, console = false;
-    std::uint32_t timeout_seconds = 0;
+    bool quiet = false, console = false;
     std::string image_name;
     sm::cli::warm_start_options warm;
 
@@ -122,36 +90,16 @@ int run_run(std::span<char*> args) {
             ++i;
             break;
         }
-        // Combined short flags: -it, -ti, -i, -t.
-        if (a.size() > 1 && a[1] != '-' && a.find_first_not_of("it", 1) == std::string_view::npos) {
-            interactive |= a.find('i') != std::string_view::npos;
-            tty |= a.find('t') != std::string_view::npos;
+        switch (sm::cli::parse_exec_option(args, i, exec, "supermachine run")) {
+        case sm::cli::option_parse::taken:
             continue;
+        case sm::cli::option_parse::bad:
+            return 125;
+        case sm::cli::option_parse::not_ours:
+            break;
         }
         const char* v = nullptr;
-        if (a == "-e" || a == "--env") {
-            if (!(v = value(a))) return usage();
-            overrides.env.emplace_back(v);
-        } else if (a == "-w" || a == "--workdir") {
-            if (!(v = value(a))) return usage();
-            overrides.working_dir = v;
-        } else if (a == "-u" || a == "--user") {
-            if (!(v = value(a))) return usage();
-            overrides.user = v;
-        } else if (a == "-p" || a == "--publish") {
-            if (!(v = value(a))) return usage();
-            auto p = parse_port(v);
-            if (!p) {
-                std::fprintf(stderr, "supermachine run: bad port mapping '%s' (want HOST:GUEST)\n",
-                             v);
-                return 125;
-            }
-            ports.push_back(*p);
-        } else if (a == "--interactive") {
-            interactive = true;
-        } else if (a == "--tty") {
-            tty = true;
-        } else if (a == "--rm") {
+        if (a == "--rm") {
         } else if (a == "-m" || a == "--memory") {
             if (!(v = value(a))) return usage();
             auto mib = parse_memory_mib(v);
@@ -171,7 +119,7 @@ int run_run(std::span<char*> args) {
             vm_options.cpus = n;
         } else if (a == "--entrypoint") {
             if (!(v = value(a))) return usage();
-            overrides.entrypoint = v;
+            exec.overrides.entrypoint = v;
         } else if (a == "--platform") {
             if (!(v = value(a))) return usage();
             auto p = sm::oci::parse_platform(v);
@@ -185,9 +133,6 @@ int run_run(std::span<char*> args) {
             vm_options.engine = v;
         } else if (a == "--insecure") {
             image_options.pull.registry.insecure = true;
-        } else if (a == "--timeout") {
-            if (!(v = value(a))) return usage();
-            timeout_seconds = static_cast<std::uint32_t>(std::strtoul(v, nullptr, 10));
         } else if (a == "-q" || a == "--quiet") {
             quiet = true;
         } else if (a == "--console") {
@@ -206,7 +151,7 @@ int run_run(std::span<char*> args) {
     if (i >= args.size()) return usage();
     image_name = args[i++];
     for (; i < args.size(); ++i)
-        overrides.command.emplace_back(args[i]);
+        exec.overrides.command.emplace_back(args[i]);
 
     if (!quiet) {
         image_options.status = [](std::string_view line) {
@@ -226,7 +171,7 @@ int run_run(std::span<char*> args) {
                      why.empty() ? ready.error().message().c_str() : why.c_str());
         return 125;
     }
-    auto process = sm::oci::make_process(ready.value().config, overrides, ready.value().passwd,
+    auto process = sm::oci::make_process(ready.value().config, exec.overrides, ready.value().passwd,
                                          ready.value().group);
     if (!process) {
         std::fprintf(stderr, "supermachine run: %s: %s\n",
@@ -235,34 +180,14 @@ int run_run(std::span<char*> args) {
                      process.error().message().c_str());
         return 125;
     }
-
-    sm::agent::exec_request request;
-    request.argv = process.value().argv;
-    request.env = process.value().env;
-    request.cwd = process.value().working_dir;
-    request.uid = process.value().user.uid;
-    request.gid = process.value().user.gid;
-    request.groups = process.value().user.supplementary_gids;
-    request.timeout_ms = timeout_seconds * 1000;
-    if (tty) {
-        winsize size{};
-        if (::isatty(1) && ::ioctl(1, TIOCGWINSZ, &size) == 0 && size.ws_row > 0)
-            request.tty = sm::agent::tty_size{size.ws_row, size.ws_col};
-        else
-            request.tty = sm::agent::tty_size{24, 80};
-    }
+    auto request = sm::cli::make_exec_request(process.value(), exec);
     if (console)
         vm_options.console = [](std::string_view text) {
             sm::cli::write_all_fd(2, std::string(text));
         };
 
     boost::asio::io_context io;
-    int status = 125;
-    std::shared_ptr<sm::vm> machine;
-    // A closed stdout must end the run through our own path (which stops
-    // QEMU), not kill us by SIGPIPE and leave QEMU orphaned.
-    ::signal(SIGPIPE, SIG_IGN);
-    boost::asio::signal_set stop_signals(io, SIGINT, SIGTERM, SIGHUP);
+    sm::cli::vm_command command(io);
     warm.quiet = quiet;
     sm::cli::async_warm_start(
         io.get_executor(), ready.value(), vm_options, warm,
@@ -271,41 +196,14 @@ int run_run(std::span<char*> args) {
                 std::fprintf(stderr, "supermachine run: the VM did not come up: %s\n",
                              ec.message().c_str());
                 if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
-                io.stop();
-                return;
+                return command.fail(125);
             }
-            machine = std::move(started);
             if (!quiet)
                 std::fprintf(stderr, "supermachine: engine %s\n",
-                             machine->engine_description().c_str());
-            for (const auto& p : ports) {
-                auto bound = machine->expose_tcp(p.host, p.guest);
-                if (!bound) {
-                    std::fprintf(stderr, "supermachine run: cannot listen on 127.0.0.1:%u: %s\n",
-                                 p.host, bound.error().message().c_str());
-                    io.stop();
-                    return;
-                }
-            }
-            stop_signals.async_wait([&](boost::system::error_code e, int signo) {
-                if (e) return;
-                status = 128 + signo; // like docker run / a shell: 130 for ^C, 143 for SIGTERM
-                if (machine) machine->kill();
-                io.stop();
-            });
-            sm::cli::exec_session<sm::vm::socket_type>::start(machine->agent(), std::move(request),
-                                                              interactive, [&](int exit_status) {
-                                                                  status = exit_status;
-                                                                  stop_signals.cancel();
-                                                                  machine->kill();
-                                                                  io.stop();
-                                                              });
+                             started->engine_description().c_str());
+            command.start(std::move(started), std::move(request), exec, "supermachine run");
         });
-    {
-        sm::cli::raw_terminal raw(tty && interactive);
-        io.run();
-    }
-    return status;
+    return command.run(exec);
 }
 
 const supermachine::cli::command_registration registration{

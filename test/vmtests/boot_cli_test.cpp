@@ -1,0 +1,210 @@
+// `supermachine boot --disk ROOT -- CMD` end to end: a real Linux guest
+// (Debian's cloud kernel under QEMU TCG), the agent as /init, and a root
+// filesystem the test builds from busybox-static with `mkfs.ext4 -d`. Also:
+// `boot` without `--` keeps its statuses.
+#include "vm_fixture.hpp"
+
+#include <boost/test/unit_test.hpp>
+
+#include <fstream>
+
+using namespace supermachine::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct boot_environment {
+    fs::path source_dir, binary_dir, cli, work, rootfs;
+
+    boot_environment() {
+        const char* source = std::getenv("SUPERMACHINE_SOURCE_DIR");
+        const char* binary = std::getenv("SUPERMACHINE_BINARY_DIR");
+        skip_unless(source && binary,
+                    "SUPERMACHINE_SOURCE_DIR/BINARY_DIR not set (run through ctest)");
+        skip_unless(have_qemu(), "qemu-system-x86_64 not installed");
+        source_dir = source;
+        binary_dir = binary;
+        cli = binary_dir / "bin" / "supermachine";
+        skip_unless(fs::exists(cli) && fs::exists(binary_dir / "bin" / "supermachine-agent"),
+                    "build supermachine_cli and supermachine-agent first");
+        skip_unless(fs::exists("/bin/busybox"), "busybox-static not installed");
+        skip_unless(std::system("command -v mkfs.ext4 >/dev/null 2>&1") == 0,
+                    "mkfs.ext4 (e2fsprogs) not installed");
+        auto kernel = supermachine::boot::default_kernel();
+        if (!kernel)
+            kernel = supermachine::boot::fetch_default_kernel(source_dir / "scripts" /
+                                                              "fetch-kernel.sh");
+        skip_unless(kernel.has_value(),
+                    "guest kernel not cached and scripts/fetch-kernel.sh failed");
+        ::setenv("SUPERMACHINE_KERNEL_DIR", kernel.value().root.c_str(), 1);
+        ::setenv("SUPERMACHINE_AGENT", (binary_dir / "bin" / "supermachine-agent").c_str(), 1);
+
+        std::string pattern = (fs::temp_directory_path() / "sm-bootcli-XXXXXX").string();
+        if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp");
+        work = pattern;
+        // The root filesystem: busybox and its applets, the directories the
+        // agent mounts over, a passwd/group with a second user.
+        const fs::path tree = work / "tree";
+        for (const char* dir :
+             {"bin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "home/alice", "srv/data"})
+            fs::create_directories(tree / dir);
+        fs::copy_file("/bin/busybox", tree / "bin" / "busybox");
+        std::ofstream(tree / "etc" / "passwd") << "root:x:0:0:root:/root:/bin/sh\n"
+                                                  "alice:x:1001:1002:Alice:/home/alice:/bin/sh\n";
+        std::ofstream(tree / "etc" / "group") << "root:x:0:\nalice:x:1002:\nstaff:x:50:alice\n";
+        const std::string script =
+            "set -e; cd " + shell_quote((tree / "bin").string()) +
+            "; for a in $(./busybox --list); do [ -e \"$a\" ] || ln -s busybox \"$a\"; done; "
+            "truncate -s 64M " +
+            shell_quote((work / "root.ext4").string()) + "; mkfs.ext4 -q -F -d " +
+            shell_quote(tree.string()) + " " + shell_quote((work / "root.ext4").string()) +
+            " >/dev/null";
+        skip_unless(std::system(("sh -c " + shell_quote(script)).c_str()) == 0,
+                    "building the busybox root filesystem with mkfs.ext4 -d failed");
+        rootfs = work / "root.ext4";
+    }
+    ~boot_environment() {
+        std::error_code ec;
+        fs::remove_all(work, ec);
+    }
+
+    /// `supermachine boot OPTIONS... --disk ROOT -- COMMAND...`
+    process_result boot(const std::vector<std::string>& options,
+                        const std::vector<std::string>& command, const std::string& input = "",
+                        std::chrono::seconds limit = 240s, bool hash_stdout = false) const {
+        std::vector<std::string> argv = {cli.string(), "boot", "--disk", rootfs.string()};
+        argv.insert(argv.end(), options.begin(), options.end());
+        argv.push_back("--");
+        argv.insert(argv.end(), command.begin(), command.end());
+        return run_process(argv, input, limit, hash_stdout);
+    }
+};
+
+boot_environment& env() {
+    static boot_environment e;
+    return e;
+}
+
+std::string describe(const process_result& r) {
+    return "status " + std::to_string(r.status) + (r.timed_out ? " (test limit hit)" : "") +
+           "\nstdout: " + r.out.substr(0, 2000) + "\nstderr: " + r.err.substr(0, 4000);
+}
+
+bool contains(const std::string& haystack, const std::string& needle) {
+    return haystack.find(needle) != std::string::npos;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(exit_status_and_separate_streams) {
+    auto r = env().boot({}, {"sh", "-c", "echo out-line; echo err-line >&2; exit 42"});
+    BOOST_TEST(r.status == 42, describe(r));
+    BOOST_TEST(r.out == "out-line\n", describe(r));
+    BOOST_TEST(contains(r.err, "err-line"), describe(r));
+}
+
+BOOST_AUTO_TEST_CASE(killed_by_sigkill_is_137) {
+    auto r = env().boot({}, {"sh", "-c", "kill -9 $$"});
+    BOOST_TEST(r.status == 137, describe(r));
+}
+
+BOOST_AUTO_TEST_CASE(missing_command_is_127_and_named) {
+    auto r = env().boot({}, {"no-such-command-xyz", "arg"});
+    BOOST_TEST(r.status == 127, describe(r));
+    BOOST_TEST(contains(r.err, "no-such-command-xyz"), describe(r));
+}
+
+BOOST_AUTO_TEST_CASE(stdout_checksum_of_several_mib) {
+    constexpr std::size_t total = 8u << 20;
+    const std::string line = "abcdefghij\n";
+    std::string expected_bytes;
+    expected_bytes.reserve(total);
+    while (expected_bytes.size() < total)
+        expected_bytes += line;
+    expected_bytes.resize(total);
+    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+    EVP_DigestUpdate(ctx, expected_bytes.data(), expected_bytes.size());
+    const auto expected = sha256_hex(ctx);
+    EVP_MD_CTX_free(ctx);
+
+    auto r = env().boot({}, {"sh", "-c", "yes abcdefghij | head -c " + std::to_string(total)}, "",
+                        400s, true);
+    BOOST_TEST(r.status == 0, describe(r));
+    BOOST_TEST(r.out_bytes == total);
+    BOOST_TEST(r.out_sha256 == expected);
+}
+
+BOOST_AUTO_TEST_CASE(stdin_is_streamed_with_i) {
+    std::string input;
+    for (int i = 0; input.size() < (1u << 20); ++i)
+        input += "line " + std::to_string(i) + " of the stdin stream\n";
+    auto r = env().boot({"-i"}, {"cat"}, input);
+    BOOST_TEST(r.status == 0, describe(r));
+    BOOST_TEST(r.out.size() == input.size());
+    BOOST_TEST((r.out == input));
+    // Without -i the command sees EOF at once.
+    auto closed = env().boot({}, {"wc", "-c"}, "ignored\n");
+    BOOST_TEST(closed.status == 0, describe(closed));
+    BOOST_TEST(contains(closed.out, "0"), describe(closed));
+    BOOST_TEST(!contains(closed.out, "8"), describe(closed));
+}
+
+BOOST_AUTO_TEST_CASE(env_workdir_user_from_the_disk) {
+    auto r = env().boot({"-e", "GREETING=hello world", "-w", "/srv/data", "-u", "alice"},
+                        {"sh", "-c",
+                         "echo \"$GREETING\"; pwd; id; echo \"home=$HOME\"; "
+                         "echo written > /tmp/f && cat /tmp/f"});
+    BOOST_TEST(r.status == 0, describe(r));
+    BOOST_TEST(contains(r.out, "hello world\n/srv/data\n"), describe(r));
+    BOOST_TEST(contains(r.out, "uid=1001(alice) gid=1002(alice)"), describe(r));
+    BOOST_TEST(contains(r.out, "50(staff)"), describe(r)); // from the disk's /etc/group
+    BOOST_TEST(contains(r.out, "home=/home/alice\n"), describe(r));
+    BOOST_TEST(contains(r.out, "written\n"), describe(r));
+
+    auto unknown = env().boot({"-u", "nobody-here"}, {"true"});
+    BOOST_TEST(unknown.status == 125, describe(unknown));
+    BOOST_TEST(contains(unknown.err, "unknown user"), describe(unknown));
+}
+
+BOOST_AUTO_TEST_CASE(explicit_kernel_from_an_unpacked_package) {
+    // --kernel ROOT/boot/vmlinuz-R: its modules come from ROOT/lib/modules/R.
+    auto kernel = supermachine::boot::default_kernel();
+    BOOST_TEST_REQUIRE(kernel.has_value());
+    auto r = env().boot({"--kernel", kernel.value().vmlinuz.string(), "--memory", "320"},
+                        {"sh", "-c", "uname -r; grep MemTotal /proc/meminfo"});
+    BOOST_TEST(r.status == 0, describe(r));
+    BOOST_TEST(contains(r.out, kernel.value().release + "\n"), describe(r));
+    BOOST_TEST(contains(r.out, "MemTotal:"), describe(r));
+}
+
+BOOST_AUTO_TEST_CASE(option_errors_are_ours_and_125) {
+    const auto cli = env().cli.string();
+    const auto root = env().rootfs.string();
+    auto two = run_process({cli, "boot", "--disk", root, "--disk", root, "--", "true"}, "", 60s);
+    BOOST_TEST(two.status == 125, describe(two));
+    BOOST_TEST(contains(two.err, "exactly one --disk"), describe(two));
+    auto none = run_process({cli, "boot", "--disk", root, "--"}, "", 60s);
+    BOOST_TEST(none.status == 125, describe(none));
+    auto missing =
+        run_process({cli, "boot", "--disk", "/nonexistent/root.ext4", "--", "true"}, "", 60s);
+    BOOST_TEST(missing.status == 125, describe(missing));
+    BOOST_TEST(contains(missing.err, "/nonexistent/root.ext4"), describe(missing));
+    auto bad_port = run_process({cli, "boot", "--disk", root, "-p", "x:y", "--", "true"}, "", 60s);
+    BOOST_TEST(bad_port.status == 125, describe(bad_port));
+}
+
+BOOST_AUTO_TEST_CASE(boot_without_command_keeps_its_statuses) {
+    const auto cli = env().cli.string();
+    // Bad input stays 2, also for the command-only options without a command.
+    auto bad = run_process({cli, "boot", "--kernel", "/nonexistent/vmlinuz"}, "", 60s);
+    BOOST_TEST(bad.status == 2, describe(bad));
+    auto stray = run_process({cli, "boot", "-e", "A=1"}, "", 60s);
+    BOOST_TEST(stray.status == 2, describe(stray));
+    BOOST_TEST(contains(stray.err, "need a command"), describe(stray));
+    auto bad_timeout = run_process({cli, "boot", "--timeout", "soon"}, "", 60s);
+    BOOST_TEST(bad_timeout.status == 2, describe(bad_timeout));
+    // The default kernel with the demo initramfs greets and powers off: 0.
+    auto demo = run_process({cli, "boot", "--engine", "qemu", "--timeout", "200"}, "", 240s);
+    BOOST_TEST(demo.status == 0, describe(demo));
+}
