@@ -1,10 +1,12 @@
 // `supermachine boot --disk ROOT -- CMD` end to end: a real Linux guest
 // (Debian's cloud kernel under QEMU TCG), the agent as /init, and a root
 // filesystem the test builds from busybox-static with `mkfs.ext4 -d`. Also:
-// `boot` without `--` keeps its statuses.
+// `boot` without `--` keeps its statuses, and QEMU dies with a SIGKILLed CLI.
 #include "vm_fixture.hpp"
 
 #include <boost/test/unit_test.hpp>
+
+#include <sys/prctl.h>
 
 #include <fstream>
 
@@ -92,6 +94,25 @@ std::string describe(const process_result& r) {
 
 bool contains(const std::string& haystack, const std::string& needle) {
     return haystack.find(needle) != std::string::npos;
+}
+
+// The children of `parent` whose command name starts with `prefix`.
+std::vector<pid_t> children_named(pid_t parent, const std::string& prefix) {
+    std::vector<pid_t> found;
+    for (const auto& entry : fs::directory_iterator("/proc")) {
+        const auto name = entry.path().filename().string();
+        if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+        std::FILE* f = std::fopen((entry.path() / "stat").c_str(), "r");
+        if (!f) continue;
+        int pid = 0, ppid = 0;
+        char state = 0;
+        char comm[256];
+        if (std::fscanf(f, "%d (%255[^)]) %c %d", &pid, comm, &state, &ppid) == 4 &&
+            ppid == parent && std::string(comm).starts_with(prefix))
+            found.push_back(pid);
+        std::fclose(f);
+    }
+    return found;
 }
 
 } // namespace
@@ -207,4 +228,44 @@ BOOST_AUTO_TEST_CASE(boot_without_command_keeps_its_statuses) {
     // The default kernel with the demo initramfs greets and powers off: 0.
     auto demo = run_process({cli, "boot", "--engine", "qemu", "--timeout", "200"}, "", 240s);
     BOOST_TEST(demo.status == 0, describe(demo));
+}
+
+BOOST_AUTO_TEST_CASE(sigkilled_cli_takes_qemu_with_it) {
+    // Orphans become our children, so we can tell "exited" from "still running".
+    ::prctl(PR_SET_CHILD_SUBREAPER, 1);
+    std::fflush(nullptr);
+    const pid_t cli = ::fork();
+    if (cli == 0) {
+        const int null = ::open("/dev/null", O_RDWR);
+        ::dup2(null, 0);
+        ::dup2(null, 1);
+        ::dup2(null, 2);
+        const std::string path = env().cli.string(), root = env().rootfs.string();
+        ::execl(path.c_str(), path.c_str(), "boot", "--disk", root.c_str(), "--", "sleep", "600",
+                static_cast<char*>(nullptr));
+        ::_exit(127);
+    }
+    std::vector<pid_t> qemu;
+    const auto deadline = std::chrono::steady_clock::now() + 120s;
+    while (qemu.empty() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(100ms);
+        qemu = children_named(cli, "qemu-system");
+    }
+    BOOST_TEST_REQUIRE(qemu.size() == 1u, "no QEMU child of the CLI appeared");
+    std::this_thread::sleep_for(3s); // QEMU well under way (guest booting)
+    ::kill(cli, SIGKILL);
+    ::waitpid(cli, nullptr, 0);
+    const auto killed = std::chrono::steady_clock::now();
+    bool gone = false;
+    while (!gone && std::chrono::steady_clock::now() - killed < 5s) {
+        const pid_t r = ::waitpid(qemu.front(), nullptr, WNOHANG);
+        gone = r == qemu.front() || (r < 0 && errno == ECHILD && ::kill(qemu.front(), 0) != 0);
+        if (!gone) std::this_thread::sleep_for(50ms);
+    }
+    BOOST_TEST(gone, "QEMU (pid " << qemu.front() << ") outlived the SIGKILLed supermachine");
+    if (!gone) {
+        ::kill(qemu.front(), SIGKILL);
+        ::waitpid(qemu.front(), nullptr, 0);
+    }
+    ::prctl(PR_SET_CHILD_SUBREAPER, 0);
 }

@@ -1,19 +1,28 @@
 #pragma once
 // A child process (QEMU) with its stdout and stderr on pipes and a pidfd, so
 // its output and its exit are awaited with Asio like any other descriptor.
+// The child dies with this process (PR_SET_PDEATHSIG from a dedicated
+// thread: child_spawner says why).
 #include <supermachine/error.hpp>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <condition_variable>
+#include <deque>
 #include <filesystem>
+#include <functional>
+#include <future>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 extern char** environ;
@@ -45,9 +54,156 @@ struct child_process {
     int stderr_read = -1;
 };
 
+/// Starts children from one thread that lives as long as the process.
+///
+/// Why: a child must not outlive us (a SIGKILLed or crashed supermachine
+/// would leave QEMU running with nobody to stop it). The child asks for
+/// SIGKILL when its parent dies (PR_SET_PDEATHSIG), but Linux sends that
+/// signal when the *thread* that forked it exits, not the process: a child
+/// forked from an Asio pool thread would be killed when that thread ends.
+/// So every child is forked here, on a thread that never returns; it ends
+/// only with the process, and then the children get SIGKILL.
+class child_spawner {
+public:
+    /// This process's spawner (after a fork(), the child process gets its own:
+    /// threads are not copied by fork).
+    static child_spawner& instance() {
+        static std::mutex mutex;
+        static child_spawner* current = nullptr;
+        static pid_t owner = 0;
+        std::lock_guard lock(mutex);
+        if (!current || owner != ::getpid()) {
+            current = new child_spawner(); // never deleted: the thread outlives static destructors
+            owner = ::getpid();
+        }
+        return *current;
+    }
+
+    /// Run `job` on the spawner thread; returns its result.
+    template <class T>
+    T run(std::function<T()> job) {
+        std::packaged_task<T()> task(std::move(job));
+        auto done = task.get_future();
+        {
+            std::lock_guard lock(mutex_);
+            jobs_.emplace_back([&task] { task(); });
+        }
+        wake_.notify_one();
+        return done.get(); // `task` lives on this stack until the job ran
+    }
+
+private:
+    child_spawner() {
+        // Created with every signal blocked (inherited by the thread), so the
+        // process's signals are delivered to other threads, never to this one.
+        sigset_t all, old;
+        ::sigfillset(&all);
+        ::pthread_sigmask(SIG_SETMASK, &all, &old);
+        std::thread([this] { serve(); }).detach();
+        ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    }
+
+    [[noreturn]] void serve() {
+        for (;;) {
+            std::function<void()> job;
+            {
+                std::unique_lock lock(mutex_);
+                wake_.wait(lock, [this] { return !jobs_.empty(); });
+                job = std::move(jobs_.front());
+                jobs_.pop_front();
+            }
+            job();
+        }
+    }
+
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    std::deque<std::function<void()>> jobs_;
+};
+
+/// In the forked child: tell the parent why exec failed, and leave.
+[[noreturn]] inline void child_failed(int report_fd, int error) noexcept {
+    [[maybe_unused]] auto ignored = ::write(report_fd, &error, sizeof error);
+    ::_exit(127);
+}
+
+/// fork + exec on the spawner thread (see child_spawner).
+inline result<child_process> fork_exec(const std::vector<std::string>& argv, int out_write,
+                                       int err_write) {
+    // Everything the child needs is made before fork: after it, only
+    // async-signal-safe calls (other threads may hold malloc's locks).
+    std::vector<char*> args;
+    for (const auto& a : argv)
+        args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    char** const env = environ;
+    int report[2]; // the child's exec failure (errno), or EOF when exec succeeded
+    if (::pipe2(report, O_CLOEXEC) != 0) return errno_code(errno);
+    const pid_t parent = ::getpid();
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+        const int e = errno;
+        ::close(report[0]);
+        ::close(report[1]);
+        return errno_code(e);
+    }
+    if (pid == 0) {
+        const int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (null < 0 || ::dup2(null, 0) < 0 || ::dup2(out_write, 1) < 0 || ::dup2(err_write, 2) < 0)
+            child_failed(report[1], errno);
+        // The report pipe becomes fd 3 (close-on-exec); every other fd goes:
+        // Asio opens sockets without CLOEXEC, and QEMU must not hold our
+        // listening and vhost-user sockets open.
+        int report_fd = report[1];
+        if (report_fd != 3) {
+            if (::dup3(report_fd, 3, O_CLOEXEC) < 0) child_failed(report_fd, errno);
+            report_fd = 3;
+        }
+        if (::close_range(4, ~0u, 0) != 0)
+            for (int fd = 4; fd < 65536; ++fd)
+                ::close(fd);
+        if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_failed(report_fd, errno);
+        // Our process may have died between fork and prctl: then no signal comes.
+        if (::getppid() != parent) ::_exit(127);
+        // Signals we handle go back to their defaults before they are
+        // unblocked (a handler of ours must never run in the child); ignored
+        // ones stay ignored, as posix_spawn would leave them.
+        for (int signo = 1; signo < NSIG; ++signo) {
+            struct sigaction action {};
+            if (::sigaction(signo, nullptr, &action) != 0) continue;
+            if (action.sa_handler != SIG_IGN && action.sa_handler != SIG_DFL) {
+                action = {};
+                action.sa_handler = SIG_DFL;
+                ::sigaction(signo, &action, nullptr);
+            }
+        }
+        sigset_t none;
+        ::sigemptyset(&none);
+        ::sigprocmask(SIG_SETMASK, &none, nullptr);
+        ::execve(args[0], args.data(), env);
+        child_failed(report_fd, errno);
+    }
+    ::close(report[1]);
+    int error = 0;
+    ssize_t n;
+    do
+        n = ::read(report[0], &error, sizeof error);
+    while (n < 0 && errno == EINTR);
+    ::close(report[0]);
+    if (n > 0) {
+        ::waitpid(pid, nullptr, 0);
+        return errno_code(error ? error : EIO);
+    }
+    child_process c;
+    c.pid = pid;
+    return c;
+}
+
 /// Spawn `argv` (argv[0] a path) with stdin from /dev/null and stdout/stderr
-/// on fresh pipes. The child gets no other of our fds.
+/// on fresh pipes. The child gets no other of our fds, and is SIGKILLed by
+/// the kernel when this process dies (however it dies; see child_spawner).
 inline result<child_process> spawn(const std::vector<std::string>& argv) {
+    if (argv.empty()) return errc::invalid_argument;
     int out[2], err[2];
     if (::pipe2(out, O_CLOEXEC) != 0) return errno_code(errno);
     if (::pipe2(err, O_CLOEXEC) != 0) {
@@ -56,37 +212,23 @@ inline result<child_process> spawn(const std::vector<std::string>& argv) {
         ::close(out[1]);
         return errno_code(e);
     }
-    posix_spawn_file_actions_t actions;
-    ::posix_spawn_file_actions_init(&actions);
-    ::posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-    ::posix_spawn_file_actions_adddup2(&actions, out[1], 1);
-    ::posix_spawn_file_actions_adddup2(&actions, err[1], 2);
-    // Asio opens sockets without CLOEXEC: close everything else in the child,
-    // or QEMU would hold our listening and vhost-user sockets open.
-    ::posix_spawn_file_actions_addclosefrom_np(&actions, 3);
-    std::vector<char*> args;
-    for (const auto& a : argv)
-        args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    pid_t pid = -1;
-    const int rc = ::posix_spawn(&pid, args[0], &actions, nullptr, args.data(), environ);
-    ::posix_spawn_file_actions_destroy(&actions);
+    auto started = child_spawner::instance().run<result<child_process>>(
+        [&] { return fork_exec(argv, out[1], err[1]); });
     ::close(out[1]);
     ::close(err[1]);
-    if (rc != 0) {
+    if (!started) {
         ::close(out[0]);
         ::close(err[0]);
-        return errno_code(rc);
+        return started.error();
     }
-    child_process c;
-    c.pid = pid;
-    c.pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    child_process c = started.value();
+    c.pidfd = static_cast<int>(::syscall(SYS_pidfd_open, c.pid, 0));
     c.stdout_read = out[0];
     c.stderr_read = err[0];
     if (c.pidfd < 0) {
         const int e = errno;
-        ::kill(pid, SIGKILL);
-        ::waitpid(pid, nullptr, 0);
+        ::kill(c.pid, SIGKILL);
+        ::waitpid(c.pid, nullptr, 0);
         ::close(out[0]);
         ::close(err[0]);
         return errno_code(e);

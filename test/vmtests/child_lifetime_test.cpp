@@ -1,0 +1,113 @@
+// backend::detail::spawn (how QEMU is started): a child dies with the
+// process that spawned it, however that process dies, and does not die when
+// the thread that asked for it ends (PR_SET_PDEATHSIG follows the forking
+// thread, so spawn forks from a dedicated thread). Real processes: sleep(1).
+#include <supermachine/backend/detail/qemu_process.hpp>
+
+#include <boost/test/unit_test.hpp>
+
+#include <sys/prctl.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <thread>
+
+namespace detail = supermachine::backend::detail;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string sleep_path() {
+    auto path = detail::find_program("sleep");
+    BOOST_TEST_REQUIRE(path.has_value());
+    return path->string();
+}
+
+// Whether `pid` (our child, or adopted as subreaper) has exited within `limit`; reaps it.
+bool exits_within(pid_t pid, std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    do {
+        const pid_t r = ::waitpid(pid, nullptr, WNOHANG);
+        if (r == pid) return true;
+        if (r < 0) return ::kill(pid, 0) != 0; // not ours: gone when it cannot be signalled
+        std::this_thread::sleep_for(20ms);
+    } while (std::chrono::steady_clock::now() < deadline);
+    return false;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(child_outlives_the_thread_that_asked_for_it) {
+    detail::child_process child;
+    const auto program = sleep_path();
+    std::thread([&] {
+        if (auto started = detail::spawn({program, "600"})) child = started.value();
+    }).join();
+    BOOST_TEST_REQUIRE(child.pid > 0);
+    // The asking thread is gone; a PDEATHSIG tied to it would have fired by now.
+    BOOST_TEST(!exits_within(child.pid, 1500ms), "the child died with the thread that spawned it");
+    ::kill(child.pid, SIGKILL);
+    BOOST_TEST(exits_within(child.pid, 5000ms));
+    ::close(child.pidfd);
+    ::close(child.stdout_read);
+    ::close(child.stderr_read);
+}
+
+BOOST_AUTO_TEST_CASE(child_dies_with_a_sigkilled_parent) {
+    // A helper process spawns `sleep 600`, tells us its pid, and is SIGKILLed;
+    // as subreaper we adopt the orphan and can see whether it exits.
+    ::prctl(PR_SET_CHILD_SUBREAPER, 1);
+    int report[2];
+    BOOST_TEST_REQUIRE(::pipe(report) == 0);
+    const auto program = sleep_path();
+    std::fflush(nullptr);
+    const pid_t helper = ::fork();
+    if (helper == 0) {
+        ::close(report[0]);
+        // In a fresh process: the spawner must start its own thread here.
+        auto started = detail::spawn({program, "600"});
+        const pid_t pid = started ? started.value().pid : -1;
+        [[maybe_unused]] auto n = ::write(report[1], &pid, sizeof pid);
+        ::pause();
+        ::_exit(0);
+    }
+    ::close(report[1]);
+    pid_t grandchild = -1;
+    BOOST_TEST_REQUIRE(::read(report[0], &grandchild, sizeof grandchild) ==
+                       static_cast<ssize_t>(sizeof grandchild));
+    ::close(report[0]);
+    BOOST_TEST_REQUIRE(grandchild > 0);
+    BOOST_TEST(::kill(grandchild, 0) == 0); // running
+    ::kill(helper, SIGKILL);
+    ::waitpid(helper, nullptr, 0);
+    const bool gone = exits_within(grandchild, 3000ms);
+    BOOST_TEST(gone, "the spawned child outlived its SIGKILLed parent");
+    if (!gone) {
+        ::kill(grandchild, SIGKILL);
+        ::waitpid(grandchild, nullptr, 0);
+    }
+    ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+}
+
+BOOST_AUTO_TEST_CASE(exec_failure_is_an_error_and_fds_are_not_inherited) {
+    auto missing = detail::spawn({"/nonexistent/program"});
+    BOOST_TEST(!missing.has_value());
+    if (!missing)
+        BOOST_TEST((missing.error() == std::errc::no_such_file_or_directory),
+                   missing.error().message());
+
+    // An fd of ours without CLOEXEC (as Asio opens sockets) must not reach the child.
+    const int opened = ::open("/dev/null", O_RDONLY);
+    const int leaked = ::fcntl(opened, F_DUPFD, 100); // a number ls's own fds will not have
+    ::close(opened);
+    BOOST_TEST_REQUIRE(leaked >= 100);
+    auto sh = detail::find_program("sh");
+    BOOST_TEST_REQUIRE(sh.has_value());
+    auto listed = detail::capture_output(
+        {sh->string(), "-c", "ls /proc/self/fd; echo stdin=$(readlink /proc/self/fd/0)"});
+    ::close(leaked);
+    BOOST_TEST_REQUIRE(listed.has_value());
+    BOOST_TEST(listed.value().find("\n" + std::to_string(leaked) + "\n") == std::string::npos,
+               listed.value());
+    BOOST_TEST(listed.value().find("stdin=/dev/null") != std::string::npos, listed.value());
+}
