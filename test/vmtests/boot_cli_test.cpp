@@ -6,9 +6,14 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 
+#include <atomic>
 #include <fstream>
+#include <thread>
 
 using namespace supermachine::test;
 using namespace std::chrono_literals;
@@ -186,6 +191,80 @@ BOOST_AUTO_TEST_CASE(env_workdir_user_from_the_disk) {
     auto unknown = env().boot({"-u", "nobody-here"}, {"true"});
     BOOST_TEST(unknown.status == 125, describe(unknown));
     BOOST_TEST(contains(unknown.err, "unknown user"), describe(unknown));
+}
+
+BOOST_AUTO_TEST_CASE(tty_with_t) {
+    auto r = env().boot({"-t"}, {"sh", "-c", "test -t 1 && echo on-a-tty; tty"});
+    BOOST_TEST(r.status == 0, describe(r));
+    BOOST_TEST(contains(r.out, "on-a-tty"), describe(r));
+    BOOST_TEST(contains(r.out, "/dev/pts/"), describe(r));
+    auto plain = env().boot({}, {"sh", "-c", "test -t 1 || echo not-a-tty"});
+    BOOST_TEST(contains(plain.out, "not-a-tty"), describe(plain));
+}
+
+BOOST_AUTO_TEST_CASE(publish_port_to_busybox_httpd) {
+    // A free port: bind 0, read it back, release it.
+    const int probe = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::bind(probe, reinterpret_cast<sockaddr*>(&address), sizeof address);
+    socklen_t length = sizeof address;
+    ::getsockname(probe, reinterpret_cast<sockaddr*>(&address), &length);
+    ::close(probe);
+    const unsigned short port = ntohs(address.sin_port);
+
+    std::atomic<pid_t> cli{0};
+    process_result result;
+    std::thread runner([&] {
+        std::vector<std::string> argv = {env().cli.string(),
+                                         "boot",
+                                         "--disk",
+                                         env().rootfs.string(),
+                                         "-p",
+                                         std::to_string(port) + ":80",
+                                         "--",
+                                         "sh",
+                                         "-c",
+                                         "echo served-by-the-guest > /tmp/index.html && exec "
+                                         "busybox httpd -f -p 80 -h /tmp"};
+        result = run_process(argv, "", 180s, false, [&](pid_t pid) { cli = pid; });
+    });
+    auto get = [&] {
+        std::string response;
+        const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        timeval tv{5, 0};
+        ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_port = htons(port);
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+            const std::string request = "GET /index.html HTTP/1.0\r\n\r\n";
+            if (::write(fd, request.data(), request.size()) ==
+                static_cast<ssize_t>(request.size())) {
+                char buffer[4096];
+                ssize_t n;
+                while ((n = ::read(fd, buffer, sizeof buffer)) > 0)
+                    response.append(buffer, static_cast<std::size_t>(n));
+            }
+        }
+        ::close(fd);
+        return response;
+    };
+    std::string response;
+    const auto deadline = std::chrono::steady_clock::now() + 120s;
+    while (std::chrono::steady_clock::now() < deadline) {
+        response = get();
+        if (contains(response, "200 OK")) break;
+        std::this_thread::sleep_for(300ms);
+    }
+    while (cli == 0)
+        std::this_thread::sleep_for(10ms);
+    ::kill(cli, SIGTERM);
+    runner.join();
+    BOOST_TEST(contains(response, "served-by-the-guest"), response);
+    BOOST_TEST(result.status == 143, describe(result)); // stopped by SIGTERM, like run
 }
 
 BOOST_AUTO_TEST_CASE(explicit_kernel_from_an_unpacked_package) {
