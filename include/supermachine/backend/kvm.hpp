@@ -67,7 +67,8 @@ public:
         if (cfg.vcpus == 0) return errc::invalid_argument;
         if (cfg.vcpus > max_vcpus) return errc::too_many_vcpus;
         std::unique_ptr<kvm> self(new kvm());
-        self->system_ = detail::file_descriptor(::open(cfg.device_path, O_RDWR | O_CLOEXEC));
+        self->system_ =
+            supermachine::detail::unique_fd(::open(cfg.device_path, O_RDWR | O_CLOEXEC));
         if (!self->system_) return errc::kvm_unavailable;
         const int version = ::ioctl(self->system_.get(), KVM_GET_API_VERSION, 0);
         if (version != KVM_API_VERSION) return errc::kvm_api_mismatch;
@@ -87,7 +88,7 @@ public:
         self->workarounds_ = cfg.host_workarounds;
         self->memory_ = &memory; // the machine keeps guest memory alive longer than the backend
 
-        self->vm_ = detail::file_descriptor(::ioctl(self->system_.get(), KVM_CREATE_VM, 0));
+        self->vm_ = supermachine::detail::unique_fd(::ioctl(self->system_.get(), KVM_CREATE_VM, 0));
         if (!self->vm_) return detail::kvm_error();
         // VMX needs three pages for the real-mode TSS and one for the identity
         // map, inside the 4 GiB space but outside RAM and our MMIO: just below
@@ -118,7 +119,7 @@ public:
         self->vcpus_ = std::vector<vcpu>(cfg.vcpus);
         for (std::uint32_t i = 0; i < cfg.vcpus; ++i) {
             auto& v = self->vcpus_[i];
-            v.fd = detail::file_descriptor(
+            v.fd = supermachine::detail::unique_fd(
                 ::ioctl(self->vm_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(i)));
             if (!v.fd) return detail::kvm_error();
             void* p =
@@ -381,7 +382,7 @@ public:
         if (gsi >= 24) return errc::invalid_argument; // IOAPIC pins
         for (const auto& [line_gsi, fd] : interrupt_lines_)
             if (line_gsi == gsi) return interrupt_line(fd.get());
-        detail::file_descriptor fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+        supermachine::detail::unique_fd fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
         if (!fd) return errno_code(errno);
         kvm_irqfd request{};
         request.fd = static_cast<std::uint32_t>(fd.get());
@@ -398,7 +399,7 @@ public:
                               std::optional<std::uint64_t> value) {
         if (length != 1 && length != 2 && length != 4 && length != 8) return errc::invalid_argument;
         std::lock_guard lock(mutex_);
-        detail::file_descriptor fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+        supermachine::detail::unique_fd fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
         if (!fd) return errno_code(errno);
         kvm_ioeventfd request{};
         request.addr = address;
@@ -425,7 +426,7 @@ private:
     static constexpr unsigned long tss_address = 0xfffb'd000;
 
     struct vcpu {
-        detail::file_descriptor fd;
+        supermachine::detail::unique_fd fd;
         kvm_run* run = nullptr;
         std::atomic<pthread_t> thread{};
         std::atomic<bool> has_thread{false};
@@ -519,16 +520,16 @@ private:
         return std::nullopt;
     }
 
-    detail::file_descriptor system_;
-    detail::file_descriptor vm_;
+    supermachine::detail::unique_fd system_;
+    supermachine::detail::unique_fd vm_;
     std::size_t run_size_ = 0;
     bool pvm_ = false;
     bool workarounds_ = true;
     std::vector<vcpu> vcpus_;
     const guest_memory* memory_ = nullptr;
     std::mutex mutex_;
-    std::vector<std::pair<std::uint32_t, detail::file_descriptor>> interrupt_lines_;
-    std::vector<detail::file_descriptor> doorbells_;
+    std::vector<std::pair<std::uint32_t, supermachine::detail::unique_fd>> interrupt_lines_;
+    std::vector<supermachine::detail::unique_fd> doorbells_;
 };
 
 static_assert(hypervisor_backend<kvm>);

@@ -215,7 +215,7 @@ inline result<std::vector<std::uint32_t>> msr_index_list(int system_fd) {
 
 /// The same, opening the KVM device itself.
 inline result<std::vector<std::uint32_t>> msr_index_list(const char* device_path = "/dev/kvm") {
-    supermachine::backend::detail::file_descriptor system(::open(device_path, O_RDWR | O_CLOEXEC));
+    supermachine::detail::unique_fd system(::open(device_path, O_RDWR | O_CLOEXEC));
     if (!system) return errc::kvm_unavailable;
     return msr_index_list(system.get());
 }

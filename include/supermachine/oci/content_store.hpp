@@ -11,6 +11,7 @@
 // behind. Concurrent writers of one blob are safe: the .partial file is
 // flock()ed; a second writer uses a private temp file instead, and whoever
 // renames last replaces identical bytes.
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/oci/digest.hpp>
 #include <supermachine/oci/image_config.hpp>
@@ -38,32 +39,6 @@
 namespace supermachine::oci {
 
 namespace detail {
-class unique_fd {
-public:
-    unique_fd() = default;
-    explicit unique_fd(int fd) noexcept
-        : fd_(fd) {}
-    unique_fd(unique_fd&& o) noexcept
-        : fd_(std::exchange(o.fd_, -1)) {}
-    unique_fd& operator=(unique_fd&& o) noexcept {
-        if (this != &o) {
-            reset();
-            fd_ = std::exchange(o.fd_, -1);
-        }
-        return *this;
-    }
-    ~unique_fd() { reset(); }
-    int get() const noexcept { return fd_; }
-    explicit operator bool() const noexcept { return fd_ >= 0; }
-    void reset() noexcept {
-        if (fd_ >= 0) ::close(fd_);
-        fd_ = -1;
-    }
-
-private:
-    int fd_ = -1;
-};
-
 inline std::error_code last_errno() {
     return errno_code(errno);
 }
@@ -171,7 +146,8 @@ public:
 private:
     friend class content_store;
     blob_writer(std::filesystem::path final_path, std::filesystem::path temp_path,
-                detail::unique_fd fd, digest expected, std::int64_t expected_size, bool resumable)
+                supermachine::detail::unique_fd fd, digest expected, std::int64_t expected_size,
+                bool resumable)
         : final_path_(std::move(final_path))
         , temp_path_(std::move(temp_path))
         , fd_(std::move(fd))
@@ -181,7 +157,7 @@ private:
         , resumable_(resumable) {}
 
     std::filesystem::path final_path_, temp_path_;
-    detail::unique_fd fd_;
+    supermachine::detail::unique_fd fd_;
     hasher hasher_;
     digest expected_;
     std::int64_t expected_size_;
@@ -244,7 +220,7 @@ public:
 
     /// Read a small blob (manifest, config), re-verifying its digest.
     result<std::string> read_blob(const digest& d, std::size_t max_bytes) const {
-        detail::unique_fd fd(::open(blob_path(d).c_str(), O_RDONLY | O_CLOEXEC));
+        supermachine::detail::unique_fd fd(::open(blob_path(d).c_str(), O_RDONLY | O_CLOEXEC));
         if (!fd) return errno == ENOENT ? make_error_code(errc::not_found) : detail::last_errno();
         struct stat st {};
         if (::fstat(fd.get(), &st) != 0) return detail::last_errno();
@@ -272,7 +248,8 @@ public:
         auto partial =
             ingest / (std::string(expected.algorithm_name()) + "-" + expected.hex() + ".partial");
         for (int attempt = 0; attempt < 8; ++attempt) {
-            detail::unique_fd fd(::open(partial.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+            supermachine::detail::unique_fd fd(
+                ::open(partial.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
             if (!fd) return detail::last_errno();
             if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) break; // busy: private temp below
             // The holder before us may have renamed this very inode into blobs/:
@@ -289,7 +266,7 @@ public:
         }
         // Someone else is writing this blob: a private temp file, no resume.
         std::string pattern = (ingest / (expected.hex() + ".XXXXXX")).string();
-        detail::unique_fd temp(::mkostemp(pattern.data(), O_CLOEXEC));
+        supermachine::detail::unique_fd temp(::mkostemp(pattern.data(), O_CLOEXEC));
         if (!temp) return detail::last_errno();
         return blob_writer(final_path, pattern, std::move(temp), expected, expected_size, false);
     }
@@ -315,7 +292,7 @@ public:
         if (size > (16u << 20)) return errc::image_too_large;
         std::string text(size, '\0');
         {
-            detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+            supermachine::detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
             if (!fd) return detail::last_errno();
             auto n = ::read(fd.get(), text.data(), text.size());
             if (n < 0) return detail::last_errno();
@@ -359,7 +336,7 @@ public:
         std::error_code ec;
         std::filesystem::create_directories(root_, ec);
         if (ec) return ec;
-        detail::unique_fd lock(
+        supermachine::detail::unique_fd lock(
             ::open((root_ / "images.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
         if (!lock) return detail::last_errno();
         while (::flock(lock.get(), LOCK_EX) != 0)
@@ -384,7 +361,8 @@ public:
                             {"pulled_at", r.pulled_at}});
         auto text = nlohmann::json{{"images", list}}.dump(2) + "\n";
         auto temp = root_ / "images.json.tmp";
-        detail::unique_fd fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+        supermachine::detail::unique_fd fd(
+            ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
         if (!fd) return detail::last_errno();
         SUPERMACHINE_TRY(detail::write_all(fd.get(), text.data(), text.size()));
         fd.reset();

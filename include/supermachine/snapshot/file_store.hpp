@@ -12,9 +12,9 @@
 //
 // The file must not be truncated while a restore maps it (a shrunk mapping
 // faults with SIGBUS); replace snapshots by rename, as write_snapshot does.
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/snapshot/detail/file_io.hpp>
-#include <supermachine/snapshot/detail/unique_fd.hpp>
 #include <supermachine/snapshot/store.hpp>
 
 #include <fcntl.h>
@@ -40,7 +40,7 @@ inline result<write_statistics> write_snapshot(const std::filesystem::path& path
     if (path.filename().empty()) return errc::invalid_argument;
     const auto directory = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
     std::string temp = (directory / ("." + path.filename().string() + ".tmp-XXXXXX")).string();
-    detail::unique_fd fd(::mkostemp(temp.data(), O_CLOEXEC));
+    supermachine::detail::unique_fd fd(::mkostemp(temp.data(), O_CLOEXEC));
     if (fd.get() < 0) return errno_code(errno);
     auto discard = [&](std::error_code error) -> result<write_statistics> {
         ::unlink(temp.c_str());
@@ -53,14 +53,15 @@ inline result<write_statistics> write_snapshot(const std::filesystem::path& path
     if (::fstat(fd.get(), &st) != 0) return discard(errno_code(errno));
     fd.reset();
     if (::rename(temp.c_str(), path.c_str()) != 0) return discard(errno_code(errno));
-    detail::unique_fd dir(::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    supermachine::detail::unique_fd dir(
+        ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     if (dir.get() < 0 || ::fsync(dir.get()) != 0) return errno_code(errno);
     return write_statistics{static_cast<std::uint64_t>(st.st_size), written.value()};
 }
 
 /// Open, validate and map the snapshot at `path`.
 inline result<loaded_snapshot> read_snapshot(const std::filesystem::path& path) {
-    detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    supermachine::detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (fd.get() < 0) return errno_code(errno);
     return detail::read_snapshot_fd(fd.get());
 }
@@ -73,7 +74,7 @@ inline result<loaded_snapshot> read_snapshot(int fd) {
 
 /// Validate the snapshot at `path` and return its records, without mapping RAM.
 inline result<snapshot_metadata> inspect_snapshot(const std::filesystem::path& path) {
-    detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    supermachine::detail::unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (fd.get() < 0) return errno_code(errno);
     return detail::read_metadata_fd(fd.get());
 }

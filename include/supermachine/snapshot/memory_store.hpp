@@ -27,7 +27,7 @@ public:
     /// Replace the stored snapshot. Restores already loaded keep theirs.
     /// Not safe concurrently with load() on the same store.
     result<void> save(const snapshot_image& image) {
-        detail::unique_fd fd(
+        supermachine::detail::unique_fd fd(
             ::memfd_create("supermachine-snapshot", MFD_CLOEXEC | MFD_ALLOW_SEALING));
         if (fd.get() < 0) return errno_code(errno);
         SUPERMACHINE_TRY(data_bytes, detail::write_snapshot_fd(fd.get(), image));
@@ -37,7 +37,7 @@ public:
         if (::fcntl(fd.get(), F_ADD_SEALS,
                     F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
             return errno_code(errno);
-        fd_ = std::make_shared<detail::unique_fd>(std::move(fd));
+        fd_ = std::make_shared<supermachine::detail::unique_fd>(std::move(fd));
         return success();
     }
 
@@ -57,7 +57,7 @@ public:
     int native_handle() const noexcept { return fd_ ? fd_->get() : -1; }
 
 private:
-    std::shared_ptr<detail::unique_fd> fd_; // copies of the store share one image
+    std::shared_ptr<supermachine::detail::unique_fd> fd_; // copies of the store share one image
 };
 
 static_assert(snapshot_store<memory_store>);

@@ -9,10 +9,10 @@
 //
 // Policies: file_store (a file on disk, RAM mapped MAP_PRIVATE from it) and
 // memory_store (a sealed memfd: the same mapping semantics, no disk).
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/memory.hpp>
 #include <supermachine/snapshot/container.hpp>
-#include <supermachine/snapshot/detail/unique_fd.hpp>
 #include <supermachine/snapshot/records.hpp>
 
 #include <concepts>
@@ -29,7 +29,7 @@ namespace supermachine::snapshot {
 /// pages the guest never wrote and that are holes in the source, without
 /// reading them (see snapshot_image::private_source).
 struct ram_source {
-    detail::unique_fd fd;
+    supermachine::detail::unique_fd fd;
     std::uint64_t offset = 0; // where RAM starts in the file
 };
 

@@ -27,10 +27,10 @@
 // requests we simply do not implement are ignored, and any other failure
 // ends the session, because the front-end would otherwise run on with a
 // device in a state it does not know about.
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/device.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/memory.hpp>
-#include <supermachine/vhost_user/detail/file_descriptor.hpp>
 #include <supermachine/vhost_user/detail/memory_map.hpp>
 #include <supermachine/vhost_user/message.hpp>
 #include <supermachine/virtio/device.hpp>
@@ -163,9 +163,9 @@ private:
         bool started = false;                 // kick fd given (and not stopped since)
         bool enabled = false;
         std::optional<virtio::virtqueue> queue; // while started
-        detail::file_descriptor kick;
-        detail::file_descriptor call;
-        detail::file_descriptor error;
+        supermachine::detail::unique_fd kick;
+        supermachine::detail::unique_fd call;
+        supermachine::detail::unique_fd error;
     };
 
     // ---- the state machine ----
@@ -280,7 +280,7 @@ private:
                 schedule_activation();
             }
             auto& slot = req == request::set_vring_call ? r.call : r.error;
-            slot = f.no_fd ? detail::file_descriptor{} : std::move(m.fds.front());
+            slot = f.no_fd ? supermachine::detail::unique_fd{} : std::move(m.fds.front());
             return std::vector<std::byte>{};
         }
         case request::set_vring_enable: {
@@ -401,7 +401,7 @@ private:
         return success();
     }
 
-    result<std::vector<std::byte>> start_ring(ring_state& r, detail::file_descriptor kick) {
+    result<std::vector<std::byte>> start_ring(ring_state& r, supermachine::detail::unique_fd kick) {
         if (r.started) { // a new kick fd for a running ring: rebind
             deactivate();
             r.kick = std::move(kick);
@@ -638,8 +638,8 @@ private:
     bool features_set_ = false;
     bool owner_ = false;
     bool active_ = false;
-    detail::file_descriptor log_;       // SET_LOG_BASE's shared log
-    detail::file_descriptor log_event_; // SET_LOG_FD
+    supermachine::detail::unique_fd log_;       // SET_LOG_BASE's shared log
+    supermachine::detail::unique_fd log_event_; // SET_LOG_FD
     std::uint64_t activation_generation_ = 0;
     std::shared_ptr<std::atomic<bool>> broken_ = std::make_shared<std::atomic<bool>>(false);
     std::shared_ptr<int> alive_ = std::make_shared<int>(0);

@@ -8,8 +8,8 @@
 // it before any payload is interpreted; the parse_* functions are only called
 // on validated messages and copy fields out (the structures are packed on the
 // wire, so nothing is read in place).
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
-#include <supermachine/vhost_user/detail/file_descriptor.hpp>
 
 #include <array>
 #include <cstddef>
@@ -169,7 +169,7 @@ inline constexpr std::uint64_t vring_file_no_fd = 1u << 8;
 struct message {
     header head;
     std::array<std::byte, max_payload_size> payload_storage{};
-    std::vector<detail::file_descriptor> fds;
+    std::vector<supermachine::detail::unique_fd> fds;
 
     std::span<const std::byte> payload() const noexcept {
         return {payload_storage.data(), head.size};

@@ -1,42 +1,15 @@
 #pragma once
-// An owned file descriptor, and errno from a failed KVM ioctl as a result.
+// errno from a failed KVM ioctl as a result, and KVM's list headers. (File
+// descriptors are owned by supermachine::detail::unique_fd.)
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdint>
-#include <utility>
 
 namespace supermachine::backend::detail {
-
-class file_descriptor {
-public:
-    file_descriptor() = default;
-    explicit file_descriptor(int fd) noexcept
-        : fd_(fd) {}
-    file_descriptor(const file_descriptor&) = delete;
-    file_descriptor& operator=(const file_descriptor&) = delete;
-    file_descriptor(file_descriptor&& other) noexcept
-        : fd_(std::exchange(other.fd_, -1)) {}
-    file_descriptor& operator=(file_descriptor&& other) noexcept {
-        if (this != &other) {
-            reset();
-            fd_ = std::exchange(other.fd_, -1);
-        }
-        return *this;
-    }
-    ~file_descriptor() { reset(); }
-    int get() const noexcept { return fd_; }
-    explicit operator bool() const noexcept { return fd_ >= 0; }
-    void reset() noexcept {
-        if (fd_ >= 0) ::close(fd_);
-        fd_ = -1;
-    }
-
-private:
-    int fd_ = -1;
-};
 
 /// The errno of the ioctl that just failed, as an error_code (system category,
 /// so the message names the errno); errc::kvm_failed when errno is 0.

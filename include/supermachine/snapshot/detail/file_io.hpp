@@ -1,10 +1,10 @@
 #pragma once
 // Snapshot I/O on a file descriptor, shared by file_store and memory_store:
 // the sparse RAM writer and the validating, mapping reader.
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/memory.hpp>
 #include <supermachine/snapshot/container.hpp>
-#include <supermachine/snapshot/detail/unique_fd.hpp>
 #include <supermachine/snapshot/store.hpp>
 
 #include <fcntl.h>
@@ -185,7 +185,7 @@ inline result<std::uint64_t> write_ram_sparse(int fd, std::uint64_t ram_offset,
 inline result<std::uint64_t> write_ram_private(int fd, std::uint64_t ram_offset,
                                                std::span<const std::byte> ram,
                                                const ram_source& source) noexcept {
-    unique_fd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+    supermachine::detail::unique_fd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
     if (pagemap.get() < 0) return write_ram_sparse(fd, ram_offset, ram, -1, 0);
     constexpr std::uint64_t present = std::uint64_t{1} << 63, swapped = std::uint64_t{1} << 62,
                             file_or_shared = std::uint64_t{1} << 61;
@@ -257,7 +257,7 @@ inline result<loaded_snapshot> read_snapshot_fd(int fd) {
     SUPERMACHINE_TRY(memory, guest_memory::map_private_x86(fd, metadata.header.ram_offset,
                                                            metadata.header.ram_size));
     auto source = std::make_shared<ram_source>();
-    source->fd = unique_fd(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+    source->fd = supermachine::detail::unique_fd(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
     if (source->fd.get() < 0) return errno_code(errno);
     source->offset = metadata.header.ram_offset;
     return loaded_snapshot{metadata.header, std::move(metadata.records), std::move(memory),

@@ -2,6 +2,7 @@
 // The front-end's memory table mapped into this process: one shared mapping
 // per region fd, exposed as a guest_memory (guest-physical view) plus the
 // front-end-user-address view that SET_VRING_ADDR speaks in.
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/memory.hpp>
 #include <supermachine/vhost_user/message.hpp>
 
@@ -49,7 +50,7 @@ public:
     /// space, and fds shorter than the range claimed (a later access would
     /// SIGBUS the whole process).
     static result<memory_map> create(const memory_table& table,
-                                     std::span<const file_descriptor> fds) {
+                                     std::span<const supermachine::detail::unique_fd> fds) {
         if (table.count == 0 || table.count > max_memory_regions || fds.size() != table.count)
             return errc::vhost_user_protocol_error;
         const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
