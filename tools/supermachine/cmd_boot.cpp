@@ -362,8 +362,10 @@ inline backend::engine_kind choose_engine(const boot_options& options) {
 /// goes to stdout; a Linux panic banner makes the status "guest crashed".
 inline int boot_with_qemu(const boot_options& options) {
     if (!options.disks.empty() || options.rng) {
-        std::fprintf(stderr, "supermachine boot: --disk and --rng are served on the kvm engine; "
-                             "under qemu use `supermachine run` (our devices over vhost-user)\n");
+        std::fprintf(stderr,
+                     "supermachine boot: --disk and --rng are served on the kvm engine; under "
+                     "qemu run a command instead: `supermachine boot --disk ROOT -- CMD` or "
+                     "`supermachine run` (our devices over vhost-user)\n");
         return boot_bad_input;
     }
     backend::qemu_boot_options q;
