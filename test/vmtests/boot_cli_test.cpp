@@ -140,6 +140,13 @@ BOOST_AUTO_TEST_CASE(missing_command_is_127_and_named) {
     BOOST_TEST(contains(r.err, "no-such-command-xyz"), describe(r));
 }
 
+BOOST_AUTO_TEST_CASE(timeout_is_the_commands) {
+    auto r = env().boot({"--timeout", "3"}, {"sleep", "600"}, "", 120s);
+    BOOST_TEST(!r.timed_out, describe(r));
+    BOOST_TEST(r.status == 137, describe(r));
+    BOOST_TEST(contains(r.err, "timed out"), describe(r));
+}
+
 BOOST_AUTO_TEST_CASE(stdout_checksum_of_several_mib) {
     constexpr std::size_t total = 8u << 20;
     const std::string line = "abcdefghij\n";
