@@ -44,6 +44,7 @@ BOOST_AUTO_TEST_CASE(pull_and_images_commands) {
     BOOST_TEST(out.find("layer ") != std::string::npos); // plain progress lines (not a TTY)
     BOOST_TEST(out.find("done") != std::string::npos);
     BOOST_TEST(out.find("Digest:   sha256:") != std::string::npos);
+    BOOST_TEST(out.find("Ports:    8080/tcp\n") != std::string::npos); // the config's ExposedPorts
     BOOST_TEST(fs::exists(cache / "supermachine/images.json"));
 
     auto [s2, again] = run_cli(cache, "pull " + server.host() + "/cli/busybox:1");
