@@ -189,6 +189,20 @@ BOOST_AUTO_TEST_CASE(user_override) {
     BOOST_TEST(r.out == "uid=0(root) gid=0(root) groups=0(root)\n", r.out << r.err);
 }
 
+BOOST_AUTO_TEST_CASE(user_override_resolves_against_the_image) {
+    auto& img = image();
+    // Debian's own nobody/nogroup, from the image's /etc/passwd and /etc/group.
+    auto nobody = img.boot({"-u", "nobody"}, {"id"});
+    BOOST_TEST(nobody.status == 0, nobody.err);
+    BOOST_TEST(nobody.out == "uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)\n",
+               nobody.out << nobody.err);
+    // name:group: the group replaces the primary one, no supplementary groups (runc's rule).
+    auto grouped = img.boot({"-u", "tester:users"}, {"id"});
+    BOOST_TEST(grouped.status == 0, grouped.err);
+    BOOST_TEST(grouped.out == "uid=1234(tester) gid=100(users) groups=100(users)\n",
+               grouped.out << grouped.err);
+}
+
 BOOST_AUTO_TEST_CASE(working_dir_override) {
     auto r = image().boot({"-w", "/"}, {"pwd"});
     BOOST_TEST(r.status == 0, r.err);
