@@ -69,7 +69,7 @@ public:
         oci::content_store store(options_.cache_dir);
         std::optional<oci::pulled_image> pulled;
         if (!options_.always_pull) {
-            auto cached = oci::find_pulled_image(source.value(), store);
+            auto cached = oci::find_pulled_image(source.value(), store, options_.pull.platform);
             if (cached && cached.value()) pulled = std::move(*cached.value());
         }
         if (!pulled) {

@@ -44,6 +44,7 @@ BOOST_AUTO_TEST_CASE(pull_and_images_commands) {
     BOOST_TEST(out.find("layer ") != std::string::npos); // plain progress lines (not a TTY)
     BOOST_TEST(out.find("done") != std::string::npos);
     BOOST_TEST(out.find("Digest:   sha256:") != std::string::npos);
+    BOOST_TEST(out.find("Ports:    8080/tcp\n") != std::string::npos); // the config's ExposedPorts
     BOOST_TEST(fs::exists(cache / "supermachine/images.json"));
 
     auto [s2, again] = run_cli(cache, "pull " + server.host() + "/cli/busybox:1");
@@ -87,4 +88,51 @@ BOOST_AUTO_TEST_CASE(pull_and_images_commands) {
         run_cli(cache, "pull --platform linux/arm64 " + server.host() + "/cli/busybox:1");
     BOOST_TEST(s7 == 1);
     BOOST_TEST(wrong_platform.find("not linux/arm64") != std::string::npos);
+}
+
+// The CLI finds credentials where docker keeps them: $DOCKER_CONFIG/config.json,
+// else ~/.docker/config.json (auths.<host>.auth = base64 user:pass).
+BOOST_AUTO_TEST_CASE(pull_with_credentials_from_the_docker_config) {
+    cli();
+    temp_dir dir;
+    auto layout = make_busybox_layout(dir.path);
+    // bcrypt("s3cret"), cost 4 (as in auth_tls_test).
+    write_text(dir.path / "htpasswd",
+               "alice:$2b$04$zTfKrLlsiIa0EsPG/XkzReGbQUHmROMFi1OOWgyuSy3zC3d5eP.a2\n");
+    registry_server server(dir.path, {"auth:\n  htpasswd:\n    realm: test-realm\n    path: " +
+                                      (dir.path / "htpasswd").string() + "\n"});
+    skopeo_copy("oci:" + layout.string() + ":latest",
+                "docker://" + server.host() + "/cli/private:1", "--dest-creds alice:s3cret");
+    const std::string config = "{\"auths\":{\"" + server.host() + "\":{\"auth\":\"" +
+                               "YWxpY2U6czNjcmV0" /* alice:s3cret */ + "\"}}}";
+    const auto empty_home = dir.path / "empty-home", home = dir.path / "home",
+               docker_config = dir.path / "docker-config";
+    fs::create_directories(empty_home);
+    fs::create_directories(home / ".docker");
+    fs::create_directories(docker_config);
+    write_text(home / ".docker/config.json", config);
+    write_text(docker_config / "config.json", config);
+    // `env` first: HOME and DOCKER_CONFIG exactly as each case says.
+    auto pull = [&](const std::string& environment, const std::string& cache) {
+        std::string command = "env -u DOCKER_CONFIG " + environment +
+                              " XDG_CACHE_HOME=" + (dir.path / cache).string() + " " + cli() +
+                              " pull --quiet " + server.host() + "/cli/private:1 2>&1";
+        FILE* pipe = ::popen(command.c_str(), "r");
+        std::string out;
+        char buffer[4096];
+        while (auto n = std::fread(buffer, 1, sizeof buffer, pipe))
+            out.append(buffer, n);
+        int status = ::pclose(pipe);
+        return std::pair{WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+    };
+    auto [s1, anonymous] = pull("HOME=" + empty_home.string(), "c1");
+    BOOST_TEST(s1 == 1, anonymous);
+    BOOST_TEST(anonymous.find("unauthorized") != std::string::npos, anonymous);
+    auto [s2, from_home] = pull("HOME=" + home.string(), "c2");
+    BOOST_TEST(s2 == 0, from_home);
+    BOOST_TEST(from_home.starts_with("sha256:"), from_home);
+    auto [s3, from_env] =
+        pull("HOME=" + empty_home.string() + " DOCKER_CONFIG=" + docker_config.string(), "c3");
+    BOOST_TEST(s3 == 0, from_env);
+    BOOST_TEST(from_env.starts_with("sha256:"), from_env);
 }

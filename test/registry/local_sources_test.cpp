@@ -62,6 +62,14 @@ BOOST_AUTO_TEST_CASE(oci_layout_import) {
     auto cached = oci::find_pulled_image(source, store).value();
     BOOST_REQUIRE(cached.has_value());
     BOOST_TEST(cached->image_manifest_digest.str() == f.manifest_digest);
+    // ...but not for another platform: `run --platform linux/arm64` of a
+    // cached amd64 image must pull (and fail), not run the amd64 one.
+    BOOST_TEST(image.value().config.platform.architecture == "amd64");
+    auto arm64 = oci::parse_platform("linux/arm64").value();
+    BOOST_TEST(!oci::find_pulled_image(source, store, arm64).value().has_value());
+    BOOST_TEST(oci::find_pulled_image(source, store, oci::parse_platform("linux/amd64").value())
+                   .value()
+                   .has_value());
 
     // Errors: unknown tag, ambiguous (two images, no tag), not a layout.
     auto missing = oci::import_layout(f.layout, "nope", store);

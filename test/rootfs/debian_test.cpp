@@ -1,12 +1,12 @@
 // A real distribution tree: a Debian minbase made by debootstrap, packed by
 // umoci into an OCI image; our merge must equal `umoci unpack`, and the ext4
-// image must be clean. Slow and needs the tree, so it runs only when
-// SUPERMACHINE_DEBIAN_TREE names one:
-//   debootstrap --variant=minbase bookworm /tmp/deb
-//   SUPERMACHINE_DEBIAN_TREE=/tmp/deb ctest -R rootfs_debian
+// image must be clean. The tree comes from scripts/make-debian-tree.sh
+// (debootstrap once per machine, cached; SUPERMACHINE_DEBIAN_TREE overrides);
+// the test skips when no Debian mirror is reachable.
 #include <supermachine/oci/ext4_writer.hpp>
 #include <supermachine/oci/rootfs_builder.hpp>
 
+#include "debian_tree.hpp"
 #include "rootfs_fixture.hpp"
 
 #include <boost/test/unit_test.hpp>
@@ -16,12 +16,9 @@
 using namespace rootfs_test;
 
 BOOST_AUTO_TEST_CASE(debian_minbase_matches_umoci_and_is_clean) {
-    const char* tree_dir = std::getenv("SUPERMACHINE_DEBIAN_TREE");
-    supermachine::test::skip_unless(
-        tree_dir && fs::is_directory(fs::path(tree_dir) / "etc"),
-        "set SUPERMACHINE_DEBIAN_TREE to a debootstrap --variant=minbase tree");
     supermachine::test::skip_unless(have_tool("umoci") && have_tool("e2fsck"),
                                     "umoci or e2fsprogs missing");
+    const std::string tree_dir = supermachine::test::debian_tree().string();
     temp_dir t;
     auto layout = (t.path / "oci").string();
     auto sh = [](const std::string& command) {

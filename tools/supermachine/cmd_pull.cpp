@@ -216,6 +216,13 @@ int run_pull(std::span<char*> args) {
                     p.config.platform.str().c_str());
     std::printf("Layers:   %zu, %s\nStore:    %s\n", p.layers.size(),
                 human_bytes(double(p.manifest.total_size())).c_str(), store.root().c_str());
+    // What the image says it listens on (ExposedPorts): `run -p HOST:GUEST` forwards them.
+    if (!p.config.exposed_ports.empty()) {
+        std::string ports;
+        for (const auto& port : p.config.exposed_ports)
+            ports += (ports.empty() ? "" : " ") + port;
+        std::printf("Ports:    %s\n", ports.c_str());
+    }
     return 0;
 }
 

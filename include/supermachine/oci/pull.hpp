@@ -51,9 +51,14 @@ inline result<pulled_image> pull_image(const image_source& source, content_store
     return errc::invalid_argument;
 }
 
-/// The image recorded for `source` if every blob is still in the store (no network).
-inline result<std::optional<pulled_image>> find_pulled_image(const image_source& source,
-                                                             const content_store& store) {
+/// The image recorded for `source` if every blob is still in the store (no
+/// network) and its config's platform fits `wanted`. Records are kept per
+/// reference, not per platform: an image pulled for another platform (or a
+/// two-platform index pulled with --platform) is not this one; the caller
+/// pulls again.
+inline result<std::optional<pulled_image>>
+find_pulled_image(const image_source& source, const content_store& store,
+                  const platform& wanted = default_platform()) {
     std::string key = source.str();
     if (source.transport != image_transport::registry) {
         // Local sources are recorded by absolute path.
@@ -68,7 +73,8 @@ inline result<std::optional<pulled_image>> find_pulled_image(const image_source&
     SUPERMACHINE_TRY(record, store.find_image(key));
     if (!record) return std::optional<pulled_image>();
     auto image = store.load_image(*record);
-    if (!image) return std::optional<pulled_image>();
+    if (!image || !config_platform_fits(wanted, image.value().config.platform))
+        return std::optional<pulled_image>();
     return std::optional(std::move(image).value());
 }
 
