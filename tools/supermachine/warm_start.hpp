@@ -12,6 +12,7 @@
 
 #include <sys/file.h>
 
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -26,7 +27,7 @@ struct warm_start_options {
 
 inline std::string warm_snapshot_key(const prepared_image& image, const vm_options& options,
                                      const std::string& agent_identity) {
-    const std::string identity = "v1|qemu|" + image.digest.str() + "|" + image.rootfs.string() +
+    const std::string identity = "v2|qemu|serial|" + image.digest.str() + "|" + image.rootfs.string() +
                                  "|" + std::to_string(options.memory_mib) + "|" +
                                  std::to_string(options.cpus) + "|" + options.kernel->release +
                                  "|" + agent_identity;
@@ -62,7 +63,8 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     auto say = [quiet = warm.quiet](const std::string& line) {
         if (!quiet) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
     };
-    auto cold = [executor, done](const prepared_image& image, const vm_options& options) {
+    auto cold = [executor, done, say](const prepared_image& image, const vm_options& options) {
+        say("cold boot");
         vm::async_start(executor, image, options, done);
     };
     if (!warm.use_snapshot) return cold(image, options);
@@ -82,50 +84,79 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     std::error_code fs_ec;
     std::filesystem::create_directories(dir.parent_path(), fs_ec);
 
-    // Cold boot, snapshot, hand the running vm over. Holds `lock_fd` (closed at the end).
-    auto create = [executor, image, options, dir, say, done, quiet = warm.quiet](int lock_fd) {
+    // Restore `dir`: on success the run goes on in the clone.
+    auto restore_then = [executor, image, options, dir, say](
+                            std::function<void(std::error_code, std::shared_ptr<vm>)> next) {
+        const auto started = std::chrono::steady_clock::now();
+        vm::async_restore(executor, dir, image, options,
+                          [dir, say, next, started](std::error_code ec, std::shared_ptr<vm> v) {
+                              if (!ec) {
+                                  const auto ms = [](auto d) {
+                                      return std::to_string(
+                                          std::chrono::duration_cast<std::chrono::milliseconds>(d)
+                                              .count());
+                                  };
+                                  say("warm start: restored from snapshot " +
+                                      dir.filename().string() + " (" +
+                                      ms(std::chrono::steady_clock::now() - started) +
+                                      " ms, engine to agent " + ms(v->restore_to_agent()) +
+                                      " ms)");
+                              }
+                              next(ec, std::move(v));
+                          });
+    };
+    // Cold boot (snapshottable), snapshot right after agent-ready, stop that
+    // vm (its RAM file becomes the snapshot's), then restore from it: the
+    // first run pays a boot and a restore, every later run a restore.
+    // Holds `lock_fd` (closed once the snapshot exists or failed).
+    auto create = [executor, image, options, dir, say, done, restore_then, cold](int lock_fd) {
+        say("cold boot: creating the warm snapshot " + dir.filename().string());
+        auto snapshottable = options;
+        snapshottable.snapshottable = true;
         vm::async_start(
-            executor, image, options,
-            [dir, say, done, lock_fd, quiet](std::error_code ec, std::shared_ptr<vm> v) {
+            executor, image, snapshottable,
+            [image, options, dir, say, done, lock_fd, restore_then, cold](std::error_code ec,
+                                                                          std::shared_ptr<vm> v) {
                 if (ec) {
                     ::close(lock_fd);
-                    return done(ec, std::move(v));
+                    say("snapshottable boot failed (" + ec.message() + "); plain cold boot");
+                    return cold(image, options);
                 }
-                v->async_snapshot(dir, true,
-                                  [dir, say, done, lock_fd, v, quiet](std::error_code ec,
-                                                                      vm::snapshot_report report) {
-                                      ::close(lock_fd);
-                                      if (ec)
-                                          say("snapshot not created (" + ec.message() +
-                                              "); this run continues");
-                                      else if (!report.saved) {
-                                          if (!quiet) backend::explain_snapshot_fallback(report);
-                                      } else
-                                          say("snapshot created: " + dir.string() + " (" +
-                                              std::to_string(report.bytes >> 20) + " MiB, " +
-                                              std::to_string(report.duration.count()) + " ms)");
-                                      done({}, v);
-                                  });
+                v->async_snapshot(
+                    dir, false,
+                    [image, options, dir, say, done, lock_fd, v, restore_then,
+                     cold](std::error_code ec, vm::snapshot_report report) {
+                        ::close(lock_fd);
+                        if (ec || !report.saved) {
+                            say("snapshot not created (" +
+                                (ec ? ec.message() : report.refusal) + "); plain cold boot");
+                            return cold(image, options);
+                        }
+                        say("snapshot created: " + dir.string() + " (state " +
+                            std::to_string(report.bytes >> 10) + " KiB, " +
+                            std::to_string(report.duration.count()) + " ms)");
+                        restore_then([image, options, say, done, cold](std::error_code ec,
+                                                                       std::shared_ptr<vm> v) {
+                            if (!ec) return done({}, std::move(v));
+                            say("restore of the new snapshot failed (" + ec.message() +
+                                "); plain cold boot");
+                            cold(image, options);
+                        });
+                    });
             });
     };
-    auto restore = [executor, image, options, dir, say, done, create, cold]() {
-        vm::async_restore(executor, dir, image, options,
-                          [dir, say, done, create, cold, image, options](std::error_code ec,
-                                                                         std::shared_ptr<vm> v) {
-                              if (!ec) {
-                                  say("restored from snapshot " + dir.filename().string());
-                                  return done({}, std::move(v));
-                              }
-                              // Stale or corrupt: never trusted; rebuilt under the lock.
-                              say("cached snapshot unusable (" + ec.message() +
-                                  "); cold boot, rebuilding it");
-                              const int fd = try_creation_lock(dir);
-                              if (fd < 0)
-                                  return cold(image, options); // another run is rebuilding it
-                              std::error_code ignored;
-                              std::filesystem::remove_all(dir, ignored);
-                              create(fd);
-                          });
+    auto restore = [image, options, dir, say, done, create, cold, restore_then]() {
+        restore_then([image, options, dir, say, done, create, cold](std::error_code ec,
+                                                                    std::shared_ptr<vm> v) {
+            if (!ec) return done({}, std::move(v));
+            // Stale or corrupt: never trusted; rebuilt under the lock.
+            say("cached snapshot unusable (" + ec.message() + "); cold boot, rebuilding it");
+            const int fd = try_creation_lock(dir);
+            if (fd < 0) return cold(image, options); // another run is rebuilding it
+            std::error_code ignored;
+            std::filesystem::remove_all(dir, ignored);
+            create(fd);
+        });
     };
     if (std::filesystem::exists(dir / "meta", fs_ec)) return restore();
     const int fd = try_creation_lock(dir);

@@ -259,6 +259,18 @@ public:
                 using namespace std::chrono_literals;
                 detail::qmp_client qmp;
                 if (!qmp.connect(config_.qmp_socket, 30s)) return;
+                if (config_.incoming_ignores_shared_memory) {
+                    // -incoming defer: RAM stays in memory_file (not in the
+                    // stream), as it was saved. A stream QEMU cannot load
+                    // makes it exit: the caller sees the engine end.
+                    const nlohmann::json caps{
+                        {"capabilities",
+                         nlohmann::json::array({{{"capability", "x-ignore-shared"}, {"state", true}}})}};
+                    if (!qmp.execute("migrate-set-capabilities", caps, 30s)) return kill();
+                    const nlohmann::json uri{
+                        {"uri", "exec:cat " + detail::shell_quote_for_exec(*config_.incoming)}};
+                    if (!qmp.execute("migrate-incoming", uri, 30s)) return kill();
+                }
                 for (auto deadline = std::chrono::steady_clock::now() + 300s;
                      std::chrono::steady_clock::now() < deadline;) {
                     auto status = qmp.execute("query-status", nullptr, 30s);
@@ -341,6 +353,13 @@ public:
             token, std::move(file), resume);
     }
 
+    /// Run `step` in the next snapshot after QEMU wrote its stream, while the
+    /// guest is still paused (on the snapshot thread). A failing step fails
+    /// the snapshot.
+    void set_snapshot_paused_step(std::function<result<void>()> step) {
+        paused_step_ = std::move(step);
+    }
+
     /// Before start() with config.incoming: give each attached core (that
     /// keeps state) the state saved next to the migration stream.
     result<void> restore_device_states(const std::filesystem::path& file) {
@@ -406,6 +425,13 @@ private:
         std::vector<std::vector<std::byte>> states;
         for (auto& d : devices_)
             states.push_back(d.save_state ? d.save_state() : std::vector<std::byte>{});
+        if (!config_.memory_file.empty() && config_.memory_file_shared) {
+            // RAM is the file itself: keep it out of the stream.
+            const nlohmann::json caps{
+                {"capabilities",
+                 nlohmann::json::array({{{"capability", "x-ignore-shared"}, {"state", true}}})}};
+            SUPERMACHINE_TRY(qmp.execute("migrate-set-capabilities", caps, 30s));
+        }
         std::string refusal;
         const nlohmann::json migrate{{"uri", "exec:cat > " + detail::shell_quote_for_exec(file)}};
         auto started = qmp.execute("migrate", migrate, 30s, &refusal);
@@ -441,6 +467,14 @@ private:
         }
         std::error_code ignored;
         report.bytes = std::filesystem::file_size(file, ignored);
+        if (paused_step_) { // still paused: e.g. take the RAM file and the disk image
+            auto step = std::move(paused_step_);
+            paused_step_ = nullptr;
+            if (auto r = step(); !r) {
+                if (resume) (void)qmp.execute("cont", nullptr, 30s);
+                return r.error();
+            }
+        }
         report.saved = true;
         if (resume) {
             auto resumed = qmp.execute("cont", nullptr, 30s);
@@ -534,6 +568,7 @@ private:
     std::string diagnostics_;
     std::vector<std::function<void(std::error_code, int)>> waiters_;
     std::thread snapshot_thread_;
+    std::function<result<void>()> paused_step_;
     std::atomic<std::chrono::steady_clock::time_point> resumed_at_{};
     std::shared_ptr<int> alive_ = std::make_shared<int>(0);
 };
