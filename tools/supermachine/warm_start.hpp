@@ -23,6 +23,8 @@ namespace supermachine::cli {
 struct warm_start_options {
     bool use_snapshot = true;
     bool quiet = false;
+    /// Use (and create) the snapshot here instead of the cache's per-key directory.
+    std::filesystem::path snapshot_dir;
 };
 
 inline std::string warm_snapshot_key(const prepared_image& image, const vm_options& options,
@@ -55,6 +57,35 @@ inline int try_creation_lock(const std::filesystem::path& dir) {
     return fd;
 }
 
+/// Where `supermachine run` keeps the warm snapshot of `image` with these
+/// options (options.kernel must be set).
+inline result<std::filesystem::path> warm_snapshot_dir(const prepared_image& image,
+                                                       const vm_options& options) {
+    SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
+    return oci::content_store::default_root() / "snapshots" /
+           warm_snapshot_key(image, options, detail::agent_identity(agent_binary));
+}
+
+/// `supermachine snapshot`: cold boot a snapshottable vm, snapshot it right
+/// after agent-ready into `dir` (replacing one there), stop it.
+/// Completion: void(std::error_code, vm::snapshot_report).
+inline void async_build_snapshot(boost::asio::any_io_executor executor, prepared_image image,
+                                 vm_options options, std::filesystem::path dir,
+                                 std::function<void(std::error_code, vm::snapshot_report)> done) {
+    options.snapshottable = true;
+    vm::async_start(executor, std::move(image), std::move(options),
+                    [dir, done](std::error_code ec, std::shared_ptr<vm> v) {
+                        if (ec) {
+                            if (v) std::fprintf(stderr, "%s", v->console_tail().c_str());
+                            return done(ec, {});
+                        }
+                        v->async_snapshot(dir, false,
+                                          [v, done](std::error_code ec, vm::snapshot_report r) {
+                                              done(ec, r);
+                                          });
+                    });
+}
+
 /// Start a vm for `supermachine run`: restore the cached snapshot, or cold
 /// boot (and create it). Completion: void(std::error_code, std::shared_ptr<vm>).
 inline void async_warm_start(boost::asio::any_io_executor executor, prepared_image image,
@@ -79,8 +110,10 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     auto agent_binary = detail::find_agent_binary();
     if (!agent_binary) return cold(image, options);
     const auto dir =
-        oci::content_store::default_root() / "snapshots" /
-        warm_snapshot_key(image, options, detail::agent_identity(agent_binary.value()));
+        !warm.snapshot_dir.empty()
+            ? std::filesystem::absolute(warm.snapshot_dir)
+            : oci::content_store::default_root() / "snapshots" /
+                  warm_snapshot_key(image, options, detail::agent_identity(agent_binary.value()));
     std::error_code fs_ec;
     std::filesystem::create_directories(dir.parent_path(), fs_ec);
 
