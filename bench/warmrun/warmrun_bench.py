@@ -98,18 +98,26 @@ def qemu_own_restore(cli, image, runs):
                 except OSError:
                     continue
                 if a and "qemu-system" in a[0] and "defer" in a:
-                    argv = a
+                    argv, qemu_pid = a, int(pid)
         if argv is None:
             sys.exit("no restored QEMU found under supermachine run")
         qmp_path = argv[option_after(argv, "-qmp", "unix:")].split(",")[0][5:]
         time.sleep(2)  # the clone runs its command
+        # Detach the host (as our own snapshot does), so the saved agent waits
+        # for a new one: SIGKILL the CLI, QEMU stays (and is killed below).
+        clone.kill(); clone.wait()
+        time.sleep(1)
         full = os.path.join(work, "full-migration")
         q = Qmp(qmp_path)
         q.cmd("stop")
+        # The clone was loaded with x-ignore-shared (capabilities persist);
+        # its RAM is private, but a plain stream must not carry that flag.
+        q.cmd("migrate-set-capabilities",
+              {"capabilities": [{"capability": "x-ignore-shared", "state": False}]})
         q.cmd("migrate", {"uri": f"exec:cat > {full}"})
         while q.cmd("query-migrate")["return"].get("status") not in ("completed", "failed"):
             time.sleep(0.01)
-        clone.kill(); clone.wait()
+        os.kill(qemu_pid, 9)
         size = os.path.getsize(full)
         # The same command line, RAM in a fresh memfd, the full stream on -incoming.
         i = option_after(argv, "-object", "memory-backend-file")
@@ -126,10 +134,13 @@ def qemu_own_restore(cli, image, runs):
             args[k] = f"socket,id=agent,path={agent},server=on,wait=off"
             t = time.monotonic()
             p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+                                 stderr=open(os.path.join(work, "qemu.err"), "w"))
             q = Qmp(qmp)
-            while q.cmd("query-status")["return"]["status"] == "inmigrate":
-                time.sleep(0.002)
+            try:
+                while q.cmd("query-status")["return"]["status"] == "inmigrate":
+                    time.sleep(0.002)
+            except OSError:
+                sys.exit("QEMU's restore failed: " + open(os.path.join(work, "qemu.err")).read())
             q.cmd("cont")
             s = socket.socket(socket.AF_UNIX)
             s.connect(agent)

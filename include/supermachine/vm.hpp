@@ -90,7 +90,7 @@ public:
     ~vm() {
         kill();
         client_.reset();
-        machine_.reset(); // reaps QEMU
+        machine_.reset();        // reaps QEMU
         if (owns_runtime_dir_) { // sockets, initramfs and (snapshottable) the RAM file
             std::error_code ignored;
             std::filesystem::remove_all(options_.runtime_dir, ignored);
@@ -683,9 +683,10 @@ private:
                                 self->kill(); // its RAM file is the snapshot's now
                                 return finish(sealed ? std::error_code{} : sealed.error(), report);
                             }
-                            self->connect_serial([self, sealed, report, finish](std::error_code ec) {
-                                finish(!sealed ? sealed.error() : ec, report);
-                            });
+                            self->connect_serial(
+                                [self, sealed, report, finish](std::error_code ec) {
+                                    finish(!sealed ? sealed.error() : ec, report);
+                                });
                         });
                     });
                 });
@@ -717,8 +718,8 @@ private:
         if (ec) return boost::asio::post(executor_, [done] { done(errc::agent_unavailable); });
         client_ = std::make_unique<client_type>(std::move(socket));
         auto self = shared_from_this();
-        serial_timer_.expires_at(std::max(deadline_, std::chrono::steady_clock::now() +
-                                                         std::chrono::seconds(30)));
+        serial_timer_.expires_at(
+            std::max(deadline_, std::chrono::steady_clock::now() + std::chrono::seconds(30)));
         serial_timer_.async_wait([self, client = client_.get()](boost::system::error_code ec) {
             if (!ec && self->client_.get() == client) client->close();
         });
@@ -855,13 +856,12 @@ private:
         client_->async_reseed_rng(std::move(seed), [self](std::error_code ec, auto&&...) {
             if (!self->start_) return;
             if (ec) return self->finish_start(ec);
-            self->client_->async_set_clock(std::chrono::system_clock::now(),
-                                           [self](std::error_code ec, auto&&...) {
-                                               if (!self->start_) return;
-                                               self->agent_ready_at_ =
-                                                   std::chrono::steady_clock::now();
-                                               self->finish_start(ec);
-                                           });
+            self->client_->async_set_clock(
+                std::chrono::system_clock::now(), [self](std::error_code ec, auto&&...) {
+                    if (!self->start_) return;
+                    self->agent_ready_at_ = std::chrono::steady_clock::now();
+                    self->finish_start(ec);
+                });
         });
     }
     std::optional<std::filesystem::path> restore_from_;
@@ -897,4 +897,3 @@ private:
 };
 
 } // namespace supermachine
-

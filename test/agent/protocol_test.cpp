@@ -87,13 +87,13 @@ BOOST_AUTO_TEST_CASE(set_clock_is_bounded) {
         return frame.substr(frame_header_size);
     };
     BOOST_TEST((validate(message_type::set_clock, payload(0)) == decode_error::malformed));
-    BOOST_TEST((validate(message_type::set_clock, payload(max_clock_ns + 1)) ==
-                decode_error::malformed));
+    BOOST_TEST(
+        (validate(message_type::set_clock, payload(max_clock_ns + 1)) == decode_error::malformed));
     BOOST_TEST((validate(message_type::set_clock, payload(~0ull)) == decode_error::malformed));
-    BOOST_TEST((validate(message_type::set_clock, payload(1).substr(0, 7)) ==
-                decode_error::truncated));
-    BOOST_TEST((validate(message_type::set_clock, payload(1) + "x") ==
-                decode_error::trailing_bytes));
+    BOOST_TEST(
+        (validate(message_type::set_clock, payload(1).substr(0, 7)) == decode_error::truncated));
+    BOOST_TEST(
+        (validate(message_type::set_clock, payload(1) + "x") == decode_error::trailing_bytes));
 }
 
 BOOST_AUTO_TEST_CASE(data_and_empty_frames) {

@@ -121,7 +121,6 @@ fs::path snapshot_dir() {
            sm::cli::warm_snapshot_key(ready.value(), options, sm::detail::agent_identity(s.agent));
 }
 
-
 std::int64_t host_seconds() {
     return std::chrono::duration_cast<std::chrono::seconds>(
                std::chrono::system_clock::now().time_since_epoch())
@@ -268,8 +267,9 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
                         });
     run_pending();
     BOOST_REQUIRE_MESSAGE(!ec, ec.message() << "\n" << (cold ? cold->console_tail() : ""));
-    cold->async_exec({.argv = {"sh", "-c", "echo before-snapshot > /tmp/before; "
-                                           "(sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid)"}},
+    cold->async_exec({.argv = {"sh", "-c",
+                               "echo before-snapshot > /tmp/before; "
+                               "(sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid)"}},
                      [&](std::error_code e, sm::agent::exec_output out) {
                          ec = e;
                          BOOST_TEST(out.exit_code == 0);
@@ -303,9 +303,9 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
                               });
     run_pending();
     for (int k = 0; k < 2; ++k) {
-        BOOST_REQUIRE_MESSAGE(!clone_ec[k],
-                              clone_ec[k].message()
-                                  << "\n" << (clone[k] ? clone[k]->console_tail() : ""));
+        BOOST_REQUIRE_MESSAGE(!clone_ec[k], clone_ec[k].message()
+                                                << "\n"
+                                                << (clone[k] ? clone[k]->console_tail() : ""));
         BOOST_TEST(clone[k]->restored());
         BOOST_TEST_MESSAGE("clone " << k << " engine to agent: "
                                     << std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -351,9 +351,7 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
     write("state", std::string(4096, 'Q'));
     write("disk.qcow2", std::string(16, 'D'));
     write("initramfs.cpio", std::string(512, 'I'));
-    {
-        std::ofstream out(dir / "ram", std::ios::binary | std::ios::trunc);
-    }
+    { std::ofstream out(dir / "ram", std::ios::binary | std::ios::trunc); }
     fs::resize_file(dir / "ram", 512u << 20);
     sm::detail::warm_snapshot_meta meta;
     meta.image_digest = ready.value().digest.str();
@@ -363,8 +361,9 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
     meta.kernel_release = sm::boot::default_kernel().value().release;
     meta.agent_identity = sm::detail::agent_identity(s.agent);
     meta.token = "0123456789abcdef0123456789abcdef";
-    meta.cmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init supermachine.token=" +
-                   meta.token + " supermachine.root=/dev/vda supermachine.channel=serial";
+    meta.cmdline =
+        "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init supermachine.token=" + meta.token +
+        " supermachine.root=/dev/vda supermachine.channel=serial";
     meta.stream = sm::detail::fingerprint_file(dir / "state").value();
     meta.devices = sm::detail::fingerprint_file(dir / "disk.qcow2").value();
     meta.initramfs = sm::detail::fingerprint_file(dir / "initramfs.cpio").value();

@@ -102,33 +102,30 @@ int run_snapshot(std::span<char*> args) {
     std::filesystem::create_directories(output.parent_path(), fs_ec);
     const int lock = sm::cli::try_creation_lock(output);
     if (lock < 0) {
-        std::fprintf(stderr, "supermachine snapshot: another run is creating %s\n",
-                     output.c_str());
+        std::fprintf(stderr, "supermachine snapshot: another run is creating %s\n", output.c_str());
         return 1;
     }
     if (!quiet) std::fprintf(stderr, "supermachine: cold boot, snapshot at agent-ready\n");
     boost::asio::io_context io;
     int status = 1;
-    sm::cli::async_build_snapshot(io.get_executor(), ready.value(), options, output,
-                                  [&](std::error_code ec, sm::vm::snapshot_report report) {
-                                      if (ec || !report.saved) {
-                                          std::fprintf(stderr, "supermachine snapshot: %s\n",
-                                                       ec ? ec.message().c_str()
-                                                          : report.refusal.c_str());
-                                      } else {
-                                          if (!quiet)
-                                              std::fprintf(stderr,
-                                                           "supermachine: snapshot created "
-                                                           "(state %llu KiB, %lld ms)\n",
-                                                           static_cast<unsigned long long>(
-                                                               report.bytes >> 10),
-                                                           static_cast<long long>(
-                                                               report.duration.count()));
-                                          std::printf("%s\n", output.c_str());
-                                          status = 0;
-                                      }
-                                      io.stop();
-                                  });
+    sm::cli::async_build_snapshot(
+        io.get_executor(), ready.value(), options, output,
+        [&](std::error_code ec, sm::vm::snapshot_report report) {
+            if (ec || !report.saved) {
+                std::fprintf(stderr, "supermachine snapshot: %s\n",
+                             ec ? ec.message().c_str() : report.refusal.c_str());
+            } else {
+                if (!quiet)
+                    std::fprintf(stderr,
+                                 "supermachine: snapshot created "
+                                 "(state %llu KiB, %lld ms)\n",
+                                 static_cast<unsigned long long>(report.bytes >> 10),
+                                 static_cast<long long>(report.duration.count()));
+                std::printf("%s\n", output.c_str());
+                status = 0;
+            }
+            io.stop();
+        });
     io.run();
     ::close(lock);
     return status;

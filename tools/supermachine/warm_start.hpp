@@ -29,10 +29,10 @@ struct warm_start_options {
 
 inline std::string warm_snapshot_key(const prepared_image& image, const vm_options& options,
                                      const std::string& agent_identity) {
-    const std::string identity = "v2|qemu|serial|" + image.digest.str() + "|" + image.rootfs.string() +
-                                 "|" + std::to_string(options.memory_mib) + "|" +
-                                 std::to_string(options.cpus) + "|" + options.kernel->release +
-                                 "|" + agent_identity;
+    const std::string identity = "v2|qemu|serial|" + image.digest.str() + "|" +
+                                 image.rootfs.string() + "|" + std::to_string(options.memory_mib) +
+                                 "|" + std::to_string(options.cpus) + "|" +
+                                 options.kernel->release + "|" + agent_identity;
     std::string extra;
     for (const auto& e : options.extra_cmdline)
         extra += e + "\n";
@@ -79,10 +79,9 @@ inline void async_build_snapshot(boost::asio::any_io_executor executor, prepared
                             if (v) std::fprintf(stderr, "%s", v->console_tail().c_str());
                             return done(ec, {});
                         }
-                        v->async_snapshot(dir, false,
-                                          [v, done](std::error_code ec, vm::snapshot_report r) {
-                                              done(ec, r);
-                                          });
+                        v->async_snapshot(
+                            dir, false,
+                            [v, done](std::error_code ec, vm::snapshot_report r) { done(ec, r); });
                     });
 }
 
@@ -118,25 +117,23 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     std::filesystem::create_directories(dir.parent_path(), fs_ec);
 
     // Restore `dir`: on success the run goes on in the clone.
-    auto restore_then = [executor, image, options, dir, say](
-                            std::function<void(std::error_code, std::shared_ptr<vm>)> next) {
+    auto restore_then = [executor, image, options, dir,
+                         say](std::function<void(std::error_code, std::shared_ptr<vm>)> next) {
         const auto started = std::chrono::steady_clock::now();
-        vm::async_restore(executor, dir, image, options,
-                          [dir, say, next, started](std::error_code ec, std::shared_ptr<vm> v) {
-                              if (!ec) {
-                                  const auto ms = [](auto d) {
-                                      return std::to_string(
-                                          std::chrono::duration_cast<std::chrono::milliseconds>(d)
-                                              .count());
-                                  };
-                                  say("warm start: restored from snapshot " +
-                                      dir.filename().string() + " (" +
-                                      ms(std::chrono::steady_clock::now() - started) +
-                                      " ms, engine to agent " + ms(v->restore_to_agent()) +
-                                      " ms)");
-                              }
-                              next(ec, std::move(v));
-                          });
+        vm::async_restore(
+            executor, dir, image, options,
+            [dir, say, next, started](std::error_code ec, std::shared_ptr<vm> v) {
+                if (!ec) {
+                    const auto ms = [](auto d) {
+                        return std::to_string(
+                            std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+                    };
+                    say("warm start: restored from snapshot " + dir.filename().string() + " (" +
+                        ms(std::chrono::steady_clock::now() - started) + " ms, engine to agent " +
+                        ms(v->restore_to_agent()) + " ms)");
+                }
+                next(ec, std::move(v));
+            });
     };
     // Cold boot (snapshottable), snapshot right after agent-ready, stop that
     // vm (its RAM file becomes the snapshot's), then restore from it: the
@@ -155,27 +152,27 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                     say("snapshottable boot failed (" + ec.message() + "); plain cold boot");
                     return cold(image, options);
                 }
-                v->async_snapshot(
-                    dir, false,
-                    [image, options, dir, say, done, lock_fd, v, restore_then,
-                     cold](std::error_code ec, vm::snapshot_report report) {
-                        ::close(lock_fd);
-                        if (ec || !report.saved) {
-                            say("snapshot not created (" +
-                                (ec ? ec.message() : report.refusal) + "); plain cold boot");
-                            return cold(image, options);
-                        }
-                        say("snapshot created: " + dir.string() + " (state " +
-                            std::to_string(report.bytes >> 10) + " KiB, " +
-                            std::to_string(report.duration.count()) + " ms)");
-                        restore_then([image, options, say, done, cold](std::error_code ec,
-                                                                       std::shared_ptr<vm> v) {
-                            if (!ec) return done({}, std::move(v));
-                            say("restore of the new snapshot failed (" + ec.message() +
-                                "); plain cold boot");
-                            cold(image, options);
-                        });
-                    });
+                v->async_snapshot(dir, false,
+                                  [image, options, dir, say, done, lock_fd, v, restore_then,
+                                   cold](std::error_code ec, vm::snapshot_report report) {
+                                      ::close(lock_fd);
+                                      if (ec || !report.saved) {
+                                          say("snapshot not created (" +
+                                              (ec ? ec.message() : report.refusal) +
+                                              "); plain cold boot");
+                                          return cold(image, options);
+                                      }
+                                      say("snapshot created: " + dir.string() + " (state " +
+                                          std::to_string(report.bytes >> 10) + " KiB, " +
+                                          std::to_string(report.duration.count()) + " ms)");
+                                      restore_then([image, options, say, done, cold](
+                                                       std::error_code ec, std::shared_ptr<vm> v) {
+                                          if (!ec) return done({}, std::move(v));
+                                          say("restore of the new snapshot failed (" +
+                                              ec.message() + "); plain cold boot");
+                                          cold(image, options);
+                                      });
+                                  });
             });
     };
     auto restore = [image, options, dir, say, done, create, cold, restore_then]() {

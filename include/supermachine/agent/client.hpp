@@ -349,9 +349,12 @@ public:
     /// is the snapshot's). Completes on the agent's acknowledgement.
     template <class Token>
     auto async_set_clock(std::chrono::system_clock::time_point now, Token&& completion) {
-        const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch());
+        const auto ns =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch());
         std::string frame;
-        encode(frame, 0, set_clock_request{static_cast<std::uint64_t>(std::max<std::int64_t>(ns.count(), 1))});
+        encode(
+            frame, 0,
+            set_clock_request{static_cast<std::uint64_t>(std::max<std::int64_t>(ns.count(), 1))});
         return session_request(message_type::set_clock, frame.substr(frame_header_size),
                                std::forward<Token>(completion));
     }

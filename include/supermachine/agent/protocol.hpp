@@ -81,7 +81,8 @@ enum class message_type : std::uint8_t {
     credit,        // either way: {bytes} more may be sent on this stream
     set_clock,     // host -> agent, stream 0: {realtime ns since the epoch} -> ok (after a restore)
 };
-inline constexpr std::uint8_t last_message_type = static_cast<std::uint8_t>(message_type::set_clock);
+inline constexpr std::uint8_t last_message_type =
+    static_cast<std::uint8_t>(message_type::set_clock);
 
 enum class decode_error : std::uint8_t {
     none = 0,

@@ -79,7 +79,7 @@ inline result<file_fingerprint> fingerprint_file(const std::filesystem::path& pa
 
 struct warm_snapshot_meta {
     static constexpr std::uint32_t magic = 0x4d524157; // "WARM"
-    static constexpr std::uint32_t version = 2; // 2: template snapshots (state, disk, ram)
+    static constexpr std::uint32_t version = 2;        // 2: template snapshots (state, disk, ram)
     static constexpr std::uint64_t max_text = 4096;
 
     std::string engine = "qemu";

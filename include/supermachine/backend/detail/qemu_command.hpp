@@ -118,11 +118,10 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         "-m",
         megabytes,
         "-object",
-        config.memory_file.empty()
-            ? "memory-backend-memfd,id=mem,size=" + megabytes + ",share=on"
-            : "memory-backend-file,id=mem,size=" + megabytes +
-                  ",mem-path=" + comma_escape(config.memory_file.string()) +
-                  (config.memory_file_shared ? ",share=on" : ",share=off"),
+        config.memory_file.empty() ? "memory-backend-memfd,id=mem,size=" + megabytes + ",share=on"
+                                   : "memory-backend-file,id=mem,size=" + megabytes +
+                                         ",mem-path=" + comma_escape(config.memory_file.string()) +
+                                         (config.memory_file_shared ? ",share=on" : ",share=off"),
         "-smp",
         std::to_string(config.vcpus),
         "-nodefaults",
@@ -150,17 +149,18 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
     if (!config.initrd.empty()) a.insert(a.end(), {"-initrd", config.initrd.string()});
     if (!config.root_drive.empty()) {
         const bool qcow2 = config.root_drive.extension() == ".qcow2";
-        a.insert(a.end(), {"-drive", "if=none,id=root,file=" +
-                                         comma_escape(config.root_drive.string()) +
-                                         (qcow2 ? ",format=qcow2" : ",format=raw") +
-                                         (config.root_drive_throwaway ? ",snapshot=on" : ""),
+        a.insert(a.end(), {"-drive",
+                           "if=none,id=root,file=" + comma_escape(config.root_drive.string()) +
+                               (qcow2 ? ",format=qcow2" : ",format=raw") +
+                               (config.root_drive_throwaway ? ",snapshot=on" : ""),
                            "-device", "virtio-blk-device,drive=root"});
     }
     if (!config.agent_serial_socket.empty()) {
-        a.insert(a.end(), {"-device", "virtio-serial-device", "-chardev",
-                           "socket,id=agent,path=" + comma_escape(config.agent_serial_socket.string()) +
-                               ",server=on,wait=off",
-                           "-device", "virtserialport,chardev=agent,name=" + config.agent_serial_name});
+        a.insert(a.end(),
+                 {"-device", "virtio-serial-device", "-chardev",
+                  "socket,id=agent,path=" + comma_escape(config.agent_serial_socket.string()) +
+                      ",server=on,wait=off",
+                  "-device", "virtserialport,chardev=agent,name=" + config.agent_serial_name});
     }
     for (const auto& d : devices) {
         a.insert(a.end(), {"-chardev", "socket,id=" + d.id + ",path=" + d.socket.string()});
@@ -171,9 +171,10 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
     if (!config.qmp_socket.empty())
         a.insert(a.end(), {"-qmp", "unix:" + config.qmp_socket.string() + ",server=on,wait=off"});
     if (config.incoming)
-        a.insert(a.end(), {"-incoming", config.incoming_ignores_shared_memory
-                                            ? std::string("defer")
-                                            : "exec:cat " + shell_quote_for_exec(*config.incoming)});
+        a.insert(a.end(),
+                 {"-incoming", config.incoming_ignores_shared_memory
+                                   ? std::string("defer")
+                                   : "exec:cat " + shell_quote_for_exec(*config.incoming)});
     a.insert(a.end(), config.extra_arguments.begin(), config.extra_arguments.end());
     return a;
 }
