@@ -432,7 +432,10 @@ private:
         if (machine_exited_) return finish_start(errc::agent_unavailable);
         if (std::chrono::steady_clock::now() >= deadline_) return finish_start(errc::timeout);
         client_.reset();
-        timer_.expires_after(std::chrono::milliseconds(50));
+        // The serial socket appears during QEMU's start (a connect is cheap:
+        // poll it closely, a restore waits on it); vsock connects go through
+        // the guest.
+        timer_.expires_after(std::chrono::milliseconds(vsock_ ? 50 : 3));
         timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
             if (!ec) self->try_connect();
         });
@@ -852,18 +855,22 @@ private:
         std::string seed(64, '\0');
         if (::getrandom(seed.data(), seed.size(), 0) != static_cast<ssize_t>(seed.size()))
             return finish_start(errno_code(errno));
+        // Both requests at once (the agent answers in order): one round trip.
         auto self = shared_from_this();
-        client_->async_reseed_rng(std::move(seed), [self](std::error_code ec, auto&&...) {
-            if (!self->start_) return;
-            if (ec) return self->finish_start(ec);
-            self->client_->async_set_clock(
-                std::chrono::system_clock::now(), [self](std::error_code ec, auto&&...) {
-                    if (!self->start_) return;
-                    self->agent_ready_at_ = std::chrono::steady_clock::now();
-                    self->finish_start(ec);
-                });
-        });
+        auto remaining = std::make_shared<int>(2);
+        auto first_error = std::make_shared<std::error_code>();
+        auto one_done = [self, remaining, first_error](std::error_code ec) {
+            if (ec && !*first_error) *first_error = ec;
+            if (--*remaining || !self->start_) return;
+            self->agent_ready_at_ = std::chrono::steady_clock::now();
+            self->finish_start(*first_error);
+        };
+        client_->async_reseed_rng(std::move(seed),
+                                  [one_done](std::error_code ec, auto&&...) { one_done(ec); });
+        client_->async_set_clock(std::chrono::system_clock::now(),
+                                 [one_done](std::error_code ec, auto&&...) { one_done(ec); });
     }
+
     std::optional<std::filesystem::path> restore_from_;
     snapshot_identity snapshot_;
 

@@ -57,6 +57,33 @@ inline int try_creation_lock(const std::filesystem::path& dir) {
     return fd;
 }
 
+/// The cached default kernel's identity (root, release, vmlinuz) without
+/// planning its modules: that walks the whole module tree (no modules.dep in
+/// an unpacked package), tens of ms a warm run does not need.
+inline result<boot::kernel_files> default_kernel_identity() {
+    namespace fs = std::filesystem;
+    fs::path root;
+    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir)
+        root = dir;
+    else
+        root = boot::kernel_cache_dir() / "current";
+    std::error_code ec;
+    boot::kernel_files k;
+    k.root = fs::canonical(root, ec);
+    if (ec) return errc::kernel_not_found;
+    for (auto it = fs::directory_iterator(k.root / "boot", ec);
+         !ec && it != fs::directory_iterator(); it.increment(ec)) {
+        const auto name = it->path().filename().string();
+        if (name.starts_with("vmlinuz-") && name.substr(8) > k.release) { // as open_kernel_tree
+            k.release = name.substr(8);
+            k.vmlinuz = it->path();
+        }
+    }
+    if (ec || k.release.empty()) return errc::kernel_not_found;
+    k.modules_dir = k.root / "lib" / "modules" / k.release;
+    return k;
+}
+
 /// Where `supermachine run` keeps the warm snapshot of `image` with these
 /// options (options.kernel must be set).
 inline result<std::filesystem::path> warm_snapshot_dir(const prepared_image& image,
@@ -93,17 +120,28 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     auto say = [quiet = warm.quiet](const std::string& line) {
         if (!quiet) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
     };
-    auto cold = [executor, done, say](const prepared_image& image, const vm_options& options) {
+    // A boot needs the kernel's module plan (the initramfs); a restore only
+    // its identity. When the caller left the kernel to us, boots plan it.
+    const bool kernel_defaulted = !options.kernel;
+    auto for_boot = [kernel_defaulted](vm_options o) {
+        if (kernel_defaulted) o.kernel.reset();
+        return o;
+    };
+    auto cold = [executor, done, say, for_boot](const prepared_image& image,
+                                                const vm_options& options) {
         say("cold boot");
-        vm::async_start(executor, image, options, done);
+        vm::async_start(executor, image, for_boot(options), done);
     };
     if (!warm.use_snapshot) return cold(image, options);
     auto engine = backend::select_engine(options.engine, nullptr);
     if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold(image, options);
     if (!options.kernel) {
-        auto kernel = boot::default_kernel();
-        if (!kernel) kernel = boot::fetch_default_kernel();
-        if (!kernel) return cold(image, options); // async_start reports it
+        auto kernel = default_kernel_identity();
+        if (!kernel) {
+            auto fetched = boot::fetch_default_kernel();
+            if (!fetched) return cold(image, options); // async_start reports it
+            kernel = std::move(fetched).value();
+        }
         options.kernel = std::move(kernel).value();
     }
     auto agent_binary = detail::find_agent_binary();
@@ -139,9 +177,10 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     // vm (its RAM file becomes the snapshot's), then restore from it: the
     // first run pays a boot and a restore, every later run a restore.
     // Holds `lock_fd` (closed once the snapshot exists or failed).
-    auto create = [executor, image, options, dir, say, done, restore_then, cold](int lock_fd) {
+    auto create = [executor, image, options, dir, say, done, restore_then, cold,
+                   for_boot](int lock_fd) {
         say("cold boot: creating the warm snapshot " + dir.filename().string());
-        auto snapshottable = options;
+        auto snapshottable = for_boot(options);
         snapshottable.snapshottable = true;
         vm::async_start(
             executor, image, snapshottable,

@@ -291,7 +291,7 @@ public:
                         (void)qmp.execute("cont", nullptr, 30s);
                         break;
                     }
-                    std::this_thread::sleep_for(5ms);
+                    std::this_thread::sleep_for(2ms);
                 }
                 resumed_at_ = std::chrono::steady_clock::now();
             });
