@@ -336,6 +336,74 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
     }
 }
 
+// resume = true: the RAM file is copied (the vm runs on) and the agent
+// reattached; the vm keeps working and the snapshot restores.
+BOOST_AUTO_TEST_CASE(api_snapshot_and_resume) {
+    auto& s = state();
+    auto ready = sm::image::from_oci(s.image).prepare();
+    BOOST_REQUIRE(ready);
+    const auto dir = s.work / "api-resume";
+    boost::asio::io_context io;
+    sm::vm_options options;
+    options.memory_mib = 256;
+    options.snapshottable = true;
+    int pending = 1;
+    auto run_pending = [&] {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(4);
+        while (pending > 0 && std::chrono::steady_clock::now() < deadline)
+            io.run_one_for(std::chrono::milliseconds(200));
+        BOOST_REQUIRE(pending == 0);
+    };
+    std::shared_ptr<sm::vm> v;
+    std::error_code ec = sm::errc::invalid_argument;
+    sm::vm::async_start(io.get_executor(), ready.value(), options,
+                        [&](std::error_code e, std::shared_ptr<sm::vm> started) {
+                            ec = e;
+                            v = started;
+                            --pending;
+                        });
+    run_pending();
+    BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+    auto exec = [&](std::shared_ptr<sm::vm> on, std::string command) {
+        std::string out;
+        pending = 1;
+        on->async_exec({.argv = {"sh", "-c", command}},
+                       [&](std::error_code e, sm::agent::exec_output o) {
+                           BOOST_TEST(!e, e.message());
+                           out = o.stdout_data;
+                           --pending;
+                       });
+        run_pending();
+        return out;
+    };
+    exec(v, "echo kept > /tmp/kept");
+    sm::vm::snapshot_report report;
+    pending = 1;
+    v->async_snapshot(dir, true, [&](std::error_code e, sm::vm::snapshot_report r) {
+        ec = e;
+        report = r;
+        --pending;
+    });
+    run_pending();
+    BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+    BOOST_REQUIRE(report.saved);
+    BOOST_TEST(exec(v, "cat /tmp/kept; echo after > /tmp/after; echo ok") == "kept\nok\n");
+    std::shared_ptr<sm::vm> clone;
+    pending = 1;
+    sm::vm::async_restore(io.get_executor(), dir, ready.value(), options,
+                          [&](std::error_code e, std::shared_ptr<sm::vm> c) {
+                              ec = e;
+                              clone = c;
+                              --pending;
+                          });
+    run_pending();
+    BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+    // The clone has the snapshot's state, not what the original did since.
+    BOOST_TEST(exec(clone, "cat /tmp/kept; ls /tmp/after 2>/dev/null; echo end") == "kept\nend\n");
+    clone->kill();
+    v->kill();
+}
+
 // The API refuses a snapshot that does not match (other memory size), is
 // truncated or corrupted, before QEMU starts.
 BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
