@@ -52,6 +52,8 @@ void check_payload(message_type type, std::string_view payload, std::uint32_t st
         return check<tcp_connect_request>(payload, stream);
     case message_type::credit:
         return check<credit_grant>(payload, stream);
+    case message_type::set_clock:
+        return check<set_clock_request>(payload, stream);
     default:
         (void)validated;
         return;

@@ -10,6 +10,7 @@
 #include "init.hpp"
 #include "server.hpp"
 
+#include <dirent.h>
 #include <linux/vm_sockets.h>
 #include <sys/un.h>
 
@@ -47,6 +48,24 @@ int listen_unix(const char* path) {
     return fd;
 }
 
+/// The virtio-serial port named `name` (/sys/class/virtio-ports/*/name;
+/// devtmpfs has /dev/vportNpM but no udev names it), opened non-blocking.
+int open_serial_port(const std::string& name) {
+    DIR* dir = ::opendir("/sys/class/virtio-ports");
+    if (!dir) return -1;
+    int fd = -1;
+    while (dirent* e = ::readdir(dir)) {
+        if (e->d_name[0] == '.') continue;
+        const std::string entry = e->d_name;
+        if (trim(read_small_file(("/sys/class/virtio-ports/" + entry + "/name").c_str())) != name)
+            continue;
+        fd = ::open(("/dev/" + entry).c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        break;
+    }
+    ::closedir(dir);
+    return fd;
+}
+
 [[noreturn]] void run_as_init() {
     mount_basics();
     int console = ::open("/dev/console", O_RDWR | O_CLOEXEC);
@@ -63,6 +82,25 @@ int listen_unix(const char* path) {
     bring_up_loopback();
     if (token.empty())
         log("no token (supermachine.token= or /etc/supermachine/token): refusing all");
+    if (cmdline_value(cmdline, "supermachine.channel") == "serial") {
+        // The QEMU engine's migratable channel (doc/warm-start.md): a virtio-serial port.
+        const std::string name = "supermachine.agent";
+        int port_fd = -1;
+        for (int i = 0; i < 500 && port_fd < 0; ++i) {
+            port_fd = open_serial_port(name);
+            if (port_fd < 0) ::usleep(10 * 1000);
+        }
+        if (port_fd < 0) {
+            log("no virtio-serial port %s (errno %d)", name.c_str(), errno);
+            power_off();
+        }
+        std::printf("supermachine-agent: ready on virtio-serial port %s\n", name.c_str());
+        std::fflush(stdout);
+        server s({token, true});
+        s.set_serial_port(port_fd);
+        s.run();
+        power_off();
+    }
     unsigned port = default_vsock_port;
     if (auto p = cmdline_value(cmdline, "supermachine.port"); !p.empty())
         port = static_cast<unsigned>(std::strtoul(p.c_str(), nullptr, 10));

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <memory>
 #include <string>
@@ -113,6 +114,7 @@ struct connection {
     bool authenticated = false;
     bool closing = false; // flush `out`, then close (after auth failure / shutdown)
     bool dead = false;
+    bool serial = false; // on the virtio-serial port (a dup of it)
     std::map<std::uint32_t, std::unique_ptr<session>> sessions;
 
     std::size_t pending() const { return out.size() - out_pos; }
@@ -130,7 +132,27 @@ public:
         child_fd_ = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
         ::signal(SIGPIPE, SIG_IGN);
     }
-    ~server() { ::close(child_fd_); }
+    ~server() {
+        ::close(child_fd_);
+        close_fd(serial_fd_);
+        close_fd(sigio_fd_);
+    }
+
+    /// Serve a virtio-serial port (opened O_RDWR | O_NONBLOCK): one host at a
+    /// time. While QEMU's chardev has no client the port reports POLLHUP and
+    /// reads return 0; the driver sends SIGIO when the host connects or goes
+    /// away. Each new host gets a fresh session (ready, hello, ...), as a new
+    /// vsock connection would.
+    void set_serial_port(int fd) {
+        serial_fd_ = fd;
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGIO);
+        ::sigprocmask(SIG_BLOCK, &set, nullptr);
+        sigio_fd_ = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+        ::fcntl(fd, F_SETOWN, ::getpid());
+        ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_ASYNC | O_NONBLOCK);
+    }
 
     void set_listener(int fd) { listen_fd_ = fd; }
     void add_connection(int fd) {
@@ -145,7 +167,7 @@ public:
     /// Serves until there is neither a listener nor a connection, or a shutdown was served.
     /// Returns true when a shutdown request ended it.
     bool run() {
-        while (!stop_ && (listen_fd_ >= 0 || !connections_.empty()))
+        while (!stop_ && (listen_fd_ >= 0 || serial_fd_ >= 0 || !connections_.empty()))
             step();
         for (auto& c : connections_)
             flush_blocking(*c);
@@ -153,7 +175,7 @@ public:
     }
 
 private:
-    enum class slot { listener, child, conn, stdin_fd, out0, out1, file, socket };
+    enum class slot { listener, child, sigio, conn, stdin_fd, out0, out1, file, socket };
     struct watch {
         slot what;
         connection* conn;
@@ -171,6 +193,13 @@ private:
         add(listen_fd_, POLLIN, slot::listener, nullptr, 0);
         add(child_fd_, POLLIN, slot::child, nullptr, 0);
         std::int64_t deadline = 0;
+        const bool serial_idle = serial_fd_ >= 0 && connections_.empty() && !serial_attach();
+        if (serial_idle) {
+            // Waiting for a host: SIGIO says the port's state changed; the
+            // timeout only covers a state change the signal raced with.
+            add(sigio_fd_, POLLIN, slot::sigio, nullptr, 0);
+            deadline = now_ms() + 1000;
+        }
         for (auto& c : connections_) {
             short ev = 0;
             if (!c->closing && c->pending() < max_pending_output) ev |= POLLIN;
@@ -223,6 +252,12 @@ private:
             case slot::child:
                 reap_children();
                 break;
+            case slot::sigio: {
+                signalfd_siginfo info;
+                while (::read(sigio_fd_, &info, sizeof info) == sizeof info) {
+                }
+                break;
+            }
             case slot::conn:
                 if (fds[i].revents & POLLOUT) flush(*w.conn);
                 if (!w.conn->dead && (fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
@@ -247,6 +282,25 @@ private:
 
     // ---- connections --------------------------------------------------------
 
+    /// With no session on the serial port: start one when a host is
+    /// connected. After a session ended without the host leaving (auth
+    /// failure, protocol error) the host must hang up first.
+    bool serial_attach() {
+        pollfd p{serial_fd_, POLLIN, 0};
+        if (::poll(&p, 1, 0) < 0) return false;
+        if (p.revents & POLLHUP) {
+            if (serial_session_ended_) log("host detached");
+            serial_session_ended_ = false;
+            return false;
+        }
+        if (serial_session_ended_) return false;
+        const int fd = ::fcntl(serial_fd_, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0) return false;
+        add_connection(fd);
+        connections_.back()->serial = true;
+        return true;
+    }
+
     void accept_one() {
         int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd < 0) return;
@@ -254,6 +308,7 @@ private:
     }
 
     void drop(connection& c) {
+        if (c.serial) serial_session_ended_ = true;
         // The host is gone: nobody can receive results, so end everything it started.
         for (auto& [id, s] : c.sessions)
             if (s->kind == session_kind::exec && s->pid > 0 && !s->exited) ::kill(-s->pid, SIGKILL);
@@ -264,7 +319,8 @@ private:
 
     void flush(connection& c) {
         while (c.pending()) {
-            ssize_t n = ::send(c.fd, c.out.data() + c.out_pos, c.pending(), MSG_NOSIGNAL);
+            // write(), not send(): the connection may be a virtio-serial port (a char device).
+            ssize_t n = ::write(c.fd, c.out.data() + c.out_pos, c.pending());
             if (n < 0) {
                 if (errno == EAGAIN || errno == EINTR) break;
                 drop(c);
@@ -292,7 +348,7 @@ private:
 
     void read_connection(connection& c) {
         char buffer[64 * 1024];
-        ssize_t n = ::recv(c.fd, buffer, sizeof buffer, 0);
+        ssize_t n = ::read(c.fd, buffer, sizeof buffer);
         if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
         if (n <= 0) {
             drop(c);
@@ -349,12 +405,23 @@ private:
             c.authenticated = true;
             encode(c.out, 0,
                    hello_ok{protocol_version, capability_exec | capability_tty | capability_files |
-                                                  capability_tcp | capability_rng});
+                                                  capability_tcp | capability_rng |
+                                                  capability_clock});
             return;
         }
         switch (h.type) {
         case message_type::reseed_rng:
             return reseed(c, payload);
+        case message_type::set_clock: {
+            set_clock_request m;
+            decode(payload, m);
+            timespec t{static_cast<time_t>(m.realtime_ns / 1'000'000'000),
+                       static_cast<long>(m.realtime_ns % 1'000'000'000)};
+            if (::clock_settime(CLOCK_REALTIME, &t) != 0)
+                return send_error(c, 0, agent_error::io_error, errno, "clock_settime failed");
+            encode_empty(c.out, message_type::ok, 0);
+            return;
+        }
         case message_type::shutdown:
             encode_empty(c.out, message_type::ok, 0);
             c.closing = true;
@@ -955,6 +1022,9 @@ private:
     server_options options_;
     int listen_fd_ = -1;
     int child_fd_ = -1;
+    int serial_fd_ = -1;
+    int sigio_fd_ = -1;
+    bool serial_session_ended_ = false;
     bool stop_ = false;
     std::vector<std::unique_ptr<connection>> connections_;
     std::uint64_t last_connection_id_ = 0;

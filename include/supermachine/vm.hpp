@@ -41,9 +41,12 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
+#include <fcntl.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <deque>
@@ -70,6 +73,11 @@ struct vm_options {
     std::vector<std::string> extra_cmdline;
     /// Directory for sockets and the initramfs; default: a fresh one in /tmp.
     std::filesystem::path runtime_dir;
+    /// QEMU engine: boot so that the vm can be snapshotted (doc/warm-start.md):
+    /// guest RAM in a file under runtime_dir, QEMU's own virtio-blk over a
+    /// qcow2 overlay of the rootfs, the agent on a virtio-serial port. Needs
+    /// qemu-img. async_restore always runs this way.
+    bool snapshottable = false;
 };
 
 class vm : public std::enable_shared_from_this<vm> {
@@ -82,7 +90,15 @@ public:
     static constexpr std::uint32_t agent_port = 1024;
     static constexpr std::uint64_t guest_cid = 3;
 
-    ~vm() { kill(); }
+    ~vm() {
+        kill();
+        client_.reset();
+        machine_.reset();        // reaps QEMU
+        if (owns_runtime_dir_) { // sockets, initramfs and (snapshottable) the RAM file
+            std::error_code ignored;
+            std::filesystem::remove_all(options_.runtime_dir, ignored);
+        }
+    }
 
     /// Boot `image` and wait until its agent answers. Completes with
     /// void(std::error_code, std::shared_ptr<vm>); on error the vm is already
@@ -183,56 +199,35 @@ public:
     const std::string& engine_description() const noexcept { return engine_description_; }
 
     // ------------------------------------------------------------ snapshots
-    // (doc/warm-start.md) A snapshot is a directory: QEMU's migration stream,
-    // our devices' states (the copy-on-write overlay), the initramfs, and a
-    // validated record (detail/warm_snapshot.hpp). It appears atomically.
+    // (doc/warm-start.md) Only a vm started with vm_options::snapshottable
+    // can be snapshotted: its RAM is a file, its root disk QEMU's own
+    // virtio-blk over a qcow2 overlay, its agent on a virtio-serial port (the
+    // vhost-user devices of a plain vm are not migratable by QEMU 7.2).
+    // A snapshot is a directory: `state` (QEMU's device state; RAM is not in
+    // it: x-ignore-shared), `ram` (the guest RAM file), `disk.qcow2` (the
+    // root disk's writes over the cached rootfs), `initramfs.cpio`, and a
+    // validated record `meta` written last. It appears atomically (rename).
+    // A restore maps `ram` privately (copy-on-write, faulted in lazily), so
+    // many clones share one snapshot and restore cost follows pages touched.
 
     using snapshot_report = backend::qemu_machine::snapshot_report;
 
-    /// Pause the guest, write a snapshot directory at `path` (replacing one
-    /// there), then resume it when `resume` (else it stays paused).
-    /// Completion: void(std::error_code, snapshot_report); a refusal by the
-    /// engine is not an error: report.saved is false and report.refusal says why.
+    /// Pause the guest and write a snapshot directory at `path` (replacing
+    /// one there). The agent connection is closed first (the saved guest
+    /// waits for a new host) and reopened when `resume`; without `resume`
+    /// the vm is stopped afterwards (its RAM file moved into the snapshot).
+    /// Completion: void(std::error_code, snapshot_report); a vm that is not
+    /// snapshottable gives report.saved == false and report.refusal why.
     template <class Token>
     auto async_snapshot(std::filesystem::path path, bool resume, Token&& token) {
         return boost::asio::async_initiate<Token, void(std::error_code, snapshot_report)>(
             [this](auto handler, std::filesystem::path path, bool resume) {
                 auto done = std::make_shared<decltype(handler)>(std::move(handler));
-                auto fail = [this, done](std::error_code ec) {
-                    boost::asio::post(executor_,
-                                      [done, ec] { std::move (*done)(ec, snapshot_report{}); });
-                };
-                if (!machine_ || snapshot_.token.empty()) return fail(errc::invalid_argument);
-                std::error_code fs_ec;
-                const auto parent =
-                    path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
-                std::filesystem::create_directories(parent, fs_ec);
-                std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX"));
-                if (!::mkdtemp(pattern.data())) return fail(errno_code(errno));
-                const std::filesystem::path staging = pattern;
-                std::filesystem::copy_file(snapshot_.initramfs, staging / "initramfs.cpio", fs_ec);
-                if (fs_ec) {
-                    std::filesystem::remove_all(staging, fs_ec);
-                    return fail(errc::io_error);
-                }
                 auto self = shared_from_this();
-                machine_->async_save_snapshot(
-                    staging / "machine", resume,
-                    [self, done, staging, path](std::error_code ec, snapshot_report report) {
-                        if (ec || !report.saved) {
-                            std::error_code ignored;
-                            std::filesystem::remove_all(staging, ignored);
-                            return std::move(*done)(ec, report);
-                        }
-                        // Fingerprinting reads the whole stream: off the executor.
-                        auto work = boost::asio::make_work_guard(self->executor_);
-                        boost::asio::post(setup_pool(), [self, done, staging, path, report, work] {
-                            auto r = self->seal_snapshot(staging, path);
-                            boost::asio::dispatch(self->executor_, [done, r, report, work] {
-                                std::move (*done)(r ? std::error_code{} : r.error(), report);
-                            });
-                        });
-                    });
+                start_snapshot(std::move(path), resume,
+                               [done](std::error_code ec, snapshot_report report) {
+                                   std::move (*done)(ec, std::move(report));
+                               });
             },
             token, std::move(path), resume);
     }
@@ -240,16 +235,18 @@ public:
     /// Start a vm from a snapshot directory written by async_snapshot for
     /// `image` with the same memory, cpus, kernel and agent; anything else
     /// (or a truncated/corrupted file) fails with an errc::snapshot_* code
-    /// before the engine starts, never restoring it. After the restore the
-    /// agent is reconnected with the saved token and the guest RNG is
-    /// reseeded with fresh host bytes (clones never share random state).
-    /// Completion: void(std::error_code, std::shared_ptr<vm>).
+    /// before the engine starts; a state QEMU cannot load ends the engine
+    /// (errc::agent_unavailable). After the restore the agent is reconnected
+    /// with the saved token, the guest RNG reseeded with fresh host bytes
+    /// (clones never share random state) and the guest clock set to the
+    /// host's. Completion: void(std::error_code, std::shared_ptr<vm>).
     template <class Token>
     static auto async_restore(executor_type executor, std::filesystem::path snapshot,
                               prepared_image image, vm_options options, Token&& token) {
         return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
             [executor](auto handler, std::filesystem::path snapshot, prepared_image image,
                        vm_options options) {
+                options.snapshottable = true;
                 auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
                 self->restore_from_ = std::move(snapshot);
                 auto done = std::make_shared<decltype(handler)>(std::move(handler));
@@ -271,11 +268,19 @@ public:
     /// Whether this vm was restored from a snapshot (rather than booted).
     bool restored() const noexcept { return restore_from_.has_value(); }
 
+    /// Restored vms: from starting the engine to the agent's hello_ok (the
+    /// restore itself), and the whole async_restore (validation included).
+    std::chrono::steady_clock::duration restore_to_agent() const noexcept {
+        return agent_ready_at_ - launched_at_;
+    }
+
 private:
     vm(executor_type executor, vm_options options)
         : executor_(std::move(executor))
         , options_(std::move(options))
-        , timer_(executor_) {}
+        , timer_(executor_)
+        , serial_timer_(executor_)
+        , snapshot_timer_(executor_) {}
 
     static boost::asio::thread_pool& setup_pool() {
         static boost::asio::thread_pool pool(1);
@@ -302,19 +307,22 @@ private:
         return success();
     }
 
+    result<void> ensure_runtime_dir() {
+        if (!options_.runtime_dir.empty()) return success();
+        char pattern[] = "/tmp/supermachine-vm-XXXXXX";
+        if (!::mkdtemp(pattern)) return errno_code(errno);
+        options_.runtime_dir = pattern;
+        owns_runtime_dir_ = true;
+        return success();
+    }
+
     // Blocking set-up, on setup_pool().
     result<void> prepare(const prepared_image& image) {
         SUPERMACHINE_TRY(select_engine_and_kernel(true, ""));
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
         SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, *options_.kernel));
 
-        std::error_code ec;
-        if (options_.runtime_dir.empty()) {
-            char pattern[] = "/tmp/supermachine-vm-XXXXXX";
-            if (!::mkdtemp(pattern)) return errno_code(errno);
-            options_.runtime_dir = pattern;
-            owns_runtime_dir_ = true;
-        }
+        SUPERMACHINE_TRY(ensure_runtime_dir());
         const auto initrd_path = options_.runtime_dir / "initramfs.cpio";
         {
             std::FILE* f = std::fopen(initrd_path.c_str(), "wb");
@@ -333,27 +341,33 @@ private:
             token_ += hex[std::to_integer<unsigned>(b) & 15];
         }
 
-        typename root_disk::config disk;
-        disk.storage.base.path = image.rootfs.string();
-        disk.storage.base.read_only = true; // one cached base serves every VM
-        disk.id = image.digest.hex().substr(0, 20);
-        SUPERMACHINE_TRY(blk, root_disk::create(disk));
-        disk_ = std::move(blk);
-        virtio::vsock::config socket_config;
-        socket_config.guest_cid = guest_cid;
-        SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
-        vsock_ = std::move(vsock);
-
         backend::qemu_config q;
         q.kernel = options_.kernel->vmlinuz;
         q.initrd = initrd_path;
         q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
         q.vcpus = options_.cpus;
-        q.cmdline =
-            "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init supermachine.token=" + token_ +
-            " supermachine.root=/dev/vda supermachine.port=" + std::to_string(agent_port);
-        for (const auto& extra : options_.extra_cmdline)
-            q.cmdline += " " + extra;
+        q.cmdline = guest_cmdline(token_);
+        if (options_.snapshottable) {
+            // Everything QEMU can migrate: its own blk and virtio-serial, RAM
+            // in a file it shares with us (doc/warm-start.md).
+            SUPERMACHINE_TRY(create_overlay(image.rootfs, options_.runtime_dir / "disk.qcow2"));
+            q.root_drive = options_.runtime_dir / "disk.qcow2";
+            q.memory_file = options_.runtime_dir / "ram";
+            q.memory_file_shared = true;
+            serial_socket_ = options_.runtime_dir / "agent.sock";
+            q.agent_serial_socket = serial_socket_;
+        } else {
+            typename root_disk::config disk;
+            disk.storage.base.path = image.rootfs.string();
+            disk.storage.base.read_only = true; // one cached base serves every VM
+            disk.id = image.digest.hex().substr(0, 20);
+            SUPERMACHINE_TRY(blk, root_disk::create(disk));
+            disk_ = std::move(blk);
+            virtio::vsock::config socket_config;
+            socket_config.guest_cid = guest_cid;
+            SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
+            vsock_ = std::move(vsock);
+        }
         remember_for_snapshot(image, q.cmdline, initrd_path, agent_binary);
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
         return success();
@@ -361,14 +375,15 @@ private:
 
     // On the executor: attach devices, start the engine, wait for the agent.
     void launch() {
-        if (auto r = machine_->attach(backend::vhost_user_device_kind::blk, *disk_); !r)
-            return finish_start(r.error());
-        if (auto r = machine_->attach(backend::vhost_user_device_kind::vsock, *vsock_); !r)
-            return finish_start(r.error());
-        if (restore_from_) {
-            if (auto r = machine_->restore_device_states(*restore_from_ / "machine"); !r)
+        if (disk_) {
+            if (auto r = machine_->attach(backend::vhost_user_device_kind::blk, *disk_); !r)
                 return finish_start(r.error());
         }
+        if (vsock_) {
+            if (auto r = machine_->attach(backend::vhost_user_device_kind::vsock, *vsock_); !r)
+                return finish_start(r.error());
+        }
+        launched_at_ = std::chrono::steady_clock::now();
         std::weak_ptr<vm> weak = shared_from_this();
         auto started = machine_->start([weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
@@ -389,6 +404,16 @@ private:
 
     void try_connect() {
         auto self = shared_from_this();
+        if (!vsock_) { // the agent on virtio-serial
+            return connect_serial([self](std::error_code ec) {
+                if (!self->start_) return;
+                if (ec == errc::agent_auth_failed) return self->finish_start(ec);
+                if (ec) return self->retry_connect();
+                if (self->restore_from_) return self->after_restore();
+                self->agent_ready_at_ = std::chrono::steady_clock::now();
+                self->finish_start({});
+            });
+        }
         vsock_->async_connect(executor_, agent_port,
                               [self](std::error_code ec, socket_type socket) {
                                   if (!self->start_) return;
@@ -410,7 +435,10 @@ private:
         if (machine_exited_) return finish_start(errc::agent_unavailable);
         if (std::chrono::steady_clock::now() >= deadline_) return finish_start(errc::timeout);
         client_.reset();
-        timer_.expires_after(std::chrono::milliseconds(50));
+        // The serial socket appears during QEMU's start (a connect is cheap:
+        // poll it closely, a restore waits on it); vsock connects go through
+        // the guest.
+        timer_.expires_after(std::chrono::milliseconds(vsock_ ? 50 : 3));
         timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
             if (!ec) self->try_connect();
         });
@@ -429,6 +457,10 @@ private:
         std::lock_guard lock(console_mutex_);
         for (char c : text) {
             if (c == '\n') {
+                if (partial_line_.find("supermachine-agent: host detached") != std::string::npos)
+                    boost::asio::post(executor_, [weak = weak_from_this()] {
+                        if (auto self = weak.lock()) self->on_detached();
+                    });
                 console_lines_.push_back(std::move(partial_line_));
                 partial_line_.clear();
                 if (console_lines_.size() > 40) console_lines_.pop_front();
@@ -527,6 +559,182 @@ private:
         snapshot_.agent_identity = detail::agent_identity(agent_binary);
     }
 
+    /// The kernel command line of an image vm: the agent's token and root
+    /// disk, and its channel (virtio-serial for snapshottable vms, else vsock).
+    std::string guest_cmdline(const std::string& token) const {
+        std::string cmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init "
+                              "supermachine.token=" +
+                              token + " supermachine.root=/dev/vda ";
+        cmdline += options_.snapshottable ? std::string("supermachine.channel=serial")
+                                          : "supermachine.port=" + std::to_string(agent_port);
+        for (const auto& extra : options_.extra_cmdline)
+            cmdline += " " + extra;
+        return cmdline;
+    }
+
+    /// A qcow2 overlay over the read-only cached rootfs (QEMU's own blk
+    /// writes into it; the base is never written).
+    static result<void> create_overlay(const std::filesystem::path& base,
+                                       const std::filesystem::path& overlay) {
+        auto qemu_img = backend::detail::find_program("qemu-img");
+        if (!qemu_img) return errc::engine_unavailable;
+        SUPERMACHINE_TRY(backend::detail::capture_output(
+            {qemu_img->string(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+             std::filesystem::absolute(base).string(), overlay.string()}));
+        return success();
+    }
+
+    /// Copy `from` to `to` keeping holes (the RAM file is mostly holes).
+    static result<void> copy_sparse(const std::filesystem::path& from,
+                                    const std::filesystem::path& to) {
+        const int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+        if (in < 0) return errno_code(errno);
+        const int out = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (out < 0) {
+            const int e = errno;
+            ::close(in);
+            return errno_code(e);
+        }
+        struct stat st {};
+        bool ok = ::fstat(in, &st) == 0 && ::ftruncate(out, st.st_size) == 0;
+        for (off_t data = 0; ok;) {
+            data = ::lseek(in, data, SEEK_DATA);
+            if (data < 0) break; // ENXIO: no data after this point
+            off_t hole = ::lseek(in, data, SEEK_HOLE);
+            if (hole < 0) hole = st.st_size;
+            for (off_t position = data; ok && position < hole;) {
+                off_t out_position = position;
+                const ssize_t n = ::copy_file_range(in, &position, out, &out_position,
+                                                    static_cast<std::size_t>(hole - position), 0);
+                ok = n > 0;
+            }
+            data = hole;
+        }
+        const int e = errno;
+        ::close(in);
+        ::close(out);
+        return ok ? success() : result<void>(errno_code(e ? e : EIO));
+    }
+
+    /// Take a file of the running vm into the snapshot: moved when the vm
+    /// stops afterwards, else copied.
+    static result<void> take_file(const std::filesystem::path& from,
+                                  const std::filesystem::path& to, bool copy) {
+        if (!copy && ::rename(from.c_str(), to.c_str()) == 0) return success();
+        return copy_sparse(from, to);
+    }
+
+    void start_snapshot(std::filesystem::path path, bool resume,
+                        std::function<void(std::error_code, snapshot_report)> done) {
+        auto finish = [this, done](std::error_code ec, snapshot_report report) {
+            boost::asio::post(executor_, [done, ec, report] { done(ec, report); });
+        };
+        if (!machine_ || snapshot_.token.empty() || !client_)
+            return finish(errc::invalid_argument, {});
+        if (!options_.snapshottable || restore_from_) {
+            snapshot_report report;
+            report.refusal = restore_from_ ? "a restored vm is not snapshotted again (its RAM is "
+                                             "the snapshot's, mapped privately)"
+                                           : "the vm was not started snapshottable "
+                                             "(vm_options::snapshottable)";
+            return finish({}, report);
+        }
+        std::error_code fs_ec;
+        const auto parent =
+            path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
+        std::filesystem::create_directories(parent, fs_ec);
+        std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX"));
+        if (!::mkdtemp(pattern.data())) return finish(errno_code(errno), {});
+        const std::filesystem::path staging = pattern;
+        std::filesystem::copy_file(snapshot_.initramfs, staging / "initramfs.cpio", fs_ec);
+        if (fs_ec) {
+            std::filesystem::remove_all(staging, fs_ec);
+            return finish(errc::io_error, {});
+        }
+        auto self = shared_from_this();
+        auto fail = [self, staging, finish](std::error_code ec) {
+            std::error_code ignored;
+            std::filesystem::remove_all(staging, ignored);
+            finish(ec, {});
+        };
+        // The saved guest must wait for a new host (a restore's): close our
+        // end and wait until the agent says it saw the host go.
+        client_->close();
+        detached_ = false;
+        detach_waiter_ = [self, staging, path, resume, finish, fail] {
+            self->snapshot_timer_.cancel();
+            const auto runtime = self->options_.runtime_dir;
+            self->machine_->set_snapshot_paused_step([runtime, staging, resume]() -> result<void> {
+                SUPERMACHINE_TRY(take_file(runtime / "ram", staging / "ram", resume));
+                return take_file(runtime / "disk.qcow2", staging / "disk.qcow2", resume);
+            });
+            self->machine_->async_save_snapshot(
+                staging / "state", resume,
+                [self, staging, path, resume, finish, fail](std::error_code ec,
+                                                            snapshot_report report) {
+                    if (ec || !report.saved) {
+                        if (!resume) self->kill();
+                        std::error_code ignored;
+                        std::filesystem::remove_all(staging, ignored);
+                        return finish(ec, report);
+                    }
+                    // Fingerprinting and fsync: off the executor.
+                    auto work = boost::asio::make_work_guard(self->executor_);
+                    boost::asio::post(setup_pool(), [self, staging, path, report, resume, finish,
+                                                     work] {
+                        auto sealed = self->seal_snapshot(staging, path);
+                        boost::asio::dispatch(self->executor_, [self, sealed, report, resume,
+                                                                finish, work] {
+                            if (!resume) {
+                                self->kill(); // its RAM file is the snapshot's now
+                                return finish(sealed ? std::error_code{} : sealed.error(), report);
+                            }
+                            self->connect_serial(
+                                [self, sealed, report, finish](std::error_code ec) {
+                                    finish(!sealed ? sealed.error() : ec, report);
+                                });
+                        });
+                    });
+                });
+        };
+        snapshot_timer_.expires_after(std::chrono::seconds(20));
+        snapshot_timer_.async_wait([self, fail](boost::system::error_code ec) {
+            if (ec || !self->detach_waiter_) return;
+            self->detach_waiter_ = nullptr;
+            fail(errc::timeout); // the agent never saw the host go
+        });
+        if (detached_) on_detached();
+    }
+
+    void on_detached() {
+        detached_ = true;
+        if (auto waiter = std::move(detach_waiter_)) {
+            detach_waiter_ = nullptr;
+            boost::asio::post(executor_, std::move(waiter));
+        }
+    }
+
+    // Connect to the agent's virtio-serial socket (QEMU listens on it) and
+    // authenticate. The agent answers once it runs and sees us; bounded by
+    // the ready deadline.
+    void connect_serial(std::function<void(std::error_code)> done) {
+        socket_type socket(executor_);
+        boost::system::error_code ec;
+        socket.connect(socket_type::endpoint_type(serial_socket_.string()), ec);
+        if (ec) return boost::asio::post(executor_, [done] { done(errc::agent_unavailable); });
+        client_ = std::make_unique<client_type>(std::move(socket));
+        auto self = shared_from_this();
+        serial_timer_.expires_at(
+            std::max(deadline_, std::chrono::steady_clock::now() + std::chrono::seconds(30)));
+        serial_timer_.async_wait([self, client = client_.get()](boost::system::error_code ec) {
+            if (!ec && self->client_.get() == client) client->close();
+        });
+        client_->async_hello(token_, [self, done](std::error_code ec, agent::hello_ok) {
+            self->serial_timer_.cancel();
+            done(ec);
+        });
+    }
+
     // On setup_pool(): fingerprint the files, write the record last, fsync,
     // and move the staging directory into place.
     result<void> seal_snapshot(const std::filesystem::path& staging,
@@ -546,16 +754,7 @@ private:
         meta.cmdline = snapshot_.cmdline;
         meta.agent_identity = snapshot_.agent_identity;
         meta.token = snapshot_.token;
-        auto stream = detail::fingerprint_file(staging / "machine");
-        auto devices = detail::fingerprint_file(staging / "machine.devices");
-        auto initramfs = detail::fingerprint_file(staging / "initramfs.cpio");
-        if (!stream || !devices || !initramfs) return cleanup(errc::io_error);
-        meta.stream = stream.value();
-        meta.devices = devices.value();
-        meta.initramfs = initramfs.value();
-        const auto bytes = meta.encode();
-        if (bytes.empty()) return cleanup(errc::snapshot_too_large);
-        for (const char* name : {"machine", "machine.devices", "initramfs.cpio"}) {
+        for (const char* name : {"state", "disk.qcow2", "initramfs.cpio", "ram"}) {
             const int fd = ::open((staging / name).c_str(), O_RDONLY | O_CLOEXEC);
             if (fd < 0 || ::fsync(fd) != 0) {
                 if (fd >= 0) ::close(fd);
@@ -563,6 +762,17 @@ private:
             }
             ::close(fd);
         }
+        auto stream = detail::fingerprint_file(staging / "state");
+        auto disk = detail::fingerprint_file(staging / "disk.qcow2");
+        auto initramfs = detail::fingerprint_file(staging / "initramfs.cpio");
+        auto ram = detail::stat_fingerprint(staging / "ram");
+        if (!stream || !disk || !initramfs || !ram) return cleanup(errc::io_error);
+        meta.stream = stream.value();
+        meta.devices = disk.value();
+        meta.initramfs = initramfs.value();
+        meta.ram = ram.value();
+        const auto bytes = meta.encode();
+        if (bytes.empty()) return cleanup(errc::snapshot_too_large);
         {
             const int fd =
                 ::open((staging / "meta").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -576,7 +786,8 @@ private:
         if (::rename(staging.c_str(), path.c_str()) != 0) {
             if (errno != ENOTEMPTY && errno != EEXIST) return cleanup(errno_code(errno));
             // Replace an older snapshot: move it aside first (rename(2) will
-            // not replace a non-empty directory), then drop it.
+            // not replace a non-empty directory), then drop it. Clones still
+            // running on its files keep them (unlinked files stay mapped).
             const auto old = staging.string() + ".old";
             if (::rename(path.c_str(), old.c_str()) != 0) return cleanup(errno_code(errno));
             if (::rename(staging.c_str(), path.c_str()) != 0) return cleanup(errno_code(errno));
@@ -588,7 +799,8 @@ private:
 
     // Blocking, on setup_pool(): validate the snapshot against this image and
     // these options (record, then every file's fingerprint) before anything
-    // starts; then the same devices as a cold boot, and QEMU with -incoming.
+    // starts; then QEMU with the same devices, RAM mapped privately from the
+    // snapshot, root disk writes to a throw-away overlay, -incoming.
     result<void> prepare_restore(const prepared_image& image) {
         // A snapshot implies the kernel is cached: no fetch.
         SUPERMACHINE_TRY(select_engine_and_kernel(false, ", restored"));
@@ -601,61 +813,65 @@ private:
             meta.cpus != options_.cpus || meta.kernel_release != options_.kernel->release ||
             meta.agent_identity != detail::agent_identity(agent_binary))
             return errc::snapshot_mismatch;
-        std::string cmdline = meta.cmdline;
-        {
-            // The saved command line must be what these options would boot.
-            std::string expected = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init "
-                                   "supermachine.token=" +
-                                   meta.token + " supermachine.root=/dev/vda supermachine.port=" +
-                                   std::to_string(agent_port);
-            for (const auto& extra : options_.extra_cmdline)
-                expected += " " + extra;
-            if (expected != cmdline) return errc::snapshot_mismatch;
-        }
+        // The saved command line must be what these options would boot.
+        if (guest_cmdline(meta.token) != meta.cmdline) return errc::snapshot_mismatch;
         for (auto [name, want] :
-             {std::pair{"machine", meta.stream}, std::pair{"machine.devices", meta.devices},
+             {std::pair{"state", meta.stream}, std::pair{"disk.qcow2", meta.devices},
               std::pair{"initramfs.cpio", meta.initramfs}}) {
             auto got = detail::fingerprint_file(dir / name);
             if (!got) return errc::snapshot_truncated;
             if (got.value().size != want.size) return errc::snapshot_truncated;
             if (!(got.value() == want)) return errc::snapshot_bad_record;
         }
+        {
+            auto got = detail::stat_fingerprint(dir / "ram");
+            if (!got || got.value().size != meta.ram.size) return errc::snapshot_truncated;
+            if (!(got.value() == meta.ram)) return errc::snapshot_bad_record;
+            if (meta.ram.size != std::uint64_t{options_.memory_mib} << 20)
+                return errc::snapshot_mismatch;
+        }
         token_ = meta.token;
-
-        typename root_disk::config disk;
-        disk.storage.base.path = image.rootfs.string();
-        disk.storage.base.read_only = true;
-        disk.id = image.digest.hex().substr(0, 20);
-        SUPERMACHINE_TRY(blk, root_disk::create(disk));
-        disk_ = std::move(blk);
-        virtio::vsock::config socket_config;
-        socket_config.guest_cid = guest_cid;
-        SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
-        vsock_ = std::move(vsock);
+        SUPERMACHINE_TRY(ensure_runtime_dir());
 
         backend::qemu_config q;
         q.kernel = options_.kernel->vmlinuz;
         q.initrd = dir / "initramfs.cpio";
         q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
         q.vcpus = options_.cpus;
-        q.cmdline = cmdline;
-        q.incoming = dir / "machine";
-        // The restored vm can itself be snapshotted.
-        remember_for_snapshot(image, cmdline, q.initrd, agent_binary);
+        q.cmdline = meta.cmdline;
+        q.incoming = dir / "state";
+        q.incoming_ignores_shared_memory = true;
+        q.memory_file = dir / "ram";
+        q.memory_file_shared = false; // MAP_PRIVATE: this clone's writes are its own
+        q.root_drive = dir / "disk.qcow2";
+        q.root_drive_throwaway = true;
+        serial_socket_ = options_.runtime_dir / "agent.sock";
+        q.agent_serial_socket = serial_socket_;
+        remember_for_snapshot(image, q.cmdline, q.initrd, agent_binary);
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
         return success();
     }
 
-    // After hello on a restored vm: fresh host randomness into the guest RNG.
+    // After hello on a restored vm: fresh host randomness into the guest RNG,
+    // then the host's wall clock (the guest's is the snapshot's).
     void after_restore() {
         std::string seed(64, '\0');
         if (::getrandom(seed.data(), seed.size(), 0) != static_cast<ssize_t>(seed.size()))
             return finish_start(errno_code(errno));
+        // Both requests at once (the agent answers in order): one round trip.
         auto self = shared_from_this();
-        client_->async_reseed_rng(std::move(seed), [self](std::error_code ec, auto&&...) {
-            if (!self->start_) return;
-            self->finish_start(ec);
-        });
+        auto remaining = std::make_shared<int>(2);
+        auto first_error = std::make_shared<std::error_code>();
+        auto one_done = [self, remaining, first_error](std::error_code ec) {
+            if (ec && !*first_error) *first_error = ec;
+            if (--*remaining || !self->start_) return;
+            self->agent_ready_at_ = std::chrono::steady_clock::now();
+            self->finish_start(*first_error);
+        };
+        client_->async_reseed_rng(std::move(seed),
+                                  [one_done](std::error_code ec, auto&&...) { one_done(ec); });
+        client_->async_set_clock(std::chrono::system_clock::now(),
+                                 [one_done](std::error_code ec, auto&&...) { one_done(ec); });
     }
 
     std::optional<std::filesystem::path> restore_from_;
@@ -676,6 +892,15 @@ private:
     std::unique_ptr<backend::qemu_machine> machine_;
     std::unique_ptr<client_type> client_;
     std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> listeners_;
+    // Snapshottable vms: the agent's virtio-serial socket (QEMU listens),
+    // the bound on one connect + hello, and a snapshot's wait for the agent
+    // to see the host go ("host detached" on the console).
+    std::filesystem::path serial_socket_;
+    boost::asio::steady_timer serial_timer_;
+    boost::asio::steady_timer snapshot_timer_;
+    bool detached_ = false;
+    std::function<void()> detach_waiter_;
+    std::chrono::steady_clock::time_point launched_at_{}, agent_ready_at_{};
     mutable std::mutex console_mutex_;
     std::deque<std::string> console_lines_;
     std::string partial_line_;

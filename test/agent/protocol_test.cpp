@@ -75,6 +75,25 @@ BOOST_AUTO_TEST_CASE(every_message_round_trips) {
         (round_trip(write_file_request{"/tmp/x", 0755}) == write_file_request{"/tmp/x", 0755}));
     BOOST_TEST((round_trip(tcp_connect_request{8080}) == tcp_connect_request{8080}));
     BOOST_TEST((round_trip(credit_grant{65536}) == credit_grant{65536}));
+    BOOST_TEST((round_trip(set_clock_request{1'795'721'366'123'456'789ull}) ==
+                set_clock_request{1'795'721'366'123'456'789ull}));
+    BOOST_TEST((round_trip(set_clock_request{max_clock_ns}) == set_clock_request{max_clock_ns}));
+}
+
+BOOST_AUTO_TEST_CASE(set_clock_is_bounded) {
+    auto payload = [](std::uint64_t ns) {
+        std::string frame;
+        encode(frame, 0, set_clock_request{ns});
+        return frame.substr(frame_header_size);
+    };
+    BOOST_TEST((validate(message_type::set_clock, payload(0)) == decode_error::malformed));
+    BOOST_TEST(
+        (validate(message_type::set_clock, payload(max_clock_ns + 1)) == decode_error::malformed));
+    BOOST_TEST((validate(message_type::set_clock, payload(~0ull)) == decode_error::malformed));
+    BOOST_TEST(
+        (validate(message_type::set_clock, payload(1).substr(0, 7)) == decode_error::truncated));
+    BOOST_TEST(
+        (validate(message_type::set_clock, payload(1) + "x") == decode_error::trailing_bytes));
 }
 
 BOOST_AUTO_TEST_CASE(data_and_empty_frames) {

@@ -42,6 +42,7 @@ int usage() {
         "  -q, --quiet             no progress output\n"
         "      --console           show the guest console on stderr\n"
         "      --no-snapshot       cold boot (do not use or create the cached snapshot)\n"
+        "      --snapshot-dir DIR  restore the warm snapshot in DIR (created there if missing)\n"
         "IMAGE: a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]\n",
         sm::cli::exec_options_usage);
     return 125;
@@ -139,6 +140,9 @@ int run_run(std::span<char*> args) {
             console = true;
         } else if (a == "--no-snapshot") {
             warm.use_snapshot = false;
+        } else if (a == "--snapshot-dir") {
+            if (!(v = value(a))) return usage();
+            warm.snapshot_dir = v;
         } else if (a == "-h" || a == "--help") {
             usage();
             return 0;

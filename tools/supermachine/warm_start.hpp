@@ -12,6 +12,7 @@
 
 #include <sys/file.h>
 
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -22,14 +23,16 @@ namespace supermachine::cli {
 struct warm_start_options {
     bool use_snapshot = true;
     bool quiet = false;
+    /// Use (and create) the snapshot here instead of the cache's per-key directory.
+    std::filesystem::path snapshot_dir;
 };
 
 inline std::string warm_snapshot_key(const prepared_image& image, const vm_options& options,
                                      const std::string& agent_identity) {
-    const std::string identity = "v1|qemu|" + image.digest.str() + "|" + image.rootfs.string() +
-                                 "|" + std::to_string(options.memory_mib) + "|" +
-                                 std::to_string(options.cpus) + "|" + options.kernel->release +
-                                 "|" + agent_identity;
+    const std::string identity = "v2|qemu|serial|" + image.digest.str() + "|" +
+                                 image.rootfs.string() + "|" + std::to_string(options.memory_mib) +
+                                 "|" + std::to_string(options.cpus) + "|" +
+                                 options.kernel->release + "|" + agent_identity;
     std::string extra;
     for (const auto& e : options.extra_cmdline)
         extra += e + "\n";
@@ -54,6 +57,61 @@ inline int try_creation_lock(const std::filesystem::path& dir) {
     return fd;
 }
 
+/// The cached default kernel's identity (root, release, vmlinuz) without
+/// planning its modules: that walks the whole module tree (no modules.dep in
+/// an unpacked package), tens of ms a warm run does not need.
+inline result<boot::kernel_files> default_kernel_identity() {
+    namespace fs = std::filesystem;
+    fs::path root;
+    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir)
+        root = dir;
+    else
+        root = boot::kernel_cache_dir() / "current";
+    std::error_code ec;
+    boot::kernel_files k;
+    k.root = fs::canonical(root, ec);
+    if (ec) return errc::kernel_not_found;
+    for (auto it = fs::directory_iterator(k.root / "boot", ec);
+         !ec && it != fs::directory_iterator(); it.increment(ec)) {
+        const auto name = it->path().filename().string();
+        if (name.starts_with("vmlinuz-") && name.substr(8) > k.release) { // as open_kernel_tree
+            k.release = name.substr(8);
+            k.vmlinuz = it->path();
+        }
+    }
+    if (ec || k.release.empty()) return errc::kernel_not_found;
+    k.modules_dir = k.root / "lib" / "modules" / k.release;
+    return k;
+}
+
+/// Where `supermachine run` keeps the warm snapshot of `image` with these
+/// options (options.kernel must be set).
+inline result<std::filesystem::path> warm_snapshot_dir(const prepared_image& image,
+                                                       const vm_options& options) {
+    SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
+    return oci::content_store::default_root() / "snapshots" /
+           warm_snapshot_key(image, options, detail::agent_identity(agent_binary));
+}
+
+/// `supermachine snapshot`: cold boot a snapshottable vm, snapshot it right
+/// after agent-ready into `dir` (replacing one there), stop it.
+/// Completion: void(std::error_code, vm::snapshot_report).
+inline void async_build_snapshot(boost::asio::any_io_executor executor, prepared_image image,
+                                 vm_options options, std::filesystem::path dir,
+                                 std::function<void(std::error_code, vm::snapshot_report)> done) {
+    options.snapshottable = true;
+    vm::async_start(executor, std::move(image), std::move(options),
+                    [dir, done](std::error_code ec, std::shared_ptr<vm> v) {
+                        if (ec) {
+                            if (v) std::fprintf(stderr, "%s", v->console_tail().c_str());
+                            return done(ec, {});
+                        }
+                        v->async_snapshot(
+                            dir, false,
+                            [v, done](std::error_code ec, vm::snapshot_report r) { done(ec, r); });
+                    });
+}
+
 /// Start a vm for `supermachine run`: restore the cached snapshot, or cold
 /// boot (and create it). Completion: void(std::error_code, std::shared_ptr<vm>).
 inline void async_warm_start(boost::asio::any_io_executor executor, prepared_image image,
@@ -62,70 +120,112 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     auto say = [quiet = warm.quiet](const std::string& line) {
         if (!quiet) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
     };
-    auto cold = [executor, done](const prepared_image& image, const vm_options& options) {
-        vm::async_start(executor, image, options, done);
+    // A boot needs the kernel's module plan (the initramfs); a restore only
+    // its identity. When the caller left the kernel to us, boots plan it.
+    const bool kernel_defaulted = !options.kernel;
+    auto for_boot = [kernel_defaulted](vm_options o) {
+        if (kernel_defaulted) o.kernel.reset();
+        return o;
+    };
+    auto cold = [executor, done, say, for_boot](const prepared_image& image,
+                                                const vm_options& options) {
+        say("cold boot");
+        vm::async_start(executor, image, for_boot(options), done);
     };
     if (!warm.use_snapshot) return cold(image, options);
     auto engine = backend::select_engine(options.engine, nullptr);
     if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold(image, options);
     if (!options.kernel) {
-        auto kernel = boot::default_kernel();
-        if (!kernel) kernel = boot::fetch_default_kernel();
-        if (!kernel) return cold(image, options); // async_start reports it
+        auto kernel = default_kernel_identity();
+        if (!kernel) {
+            auto fetched = boot::fetch_default_kernel();
+            if (!fetched) return cold(image, options); // async_start reports it
+            kernel = std::move(fetched).value();
+        }
         options.kernel = std::move(kernel).value();
     }
     auto agent_binary = detail::find_agent_binary();
     if (!agent_binary) return cold(image, options);
     const auto dir =
-        oci::content_store::default_root() / "snapshots" /
-        warm_snapshot_key(image, options, detail::agent_identity(agent_binary.value()));
+        !warm.snapshot_dir.empty()
+            ? std::filesystem::absolute(warm.snapshot_dir)
+            : oci::content_store::default_root() / "snapshots" /
+                  warm_snapshot_key(image, options, detail::agent_identity(agent_binary.value()));
     std::error_code fs_ec;
     std::filesystem::create_directories(dir.parent_path(), fs_ec);
 
-    // Cold boot, snapshot, hand the running vm over. Holds `lock_fd` (closed at the end).
-    auto create = [executor, image, options, dir, say, done, quiet = warm.quiet](int lock_fd) {
+    // Restore `dir`: on success the run goes on in the clone.
+    auto restore_then = [executor, image, options, dir,
+                         say](std::function<void(std::error_code, std::shared_ptr<vm>)> next) {
+        const auto started = std::chrono::steady_clock::now();
+        vm::async_restore(
+            executor, dir, image, options,
+            [dir, say, next, started](std::error_code ec, std::shared_ptr<vm> v) {
+                if (!ec) {
+                    const auto ms = [](auto d) {
+                        return std::to_string(
+                            std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+                    };
+                    say("warm start: restored from snapshot " + dir.filename().string() + " (" +
+                        ms(std::chrono::steady_clock::now() - started) + " ms, engine to agent " +
+                        ms(v->restore_to_agent()) + " ms)");
+                }
+                next(ec, std::move(v));
+            });
+    };
+    // Cold boot (snapshottable), snapshot right after agent-ready, stop that
+    // vm (its RAM file becomes the snapshot's), then restore from it: the
+    // first run pays a boot and a restore, every later run a restore.
+    // Holds `lock_fd` (closed once the snapshot exists or failed).
+    auto create = [executor, image, options, dir, say, done, restore_then, cold,
+                   for_boot](int lock_fd) {
+        say("cold boot: creating the warm snapshot " + dir.filename().string());
+        auto snapshottable = for_boot(options);
+        snapshottable.snapshottable = true;
         vm::async_start(
-            executor, image, options,
-            [dir, say, done, lock_fd, quiet](std::error_code ec, std::shared_ptr<vm> v) {
+            executor, image, snapshottable,
+            [image, options, dir, say, done, lock_fd, restore_then, cold](std::error_code ec,
+                                                                          std::shared_ptr<vm> v) {
                 if (ec) {
                     ::close(lock_fd);
-                    return done(ec, std::move(v));
+                    say("snapshottable boot failed (" + ec.message() + "); plain cold boot");
+                    return cold(image, options);
                 }
-                v->async_snapshot(dir, true,
-                                  [dir, say, done, lock_fd, v, quiet](std::error_code ec,
-                                                                      vm::snapshot_report report) {
+                v->async_snapshot(dir, false,
+                                  [image, options, dir, say, done, lock_fd, v, restore_then,
+                                   cold](std::error_code ec, vm::snapshot_report report) {
                                       ::close(lock_fd);
-                                      if (ec)
-                                          say("snapshot not created (" + ec.message() +
-                                              "); this run continues");
-                                      else if (!report.saved) {
-                                          if (!quiet) backend::explain_snapshot_fallback(report);
-                                      } else
-                                          say("snapshot created: " + dir.string() + " (" +
-                                              std::to_string(report.bytes >> 20) + " MiB, " +
-                                              std::to_string(report.duration.count()) + " ms)");
-                                      done({}, v);
+                                      if (ec || !report.saved) {
+                                          say("snapshot not created (" +
+                                              (ec ? ec.message() : report.refusal) +
+                                              "); plain cold boot");
+                                          return cold(image, options);
+                                      }
+                                      say("snapshot created: " + dir.string() + " (state " +
+                                          std::to_string(report.bytes >> 10) + " KiB, " +
+                                          std::to_string(report.duration.count()) + " ms)");
+                                      restore_then([image, options, say, done, cold](
+                                                       std::error_code ec, std::shared_ptr<vm> v) {
+                                          if (!ec) return done({}, std::move(v));
+                                          say("restore of the new snapshot failed (" +
+                                              ec.message() + "); plain cold boot");
+                                          cold(image, options);
+                                      });
                                   });
             });
     };
-    auto restore = [executor, image, options, dir, say, done, create, cold]() {
-        vm::async_restore(executor, dir, image, options,
-                          [dir, say, done, create, cold, image, options](std::error_code ec,
-                                                                         std::shared_ptr<vm> v) {
-                              if (!ec) {
-                                  say("restored from snapshot " + dir.filename().string());
-                                  return done({}, std::move(v));
-                              }
-                              // Stale or corrupt: never trusted; rebuilt under the lock.
-                              say("cached snapshot unusable (" + ec.message() +
-                                  "); cold boot, rebuilding it");
-                              const int fd = try_creation_lock(dir);
-                              if (fd < 0)
-                                  return cold(image, options); // another run is rebuilding it
-                              std::error_code ignored;
-                              std::filesystem::remove_all(dir, ignored);
-                              create(fd);
-                          });
+    auto restore = [image, options, dir, say, done, create, cold, restore_then]() {
+        restore_then([image, options, dir, say, done, create, cold](std::error_code ec,
+                                                                    std::shared_ptr<vm> v) {
+            if (!ec) return done({}, std::move(v));
+            // Stale or corrupt: never trusted; rebuilt under the lock.
+            say("cached snapshot unusable (" + ec.message() + "); cold boot, rebuilding it");
+            const int fd = try_creation_lock(dir);
+            if (fd < 0) return cold(image, options); // another run is rebuilding it
+            std::error_code ignored;
+            std::filesystem::remove_all(dir, ignored);
+            create(fd);
+        });
     };
     if (std::filesystem::exists(dir / "meta", fs_ec)) return restore();
     const int fd = try_creation_lock(dir);

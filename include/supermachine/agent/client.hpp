@@ -18,6 +18,8 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/post.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -340,6 +342,20 @@ public:
     template <class Token>
     auto async_reseed_rng(std::string seed, Token&& completion) {
         return session_request(message_type::reseed_rng, std::move(seed),
+                               std::forward<Token>(completion));
+    }
+
+    /// Sets the guest's CLOCK_REALTIME (after a restore the guest's wall clock
+    /// is the snapshot's). Completes on the agent's acknowledgement.
+    template <class Token>
+    auto async_set_clock(std::chrono::system_clock::time_point now, Token&& completion) {
+        const auto ns =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch());
+        std::string frame;
+        encode(
+            frame, 0,
+            set_clock_request{static_cast<std::uint64_t>(std::max<std::int64_t>(ns.count(), 1))});
+        return session_request(message_type::set_clock, frame.substr(frame_header_size),
                                std::forward<Token>(completion));
     }
 

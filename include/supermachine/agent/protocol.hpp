@@ -50,6 +50,9 @@ inline constexpr std::uint64_t capability_tty = 1u << 1;
 inline constexpr std::uint64_t capability_files = 1u << 2;
 inline constexpr std::uint64_t capability_tcp = 1u << 3;
 inline constexpr std::uint64_t capability_rng = 1u << 4;
+inline constexpr std::uint64_t capability_clock = 1u << 5;
+/// set_clock bound: 2200-01-01T00:00:00Z in ns (a later clock is a hostile or broken host).
+inline constexpr std::uint64_t max_clock_ns = 7'258'118'400ull * 1'000'000'000ull;
 
 enum class message_type : std::uint8_t {
     ready = 1,     // agent -> host, stream 0, first frame: {version}
@@ -76,8 +79,10 @@ enum class message_type : std::uint8_t {
     ok,            // agent -> host: acknowledges reseed_rng / write_file completion / shutdown
     shutdown,      // host -> agent, stream 0: empty
     credit,        // either way: {bytes} more may be sent on this stream
+    set_clock,     // host -> agent, stream 0: {realtime ns since the epoch} -> ok (after a restore)
 };
-inline constexpr std::uint8_t last_message_type = static_cast<std::uint8_t>(message_type::credit);
+inline constexpr std::uint8_t last_message_type =
+    static_cast<std::uint8_t>(message_type::set_clock);
 
 enum class decode_error : std::uint8_t {
     none = 0,
@@ -195,6 +200,10 @@ struct tcp_connect_request {
 struct credit_grant {
     std::uint32_t bytes = 0;
     bool operator==(const credit_grant&) const = default;
+};
+struct set_clock_request {
+    std::uint64_t realtime_ns = 0; // CLOCK_REALTIME, ns since the epoch; 0 < ns <= max_clock_ns
+    bool operator==(const set_clock_request&) const = default;
 };
 
 struct frame_header {
@@ -427,6 +436,10 @@ inline void encode(std::string& out, std::uint32_t stream, const credit_grant& m
     detail::put_frame(out, message_type::credit, stream,
                       [&](detail::writer& w) { w.u32(m.bytes); });
 }
+inline void encode(std::string& out, std::uint32_t stream, const set_clock_request& m) {
+    detail::put_frame(out, message_type::set_clock, stream,
+                      [&](detail::writer& w) { w.u64(m.realtime_ns); });
+}
 
 // ---- decoders (payload only; the header was checked by decode_header) -------
 
@@ -539,6 +552,13 @@ inline decode_error decode(std::string_view in, credit_grant& m) {
     m.bytes = r.u32();
     return r.finish();
 }
+inline decode_error decode(std::string_view in, set_clock_request& m) {
+    detail::reader r(in);
+    m.realtime_ns = r.u64();
+    if (r.ok() && (m.realtime_ns == 0 || m.realtime_ns > max_clock_ns))
+        return decode_error::malformed;
+    return r.finish();
+}
 
 /// Checks that a payload is valid for its type without keeping the result
 /// (data frames: any bytes up to their bound; empty frames: no bytes).
@@ -571,6 +591,8 @@ inline decode_error validate(message_type type, std::string_view payload) {
         return check(tcp_connect_request{});
     case message_type::credit:
         return check(credit_grant{});
+    case message_type::set_clock:
+        return check(set_clock_request{});
     case message_type::stdin_data:
     case message_type::stdout_data:
     case message_type::stderr_data:

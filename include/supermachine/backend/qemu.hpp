@@ -215,10 +215,20 @@ public:
     /// output) go to `console` on the executor.
     result<void> start(console_sink console) {
         if (child_.pid > 0) return errc::invalid_argument;
-        SUPERMACHINE_TRY(qemu, find_qemu(config_.qemu_binary));
-        for (const auto& d : devices_)
-            if (!qemu.has_device(qemu_device_name(d.attachment.kind)))
-                return errc::engine_device_missing;
+        // Listing QEMU's devices costs a QEMU start (~0.1-0.2 s): only when
+        // vhost-user devices need checking (a warm restore has none).
+        std::filesystem::path binary;
+        if (devices_.empty()) {
+            auto found = detail::find_program(config_.qemu_binary.string());
+            if (!found) return errc::engine_unavailable;
+            binary = *found;
+        } else {
+            SUPERMACHINE_TRY(qemu, find_qemu(config_.qemu_binary));
+            for (const auto& d : devices_)
+                if (!qemu.has_device(qemu_device_name(d.attachment.kind)))
+                    return errc::engine_device_missing;
+            binary = qemu.binary;
+        }
         switch (config_.accelerator) {
         case qemu_accelerator::kvm:
             use_kvm_ = true;
@@ -237,7 +247,7 @@ public:
         std::vector<qemu_vhost_user_attachment> attachments;
         for (const auto& d : devices_)
             attachments.push_back(d.attachment);
-        SUPERMACHINE_TRY(argv, detail::qemu_arguments(qemu.binary, config_, attachments, use_kvm_));
+        SUPERMACHINE_TRY(argv, detail::qemu_arguments(binary, config_, attachments, use_kvm_));
         // Accept before spawning: QEMU connects during its startup and
         // negotiates synchronously, so the back-ends must already be served.
         for (auto& d : devices_)
@@ -259,6 +269,18 @@ public:
                 using namespace std::chrono_literals;
                 detail::qmp_client qmp;
                 if (!qmp.connect(config_.qmp_socket, 30s)) return;
+                if (config_.incoming_ignores_shared_memory) {
+                    // -incoming defer: RAM stays in memory_file (not in the
+                    // stream), as it was saved. A stream QEMU cannot load
+                    // makes it exit: the caller sees the engine end.
+                    const nlohmann::json caps{
+                        {"capabilities", nlohmann::json::array({{{"capability", "x-ignore-shared"},
+                                                                 {"state", true}}})}};
+                    if (!qmp.execute("migrate-set-capabilities", caps, 30s)) return kill();
+                    const nlohmann::json uri{
+                        {"uri", "exec:cat " + detail::shell_quote_for_exec(*config_.incoming)}};
+                    if (!qmp.execute("migrate-incoming", uri, 30s)) return kill();
+                }
                 for (auto deadline = std::chrono::steady_clock::now() + 300s;
                      std::chrono::steady_clock::now() < deadline;) {
                     auto status = qmp.execute("query-status", nullptr, 30s);
@@ -269,7 +291,7 @@ public:
                         (void)qmp.execute("cont", nullptr, 30s);
                         break;
                     }
-                    std::this_thread::sleep_for(5ms);
+                    std::this_thread::sleep_for(2ms);
                 }
                 resumed_at_ = std::chrono::steady_clock::now();
             });
@@ -341,6 +363,13 @@ public:
             token, std::move(file), resume);
     }
 
+    /// Run `step` in the next snapshot after QEMU wrote its stream, while the
+    /// guest is still paused (on the snapshot thread). A failing step fails
+    /// the snapshot.
+    void set_snapshot_paused_step(std::function<result<void>()> step) {
+        paused_step_ = std::move(step);
+    }
+
     /// Before start() with config.incoming: give each attached core (that
     /// keeps state) the state saved next to the migration stream.
     result<void> restore_device_states(const std::filesystem::path& file) {
@@ -406,6 +435,13 @@ private:
         std::vector<std::vector<std::byte>> states;
         for (auto& d : devices_)
             states.push_back(d.save_state ? d.save_state() : std::vector<std::byte>{});
+        if (!config_.memory_file.empty() && config_.memory_file_shared) {
+            // RAM is the file itself: keep it out of the stream.
+            const nlohmann::json caps{
+                {"capabilities",
+                 nlohmann::json::array({{{"capability", "x-ignore-shared"}, {"state", true}}})}};
+            SUPERMACHINE_TRY(qmp.execute("migrate-set-capabilities", caps, 30s));
+        }
         std::string refusal;
         const nlohmann::json migrate{{"uri", "exec:cat > " + detail::shell_quote_for_exec(file)}};
         auto started = qmp.execute("migrate", migrate, 30s, &refusal);
@@ -441,6 +477,14 @@ private:
         }
         std::error_code ignored;
         report.bytes = std::filesystem::file_size(file, ignored);
+        if (paused_step_) { // still paused: e.g. take the RAM file and the disk image
+            auto step = std::move(paused_step_);
+            paused_step_ = nullptr;
+            if (auto r = step(); !r) {
+                if (resume) (void)qmp.execute("cont", nullptr, 30s);
+                return r.error();
+            }
+        }
         report.saved = true;
         if (resume) {
             auto resumed = qmp.execute("cont", nullptr, 30s);
@@ -534,6 +578,7 @@ private:
     std::string diagnostics_;
     std::vector<std::function<void(std::error_code, int)>> waiters_;
     std::thread snapshot_thread_;
+    std::function<result<void>()> paused_step_;
     std::atomic<std::chrono::steady_clock::time_point> resumed_at_{};
     std::shared_ptr<int> alive_ = std::make_shared<int>(0);
 };

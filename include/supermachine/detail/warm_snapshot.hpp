@@ -15,6 +15,7 @@
 #include <supermachine/snapshot/codec.hpp>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
@@ -78,7 +79,7 @@ inline result<file_fingerprint> fingerprint_file(const std::filesystem::path& pa
 
 struct warm_snapshot_meta {
     static constexpr std::uint32_t magic = 0x4d524157; // "WARM"
-    static constexpr std::uint32_t version = 1;
+    static constexpr std::uint32_t version = 2;        // 2: template snapshots (state, disk, ram)
     static constexpr std::uint64_t max_text = 4096;
 
     std::string engine = "qemu";
@@ -91,7 +92,10 @@ struct warm_snapshot_meta {
     std::string cmdline;
     std::string agent_identity; // fingerprint of the agent binary the guest runs
     std::string token;          // the guest agent's token (on its saved command line)
-    file_fingerprint stream, devices, initramfs;
+    /// stream: QEMU's device state (no RAM); devices: the root disk's qcow2
+    /// overlay; ram: the guest RAM file, checked by size and modification
+    /// time only (hashing it would cost more than the restore).
+    file_fingerprint stream, devices, initramfs, ram;
 
     std::vector<std::byte> encode() const {
         auto write = [&](snapshot::byte_writer& w) {
@@ -102,7 +106,7 @@ struct warm_snapshot_meta {
                 w.string(*s, max_text);
             w.u32(memory_mib);
             w.u32(cpus);
-            for (const file_fingerprint* f : {&stream, &devices, &initramfs}) {
+            for (const file_fingerprint* f : {&stream, &devices, &initramfs, &ram}) {
                 w.u64(f->size);
                 w.u64(f->hash);
             }
@@ -148,7 +152,7 @@ struct warm_snapshot_meta {
         if (!cpus) return cpus.error();
         meta.memory_mib = memory.value();
         meta.cpus = cpus.value();
-        for (file_fingerprint* f : {&meta.stream, &meta.devices, &meta.initramfs}) {
+        for (file_fingerprint* f : {&meta.stream, &meta.devices, &meta.initramfs, &meta.ram}) {
             auto size = r.u64();
             if (!size) return size.error();
             auto hash = r.u64();
@@ -161,6 +165,15 @@ struct warm_snapshot_meta {
         return meta;
     }
 };
+
+/// A large file's cheap identity: size and modification time (ns).
+inline result<file_fingerprint> stat_fingerprint(const std::filesystem::path& path) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return errno_code(errno);
+    return file_fingerprint{static_cast<std::uint64_t>(st.st_size),
+                            static_cast<std::uint64_t>(st.st_mtim.tv_sec) * 1'000'000'000u +
+                                static_cast<std::uint64_t>(st.st_mtim.tv_nsec)};
+}
 
 inline std::string agent_identity(const std::filesystem::path& agent_binary) {
     auto f = fingerprint_file(agent_binary);

@@ -144,6 +144,8 @@ public:
         session_acks_.push_back(std::move(done));
         if (type == message_type::reseed_rng)
             encode_data(out_, type, 0, payload.substr(0, max_rng_seed));
+        else if (type == message_type::set_clock) // payload: the encoded set_clock_request
+            encode_data(out_, type, 0, payload.substr(0, 8));
         else
             encode_empty(out_, type, 0);
         start_io();

@@ -52,8 +52,29 @@ struct qemu_config {
     /// host the Debian kernel's PIT/TSC calibration fails and its timer stalls
     /// for minutes; with it guest time follows executed instructions.
     /// "shift=auto" keeps guest time near real time; "shift=4,sleep=off"
-    /// boots fastest (guest time runs ahead while it idles).
+    /// boots fastest (guest time runs ahead while it idles). Used with one
+    /// vCPU only: with more, SMP bring-up stalls under it (see qemu_arguments).
     std::string icount = "shift=auto";
+    /// Guest RAM in this file instead of a memfd (warm snapshots,
+    /// doc/warm-start.md). Shared: the VM writes the file (the one that
+    /// builds a snapshot). Private (MAP_PRIVATE): a clone reads it lazily,
+    /// copy-on-write, so many clones share one file. vhost-user back-ends
+    /// cannot see a private mapping: a clone uses QEMU's own devices only.
+    std::filesystem::path memory_file;
+    bool memory_file_shared = true;
+    /// With `incoming`: RAM is not in the stream (migrated with x-ignore-shared)
+    /// but in `memory_file`; QEMU starts with -incoming defer and the engine
+    /// sets the capability and loads the stream over QMP.
+    bool incoming_ignores_shared_memory = false;
+    /// QEMU's own virtio-blk (first in the slot order, so /dev/vda) over this
+    /// image; format by extension (.qcow2, else raw). `root_drive_throwaway`:
+    /// writes go to a temporary overlay QEMU deletes (clones of one snapshot).
+    std::filesystem::path root_drive;
+    bool root_drive_throwaway = false;
+    /// A virtio-serial port named `agent_serial_name` on a Unix socket QEMU
+    /// listens on (the agent channel QEMU can migrate; vhost-user-vsock cannot).
+    std::filesystem::path agent_serial_socket;
+    std::string agent_serial_name = "supermachine.agent";
     /// Appended verbatim (e.g. QEMU's own -drive/-device for comparisons).
     std::vector<std::string> extra_arguments;
 };
@@ -72,6 +93,16 @@ inline std::string shell_quote_for_exec(const std::filesystem::path& p) {
     return out + "'";
 }
 
+/// QEMU option values separate with ','; a literal comma is written twice.
+inline std::string comma_escape(const std::string& value) {
+    std::string out;
+    for (char c : value) {
+        out += c;
+        if (c == ',') out += ',';
+    }
+    return out;
+}
+
 /// The argument vector (argv[0] = resolved binary). `use_kvm` is decided by the caller.
 inline result<std::vector<std::string>>
 qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
@@ -88,7 +119,10 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         "-m",
         megabytes,
         "-object",
-        "memory-backend-memfd,id=mem,size=" + megabytes + ",share=on",
+        config.memory_file.empty() ? "memory-backend-memfd,id=mem,size=" + megabytes + ",share=on"
+                                   : "memory-backend-file,id=mem,size=" + megabytes +
+                                         ",mem-path=" + comma_escape(config.memory_file.string()) +
+                                         (config.memory_file_shared ? ",share=on" : ",share=off"),
         "-smp",
         std::to_string(config.vcpus),
         "-nodefaults",
@@ -109,11 +143,32 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
     };
     if (use_kvm) {
         a.insert(a.end(), {"-accel", "kvm", "-cpu", "host"});
+    } else if (config.vcpus > 1) {
+        // -icount makes TCG run every vCPU round-robin on one thread, and
+        // Linux's secondary-CPU bring-up then stalls (measured: no AP within
+        // 60 s; with lpj= 3-40 s). Multi-threaded TCG brings 2 CPUs up in
+        // ~1.6 s; the calibration risk -icount avoids is a loaded-host one.
+        a.insert(a.end(), {"-accel", "tcg,thread=multi"});
     } else {
         a.insert(a.end(), {"-accel", "tcg"});
         if (!config.icount.empty()) a.insert(a.end(), {"-icount", config.icount});
     }
     if (!config.initrd.empty()) a.insert(a.end(), {"-initrd", config.initrd.string()});
+    if (!config.root_drive.empty()) {
+        const bool qcow2 = config.root_drive.extension() == ".qcow2";
+        a.insert(a.end(), {"-drive",
+                           "if=none,id=root,file=" + comma_escape(config.root_drive.string()) +
+                               (qcow2 ? ",format=qcow2" : ",format=raw") +
+                               (config.root_drive_throwaway ? ",snapshot=on" : ""),
+                           "-device", "virtio-blk-device,drive=root"});
+    }
+    if (!config.agent_serial_socket.empty()) {
+        a.insert(a.end(),
+                 {"-device", "virtio-serial-device", "-chardev",
+                  "socket,id=agent,path=" + comma_escape(config.agent_serial_socket.string()) +
+                      ",server=on,wait=off",
+                  "-device", "virtserialport,chardev=agent,name=" + config.agent_serial_name});
+    }
     for (const auto& d : devices) {
         a.insert(a.end(), {"-chardev", "socket,id=" + d.id + ",path=" + d.socket.string()});
         std::string device = std::string(qemu_device_name(d.kind)) + ",chardev=" + d.id;
@@ -123,7 +178,10 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
     if (!config.qmp_socket.empty())
         a.insert(a.end(), {"-qmp", "unix:" + config.qmp_socket.string() + ",server=on,wait=off"});
     if (config.incoming)
-        a.insert(a.end(), {"-incoming", "exec:cat " + shell_quote_for_exec(*config.incoming)});
+        a.insert(a.end(),
+                 {"-incoming", config.incoming_ignores_shared_memory
+                                   ? std::string("defer")
+                                   : "exec:cat " + shell_quote_for_exec(*config.incoming)});
     a.insert(a.end(), config.extra_arguments.begin(), config.extra_arguments.end());
     return a;
 }

@@ -44,7 +44,7 @@ public:
             ::close(fd_);
             fd_ = -1;
             if (std::chrono::steady_clock::now() > deadline) return errc::timeout;
-            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            std::this_thread::sleep_for(std::chrono::milliseconds(2)); // a restore waits on this
         }
         SUPERMACHINE_TRY(greeting, read_message(timeout));
         if (!greeting.contains("QMP")) return errc::engine_failed;
