@@ -7,6 +7,7 @@
 // (a lock file, never waited on: the others cold boot meanwhile); the
 // directory appears by rename.
 #include <supermachine/detail/warm_snapshot.hpp>
+#include <supermachine/detail/warm_snapshot_cache.hpp>
 #include <supermachine/oci/content_store.hpp>
 #include <supermachine/vm.hpp>
 
@@ -162,6 +163,7 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
             executor, dir, image, options,
             [dir, say, next, started](std::error_code ec, std::shared_ptr<vm> v) {
                 if (!ec) {
+                    detail::mark_warm_snapshot_used(dir);
                     const auto ms = [](auto d) {
                         return std::to_string(
                             std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
@@ -177,41 +179,47 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     // vm (its RAM file becomes the snapshot's), then restore from it: the
     // first run pays a boot and a restore, every later run a restore.
     // Holds `lock_fd` (closed once the snapshot exists or failed).
-    auto create = [executor, image, options, dir, say, done, restore_then, cold,
-                   for_boot](int lock_fd) {
+    // Only the cache's own directory is pruned, never around a --snapshot-dir.
+    const bool prune_cache = warm.snapshot_dir.empty();
+    auto create = [executor, image, options, dir, say, done, restore_then, cold, for_boot,
+                   prune_cache](int lock_fd) {
         say("cold boot: creating the warm snapshot " + dir.filename().string());
         auto snapshottable = for_boot(options);
         snapshottable.snapshottable = true;
         vm::async_start(
             executor, image, snapshottable,
-            [image, options, dir, say, done, lock_fd, restore_then, cold](std::error_code ec,
-                                                                          std::shared_ptr<vm> v) {
+            [image, options, dir, say, done, lock_fd, restore_then, cold,
+             prune_cache](std::error_code ec, std::shared_ptr<vm> v) {
                 if (ec) {
                     ::close(lock_fd);
                     say("snapshottable boot failed (" + ec.message() + "); plain cold boot");
                     return cold(image, options);
                 }
-                v->async_snapshot(dir, false,
-                                  [image, options, dir, say, done, lock_fd, v, restore_then,
-                                   cold](std::error_code ec, vm::snapshot_report report) {
-                                      ::close(lock_fd);
-                                      if (ec || !report.saved) {
-                                          say("snapshot not created (" +
-                                              (ec ? ec.message() : report.refusal) +
-                                              "); plain cold boot");
-                                          return cold(image, options);
-                                      }
-                                      say("snapshot created: " + dir.string() + " (state " +
-                                          std::to_string(report.bytes >> 10) + " KiB, " +
-                                          std::to_string(report.duration.count()) + " ms)");
-                                      restore_then([image, options, say, done, cold](
-                                                       std::error_code ec, std::shared_ptr<vm> v) {
-                                          if (!ec) return done({}, std::move(v));
-                                          say("restore of the new snapshot failed (" +
-                                              ec.message() + "); plain cold boot");
-                                          cold(image, options);
-                                      });
-                                  });
+                v->async_snapshot(
+                    dir, false,
+                    [image, options, dir, say, done, lock_fd, v, restore_then, cold,
+                     prune_cache](std::error_code ec, vm::snapshot_report report) {
+                        ::close(lock_fd);
+                        if (ec || !report.saved) {
+                            say("snapshot not created (" + (ec ? ec.message() : report.refusal) +
+                                "); plain cold boot");
+                            return cold(image, options);
+                        }
+                        say("snapshot created: " + dir.string() + " (state " +
+                            std::to_string(report.bytes >> 10) + " KiB, " +
+                            std::to_string(report.duration.count()) + " ms)");
+                        if (prune_cache)
+                            for (const auto& old :
+                                 detail::prune_warm_snapshots(dir.parent_path(), dir))
+                                say("removed the unused warm snapshot " + old.filename().string());
+                        restore_then([image, options, say, done, cold](std::error_code ec,
+                                                                       std::shared_ptr<vm> v) {
+                            if (!ec) return done({}, std::move(v));
+                            say("restore of the new snapshot failed (" + ec.message() +
+                                "); plain cold boot");
+                            cold(image, options);
+                        });
+                    });
             });
     };
     auto restore = [image, options, dir, say, done, create, cold, restore_then]() {
