@@ -20,35 +20,14 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct boot_environment {
-    fs::path source_dir, binary_dir, cli, work, rootfs;
+struct boot_environment : cli_vm_environment {
+    fs::path rootfs;
 
-    boot_environment() {
-        const char* source = std::getenv("SUPERMACHINE_SOURCE_DIR");
-        const char* binary = std::getenv("SUPERMACHINE_BINARY_DIR");
-        skip_unless(source && binary,
-                    "SUPERMACHINE_SOURCE_DIR/BINARY_DIR not set (run through ctest)");
-        skip_unless(have_qemu(), "qemu-system-x86_64 not installed");
-        source_dir = source;
-        binary_dir = binary;
-        cli = binary_dir / "bin" / "supermachine";
-        skip_unless(fs::exists(cli) && fs::exists(binary_dir / "bin" / "supermachine-agent"),
-                    "build supermachine_cli and supermachine-agent first");
+    boot_environment()
+        : cli_vm_environment("sm-bootcli") {
         skip_unless(fs::exists("/bin/busybox"), "busybox-static not installed");
         skip_unless(std::system("command -v mkfs.ext4 >/dev/null 2>&1") == 0,
                     "mkfs.ext4 (e2fsprogs) not installed");
-        auto kernel = supermachine::boot::default_kernel();
-        if (!kernel)
-            kernel = supermachine::boot::fetch_default_kernel(source_dir / "scripts" /
-                                                              "fetch-kernel.sh");
-        skip_unless(kernel.has_value(),
-                    "guest kernel not cached and scripts/fetch-kernel.sh failed");
-        ::setenv("SUPERMACHINE_KERNEL_DIR", kernel.value().root.c_str(), 1);
-        ::setenv("SUPERMACHINE_AGENT", (binary_dir / "bin" / "supermachine-agent").c_str(), 1);
-
-        std::string pattern = (fs::temp_directory_path() / "sm-bootcli-XXXXXX").string();
-        if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp");
-        work = pattern;
         // The root filesystem: busybox and its applets, the directories the
         // agent mounts over, a passwd/group with a second user.
         const fs::path tree = work / "tree";
@@ -69,10 +48,6 @@ struct boot_environment {
         skip_unless(std::system(("sh -c " + shell_quote(script)).c_str()) == 0,
                     "building the busybox root filesystem with mkfs.ext4 -d failed");
         rootfs = work / "root.ext4";
-    }
-    ~boot_environment() {
-        std::error_code ec;
-        fs::remove_all(work, ec);
     }
 
     /// `supermachine boot OPTIONS... --disk ROOT -- COMMAND...`

@@ -190,12 +190,14 @@ inline process_result run_process(const std::vector<std::string>& argv, const st
     return r;
 }
 
-/// Everything a VM test needs; the constructor skips when the host cannot.
-struct vm_environment {
-    fs::path source_dir, binary_dir, cli, work, image_dir;
-    std::string image; // oci:DIR:busybox
+/// What every CLI-driven VM test needs: the built CLI and agent, QEMU, the
+/// guest kernel (pinned with SUPERMACHINE_KERNEL_DIR, so a test's own
+/// XDG_CACHE_HOME does not hide it) and a work directory removed at the end.
+/// The constructor skips when the host cannot.
+struct cli_vm_environment {
+    fs::path source_dir, binary_dir, cli, work;
 
-    vm_environment() {
+    explicit cli_vm_environment(const std::string& work_prefix) {
         const char* source = std::getenv("SUPERMACHINE_SOURCE_DIR");
         const char* binary = std::getenv("SUPERMACHINE_BINARY_DIR");
         skip_unless(source && binary,
@@ -206,9 +208,6 @@ struct vm_environment {
         cli = binary_dir / "bin" / "supermachine";
         skip_unless(fs::exists(cli) && fs::exists(binary_dir / "bin" / "supermachine-agent"),
                     "build supermachine_cli and supermachine-agent first");
-        // The kernel comes from the user's kernel cache (fetched once), pinned
-        // with SUPERMACHINE_KERNEL_DIR so the temp XDG_CACHE_HOME below does
-        // not hide it.
         auto kernel = boot::default_kernel();
         if (!kernel)
             kernel = boot::fetch_default_kernel(source_dir / "scripts" / "fetch-kernel.sh");
@@ -217,9 +216,25 @@ struct vm_environment {
         ::setenv("SUPERMACHINE_KERNEL_DIR", kernel.value().root.c_str(), 1);
         ::setenv("SUPERMACHINE_AGENT", (binary_dir / "bin" / "supermachine-agent").c_str(), 1);
 
-        std::string pattern = (fs::temp_directory_path() / "sm-vmtests-XXXXXX").string();
+        std::string pattern = (fs::temp_directory_path() / (work_prefix + "-XXXXXX")).string();
         if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp");
         work = pattern;
+    }
+    ~cli_vm_environment() {
+        std::error_code ec;
+        fs::remove_all(work, ec);
+    }
+    cli_vm_environment(const cli_vm_environment&) = delete;
+    cli_vm_environment& operator=(const cli_vm_environment&) = delete;
+};
+
+/// Everything a VM test of `run` needs: the above and a busybox OCI image.
+struct vm_environment : cli_vm_environment {
+    fs::path image_dir;
+    std::string image; // oci:DIR:busybox
+
+    vm_environment()
+        : cli_vm_environment("sm-vmtests") {
         ::setenv("XDG_CACHE_HOME", (work / "cache").c_str(), 1);
         image_dir = work / "image";
         const auto made =
@@ -229,12 +244,6 @@ struct vm_environment {
         skip_unless(made == 0, "scripts/make-demo-image.sh failed (umoci, busybox-static?)");
         image = "oci:" + image_dir.string() + ":busybox";
     }
-    ~vm_environment() {
-        std::error_code ec;
-        fs::remove_all(work, ec);
-    }
-    vm_environment(const vm_environment&) = delete;
-    vm_environment& operator=(const vm_environment&) = delete;
 
     /// `supermachine run -q OPTIONS... IMAGE CMD...`
     process_result run(const std::vector<std::string>& options,
