@@ -31,9 +31,13 @@
 #include <string>
 #include <vector>
 
+#include "../support/statistics.hpp"
+
 namespace sm = supermachine;
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
+
+using supermachine::bench::median;
 
 namespace {
 
@@ -92,12 +96,6 @@ dd_result run_once(bool ours, const sm::boot::kernel_files& kernel, const fs::pa
     result.read_seconds = seconds(seen["DD-R-END"] - seen["DD-R-START"]);
     result.ok = true;
     return result;
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    if (v.empty()) return 0;
-    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 } // namespace

@@ -17,15 +17,13 @@
 #include <thread>
 #include <vector>
 
+#include "../support/statistics.hpp"
+
 using supermachine::test::run_process;
 
-namespace {
+using supermachine::bench::median;
 
-double median(std::vector<double> v) {
-    if (v.empty()) return -1;
-    std::sort(v.begin(), v.end());
-    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-}
+namespace {
 
 struct engine {
     std::string name;

@@ -27,9 +27,13 @@
 #include <string>
 #include <vector>
 
+#include "../support/statistics.hpp"
+
 namespace sm = supermachine;
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
+
+using supermachine::bench::median;
 
 namespace {
 
@@ -86,13 +90,6 @@ timing boot_once(const sm::backend::qemu_config& base, const fs::path& disk, boo
 }
 
 } // namespace
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty()      ? 0
-           : v.size() % 2 ? v[v.size() / 2]
-                          : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-}
 
 /// Spawn (optionally restoring `incoming`) with our blk; seconds to the
 /// first new "TICK" on the console; optionally snapshot to `save` after ticks.

@@ -29,32 +29,18 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../support/shell.hpp"
+#include "../support/statistics.hpp"
+
 namespace fs = std::filesystem;
 namespace test = supermachine::test;
 
+using supermachine::bench::median;
+using supermachine::bench::run_shell;
+using supermachine::bench::seconds_since;
+using supermachine::bench::shell_quote;
+
 namespace {
-
-int sh(const std::string& command) {
-    std::fflush(nullptr);
-    int status = std::system(command.c_str());
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-std::string quote(const std::string& s) {
-    std::string q = "'";
-    for (char c : s)
-        q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-}
 
 // VmHWM (peak) or VmRSS (now) of this process, KiB.
 long status_kib(const char* field) {
@@ -137,11 +123,12 @@ int main(int argc, char** argv) {
     // One layer, gzip-compressed by umoci; pushed as is by skopeo.
     const auto layout = work.path / "oci";
     const auto layer = work.path / "layer.tar";
-    if (sh("tar --numeric-owner --xattrs --xattrs-include='*' -C " + quote(tree.string()) +
-           " -cf " + quote(layer.string()) + " . && umoci init --layout " + quote(layout.string()) +
-           " && umoci new --image " + quote(layout.string()) +
-           ":b && umoci raw add-layer --image " + quote(layout.string()) + ":b " +
-           quote(layer.string())) != 0) {
+    if (run_shell("tar --numeric-owner --xattrs --xattrs-include='*' -C " +
+                  shell_quote(tree.string()) + " -cf " + shell_quote(layer.string()) +
+                  " . && umoci init --layout " + shell_quote(layout.string()) +
+                  " && umoci new --image " + shell_quote(layout.string()) +
+                  ":b && umoci raw add-layer --image " + shell_quote(layout.string()) + ":b " +
+                  shell_quote(layer.string())) != 0) {
         std::fprintf(stderr, "could not make the OCI image (tar/umoci)\n");
         return 1;
     }
@@ -158,7 +145,7 @@ int main(int argc, char** argv) {
     std::uint64_t image_bytes = 0;
     for (int run = 0; run < runs; ++run) {
         const auto cache = work.path / ("cache" + std::to_string(run));
-        sh("sync");
+        run_shell("sync");
         const auto r = run_ours(reference, cache);
         if (!r.ok) return 1;
         ours.push_back(r.seconds);
@@ -166,8 +153,8 @@ int main(int argc, char** argv) {
         build_peaks.push_back(r.build_peak_kib);
         build_growths.push_back(r.build_peak_kib - r.build_start_kib);
         image_bytes = r.image_bytes;
-        if (run + 1 == runs &&
-            sh("e2fsck -fn " + quote(cache.string()) + "/rootfs/*.ext4 >/dev/null 2>&1") != 0) {
+        if (run + 1 == runs && run_shell("e2fsck -fn " + shell_quote(cache.string()) +
+                                         "/rootfs/*.ext4 >/dev/null 2>&1") != 0) {
             std::fprintf(stderr, "our image is not clean (e2fsck -fn)\n");
             return 1;
         }
@@ -177,14 +164,15 @@ int main(int argc, char** argv) {
         const auto copy = work.path / ("copy" + std::to_string(run));
         const auto bundle = work.path / ("bundle" + std::to_string(run));
         const auto image = work.path / ("mkfs" + std::to_string(run) + ".ext4");
-        sh("sync");
+        run_shell("sync");
         const auto t0 = std::chrono::steady_clock::now();
-        const int rc = sh("skopeo copy --quiet --src-tls-verify=false docker://" + reference +
-                          " oci:" + quote(copy.string()) + ":b >/dev/null 2>&1 && " +
-                          "umoci unpack --rootless --image " + quote(copy.string()) + ":b " +
-                          quote(bundle.string()) + " >/dev/null 2>&1 && mkfs.ext4 -q -F -d " +
-                          quote((bundle / "rootfs").string()) + " " + quote(image.string()) + " " +
-                          std::to_string(image_bytes / 1024) + "k >/dev/null 2>&1");
+        const int rc = run_shell(
+            "skopeo copy --quiet --src-tls-verify=false docker://" + reference +
+            " oci:" + shell_quote(copy.string()) + ":b >/dev/null 2>&1 && " +
+            "umoci unpack --rootless --image " + shell_quote(copy.string()) + ":b " +
+            shell_quote(bundle.string()) + " >/dev/null 2>&1 && mkfs.ext4 -q -F -d " +
+            shell_quote((bundle / "rootfs").string()) + " " + shell_quote(image.string()) + " " +
+            std::to_string(image_bytes / 1024) + "k >/dev/null 2>&1");
         const double t_theirs = seconds_since(t0);
         if (rc != 0) {
             std::fprintf(stderr, "skopeo copy + umoci unpack + mkfs.ext4 -d failed\n");

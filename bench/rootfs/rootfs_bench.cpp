@@ -24,33 +24,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../support/shell.hpp"
+#include "../support/statistics.hpp"
+
 namespace fs = std::filesystem;
 namespace oci = supermachine::oci;
 
-namespace {
-
-int sh(const std::string& command) {
-    int status = std::system(command.c_str());
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-std::string quote(const std::string& s) {
-    std::string q = "'";
-    for (char c : s)
-        q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-}
-
-} // namespace
+using supermachine::bench::median;
+using supermachine::bench::run_shell;
+using supermachine::bench::seconds_since;
+using supermachine::bench::shell_quote;
 
 int main(int argc, char** argv) {
     int runs = argc > 2 ? std::max(1, std::atoi(argv[2])) : 5;
@@ -64,17 +47,18 @@ int main(int argc, char** argv) {
         fs::create_directories(tree / "bin");
         fs::create_directories(tree / "etc");
         fs::copy_file("/bin/busybox", tree / "bin" / "busybox");
-        sh("for a in $(/bin/busybox --list); do ln -s busybox " + quote((tree / "bin").string()) +
-           "/$a 2>/dev/null; done");
+        run_shell("for a in $(/bin/busybox --list); do ln -s busybox " +
+                  shell_quote((tree / "bin").string()) + "/$a 2>/dev/null; done");
         std::ofstream(tree / "etc" / "passwd") << "root:x:0:0:root:/root:/bin/sh\n";
     }
     // One layer, gzip-compressed by umoci itself: both sides read the same blob.
     fs::path layout = work / "oci";
-    if (sh("tar --numeric-owner --xattrs --xattrs-include='*' -C " + quote(tree.string()) +
-           " -cf " + quote((work / "layer.tar").string()) + " . && umoci init --layout " +
-           quote(layout.string()) + " && umoci new --image " + quote(layout.string()) +
-           ":b && umoci raw add-layer --image " + quote(layout.string()) + ":b " +
-           quote((work / "layer.tar").string())) != 0) {
+    if (run_shell(
+            "tar --numeric-owner --xattrs --xattrs-include='*' -C " + shell_quote(tree.string()) +
+            " -cf " + shell_quote((work / "layer.tar").string()) + " . && umoci init --layout " +
+            shell_quote(layout.string()) + " && umoci new --image " + shell_quote(layout.string()) +
+            ":b && umoci raw add-layer --image " + shell_quote(layout.string()) + ":b " +
+            shell_quote((work / "layer.tar").string())) != 0) {
         std::fprintf(stderr, "could not make the OCI image (tar/umoci)\n");
         fs::remove_all(work);
         return 1;
@@ -105,7 +89,7 @@ int main(int argc, char** argv) {
         auto cache = work / ("cache" + std::to_string(run));
         oci::rootfs_build_options options;
         options.cache_dir = cache;
-        sh("sync");
+        run_shell("sync");
         auto t0 = std::chrono::steady_clock::now();
         auto built = oci::build_rootfs(manifest_digest, layers, options);
         double t_ours = seconds_since(t0);
@@ -124,12 +108,13 @@ int main(int argc, char** argv) {
         // umoci unpack + mkfs.ext4 -d, into an image of the same size
         auto bundle = work / ("bundle" + std::to_string(run));
         auto image = work / ("mkfs" + std::to_string(run) + ".ext4");
-        sh("sync");
+        run_shell("sync");
         t0 = std::chrono::steady_clock::now();
-        int rc = sh("umoci unpack --rootless --image " + quote(layout.string()) + ":b " +
-                    quote(bundle.string()) + " >/dev/null 2>&1 && mkfs.ext4 -q -F -d " +
-                    quote((bundle / "rootfs").string()) + " " + quote(image.string()) + " " +
-                    std::to_string(image_bytes / 1024) + "k >/dev/null 2>&1");
+        int rc = run_shell(
+            "umoci unpack --rootless --image " + shell_quote(layout.string()) + ":b " +
+            shell_quote(bundle.string()) + " >/dev/null 2>&1 && mkfs.ext4 -q -F -d " +
+            shell_quote((bundle / "rootfs").string()) + " " + shell_quote(image.string()) + " " +
+            std::to_string(image_bytes / 1024) + "k >/dev/null 2>&1");
         double t_theirs = seconds_since(t0);
         if (rc != 0) {
             std::fprintf(stderr, "umoci unpack + mkfs.ext4 -d failed\n");
@@ -154,7 +139,7 @@ int main(int argc, char** argv) {
     struct rusage usage {};
     ::wait4(child, &status, 0, &usage);
 
-    int fsck = sh("e2fsck -fn " + quote(last_image.string()) + " >/dev/null 2>&1");
+    int fsck = run_shell("e2fsck -fn " + shell_quote(last_image.string()) + " >/dev/null 2>&1");
     double m_ours = median(ours), m_theirs = median(theirs);
     std::printf("input: %s, %llu bytes of gzip layers\n", tree.c_str(),
                 static_cast<unsigned long long>(compressed));

@@ -41,21 +41,19 @@
 #include <thread>
 #include <vector>
 
+#include "../support/statistics.hpp"
+
 namespace sm = supermachine;
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
+
+using supermachine::bench::median;
 
 namespace {
 
 std::string binary_dir() {
     const char* d = std::getenv("SUPERMACHINE_BINARY_DIR");
     return d ? d : "build";
-}
-
-double median(std::vector<double> v) {
-    if (v.empty()) return -1;
-    std::sort(v.begin(), v.end());
-    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 double ms_since(clock_type::time_point t) {

@@ -29,7 +29,11 @@
 #include <thread>
 #include <vector>
 
+#include "../support/statistics.hpp"
+
 extern char** environ;
+
+using supermachine::bench::median;
 
 namespace {
 
@@ -39,11 +43,6 @@ using clock_type = std::chrono::steady_clock;
 
 double seconds_since(clock_type::time_point t) {
     return std::chrono::duration<double>(clock_type::now() - t).count();
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0 : v[v.size() / 2];
 }
 
 template <class Done>
