@@ -5,10 +5,14 @@
 // serial console on stdout, and one vhost-user device per attached socket.
 #include <supermachine/error.hpp>
 
+#include <x86intrin.h>
+
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace supermachine::backend {
@@ -103,6 +107,33 @@ inline std::string comma_escape(const std::string& value) {
     return out;
 }
 
+/// The host's TSC rate in kHz, measured once per process (10 ms against the
+/// steady clock). Under TCG without -icount the guest's TSC is the host's.
+inline std::uint64_t host_tsc_khz() {
+    static const std::uint64_t khz = [] {
+        const auto c0 = std::chrono::steady_clock::now();
+        const auto t0 = __rdtsc();
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        const auto t1 = __rdtsc();
+        const auto us = std::chrono::duration_cast<std::chrono::microseconds>(
+                            std::chrono::steady_clock::now() - c0)
+                            .count();
+        return us > 0 ? (t1 - t0) * 1000 / static_cast<std::uint64_t>(us) : 0;
+    }();
+    return khz;
+}
+
+/// Kernel arguments a multi-threaded TCG guest needs on a loaded host: its
+/// TSC calibration against the PIT fails there ("Unable to calibrate against
+/// PIT … Marking TSC unstable") and the timer then stalls for minutes
+/// (measured: no boot within 45 s beside 3 busy loops; with these, 2.7 s).
+/// So tell it the rate instead (lpj for Debian's HZ=250).
+inline std::string tcg_timer_arguments() {
+    const auto khz = host_tsc_khz();
+    if (khz < 100'000 || khz > 10'000'000) return {}; // not a plausible TSC: let it calibrate
+    return " tsc_early_khz=" + std::to_string(khz) + " lpj=" + std::to_string(khz * 4);
+}
+
 /// The argument vector (argv[0] = resolved binary). `use_kvm` is decided by the caller.
 inline result<std::vector<std::string>>
 qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
@@ -139,7 +170,8 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         "-kernel",
         config.kernel.string(),
         "-append",
-        config.cmdline,
+        // -icount (one vCPU) calibrates fine; multi-threaded TCG does not.
+        !use_kvm && config.vcpus > 1 ? config.cmdline + tcg_timer_arguments() : config.cmdline,
     };
     if (use_kvm) {
         a.insert(a.end(), {"-accel", "kvm", "-cpu", "host"});
@@ -147,7 +179,8 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         // -icount makes TCG run every vCPU round-robin on one thread, and
         // Linux's secondary-CPU bring-up then stalls (measured: no AP within
         // 60 s; with lpj= 3-40 s). Multi-threaded TCG brings 2 CPUs up in
-        // ~1.6 s; the calibration risk -icount avoids is a loaded-host one.
+        // ~1.6 s; the calibration -icount protects is given on the cmdline
+        // instead (tcg_timer_arguments).
         a.insert(a.end(), {"-accel", "tcg,thread=multi"});
     } else {
         a.insert(a.end(), {"-accel", "tcg"});
