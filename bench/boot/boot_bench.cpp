@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "../support/qemu_peer.hpp"
 #include "../support/statistics.hpp"
 
 using supermachine::test::run_process;
@@ -43,23 +44,7 @@ std::vector<std::string> ours(const std::string& guest, const std::string& cmdli
 }
 
 std::vector<std::string> qemu(const std::string& guest, const std::string& cmdline, unsigned mib) {
-    return {"/usr/bin/qemu-system-x86_64",
-            "-M",
-            "microvm,acpi=on",
-            "-enable-kvm",
-            "-m",
-            std::to_string(mib),
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-kernel",
-            guest,
-            "-append",
-            cmdline};
+    return supermachine::bench::qemu_microvm_kvm_argv(guest, cmdline, mib);
 }
 
 // Resident KiB of the process outside mappings at least as large as guest

@@ -41,6 +41,7 @@
 #include <thread>
 #include <vector>
 
+#include "../support/qemu_peer.hpp"
 #include "../support/statistics.hpp"
 
 namespace sm = supermachine;
@@ -176,23 +177,8 @@ std::pair<double, double> restore_ours_library(const std::string& file, unsigned
 // ---- QEMU ----
 
 std::vector<std::string> qemu_argv(unsigned mib, const std::string& monitor) {
-    std::vector<std::string> a = {"/usr/bin/qemu-system-x86_64",
-                                  "-M",
-                                  "microvm,acpi=on",
-                                  "-enable-kvm",
-                                  "-m",
-                                  std::to_string(mib),
-                                  "-nodefaults",
-                                  "-no-user-config",
-                                  "-display",
-                                  "none",
-                                  "-serial",
-                                  "stdio",
-                                  "-no-reboot",
-                                  "-kernel",
-                                  binary_dir() + "/guest/conformance.elf",
-                                  "-append",
-                                  count_cmdline};
+    auto a = supermachine::bench::qemu_microvm_kvm_argv(binary_dir() + "/guest/conformance.elf",
+                                                        count_cmdline, mib);
     if (!monitor.empty()) {
         a.push_back("-monitor");
         a.push_back("unix:" + monitor + ",server,nowait");
