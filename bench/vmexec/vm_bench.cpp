@@ -230,15 +230,17 @@ int main(int argc, char** argv) {
             return 1;
         }
         t = clock_type::now();
-        spawn_wait(
-            {"sh", "-c",
-             "exec qemu-system-x86_64 -M microvm,acpi=on,memory-backend=mem -m 512M "
-             "-object memory-backend-memfd,id=mem,size=512M,share=on -smp 1 -nodefaults "
-             "-no-user-config -nographic -serial null -monitor none -no-reboot "
-             "-global virtio-mmio.force-legacy=false -accel tcg -icount shift=auto -kernel '" +
-                 kernel.value().vmlinuz.string() + "' -initrd '" + baseline_initrd.string() +
-                 "' -append 'console=ttyS0 quiet panic=-1 reboot=t rdinit=/reboot -- -f' "
-                 "</dev/null >/dev/null 2>&1"});
+        spawn_wait({"sh", "-c",
+                    "exec qemu-system-x86_64 -M microvm,acpi=on,memory-backend=mem -m 512M "
+                    "-object memory-backend-memfd,id=mem,size=512M,share=on -smp 1 -nodefaults "
+                    "-no-user-config -nographic -serial null -monitor none -no-reboot "
+                    "-global virtio-mmio.force-legacy=false -accel tcg -kernel '" +
+                        kernel.value().vmlinuz.string() + "' -initrd '" + baseline_initrd.string() +
+                        // The engine's TCG timing (no -icount, the host's TSC rate given).
+                        "' -append 'console=ttyS0 quiet panic=-1 reboot=t rdinit=/reboot" +
+                        supermachine::backend::detail::tcg_timer_arguments() +
+                        " -- -f' "
+                        "</dev/null >/dev/null 2>&1"});
         qemu_s.push_back(seconds_since(t));
     }
     std::error_code ec;

@@ -17,6 +17,7 @@
 #include <supermachine/backend/detail/qemu_command.hpp>
 #include <supermachine/backend/detail/qemu_process.hpp>
 #include <supermachine/backend/detail/qemu_qmp.hpp>
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/vhost_user/backend.hpp>
 #include <supermachine/virtio/device.hpp>
@@ -252,7 +253,12 @@ public:
         // negotiates synchronously, so the back-ends must already be served.
         for (auto& d : devices_)
             accept(d);
-        SUPERMACHINE_TRY(child, detail::spawn(argv));
+        supermachine::detail::unique_fd incoming_stream;
+        if (config_.incoming) {
+            incoming_stream.reset(::open(config_.incoming->c_str(), O_RDONLY | O_CLOEXEC));
+            if (!incoming_stream) return errno_code(errno);
+        }
+        SUPERMACHINE_TRY(child, detail::spawn(argv, incoming_stream.get()));
         child_ = child;
         console_ = std::move(console);
         stdout_ =
@@ -277,8 +283,7 @@ public:
                         {"capabilities", nlohmann::json::array({{{"capability", "x-ignore-shared"},
                                                                  {"state", true}}})}};
                     if (!qmp.execute("migrate-set-capabilities", caps, 30s)) return kill();
-                    const nlohmann::json uri{
-                        {"uri", "exec:cat " + detail::shell_quote_for_exec(*config_.incoming)}};
+                    const nlohmann::json uri{{"uri", detail::incoming_uri()}};
                     if (!qmp.execute("migrate-incoming", uri, 30s)) return kill();
                 }
                 for (auto deadline = std::chrono::steady_clock::now() + 300s;

@@ -3,6 +3,7 @@
 // ACPI (the Debian cloud kernel finds virtio-mmio devices only through the
 // DSDT), guest RAM in a shared memfd (vhost-user back-ends map it), the
 // serial console on stdout, and one vhost-user device per attached socket.
+#include <supermachine/backend/detail/qemu_process.hpp>
 #include <supermachine/error.hpp>
 
 #include <x86intrin.h>
@@ -48,17 +49,24 @@ struct qemu_config {
     std::uint64_t memory_bytes = 256u << 20;
     std::uint32_t vcpus = 1;
     qemu_accelerator accelerator = qemu_accelerator::automatic;
-    /// Restore from a migration stream file instead of booting (-incoming "exec:cat FILE").
+    /// Restore from a migration stream file instead of booting: the engine
+    /// opens it and QEMU reads it as an inherited descriptor (-incoming
+    /// fd:N; no shell, no `cat` process: the exec: form forked QEMU itself,
+    /// ≈ 3 ms of a restore here).
     std::optional<std::filesystem::path> incoming;
     /// A QMP control socket (needed for snapshots); empty: none.
     std::filesystem::path qmp_socket;
-    /// TCG only: QEMU's -icount setting; empty = off. Without it, on a loaded
-    /// host the Debian kernel's PIT/TSC calibration fails and its timer stalls
-    /// for minutes; with it guest time follows executed instructions.
-    /// "shift=auto" keeps guest time near real time; "shift=4,sleep=off"
-    /// boots fastest (guest time runs ahead while it idles). Used with one
-    /// vCPU only: with more, SMP bring-up stalls under it (see qemu_arguments).
-    std::string icount = "shift=auto";
+    /// TCG only: QEMU's -icount setting; empty = off (the default), and
+    /// then the guest is told the host's TSC rate on its command line
+    /// (tcg_timer_arguments): without either, on a loaded host the Debian
+    /// kernel's PIT/TSC calibration fails and its timer stalls for minutes.
+    /// Off is faster and keeps guest time on the host's clock: a cold boot
+    /// took 1.7 s instead of 2.3 s under "shift=auto", and a guest restored
+    /// from a snapshot no longer sees its first timer ≈ 0.7 s late (guest time
+    /// under -icount follows executed instructions). "shift=4,sleep=off"
+    /// boots fastest of the -icount settings (guest time runs ahead while it
+    /// idles). One vCPU only: with more, SMP bring-up stalls under it.
+    std::string icount;
     /// Guest RAM in this file instead of a memfd (warm snapshots,
     /// doc/warm-start.md). Shared: the VM writes the file (the one that
     /// builds a snapshot). Private (MAP_PRIVATE): a clone reads it lazily,
@@ -71,10 +79,8 @@ struct qemu_config {
     /// sets the capability and loads the stream over QMP.
     bool incoming_ignores_shared_memory = false;
     /// QEMU's own virtio-blk (first in the slot order, so /dev/vda) over this
-    /// image; format by extension (.qcow2, else raw). `root_drive_throwaway`:
-    /// writes go to a temporary overlay QEMU deletes (clones of one snapshot).
+    /// image; format by extension (.qcow2, else raw).
     std::filesystem::path root_drive;
-    bool root_drive_throwaway = false;
     /// A virtio-serial port named `agent_serial_name` on a Unix socket QEMU
     /// listens on (the agent channel QEMU can migrate; vhost-user-vsock cannot).
     std::filesystem::path agent_serial_socket;
@@ -84,6 +90,11 @@ struct qemu_config {
 };
 
 namespace detail {
+
+/// Where QEMU reads an incoming stream: the descriptor the engine hands it.
+inline std::string incoming_uri() {
+    return "fd:" + std::to_string(inherited_fd);
+}
 
 inline std::string shell_quote_for_exec(const std::filesystem::path& p) {
     // exec: migration URIs go through /bin/sh: quote the path.
@@ -138,7 +149,7 @@ inline std::string tcg_timer_arguments() {
 inline result<std::vector<std::string>>
 qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
                const std::vector<qemu_vhost_user_attachment>& devices, bool use_kvm) {
-    if (config.kernel.empty()) return errc::kernel_not_found;
+    if (config.kernel.empty() && !config.incoming) return errc::kernel_not_found;
     if (config.memory_bytes < (16u << 20) || config.memory_bytes % (1u << 20))
         return errc::invalid_argument;
     if (config.vcpus == 0 || config.vcpus > 255) return errc::too_many_vcpus;
@@ -167,12 +178,17 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         // Modern virtio-mmio (version 2): the same transport the kvm engine offers.
         "-global",
         "virtio-mmio.force-legacy=false",
-        "-kernel",
-        config.kernel.string(),
-        "-append",
-        // -icount (one vCPU) calibrates fine; multi-threaded TCG does not.
-        !use_kvm && config.vcpus > 1 ? config.cmdline + tcg_timer_arguments() : config.cmdline,
     };
+    // A restore loads no kernel: the guest in the stream booted long ago, and
+    // QEMU would read and copy the kernel and initramfs (≈ 9 MB, 3500 page
+    // faults, ≈ 7 ms here) into firmware tables it never reads again.
+    if (!config.incoming) {
+        const bool tcg_without_icount = !use_kvm && (config.vcpus > 1 || config.icount.empty());
+        a.insert(a.end(),
+                 {"-kernel", config.kernel.string(), "-append",
+                  tcg_without_icount ? config.cmdline + tcg_timer_arguments() : config.cmdline});
+        if (!config.initrd.empty()) a.insert(a.end(), {"-initrd", config.initrd.string()});
+    }
     if (use_kvm) {
         a.insert(a.end(), {"-accel", "kvm", "-cpu", "host"});
     } else if (config.vcpus > 1) {
@@ -186,13 +202,11 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         a.insert(a.end(), {"-accel", "tcg"});
         if (!config.icount.empty()) a.insert(a.end(), {"-icount", config.icount});
     }
-    if (!config.initrd.empty()) a.insert(a.end(), {"-initrd", config.initrd.string()});
     if (!config.root_drive.empty()) {
         const bool qcow2 = config.root_drive.extension() == ".qcow2";
         a.insert(a.end(), {"-drive",
                            "if=none,id=root,file=" + comma_escape(config.root_drive.string()) +
-                               (qcow2 ? ",format=qcow2" : ",format=raw") +
-                               (config.root_drive_throwaway ? ",snapshot=on" : ""),
+                               (qcow2 ? ",format=qcow2" : ",format=raw"),
                            "-device", "virtio-blk-device,drive=root"});
     }
     if (!config.agent_serial_socket.empty()) {
@@ -211,10 +225,8 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
     if (!config.qmp_socket.empty())
         a.insert(a.end(), {"-qmp", "unix:" + config.qmp_socket.string() + ",server=on,wait=off"});
     if (config.incoming)
-        a.insert(a.end(),
-                 {"-incoming", config.incoming_ignores_shared_memory
-                                   ? std::string("defer")
-                                   : "exec:cat " + shell_quote_for_exec(*config.incoming)});
+        a.insert(a.end(), {"-incoming", config.incoming_ignores_shared_memory ? std::string("defer")
+                                                                              : incoming_uri()});
     a.insert(a.end(), config.extra_arguments.begin(), config.extra_arguments.end());
     return a;
 }

@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -19,6 +20,7 @@
 #include <filesystem>
 #include <functional>
 #include <future>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -59,9 +61,9 @@ struct child_process {
 /// Why: a child must not outlive us (a SIGKILLed or crashed supermachine
 /// would leave QEMU running with nobody to stop it). The child asks for
 /// SIGKILL when its parent dies (PR_SET_PDEATHSIG), but Linux sends that
-/// signal when the *thread* that forked it exits, not the process: a child
-/// forked from an Asio pool thread would be killed when that thread ends.
-/// So every child is forked here, on a thread that never returns; it ends
+/// signal when the *thread* that created it exits, not the process: a child
+/// started from an Asio pool thread would be killed when that thread ends.
+/// So every child is started here, on a thread that never returns; it ends
 /// only with the process, and then the children get SIGKILL.
 class child_spawner {
 public:
@@ -121,69 +123,104 @@ private:
     std::deque<std::function<void()>> jobs_;
 };
 
-/// In the forked child: tell the parent why exec failed, and leave.
+/// The descriptor number a spawned child finds `inherited` at.
+inline constexpr int inherited_fd = 4;
+
+/// What the child of clone_exec needs, all made before the clone: the
+/// child shares our memory until it execs and must not allocate.
+struct child_plan {
+    char* const* argv;
+    char* const* env;
+    int out_write, err_write;
+    int report_write; // the child's exec failure (errno); EOF when exec succeeded
+    int inherited;    // becomes the child's fd 4 (not close-on-exec); -1: none
+    pid_t parent;
+};
+
+/// In the child: tell the parent why exec failed, and leave.
 [[noreturn]] inline void child_failed(int report_fd, int error) noexcept {
     [[maybe_unused]] auto ignored = ::write(report_fd, &error, sizeof error);
     ::_exit(127);
 }
 
-/// fork + exec on the spawner thread (see child_spawner).
-inline result<child_process> fork_exec(const std::vector<std::string>& argv, int out_write,
-                                       int err_write) {
-    // Everything the child needs is made before fork: after it, only
-    // async-signal-safe calls (other threads may hold malloc's locks).
+/// The child of clone_exec, on its own stack in our memory (CLONE_VM): only
+/// system calls until execve, nothing that takes a lock another thread may
+/// hold (malloc's, stdio's).
+inline int child_main(void* opaque) noexcept {
+    const auto& plan = *static_cast<const child_plan*>(opaque);
+    const int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null < 0 || ::dup2(null, 0) < 0 || ::dup2(plan.out_write, 1) < 0 ||
+        ::dup2(plan.err_write, 2) < 0)
+        child_failed(plan.report_write, errno);
+    // The report pipe becomes fd 3 (close-on-exec); every other fd goes:
+    // Asio opens sockets without CLOEXEC, and QEMU must not hold our
+    // listening and vhost-user sockets open.
+    int report_fd = plan.report_write;
+    if (report_fd != 3) {
+        if (::dup3(report_fd, 3, O_CLOEXEC) < 0) child_failed(report_fd, errno);
+        report_fd = 3;
+    }
+    int first_closed = 4;
+    if (plan.inherited >= 0) {
+        if (::dup2(plan.inherited, inherited_fd) < 0) child_failed(report_fd, errno);
+        first_closed = inherited_fd + 1;
+    }
+    if (::close_range(first_closed, ~0u, 0) != 0)
+        for (int fd = first_closed; fd < 65536; ++fd)
+            ::close(fd);
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_failed(report_fd, errno);
+    // Our process may have died between clone and prctl: then no signal comes.
+    if (::getppid() != plan.parent) ::_exit(127);
+    // Signals we handle go back to their defaults before they are unblocked
+    // (a handler of ours must never run in the child, least of all in our
+    // memory); ignored ones stay ignored, as posix_spawn would leave them.
+    for (int signo = 1; signo < NSIG; ++signo) {
+        struct sigaction action {};
+        if (::sigaction(signo, nullptr, &action) != 0) continue;
+        if (action.sa_handler != SIG_IGN && action.sa_handler != SIG_DFL) {
+            action = {};
+            action.sa_handler = SIG_DFL;
+            ::sigaction(signo, &action, nullptr);
+        }
+    }
+    sigset_t none;
+    ::sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    ::execve(plan.argv[0], plan.argv, plan.env);
+    child_failed(report_fd, errno);
+}
+
+/// clone(CLONE_VM | CLONE_VFORK) + exec on the spawner thread (see
+/// child_spawner): what posix_spawn does, plus PR_SET_PDEATHSIG. A fork
+/// would copy our page tables and then copy-on-write every page our other
+/// threads touch while QEMU starts: measured ≈ 5 ms per QEMU start here.
+inline result<child_process> clone_exec(const std::vector<std::string>& argv, int out_write,
+                                        int err_write, int inherited) {
     std::vector<char*> args;
     for (const auto& a : argv)
         args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
-    char** const env = environ;
-    int report[2]; // the child's exec failure (errno), or EOF when exec succeeded
+    int report[2];
     if (::pipe2(report, O_CLOEXEC) != 0) return errno_code(errno);
-    const pid_t parent = ::getpid();
-    const pid_t pid = ::fork();
-    if (pid < 0) {
-        const int e = errno;
-        ::close(report[0]);
-        ::close(report[1]);
-        return errno_code(e);
-    }
-    if (pid == 0) {
-        const int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-        if (null < 0 || ::dup2(null, 0) < 0 || ::dup2(out_write, 1) < 0 || ::dup2(err_write, 2) < 0)
-            child_failed(report[1], errno);
-        // The report pipe becomes fd 3 (close-on-exec); every other fd goes:
-        // Asio opens sockets without CLOEXEC, and QEMU must not hold our
-        // listening and vhost-user sockets open.
-        int report_fd = report[1];
-        if (report_fd != 3) {
-            if (::dup3(report_fd, 3, O_CLOEXEC) < 0) child_failed(report_fd, errno);
-            report_fd = 3;
-        }
-        if (::close_range(4, ~0u, 0) != 0)
-            for (int fd = 4; fd < 65536; ++fd)
-                ::close(fd);
-        if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_failed(report_fd, errno);
-        // Our process may have died between fork and prctl: then no signal comes.
-        if (::getppid() != parent) ::_exit(127);
-        // Signals we handle go back to their defaults before they are
-        // unblocked (a handler of ours must never run in the child); ignored
-        // ones stay ignored, as posix_spawn would leave them.
-        for (int signo = 1; signo < NSIG; ++signo) {
-            struct sigaction action {};
-            if (::sigaction(signo, nullptr, &action) != 0) continue;
-            if (action.sa_handler != SIG_IGN && action.sa_handler != SIG_DFL) {
-                action = {};
-                action.sa_handler = SIG_DFL;
-                ::sigaction(signo, &action, nullptr);
-            }
-        }
-        sigset_t none;
-        ::sigemptyset(&none);
-        ::sigprocmask(SIG_SETMASK, &none, nullptr);
-        ::execve(args[0], args.data(), env);
-        child_failed(report_fd, errno);
-    }
+    const child_plan plan{args.data(), environ,   out_write, err_write,
+                          report[1],   inherited, ::getpid()};
+    constexpr std::size_t stack_size = 64 * 1024;
+    auto stack = std::make_unique<std::byte[]>(stack_size);
+    // No signal may reach the child before it resets the handlers: block all
+    // (on this thread, whose mask the child inherits) across the clone.
+    sigset_t all, previous;
+    ::sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &previous);
+    // Returns once the child has exec'd or exited (CLONE_VFORK).
+    const pid_t pid = ::clone(&child_main, stack.get() + stack_size,
+                              CLONE_VM | CLONE_VFORK | SIGCHLD, const_cast<child_plan*>(&plan));
+    const int clone_errno = errno;
+    ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
     ::close(report[1]);
+    if (pid < 0) {
+        ::close(report[0]);
+        return errno_code(clone_errno);
+    }
     int error = 0;
     ssize_t n;
     do
@@ -200,9 +237,10 @@ inline result<child_process> fork_exec(const std::vector<std::string>& argv, int
 }
 
 /// Spawn `argv` (argv[0] a path) with stdin from /dev/null and stdout/stderr
-/// on fresh pipes. The child gets no other of our fds, and is SIGKILLed by
-/// the kernel when this process dies (however it dies; see child_spawner).
-inline result<child_process> spawn(const std::vector<std::string>& argv) {
+/// on fresh pipes. The child gets no other of our fds but `inherited` (as
+/// fd inherited_fd, when >= 0), and is SIGKILLed by the kernel when this
+/// process dies (however it dies; see child_spawner).
+inline result<child_process> spawn(const std::vector<std::string>& argv, int inherited = -1) {
     if (argv.empty()) return errc::invalid_argument;
     int out[2], err[2];
     if (::pipe2(out, O_CLOEXEC) != 0) return errno_code(errno);
@@ -213,7 +251,7 @@ inline result<child_process> spawn(const std::vector<std::string>& argv) {
         return errno_code(e);
     }
     auto started = child_spawner::instance().run<result<child_process>>(
-        [&] { return fork_exec(argv, out[1], err[1]); });
+        [&] { return clone_exec(argv, out[1], err[1], inherited); });
     ::close(out[1]);
     ::close(err[1]);
     if (!started) {
