@@ -843,8 +843,14 @@ private:
         q.incoming_ignores_shared_memory = true;
         q.memory_file = dir / "ram";
         q.memory_file_shared = false; // MAP_PRIVATE: this clone's writes are its own
-        q.root_drive = dir / "disk.qcow2";
-        q.root_drive_throwaway = true;
+        // The clone writes to its own copy of the snapshot's overlay (a few
+        // hundred KiB; the rootfs stays its read-only backing file). QEMU's
+        // own throw-away overlay (snapshot=on) would create and format a
+        // temporary qcow2 at start-up: measured ≈ 3 ms more per restore.
+        q.root_drive = options_.runtime_dir / "disk.qcow2";
+        std::error_code copy_error;
+        std::filesystem::copy_file(dir / "disk.qcow2", q.root_drive, copy_error);
+        if (copy_error) return errc::io_error;
         serial_socket_ = options_.runtime_dir / "agent.sock";
         q.agent_serial_socket = serial_socket_;
         remember_for_snapshot(image, q.cmdline, q.initrd, agent_binary);
