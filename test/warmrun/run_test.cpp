@@ -480,6 +480,57 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
     BOOST_TEST_MESSAGE("garbage stream: " << garbage.message());
 }
 
+// A valid snapshot whose record names another token (re-sealed): the
+// agent refuses the hello, so the reseed and clock sent right behind it are
+// never run, and the restore fails at once with agent_auth_failed rather
+// than waiting for answers that will not come.
+BOOST_AUTO_TEST_CASE(a_refused_hello_fails_the_restore_at_once) {
+    auto& s = state();
+    const auto cached = snapshot_dir();
+    if (!fs::exists(cached / "meta")) run(quote(s.image) + " true");
+    BOOST_REQUIRE(fs::exists(cached / "meta"));
+    const auto dir = s.work / "other-token";
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    for (const char* name : {"meta", "state", "disk.qcow2", "initramfs.cpio"})
+        fs::copy_file(cached / name, dir / name);
+    fs::create_hard_link(cached / "ram", dir / "ram"); // mapped privately: never written
+    auto bytes = sm::detail::read_small_file(dir / "meta", 1 << 16);
+    BOOST_REQUIRE(bytes);
+    auto meta = sm::detail::warm_snapshot_meta::decode(bytes.value());
+    BOOST_REQUIRE(meta);
+    const std::string wrong = "ffffffffffffffffffffffffffffffff";
+    BOOST_REQUIRE(wrong.size() == meta.value().token.size());
+    const auto at = meta.value().cmdline.find(meta.value().token);
+    BOOST_REQUIRE(at != std::string::npos);
+    meta.value().cmdline.replace(at, wrong.size(), wrong);
+    meta.value().token = wrong;
+    const auto out = meta.value().encode();
+    {
+        std::ofstream f(dir / "meta", std::ios::binary | std::ios::trunc);
+        f.write(reinterpret_cast<const char*>(out.data()),
+                static_cast<std::streamsize>(out.size()));
+    }
+    auto ready = sm::image::from_oci(s.image).prepare();
+    BOOST_REQUIRE(ready);
+    boost::asio::io_context io;
+    sm::vm_options options;
+    options.ready_timeout = std::chrono::seconds(60);
+    std::error_code result;
+    const auto started = std::chrono::steady_clock::now();
+    sm::vm::async_restore(io.get_executor(), dir, ready.value(), options,
+                          [&](std::error_code ec, std::shared_ptr<sm::vm> v) {
+                              result = ec;
+                              if (v) v->kill();
+                          });
+    io.run();
+    const auto took = std::chrono::steady_clock::now() - started;
+    BOOST_TEST_MESSAGE("restore with another token: " << result.message());
+    BOOST_TEST((result == sm::errc::agent_auth_failed));
+    BOOST_TEST(took < std::chrono::seconds(20)); // not the 30 s bound on a silent agent
+    fs::remove_all(dir);
+}
+
 // Two runs of one image at once: each its own VM and exit code, each sees
 // only its own file; neither waits for the other's snapshot creation.
 BOOST_AUTO_TEST_CASE(concurrent_runs_are_private_and_safe) {
