@@ -126,16 +126,8 @@ public:
                     (*done)(ec, std::move(v));
                 };
                 // Set-up reads and writes files: off the caller's executor.
-                // The guard keeps the caller's executor alive (io_context::run
-                // does not return) while the set-up runs elsewhere.
-                auto work = boost::asio::make_work_guard(executor);
-                boost::asio::post(setup_pool(), [self, work, image = std::move(image)]() mutable {
-                    auto prepared = self->prepare(image);
-                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
-                        if (!prepared) return self->finish_start(prepared.error());
-                        self->launch();
-                    });
-                });
+                set_up_then_launch(std::move(self),
+                                   [image = std::move(image)](vm& v) { return v.prepare(image); });
             },
             token, std::move(image), std::move(options));
     }
@@ -265,13 +257,8 @@ public:
                 self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
                     (*done)(ec, std::move(v));
                 };
-                auto work = boost::asio::make_work_guard(executor);
-                boost::asio::post(setup_pool(), [self, work, image = std::move(image)]() mutable {
-                    auto prepared = self->prepare_restore(image);
-                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
-                        if (!prepared) return self->finish_start(prepared.error());
-                        self->launch();
-                    });
+                set_up_then_launch(std::move(self), [image = std::move(image)](vm& v) {
+                    return v.prepare_restore(image);
                 });
             },
             token, std::move(snapshot), std::move(image), std::move(options));
@@ -303,13 +290,8 @@ public:
                 self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
                     (*done)(ec, std::move(v));
                 };
-                auto work = boost::asio::make_work_guard(executor);
-                boost::asio::post(setup_pool(), [self, work, cache_dir = options.cache_dir] {
-                    auto prepared = self->prepare_restore_from_directory(cache_dir);
-                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
-                        if (!prepared) return self->finish_start(prepared.error());
-                        self->launch();
-                    });
+                set_up_then_launch(std::move(self), [cache_dir = options.cache_dir](vm& v) {
+                    return v.prepare_restore_from_directory(cache_dir);
                 });
             },
             token, std::move(snapshot), std::move(options));
@@ -344,6 +326,27 @@ private:
     static boost::asio::thread_pool& setup_pool() {
         static boost::asio::thread_pool pool(1);
         return pool;
+    }
+
+    // Run `set_up(vm&) -> result<void>` on setup_pool(), then launch (or fail
+    // the start) on the vm's executor. A work guard keeps the caller's
+    // executor running meanwhile. Everything the pool's job holds (the vm,
+    // the guard) moves into the completion: once that has run the caller may
+    // destroy its io_context while the pool thread is still unwinding, so
+    // nothing tied to it may be released there.
+    template <class SetUp>
+    static void set_up_then_launch(std::shared_ptr<vm> self, SetUp set_up) {
+        auto work = boost::asio::make_work_guard(self->executor_);
+        boost::asio::post(setup_pool(), [self = std::move(self), work = std::move(work),
+                                         set_up = std::move(set_up)]() mutable {
+            auto prepared = set_up(*self);
+            auto executor = self->executor_;
+            boost::asio::dispatch(executor,
+                                  [self = std::move(self), prepared, work = std::move(work)] {
+                                      if (!prepared) return self->finish_start(prepared.error());
+                                      self->launch();
+                                  });
+        });
     }
 
     // Image VMs run on the QEMU engine today (doc/architecture.md): "auto"
@@ -732,12 +735,16 @@ private:
                         return finish(ec, report);
                     }
                     // Fingerprinting and fsync: off the executor.
+                    // (What the pool's job holds moves into the completion, as in
+                    // set_up_then_launch.)
                     auto work = boost::asio::make_work_guard(self->executor_);
                     boost::asio::post(setup_pool(), [self, staging, path, report, resume, finish,
-                                                     work] {
+                                                     work = std::move(work)]() mutable {
                         auto sealed = self->seal_snapshot(staging, path);
-                        boost::asio::dispatch(self->executor_, [self, sealed, report, resume,
-                                                                finish, work] {
+                        auto executor = self->executor_;
+                        boost::asio::dispatch(executor, [self = std::move(self), sealed, report,
+                                                         resume, finish = std::move(finish),
+                                                         work = std::move(work)] {
                             if (!resume) {
                                 self->kill(); // its RAM file is the snapshot's now
                                 return finish(sealed ? std::error_code{} : sealed.error(), report);
