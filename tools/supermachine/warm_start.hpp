@@ -220,7 +220,10 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                                                                     std::shared_ptr<vm> v) {
             if (!ec) return done({}, std::move(v));
             // Stale or corrupt: never trusted; rebuilt under the lock.
-            say("cached snapshot unusable (" + ec.message() + "); cold boot, rebuilding it");
+            const std::string detail =
+                v && !v->failure_detail().empty() ? ": " + v->failure_detail() : "";
+            say("cached snapshot unusable (" + ec.message() + detail +
+                "); cold boot, rebuilding it");
             const int fd = try_creation_lock(dir);
             if (fd < 0) return cold(image, options); // another run is rebuilding it
             std::error_code ignored;
