@@ -95,7 +95,8 @@ int run_kvm_restore(std::span<char*> args) {
         }
     }
     if (file.empty()) {
-        restore_error("no snapshot file given (see supermachine restore --help)");
+        restore_error("no snapshot given: a kvm snapshot FILE or an image snapshot DIR (see "
+                      "supermachine restore --help)");
         return 2;
     }
 
