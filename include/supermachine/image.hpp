@@ -30,6 +30,8 @@ struct image_options {
     oci::rootfs_build_options rootfs;             // cache_dir is filled in from cache_dir above
 };
 
+class snapshot_image; // <supermachine/snapshot_image.hpp>
+
 /// An image ready to boot.
 struct prepared_image {
     std::string reference; // as the user named it
@@ -46,6 +48,11 @@ public:
     static image from_oci(std::string reference, image_options options = {}) {
         return image(std::move(reference), std::move(options));
     }
+
+    /// An image snapshot directory (`supermachine snapshot -o DIR`, or
+    /// vm::async_snapshot) as something to start: everything it needs comes
+    /// from the directory. Include <supermachine/snapshot_image.hpp> to call it.
+    static inline snapshot_image from_snapshot(std::filesystem::path directory);
 
     const std::string& reference() const noexcept { return reference_; }
     image_options& options() noexcept { return options_; }

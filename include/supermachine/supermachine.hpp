@@ -5,4 +5,5 @@
 #include <supermachine/error.hpp>
 #include <supermachine/image.hpp>
 #include <supermachine/machine.hpp>
+#include <supermachine/snapshot_image.hpp>
 #include <supermachine/vm.hpp>

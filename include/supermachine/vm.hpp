@@ -25,6 +25,7 @@
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
+#include <supermachine/detail/warm_snapshot_contents.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/image.hpp>
 #include <supermachine/storage/cow_file.hpp>
@@ -80,6 +81,17 @@ struct vm_options {
     bool snapshottable = false;
 };
 
+/// What the caller still chooses when a vm starts from a snapshot directory
+/// alone; the rest (image, memory, vCPUs, kernel, command line) is the
+/// snapshot's. Fields as in vm_options.
+struct snapshot_start_options {
+    std::function<void(std::string_view)> console;
+    std::chrono::milliseconds ready_timeout{120'000};
+    std::filesystem::path runtime_dir;
+    /// The content store the snapshot's image was prepared in.
+    std::filesystem::path cache_dir = oci::content_store::default_root();
+};
+
 class vm : public std::enable_shared_from_this<vm> {
 public:
     using executor_type = boost::asio::any_io_executor;
@@ -114,16 +126,8 @@ public:
                     (*done)(ec, std::move(v));
                 };
                 // Set-up reads and writes files: off the caller's executor.
-                // The guard keeps the caller's executor alive (io_context::run
-                // does not return) while the set-up runs elsewhere.
-                auto work = boost::asio::make_work_guard(executor);
-                boost::asio::post(setup_pool(), [self, work, image = std::move(image)]() mutable {
-                    auto prepared = self->prepare(image);
-                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
-                        if (!prepared) return self->finish_start(prepared.error());
-                        self->launch();
-                    });
-                });
+                set_up_then_launch(std::move(self),
+                                   [image = std::move(image)](vm& v) { return v.prepare(image); });
             },
             token, std::move(image), std::move(options));
     }
@@ -253,17 +257,54 @@ public:
                 self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
                     (*done)(ec, std::move(v));
                 };
-                auto work = boost::asio::make_work_guard(executor);
-                boost::asio::post(setup_pool(), [self, work, image = std::move(image)]() mutable {
-                    auto prepared = self->prepare_restore(image);
-                    boost::asio::dispatch(self->executor_, [self, prepared, work]() {
-                        if (!prepared) return self->finish_start(prepared.error());
-                        self->launch();
-                    });
+                set_up_then_launch(std::move(self), [image = std::move(image)](vm& v) {
+                    return v.prepare_restore(image);
                 });
             },
             token, std::move(snapshot), std::move(image), std::move(options));
     }
+
+    /// Start a vm from a snapshot directory alone: its record names the
+    /// image (found by digest in options.cache_dir's content store, with its
+    /// root filesystem), the memory size, vCPU count, kernel release (found
+    /// in the kernel cache) and command line it was taken with; then as the
+    /// overload above. An image, root filesystem or kernel that is not there
+    /// fails with errc::not_found / errc::kernel_not_found before the engine
+    /// starts, a bad record with its errc::snapshot_* code; failure_detail()
+    /// on the vm given to the handler says which in one sentence.
+    /// Completion: void(std::error_code, std::shared_ptr<vm>).
+    template <class Token>
+    static auto async_restore(executor_type executor, std::filesystem::path snapshot,
+                              snapshot_start_options options, Token&& token) {
+        return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
+            [executor](auto handler, std::filesystem::path snapshot,
+                       snapshot_start_options options) {
+                vm_options vm_opts;
+                vm_opts.console = std::move(options.console);
+                vm_opts.ready_timeout = options.ready_timeout;
+                vm_opts.runtime_dir = std::move(options.runtime_dir);
+                vm_opts.snapshottable = true;
+                auto self = std::shared_ptr<vm>(new vm(executor, std::move(vm_opts)));
+                self->restore_from_ = std::move(snapshot);
+                auto done = std::make_shared<decltype(handler)>(std::move(handler));
+                self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
+                    (*done)(ec, std::move(v));
+                };
+                set_up_then_launch(std::move(self), [cache_dir = options.cache_dir](vm& v) {
+                    return v.prepare_restore_from_directory(cache_dir);
+                });
+            },
+            token, std::move(snapshot), std::move(options));
+    }
+
+    /// After a failed start or restore: one sentence saying what was wrong
+    /// beyond the error code (which field of a snapshot did not match, which
+    /// image or kernel is missing); empty when there is nothing to add.
+    const std::string& failure_detail() const noexcept { return failure_detail_; }
+
+    /// The options this vm runs with (after a restore from a directory alone:
+    /// the snapshot's memory, vCPUs, kernel).
+    const vm_options& options() const noexcept { return options_; }
 
     /// Whether this vm was restored from a snapshot (rather than booted).
     bool restored() const noexcept { return restore_from_.has_value(); }
@@ -285,6 +326,27 @@ private:
     static boost::asio::thread_pool& setup_pool() {
         static boost::asio::thread_pool pool(1);
         return pool;
+    }
+
+    // Run `set_up(vm&) -> result<void>` on setup_pool(), then launch (or fail
+    // the start) on the vm's executor. A work guard keeps the caller's
+    // executor running meanwhile. Everything the pool's job holds (the vm,
+    // the guard) moves into the completion: once that has run the caller may
+    // destroy its io_context while the pool thread is still unwinding, so
+    // nothing tied to it may be released there.
+    template <class SetUp>
+    static void set_up_then_launch(std::shared_ptr<vm> self, SetUp set_up) {
+        auto work = boost::asio::make_work_guard(self->executor_);
+        boost::asio::post(setup_pool(), [self = std::move(self), work = std::move(work),
+                                         set_up = std::move(set_up)]() mutable {
+            auto prepared = set_up(*self);
+            auto executor = self->executor_;
+            boost::asio::dispatch(executor,
+                                  [self = std::move(self), prepared, work = std::move(work)] {
+                                      if (!prepared) return self->finish_start(prepared.error());
+                                      self->launch();
+                                  });
+        });
     }
 
     // Image VMs run on the QEMU engine today (doc/architecture.md): "auto"
@@ -561,14 +623,8 @@ private:
     /// The kernel command line of an image vm: the agent's token and root
     /// disk, and its channel (virtio-serial for snapshottable vms, else vsock).
     std::string guest_cmdline(const std::string& token) const {
-        std::string cmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init "
-                              "supermachine.token=" +
-                              token + " supermachine.root=/dev/vda ";
-        cmdline += options_.snapshottable ? std::string("supermachine.channel=serial")
-                                          : "supermachine.port=" + std::to_string(agent_port);
-        for (const auto& extra : options_.extra_cmdline)
-            cmdline += " " + extra;
-        return cmdline;
+        return detail::image_vm_cmdline(token, options_.snapshottable, agent_port,
+                                        options_.extra_cmdline);
     }
 
     /// A qcow2 overlay over the read-only cached rootfs (QEMU's own blk
@@ -678,12 +734,16 @@ private:
                         return finish(ec, report);
                     }
                     // Fingerprinting and fsync: off the executor.
+                    // (What the pool's job holds moves into the completion, as in
+                    // set_up_then_launch.)
                     auto work = boost::asio::make_work_guard(self->executor_);
                     boost::asio::post(setup_pool(), [self, staging, path, report, resume, finish,
-                                                     work] {
+                                                     work = std::move(work)]() mutable {
                         auto sealed = self->seal_snapshot(staging, path);
-                        boost::asio::dispatch(self->executor_, [self, sealed, report, resume,
-                                                                finish, work] {
+                        auto executor = self->executor_;
+                        boost::asio::dispatch(executor, [self = std::move(self), sealed, report,
+                                                         resume, finish = std::move(finish),
+                                                         work = std::move(work)] {
                             if (!resume) {
                                 self->kill(); // its RAM file is the snapshot's now
                                 return finish(sealed ? std::error_code{} : sealed.error(), report);
@@ -835,32 +895,67 @@ private:
     // snapshot, root disk writes to a throw-away overlay, -incoming.
     result<void> prepare_restore(const prepared_image& image) {
         // A snapshot implies the kernel is cached: no fetch.
-        SUPERMACHINE_TRY(select_engine_and_kernel(false, ", restored"));
-        SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
+        // A snapshot implies the kernel is cached: no fetch.
+        if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
+            return refuse(selected.error(), "no engine or cached kernel for the restore");
+        auto agent_binary = detail::find_agent_binary();
+        if (!agent_binary)
+            return refuse(agent_binary.error(), "the guest agent binary is not found "
+                                                "(SUPERMACHINE_AGENT, or beside the program)");
         const auto& dir = *restore_from_;
-        SUPERMACHINE_TRY(raw, detail::read_small_file(dir / "meta", 64 * 1024));
-        SUPERMACHINE_TRY(meta, detail::warm_snapshot_meta::decode(raw));
-        if (meta.engine != "qemu" || meta.image_digest != image.digest.str() ||
-            meta.rootfs != image.rootfs.string() || meta.memory_mib != options_.memory_mib ||
-            meta.cpus != options_.cpus || meta.kernel_release != options_.kernel->release ||
-            meta.agent_identity != detail::agent_identity(agent_binary))
-            return errc::snapshot_mismatch;
+        auto raw = detail::read_small_file(dir / "meta", 64 * 1024);
+        if (!raw)
+            return refuse(raw.error(), (dir / "meta").string() + ": " + raw.error().message());
+        auto decoded = detail::warm_snapshot_meta::decode(raw.value());
+        if (!decoded)
+            return refuse(decoded.error(),
+                          (dir / "meta").string() + " is not a valid snapshot record");
+        const auto& meta = decoded.value();
+        auto mismatch = [&](std::string what, const std::string& snapshot,
+                            const std::string& here) {
+            return refuse(errc::snapshot_mismatch,
+                          "the snapshot's " + what + " is " + snapshot + ", this vm's " + here);
+        };
+        if (meta.engine != "qemu") return mismatch("engine", meta.engine, "qemu");
+        if (meta.image_digest != image.digest.str())
+            return mismatch("image", meta.image_digest, image.digest.str());
+        if (meta.rootfs != image.rootfs.string())
+            return mismatch("root filesystem", meta.rootfs, image.rootfs.string());
+        if (meta.memory_mib != options_.memory_mib)
+            return mismatch("memory", std::to_string(meta.memory_mib) + " MiB",
+                            std::to_string(options_.memory_mib) + " MiB");
+        if (meta.cpus != options_.cpus)
+            return mismatch("vCPU count", std::to_string(meta.cpus), std::to_string(options_.cpus));
+        if (meta.kernel_release != options_.kernel->release)
+            return mismatch("kernel", meta.kernel_release, options_.kernel->release);
+        if (meta.agent_identity != detail::agent_identity(agent_binary.value()))
+            return refuse(errc::snapshot_mismatch,
+                          "the snapshot was taken with another build of the guest agent (" +
+                              agent_binary.value().string() + " changed since)");
         // The saved command line must be what these options would boot.
-        if (guest_cmdline(meta.token) != meta.cmdline) return errc::snapshot_mismatch;
+        if (guest_cmdline(meta.token) != meta.cmdline)
+            return refuse(errc::snapshot_mismatch,
+                          "the snapshot's kernel command line differs from this vm's");
         for (auto [name, want] :
              {std::pair{"state", meta.stream}, std::pair{"disk.qcow2", meta.devices},
               std::pair{"initramfs.cpio", meta.initramfs}}) {
+            const auto path = (dir / name).string();
             auto got = detail::fingerprint_file(dir / name);
-            if (!got) return errc::snapshot_truncated;
-            if (got.value().size != want.size) return errc::snapshot_truncated;
-            if (!(got.value() == want)) return errc::snapshot_bad_record;
+            if (!got) return refuse(errc::snapshot_truncated, path + " cannot be read");
+            if (got.value().size != want.size)
+                return refuse(errc::snapshot_truncated, path + " changed size since the snapshot");
+            if (!(got.value() == want))
+                return refuse(errc::snapshot_bad_record, path + " changed since the snapshot");
         }
         {
+            const auto path = (dir / "ram").string();
             auto got = detail::stat_fingerprint(dir / "ram");
-            if (!got || got.value().size != meta.ram.size) return errc::snapshot_truncated;
-            if (!(got.value() == meta.ram)) return errc::snapshot_bad_record;
+            if (!got || got.value().size != meta.ram.size)
+                return refuse(errc::snapshot_truncated, path + " is missing or changed size");
+            if (!(got.value() == meta.ram))
+                return refuse(errc::snapshot_bad_record, path + " changed since the snapshot");
             if (meta.ram.size != std::uint64_t{options_.memory_mib} << 20)
-                return errc::snapshot_mismatch;
+                return refuse(errc::snapshot_mismatch, path + " is not the guest memory's size");
         }
         token_ = meta.token;
         SUPERMACHINE_TRY(ensure_runtime_dir());
@@ -885,9 +980,28 @@ private:
         if (copy_error) return errc::io_error;
         serial_socket_ = options_.runtime_dir / "agent.sock";
         q.agent_serial_socket = serial_socket_;
-        remember_for_snapshot(image, q.cmdline, q.initrd, agent_binary);
+        remember_for_snapshot(image, q.cmdline, q.initrd, agent_binary.value());
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
         return success();
+    }
+
+    // A failed start's error with the sentence failure_detail() gives.
+    std::error_code refuse(std::error_code ec, std::string why) {
+        failure_detail_ = std::move(why);
+        return ec;
+    }
+
+    // Blocking, on setup_pool(): everything the snapshot directory alone
+    // says (its record, the image in the content store, the cached kernel),
+    // into these options; then the restore as for a caller who had them.
+    result<void> prepare_restore_from_directory(const std::filesystem::path& cache_dir) {
+        auto contents = detail::read_warm_snapshot(*restore_from_, cache_dir, &failure_detail_);
+        if (!contents) return contents.error();
+        options_.memory_mib = contents.value().memory_mib;
+        options_.cpus = contents.value().cpus;
+        options_.kernel = std::move(contents.value().kernel);
+        options_.extra_cmdline = std::move(contents.value().extra_cmdline);
+        return prepare_restore(contents.value().image);
     }
 
     // A restored vm's set-up: fresh host randomness into the guest RNG (two
@@ -912,6 +1026,7 @@ private:
 
     std::optional<std::filesystem::path> restore_from_;
     snapshot_identity snapshot_;
+    std::string failure_detail_;
 
     executor_type executor_;
     vm_options options_;

@@ -1,13 +1,15 @@
 // supermachine restore FILE [--timeout S]
+// supermachine restore [OPTIONS] DIR [--] [COMMAND [ARG...]]
 //
-// Restores a snapshot written by `supermachine boot ... --snapshot-to FILE`
-// (the same machine: kvm, COM1, i8042, ACPI power) and streams its console
-// to stdout. The vCPU count and memory size come from the snapshot; RAM is
-// mapped MAP_PRIVATE from FILE, so any number of restores share it and none
-// changes it. Exit status as for `boot`: 0 power-off/reboot, 2 bad input
-// (unreadable, corrupt or foreign snapshot, no KVM), 3 guest crashed,
-// 4 VMM/KVM failure, 5 --timeout reached.
+// A directory is an image snapshot (image_restore.hpp: start it, run a
+// command like `run`). A file restores a snapshot written by `supermachine boot ... --snapshot-to
+// FILE` (the same machine: kvm, COM1, i8042, ACPI power) and streams its console to stdout. The
+// vCPU count and memory size come from the snapshot; RAM is mapped MAP_PRIVATE from FILE, so any
+// number of restores share it and none changes it. Exit status as for `boot`: 0 power-off/reboot, 2
+// bad input (unreadable, corrupt or foreign snapshot, no KVM), 3 guest crashed, 4 VMM/KVM failure,
+// 5 --timeout reached.
 #include "command.hpp"
+#include "image_restore.hpp"
 
 #include <supermachine/backend/kvm.hpp>
 #include <supermachine/devices/acpi_power.hpp>
@@ -37,7 +39,32 @@ void restore_error(const std::string& message) {
     std::fprintf(stderr, "supermachine restore: %s\n", message.c_str());
 }
 
+// The first operand, skipping option values: a directory means an image
+// snapshot, anything else the kvm engine's snapshot file.
+bool names_image_snapshot(std::span<char*> args) {
+    for (std::size_t i = 0; i < args.size(); ++i) {
+        const std::string_view a = args[i];
+        if (a == "--") return false;
+        if (a == "--timeout" || a == "-e" || a == "--env" || a == "-w" || a == "--workdir" ||
+            a == "-u" || a == "--user" || a == "-p" || a == "--publish" || a == "--entrypoint") {
+            ++i;
+            continue;
+        }
+        if (a.starts_with('-')) continue;
+        std::error_code ec;
+        return std::filesystem::is_directory(std::string(a), ec);
+    }
+    return false;
+}
+
+int run_kvm_restore(std::span<char*> args);
+
 int run_restore(std::span<char*> args) {
+    if (names_image_snapshot(args)) return run_image_restore(args);
+    return run_kvm_restore(args);
+}
+
+int run_kvm_restore(std::span<char*> args) {
     using machine =
         basic_machine<backend::kvm, devices::serial, devices::i8042, devices::acpi_power>;
     std::string file;
@@ -47,8 +74,9 @@ int run_restore(std::span<char*> args) {
         if (arg == "--help" || arg == "-h") {
             std::printf("usage: supermachine restore FILE [--timeout SECONDS]\n"
                         "Restores a snapshot from `supermachine boot --snapshot-to FILE` on KVM;\n"
-                        "the serial console is stdout. Exit status as for boot.\n");
-            return 0;
+                        "the serial console is stdout. Exit status as for boot.\n\n");
+            std::fflush(stdout);
+            return image_restore_usage(stdout, 0);
         }
         if (arg == "--timeout" && i + 1 < args.size()) {
             const std::string_view value = args[++i];
@@ -67,7 +95,8 @@ int run_restore(std::span<char*> args) {
         }
     }
     if (file.empty()) {
-        restore_error("no snapshot file given (see supermachine restore --help)");
+        restore_error("no snapshot given: a kvm snapshot FILE or an image snapshot DIR (see "
+                      "supermachine restore --help)");
         return 2;
     }
 
@@ -153,7 +182,8 @@ int run_restore(std::span<char*> args) {
 }
 
 const command_registration registration{
-    "restore", "restore a snapshot (from boot --snapshot-to) on KVM and stream its console",
+    "restore",
+    "start an image snapshot directory and run a command in it, or restore a kvm snapshot file",
     &run_restore};
 
 } // namespace

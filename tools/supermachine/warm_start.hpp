@@ -59,33 +59,6 @@ inline int try_creation_lock(const std::filesystem::path& dir) {
     return fd;
 }
 
-/// The cached default kernel's identity (root, release, vmlinuz) without
-/// planning its modules: that walks the whole module tree (no modules.dep in
-/// an unpacked package), tens of ms a warm run does not need.
-inline result<boot::kernel_files> default_kernel_identity() {
-    namespace fs = std::filesystem;
-    fs::path root;
-    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir)
-        root = dir;
-    else
-        root = boot::kernel_cache_dir() / "current";
-    std::error_code ec;
-    boot::kernel_files k;
-    k.root = fs::canonical(root, ec);
-    if (ec) return errc::kernel_not_found;
-    for (auto it = fs::directory_iterator(k.root / "boot", ec);
-         !ec && it != fs::directory_iterator(); it.increment(ec)) {
-        const auto name = it->path().filename().string();
-        if (name.starts_with("vmlinuz-") && name.substr(8) > k.release) { // as open_kernel_tree
-            k.release = name.substr(8);
-            k.vmlinuz = it->path();
-        }
-    }
-    if (ec || k.release.empty()) return errc::kernel_not_found;
-    k.modules_dir = k.root / "lib" / "modules" / k.release;
-    return k;
-}
-
 /// Where `supermachine run` keeps the warm snapshot of `image` with these
 /// options (options.kernel must be set).
 inline result<std::filesystem::path> warm_snapshot_dir(const prepared_image& image,
@@ -157,7 +130,7 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     auto engine = backend::select_engine(options.engine, nullptr);
     if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold(image, options);
     if (!options.kernel) {
-        auto kernel = default_kernel_identity();
+        auto kernel = boot::default_kernel_identity();
         if (!kernel) {
             auto fetched = boot::fetch_default_kernel();
             if (!fetched) return cold(image, options); // async_start reports it
@@ -247,7 +220,10 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                                                                     std::shared_ptr<vm> v) {
             if (!ec) return done({}, std::move(v));
             // Stale or corrupt: never trusted; rebuilt under the lock.
-            say("cached snapshot unusable (" + ec.message() + "); cold boot, rebuilding it");
+            const std::string detail =
+                v && !v->failure_detail().empty() ? ": " + v->failure_detail() : "";
+            say("cached snapshot unusable (" + ec.message() + detail +
+                "); cold boot, rebuilding it");
             const int fd = try_creation_lock(dir);
             if (fd < 0) return cold(image, options); // another run is rebuilding it
             std::error_code ignored;

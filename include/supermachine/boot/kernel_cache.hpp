@@ -10,7 +10,9 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace supermachine::boot {
@@ -76,11 +78,11 @@ inline std::filesystem::path fetch_kernel_script() {
     return "scripts/fetch-kernel.sh";
 }
 
-/// Open an unpacked kernel package (boot/vmlinuz-*, lib/modules/<release>)
-/// and plan `modules` for it.
-inline result<kernel_files>
-open_kernel_tree(const std::filesystem::path& root,
-                 std::span<const std::string> modules = default_guest_modules()) {
+/// An unpacked kernel package's identity (root, newest boot/vmlinuz-<release>,
+/// modules_dir) without planning its modules: the plan walks the whole module
+/// tree (no modules.dep in an unpacked package), tens of ms a restore does not
+/// need (it boots no initramfs of its own).
+inline result<kernel_files> kernel_identity(const std::filesystem::path& root) {
     namespace fs = std::filesystem;
     std::error_code ec;
     kernel_files k;
@@ -97,19 +99,67 @@ open_kernel_tree(const std::filesystem::path& root,
     }
     if (ec || k.release.empty()) return errc::kernel_not_found;
     k.modules_dir = k.root / "lib" / "modules" / k.release;
-    if (!fs::is_directory(k.modules_dir, ec)) return errc::kernel_not_found;
+    return k;
+}
+
+/// Open an unpacked kernel package (boot/vmlinuz-*, lib/modules/<release>)
+/// and plan `modules` for it.
+inline result<kernel_files>
+open_kernel_tree(const std::filesystem::path& root,
+                 std::span<const std::string> modules = default_guest_modules()) {
+    SUPERMACHINE_TRY(k, kernel_identity(root));
+    std::error_code ec;
+    if (!std::filesystem::is_directory(k.modules_dir, ec)) return errc::kernel_not_found;
     SUPERMACHINE_TRY(plan, plan_modules(k.modules_dir, modules));
     k.modules = std::move(plan.load_order);
     return k;
+}
+
+/// Where the default kernel is: $SUPERMACHINE_KERNEL_DIR if set, else
+/// kernel_cache_dir()/current.
+inline std::filesystem::path default_kernel_root() {
+    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir) return dir;
+    return kernel_cache_dir() / "current";
+}
+
+/// The cached default kernel's identity only (see kernel_identity).
+inline result<kernel_files> default_kernel_identity() {
+    return kernel_identity(default_kernel_root());
+}
+
+/// The cached kernel of `release` (e.g. a snapshot's), identity only: the
+/// default kernel first, then every unpacked package in kernel_cache_dir().
+/// `release` may come from a hostile file: anything that is not a plain
+/// file-name part is kernel_not_found, never a path.
+inline result<kernel_files> find_cached_kernel(std::string_view release) {
+    namespace fs = std::filesystem;
+    if (release.empty() || release.size() > 200 || release.find('/') != std::string_view::npos ||
+        release == "." || release == "..")
+        return errc::kernel_not_found;
+    const std::string file = "vmlinuz-" + std::string(release);
+    auto from = [&](const fs::path& root) -> result<kernel_files> {
+        std::error_code ec;
+        kernel_files k;
+        k.root = fs::canonical(root, ec);
+        if (ec || !fs::is_regular_file(k.root / "boot" / file, ec)) return errc::kernel_not_found;
+        k.release = std::string(release);
+        k.vmlinuz = k.root / "boot" / file;
+        k.modules_dir = k.root / "lib" / "modules" / k.release;
+        return k;
+    };
+    if (auto k = from(default_kernel_root())) return k;
+    std::error_code ec;
+    for (auto it = fs::directory_iterator(kernel_cache_dir(), ec);
+         !ec && it != fs::directory_iterator(); it.increment(ec))
+        if (auto k = from(it->path())) return k;
+    return errc::kernel_not_found;
 }
 
 /// The cached default kernel: $SUPERMACHINE_KERNEL_DIR if set, else
 /// kernel_cache_dir()/current. kernel_not_found when the cache is empty —
 /// run fetch_kernel_script() to fill it.
 inline result<kernel_files> default_kernel() {
-    if (const char* dir = std::getenv("SUPERMACHINE_KERNEL_DIR"); dir && *dir)
-        return open_kernel_tree(dir);
-    return open_kernel_tree(kernel_cache_dir() / "current");
+    return open_kernel_tree(default_kernel_root());
 }
 
 /// Run fetch_kernel_script() (apt-get download + dpkg-deb -x), then open the result.

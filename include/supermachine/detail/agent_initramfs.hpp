@@ -8,10 +8,13 @@
 
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <set>
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace supermachine::detail {
@@ -33,6 +36,23 @@ inline result<std::filesystem::path> find_agent_binary() {
             if (fs::is_regular_file(candidate, ec)) return candidate;
     }
     return errc::agent_unavailable;
+}
+
+/// The kernel command line of an image vm: the agent's token and root disk,
+/// its channel (virtio-serial for snapshottable vms, else vsock `agent_port`),
+/// then `extra` separated by spaces. A restore compares a snapshot's saved
+/// line with this (and recovers `extra` as what follows it).
+inline std::string image_vm_cmdline(std::string_view token, bool serial_channel,
+                                    std::uint32_t agent_port,
+                                    std::span<const std::string> extra = {}) {
+    std::string cmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init "
+                          "supermachine.token=" +
+                          std::string(token) + " supermachine.root=/dev/vda ";
+    cmdline += serial_channel ? std::string("supermachine.channel=serial")
+                              : "supermachine.port=" + std::to_string(agent_port);
+    for (const auto& e : extra)
+        cmdline += " " + e;
+    return cmdline;
 }
 
 /// /init = the agent, /etc/supermachine/modules = `kernel.modules` in load

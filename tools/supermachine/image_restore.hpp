@@ -1,0 +1,140 @@
+#pragma once
+// supermachine restore [OPTIONS] DIR [--] [COMMAND [ARG...]]
+//
+// Starts a vm from an image snapshot directory alone (`supermachine snapshot
+// -o DIR IMAGE`): the image, memory, vCPUs and kernel are the snapshot's.
+// Then runs COMMAND (default: the image's own process) like `run` does,
+// with the image config's env, user and working directory and the -e -w -u
+// -i -t -p --timeout options, and exits with its status (125: the vm did
+// not come up).
+#include "exec_session.hpp"
+#include "vm_command.hpp"
+
+#include <supermachine/detail/warm_snapshot_cache.hpp>
+#include <supermachine/oci/process.hpp>
+#include <supermachine/snapshot_image.hpp>
+
+#include <boost/asio/io_context.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace supermachine::cli {
+
+inline int image_restore_usage(std::FILE* to, int status) {
+    std::fprintf(to,
+                 "usage: supermachine restore [OPTIONS] DIR [--] [COMMAND [ARG...]]\n"
+                 "Starts a vm from the image snapshot in DIR (supermachine snapshot -o DIR IMAGE)\n"
+                 "and runs COMMAND in it (default: the image's process), like run.\n"
+                 "%s"
+                 "      --entrypoint CMD    override the image's entrypoint\n"
+                 "  -q, --quiet             no progress output\n"
+                 "      --console           show the guest console on stderr\n",
+                 exec_options_usage);
+    return status;
+}
+
+inline int run_image_restore(std::span<char*> args) {
+    constexpr std::string_view who = "supermachine restore";
+    exec_cli_options exec;
+    bool quiet = false, console = false;
+    std::size_t i = 0;
+    for (; i < args.size(); ++i) {
+        const std::string_view a = args[i];
+        if (!a.starts_with('-') || a == "-") break;
+        if (a == "--") {
+            ++i;
+            break;
+        }
+        switch (parse_exec_option(args, i, exec, who)) {
+        case option_parse::taken:
+            continue;
+        case option_parse::bad:
+            return 125;
+        case option_parse::not_ours:
+            break;
+        }
+        if (a == "-q" || a == "--quiet") {
+            quiet = true;
+        } else if (a == "--console") {
+            console = true;
+        } else if (a == "--entrypoint" && i + 1 < args.size()) {
+            exec.overrides.entrypoint = args[++i];
+        } else if (a == "-h" || a == "--help") {
+            return image_restore_usage(stdout, 0);
+        } else {
+            std::fprintf(stderr, "%.*s: unknown option '%.*s'\n", static_cast<int>(who.size()),
+                         who.data(), static_cast<int>(a.size()), a.data());
+            return image_restore_usage(stderr, 125);
+        }
+    }
+    if (i >= args.size()) return image_restore_usage(stderr, 125);
+    const auto directory = std::filesystem::absolute(args[i++]);
+    if (i < args.size() && std::string_view(args[i]) == "--") ++i;
+    for (; i < args.size(); ++i)
+        exec.overrides.command.emplace_back(args[i]);
+
+    auto snapshot = image::from_snapshot(directory);
+    if (console)
+        snapshot.options().console = [](std::string_view text) {
+            write_all_fd(2, std::string(text));
+        };
+    // The image's config first (the process to run, its user): a bad -u or
+    // a missing image is reported before any vm starts.
+    std::string why;
+    auto contents = snapshot.read(&why);
+    if (!contents) {
+        std::fprintf(stderr, "%.*s: %s: %s\n", static_cast<int>(who.size()), who.data(),
+                     contents.error().message().c_str(), why.c_str());
+        return 125;
+    }
+    const auto& image = contents.value().image;
+    auto process = oci::make_process(image.config, exec.overrides, image.passwd, image.group);
+    if (!process) {
+        std::fprintf(stderr, "%.*s: %s: %s\n", static_cast<int>(who.size()), who.data(),
+                     process.error() == errc::not_found ? "unknown user or group"
+                                                        : "no command to run",
+                     process.error().message().c_str());
+        return 125;
+    }
+    auto request = make_exec_request(process.value(), exec);
+
+    boost::asio::io_context io;
+    vm_command command(io);
+    const auto started_at = std::chrono::steady_clock::now();
+    snapshot.async_start(io.get_executor(), [&](std::error_code ec, std::shared_ptr<vm> started) {
+        if (ec) {
+            const std::string detail =
+                started && !started->failure_detail().empty() ? started->failure_detail() : "";
+            std::fprintf(stderr, "%.*s: the VM did not come up: %s%s%s\n",
+                         static_cast<int>(who.size()), who.data(), ec.message().c_str(),
+                         detail.empty() ? "" : ": ", detail.c_str());
+            if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
+            return command.fail(125);
+        }
+        // A snapshot in run's cache counts as used (its pruning keeps recent ones).
+        detail::mark_warm_snapshot_used(directory);
+        if (!quiet) {
+            const auto ms = [](auto d) {
+                return std::to_string(
+                    std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+            };
+            const auto& o = started->options();
+            std::fprintf(stderr,
+                         "supermachine: restored %s (%s, %u MiB, %u vCPU, kernel %s) in %s ms, "
+                         "engine to agent %s ms\n",
+                         directory.c_str(), image.reference.c_str(), o.memory_mib, o.cpus,
+                         o.kernel ? o.kernel->release.c_str() : "?",
+                         ms(std::chrono::steady_clock::now() - started_at).c_str(),
+                         ms(started->restore_to_agent()).c_str());
+        }
+        command.start(std::move(started), std::move(request), exec, who);
+    });
+    return command.run(exec);
+}
+
+} // namespace supermachine::cli
