@@ -1,7 +1,7 @@
 // backend::detail::spawn (how QEMU is started): a child dies with the
 // process that spawned it, however that process dies, and does not die when
-// the thread that asked for it ends (PR_SET_PDEATHSIG follows the forking
-// thread, so spawn forks from a dedicated thread). Real processes: sleep(1).
+// the thread that asked for it ends (PR_SET_PDEATHSIG follows the creating
+// thread, so spawn starts it from a dedicated thread). Real processes: sleep(1).
 #include <supermachine/backend/detail/qemu_process.hpp>
 
 #include <boost/test/unit_test.hpp>
@@ -110,4 +110,48 @@ BOOST_AUTO_TEST_CASE(exec_failure_is_an_error_and_fds_are_not_inherited) {
     BOOST_TEST(listed.value().find("\n" + std::to_string(leaked) + "\n") == std::string::npos,
                listed.value());
     BOOST_TEST(listed.value().find("stdin=/dev/null") != std::string::npos, listed.value());
+}
+
+// The one fd a child may get (QEMU's incoming stream) arrives as fd 4 and
+// nothing else of ours does, wherever it was: also when it sits at fd 3,
+// where the exec-failure report pipe is moved to.
+BOOST_AUTO_TEST_CASE(the_inherited_fd_arrives_as_fd_4_from_any_number) {
+    char path[] = "/tmp/spawn-inherit-XXXXXX";
+    const int file = ::mkstemp(path);
+    BOOST_TEST_REQUIRE(file >= 0);
+    ::unlink(path);
+    const std::string text = "stream contents\n";
+    BOOST_TEST_REQUIRE(::write(file, text.data(), text.size()) ==
+                       static_cast<ssize_t>(text.size()));
+    const auto shell = detail::find_program("sh");
+    BOOST_TEST_REQUIRE(shell.has_value());
+    auto read_child = [&](int inherited) {
+        ::lseek(inherited, 0, SEEK_SET);
+        auto started = detail::spawn(
+            {shell->string(), "-c", "cat <&4; ls /proc/self/fd | sort -n | tr '\\n' ' '"},
+            inherited);
+        BOOST_TEST_REQUIRE(started.has_value());
+        std::string out;
+        char buffer[256];
+        for (ssize_t n; (n = ::read(started.value().stdout_read, buffer, sizeof buffer)) > 0;)
+            out.append(buffer, static_cast<std::size_t>(n));
+        ::waitpid(started.value().pid, nullptr, 0);
+        ::close(started.value().pidfd);
+        ::close(started.value().stdout_read);
+        ::close(started.value().stderr_read);
+        return out;
+    };
+    // fds 0-2, the stream at 4, and the one `ls` opens to list them.
+    BOOST_TEST(read_child(file) == text + "0 1 2 3 4 ");
+
+    const int saved = ::fcntl(3, F_DUPFD_CLOEXEC, 100); // whatever the test runner keeps at 3
+    BOOST_TEST_REQUIRE(::dup2(file, 3) == 3);
+    BOOST_TEST(read_child(3) == text + "0 1 2 3 4 ");
+    if (saved >= 0) {
+        ::dup2(saved, 3);
+        ::close(saved);
+    } else {
+        ::close(3);
+    }
+    ::close(file);
 }

@@ -148,21 +148,26 @@ struct child_plan {
 /// hold (malloc's, stdio's).
 inline int child_main(void* opaque) noexcept {
     const auto& plan = *static_cast<const child_plan*>(opaque);
+    // First out of the way of 0-4 (either may sit there and would be
+    // overwritten by the moves below), then into place.
+    int report_fd = ::fcntl(plan.report_write, F_DUPFD_CLOEXEC, inherited_fd + 1);
+    if (report_fd < 0) child_failed(plan.report_write, errno);
+    const int inherited =
+        plan.inherited >= 0 ? ::fcntl(plan.inherited, F_DUPFD_CLOEXEC, inherited_fd + 1) : -1;
+    if (plan.inherited >= 0 && inherited < 0) child_failed(report_fd, errno);
     const int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (null < 0 || ::dup2(null, 0) < 0 || ::dup2(plan.out_write, 1) < 0 ||
         ::dup2(plan.err_write, 2) < 0)
-        child_failed(plan.report_write, errno);
-    // The report pipe becomes fd 3 (close-on-exec); every other fd goes:
-    // Asio opens sockets without CLOEXEC, and QEMU must not hold our
-    // listening and vhost-user sockets open.
-    int report_fd = plan.report_write;
-    if (report_fd != 3) {
-        if (::dup3(report_fd, 3, O_CLOEXEC) < 0) child_failed(report_fd, errno);
-        report_fd = 3;
-    }
-    int first_closed = 4;
-    if (plan.inherited >= 0) {
-        if (::dup2(plan.inherited, inherited_fd) < 0) child_failed(report_fd, errno);
+        child_failed(report_fd, errno);
+    // The report pipe becomes fd 3 (close-on-exec), the inherited one fd 4
+    // (dup2 clears close-on-exec); every other fd goes: Asio opens sockets
+    // without CLOEXEC, and QEMU must not hold our listening and vhost-user
+    // sockets open.
+    if (::dup3(report_fd, 3, O_CLOEXEC) < 0) child_failed(report_fd, errno);
+    report_fd = 3;
+    int first_closed = inherited_fd;
+    if (inherited >= 0) {
+        if (::dup2(inherited, inherited_fd) < 0) child_failed(report_fd, errno);
         first_closed = inherited_fd + 1;
     }
     if (::close_range(first_closed, ~0u, 0) != 0)
