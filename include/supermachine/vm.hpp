@@ -895,7 +895,6 @@ private:
     // snapshot, root disk writes to a throw-away overlay, -incoming.
     result<void> prepare_restore(const prepared_image& image) {
         // A snapshot implies the kernel is cached: no fetch.
-        // A snapshot implies the kernel is cached: no fetch.
         if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
             return refuse(selected.error(), "no engine or cached kernel for the restore");
         auto agent_binary = detail::find_agent_binary();
