@@ -7,6 +7,8 @@
 // image the content store does not hold, a kernel the cache does not hold,
 // a release that tries to be a path) fail cleanly with a sentence naming
 // what is missing, before any engine starts.
+#include "warmrun_fixture.hpp"
+
 #include <supermachine/backend/qemu.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
@@ -29,86 +31,23 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct outcome {
-    int status = -1;
-    std::string out, err;
+using namespace supermachine::test::warmrun;
+
+struct fixture_state : environment {
+    fs::path snapshot;
 };
-
-std::string slurp(const fs::path& p) {
-    std::ifstream in(p, std::ios::binary);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-}
-
-std::string quote(const std::string& s) {
-    std::string q = "'";
-    for (char c : s)
-        q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
-
-bool has(const std::string& text, std::string_view needle) {
-    return text.find(needle) != std::string::npos;
-}
-
-struct fixture_state {
-    fs::path work, cli, agent, kernel_dir, snapshot;
-    std::string image;
-};
-
-outcome run_cli(const std::string& arguments, const std::string& environment = "");
 
 fixture_state& state() {
     static fixture_state s = [] {
-        fixture_state s;
-        const char* bin = std::getenv("SUPERMACHINE_BINARY_DIR");
-        const char* src = std::getenv("SUPERMACHINE_SOURCE_DIR");
-        if (!bin || !src)
-            sm::test::skip("SUPERMACHINE_BINARY_DIR/SOURCE_DIR not set (run via ctest)");
-        s.cli = fs::path(bin) / "bin" / "supermachine";
-        s.agent = fs::path(bin) / "bin" / "supermachine-agent";
-        if (!fs::exists(s.cli) || !fs::exists(s.agent))
-            sm::test::skip("the CLI or agent is not built");
-        if (!sm::backend::find_qemu("qemu-system-x86_64"))
-            sm::test::skip("qemu-system-x86_64 not found");
-        if (!sm::backend::detail::find_program("qemu-img")) sm::test::skip("qemu-img not found");
-        auto kernel = sm::boot::default_kernel_identity();
-        if (!kernel) sm::test::skip("no guest kernel cached (bash scripts/fetch-kernel.sh)");
-        s.kernel_dir = kernel.value().root;
-        char pattern[] = "/tmp/fromsnap-test-XXXXXX";
-        if (!::mkdtemp(pattern)) sm::test::skip("mkdtemp failed");
-        s.work = pattern;
-        const auto image_dir = s.work / "img";
-        const auto make = "bash " +
-                          quote((fs::path(src) / "scripts" / "make-demo-image.sh").string()) + " " +
-                          quote(image_dir.string()) + " busybox >/dev/null 2>&1";
-        if (std::system(make.c_str()) != 0)
-            sm::test::skip("make-demo-image.sh failed (busybox-static, umoci?)");
-        s.image = "oci:" + image_dir.string() + ":busybox";
-        ::setenv("XDG_CACHE_HOME", (s.work / "cache").c_str(), 1);
-        ::setenv("SUPERMACHINE_KERNEL_DIR", s.kernel_dir.c_str(), 1);
-        ::setenv("SUPERMACHINE_AGENT", s.agent.c_str(), 1); // for the API cases in this process
+        fixture_state s{make_environment("fromsnap-test"), {}};
         s.snapshot = s.work / "snap";
         return s;
     }();
     return s;
 }
 
-outcome run_cli(const std::string& arguments, const std::string& environment) {
-    auto& s = state();
-    static int n = 0;
-    const auto out = s.work / ("out" + std::to_string(n));
-    const auto err = s.work / ("err" + std::to_string(n++));
-    const auto command = environment + " timeout 300 " + quote(s.cli.string()) + " " + arguments +
-                         " >" + quote(out.string()) + " 2>" + quote(err.string()) + " </dev/null";
-    const int raw = std::system(command.c_str());
-    outcome o;
-    o.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-    o.out = slurp(out);
-    o.err = slurp(err);
-    BOOST_TEST_MESSAGE(arguments << " -> " << o.status << "\n" << o.err);
-    return o;
+outcome run_cli(const std::string& arguments, const std::string& prefix = "") {
+    return supermachine::test::warmrun::run_cli(state(), arguments, prefix);
 }
 
 // The snapshot every case uses, made once by the CLI.
