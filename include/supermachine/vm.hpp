@@ -120,14 +120,8 @@ public:
                             Token&& token) {
         return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
             [executor](auto handler, prepared_image image, vm_options options) {
-                auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
-                auto done = std::make_shared<decltype(handler)>(std::move(handler));
-                self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
-                    (*done)(ec, std::move(v));
-                };
-                // Set-up reads and writes files: off the caller's executor.
-                set_up_then_launch(std::move(self),
-                                   [image = std::move(image)](vm& v) { return v.prepare(image); });
+                start_new(executor, std::move(options), std::nullopt, std::move(handler),
+                          [image = std::move(image)](vm& v) { return v.prepare(image); });
             },
             token, std::move(image), std::move(options));
     }
@@ -251,15 +245,8 @@ public:
             [executor](auto handler, std::filesystem::path snapshot, prepared_image image,
                        vm_options options) {
                 options.snapshottable = true;
-                auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
-                self->restore_from_ = std::move(snapshot);
-                auto done = std::make_shared<decltype(handler)>(std::move(handler));
-                self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
-                    (*done)(ec, std::move(v));
-                };
-                set_up_then_launch(std::move(self), [image = std::move(image)](vm& v) {
-                    return v.prepare_restore(image);
-                });
+                start_new(executor, std::move(options), std::move(snapshot), std::move(handler),
+                          [image = std::move(image)](vm& v) { return v.prepare_restore(image); });
             },
             token, std::move(snapshot), std::move(image), std::move(options));
     }
@@ -284,15 +271,10 @@ public:
                 vm_opts.ready_timeout = options.ready_timeout;
                 vm_opts.runtime_dir = std::move(options.runtime_dir);
                 vm_opts.snapshottable = true;
-                auto self = std::shared_ptr<vm>(new vm(executor, std::move(vm_opts)));
-                self->restore_from_ = std::move(snapshot);
-                auto done = std::make_shared<decltype(handler)>(std::move(handler));
-                self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
-                    (*done)(ec, std::move(v));
-                };
-                set_up_then_launch(std::move(self), [cache_dir = options.cache_dir](vm& v) {
-                    return v.prepare_restore_from_directory(cache_dir);
-                });
+                start_new(executor, std::move(vm_opts), std::move(snapshot), std::move(handler),
+                          [cache_dir = options.cache_dir](vm& v) {
+                              return v.prepare_restore_from_directory(cache_dir);
+                          });
             },
             token, std::move(snapshot), std::move(options));
     }
@@ -326,6 +308,22 @@ private:
     static boost::asio::thread_pool& setup_pool() {
         static boost::asio::thread_pool pool(1);
         return pool;
+    }
+
+    // A new vm (restored from `restore_from` when set) whose start completes
+    // through the initiating function's `handler`; `set_up` runs off the
+    // caller's executor (it reads and writes files).
+    template <class Handler, class SetUp>
+    static void start_new(executor_type executor, vm_options options,
+                          std::optional<std::filesystem::path> restore_from, Handler handler,
+                          SetUp set_up) {
+        auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
+        self->restore_from_ = std::move(restore_from);
+        auto done = std::make_shared<Handler>(std::move(handler));
+        self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
+            (*done)(ec, std::move(v));
+        };
+        set_up_then_launch(std::move(self), std::move(set_up));
     }
 
     // Run `set_up(vm&) -> result<void>` on setup_pool(), then launch (or fail
