@@ -469,6 +469,7 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
     vm_options.memory_mib = static_cast<std::uint32_t>(options.memory_mib);
     vm_options.cpus = options.cpus;
     vm_options.engine = options.engine;
+    vm_options.volumes = exec.volumes;
     if (!options.append.empty()) vm_options.extra_cmdline.push_back(options.append);
     if (!options.kernel.empty()) {
         // A kernel of the user's. When it sits in an unpacked kernel package
@@ -676,7 +677,7 @@ int run_boot(std::span<char*> args) {
     }
     if (command) return boot_command(options, exec, std::move(*command));
     if (exec.any_command_option()) {
-        std::fprintf(stderr, "supermachine boot: -e, -w, -u, -p, -i and -t need a command "
+        std::fprintf(stderr, "supermachine boot: -e, -w, -u, -p, -v, -i and -t need a command "
                              "(boot --disk ROOT [OPTIONS] -- CMD)\n");
         return boot_bad_input;
     }

@@ -185,6 +185,7 @@ int run_run(std::span<char*> args) {
         return 125;
     }
     auto request = sm::cli::make_exec_request(process.value(), exec);
+    vm_options.volumes = exec.volumes;
     if (console)
         vm_options.console = [](std::string_view text) {
             sm::cli::write_all_fd(2, std::string(text));
