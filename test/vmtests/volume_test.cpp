@@ -128,3 +128,35 @@ BOOST_AUTO_TEST_CASE(runs_without_volumes_stay_warm) {
     BOOST_TEST(contains(second.err, "warm start: restored"), describe(second));
     BOOST_TEST(!contains(second.err, "cold boot"), describe(second));
 }
+
+BOOST_AUTO_TEST_CASE(boot_disk_command_mounts_volumes) {
+    // The image's ext4 root filesystem, as a run caches it.
+    auto cached_rootfs = [] {
+        std::error_code ec;
+        for (fs::directory_iterator it(env().work / "cache" / "supermachine" / "rootfs", ec), end;
+             !ec && it != end; it.increment(ec))
+            if (it->path().extension() == ".ext4") return it->path();
+        return fs::path();
+    };
+    auto rootfs = cached_rootfs();
+    if (rootfs.empty()) {
+        auto made = env().run({"--no-snapshot"}, {"true"});
+        BOOST_TEST_REQUIRE(made.status == 0, describe(made));
+        rootfs = cached_rootfs();
+    }
+    BOOST_TEST_REQUIRE(!rootfs.empty(), "no cached root filesystem after a run");
+    const auto dir = host_dir("boot");
+    std::ofstream(dir / "f") << "via boot\n";
+    auto r = run_process({env().cli.string(), "boot", "--disk", rootfs.string(), "-v",
+                          dir.string() + ":/mnt/v", "--", "sh", "-c",
+                          "cat /mnt/v/f && echo z > /mnt/v/z"},
+                         "", 200s);
+    BOOST_TEST(r.status == 0, describe(r));
+    BOOST_TEST(r.out == "via boot\n", describe(r));
+    BOOST_TEST(read_text(dir / "z") == "z\n", describe(r));
+    auto bad = run_process({env().cli.string(), "boot", "--disk", rootfs.string(), "-v",
+                            dir.string() + ":relative", "--", "true"},
+                           "", 60s);
+    BOOST_TEST(bad.status == 125, describe(bad));
+    BOOST_TEST(contains(bad.err, "absolute"), describe(bad));
+}
