@@ -251,7 +251,7 @@ inline bool make_directories(const std::string& path) {
 
 /// Mount each supermachine.volume (virtio-fs, by tag) at its path in the
 /// current root: at most 8, as the host sends. A read-only one is mounted
-/// MS_RDONLY (the C virtiofsd has no read-only mode; see doc/vm.md).
+/// MS_RDONLY (and the host serves it from a read-only bind mount too).
 inline void mount_volumes(const std::string& cmdline) {
     for (const auto& value : cmdline_values(cmdline, "supermachine.volume", 8, 200)) {
         volume_request volume;

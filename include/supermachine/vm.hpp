@@ -454,7 +454,7 @@ private:
         for (std::size_t i = 0; i < options_.volumes.size(); ++i) {
             const auto& volume = options_.volumes[i];
             const std::string tag = "supermachine" + std::to_string(i);
-            q.shared_directories.push_back({volume.host, tag});
+            q.shared_directories.push_back({volume.host, tag, volume.read_only});
             // The agent mounts TAG at the path inside the image's root.
             q.cmdline += " supermachine.volume=" + tag + ":" + volume.guest +
                          (volume.read_only ? ":ro" : "");

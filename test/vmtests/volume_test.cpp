@@ -74,6 +74,13 @@ BOOST_AUTO_TEST_CASE(read_only_volume_refuses_writes) {
     std::ofstream(dir / "keep") << "unchanged\n";
     auto r = env().run({"-v", dir.string() + ":/ro:ro"},
                        {"sh", "-c", "cat /ro/keep && echo y > /ro/new"});
+    // The guest's root may remount its side rw: the host side stays read-only.
+    auto remounted =
+        env().run({"-v", dir.string() + ":/ro:ro"},
+                  {"sh", "-c", "mount -o remount,rw /ro && echo remounted; echo y > /ro/new"});
+    BOOST_TEST(remounted.status != 0, describe(remounted));
+    BOOST_TEST(remounted.out == "remounted\n", describe(remounted)); // the guest side went rw
+    BOOST_TEST(contains(remounted.err, "Read-only file system"), describe(remounted));
     BOOST_TEST(r.status != 0, describe(r));
     BOOST_TEST(r.out == "unchanged\n", describe(r)); // mounted, readable
     BOOST_TEST(!fs::exists(dir / "new"), describe(r));

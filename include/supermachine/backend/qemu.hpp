@@ -531,10 +531,43 @@ private:
             // cache=auto: the guest sees host changes within a second (docker
             // semantics for a bind mount are immediate; "none" would cost
             // every lookup a round trip under TCG).
-            SUPERMACHINE_TRY(
-                child, detail::spawn({binary->string(), "--socket-path=" + socket.string(), "-o",
-                                      "source=" + config_.shared_directories[i].source.string(),
-                                      "-o", "cache=auto", "-o", "log_level=warn"}));
+            const auto& shared = config_.shared_directories[i];
+            std::vector<std::string> argv{binary->string(),
+                                          "--socket-path=" + socket.string(),
+                                          "-o",
+                                          "source=" + shared.source.string(),
+                                          "-o",
+                                          "cache=auto",
+                                          "-o",
+                                          "log_level=warn"};
+            if (shared.read_only) {
+                // The C virtiofsd has no read-only mode, and a guest's root
+                // can remount its side rw: so virtiofsd runs in a mount
+                // namespace of its own where the directory is a read-only
+                // bind mount of itself (the host's mounts are untouched;
+                // the namespace ends with virtiofsd). Paths go to the shell
+                // as "$1".., never into the script.
+                const auto unshare = detail::find_program("unshare");
+                if (!unshare) {
+                    std::lock_guard lock(diagnostics_mutex_);
+                    diagnostics_ += "unshare (util-linux) not found: read-only volumes need it\n";
+                    return errc::engine_unavailable;
+                }
+                argv = {unshare->string(),
+                        "--mount",
+                        "--propagation",
+                        "private",
+                        "/bin/sh",
+                        "-c",
+                        "mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\" && "
+                        "exec \"$2\" --socket-path=\"$3\" -o source=\"$1\" -o cache=auto "
+                        "-o log_level=warn",
+                        "sh",
+                        shared.source.string(),
+                        binary->string(),
+                        socket.string()};
+            }
+            SUPERMACHINE_TRY(child, detail::spawn(argv));
             file_servers_.push_back(child);
             drain_into_diagnostics(child.stdout_read);
             drain_into_diagnostics(child.stderr_read);

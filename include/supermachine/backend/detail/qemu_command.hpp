@@ -46,6 +46,7 @@ struct qemu_vhost_user_attachment {
 struct qemu_shared_directory {
     std::filesystem::path source; // host directory (no ',': virtiofsd's -o separator)
     std::string tag;              // the guest mounts it by this name (<= 36 bytes)
+    bool read_only = false;       // virtiofsd serves a read-only bind mount of it
 };
 
 struct qemu_config {
