@@ -51,6 +51,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <filesystem>
 #include <functional>
@@ -451,6 +452,9 @@ private:
         q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
         q.vcpus = options_.cpus;
         q.cmdline = guest_cmdline(token_);
+        // Another virtiofsd (same options as the C one of QEMU 7.2) may be named.
+        if (const char* virtiofsd = std::getenv("SUPERMACHINE_VIRTIOFSD"); virtiofsd && *virtiofsd)
+            q.virtiofsd_binary = virtiofsd;
         for (std::size_t i = 0; i < options_.volumes.size(); ++i) {
             const auto& volume = options_.volumes[i];
             const std::string tag = "supermachine" + std::to_string(i);
@@ -500,7 +504,15 @@ private:
         auto started = machine_->start([weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
         });
-        if (!started) return finish_start(started.error());
+        if (!started) {
+            // What the engine said (e.g. which helper program is missing).
+            auto said = machine_->diagnostics();
+            while (!said.empty() && (said.back() == '\n' || said.back() == '\r'))
+                said.pop_back();
+            if (said.size() > 500) said.erase(0, said.size() - 500);
+            if (!said.empty()) failure_detail_ = std::move(said);
+            return finish_start(started.error());
+        }
         machine_->async_wait([weak](std::error_code, int) {
             if (auto self = weak.lock()) {
                 self->machine_exited_ = true;

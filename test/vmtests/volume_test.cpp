@@ -167,3 +167,12 @@ BOOST_AUTO_TEST_CASE(boot_disk_command_mounts_volumes) {
     BOOST_TEST(bad.status == 125, describe(bad));
     BOOST_TEST(contains(bad.err, "absolute"), describe(bad));
 }
+
+BOOST_AUTO_TEST_CASE(missing_virtiofsd_is_named) {
+    const auto dir = host_dir("nofsd");
+    ::setenv("SUPERMACHINE_VIRTIOFSD", "/nonexistent/virtiofsd", 1);
+    auto r = env().run({"-v", dir.string() + ":/data"}, {"true"}, "", 60s);
+    ::unsetenv("SUPERMACHINE_VIRTIOFSD");
+    BOOST_TEST(r.status == 125, describe(r));
+    BOOST_TEST(contains(r.err, "virtiofsd not found at /nonexistent/virtiofsd"), describe(r));
+}

@@ -600,7 +600,11 @@ private:
             if (server.pidfd >= 0) ::close(server.pidfd);
             server.pidfd = -1;
         }
-        file_outputs_.clear(); // closes the pipes
+        for (auto& output : file_outputs_) { // pending reads end (operation_aborted)
+            boost::system::error_code ignored;
+            output->close(ignored);
+        }
+        file_outputs_.clear();
         file_servers_.clear();
     }
 
