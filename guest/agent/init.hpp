@@ -6,7 +6,10 @@
 // can still serve exec is more useful than one that panics.
 #include "server.hpp"
 
+#include <cctype>
+
 #include <net/if.h>
+
 #include <sys/mount.h>
 #include <sys/reboot.h>
 
@@ -173,6 +176,97 @@ inline void switch_to_root_disk(const std::string& cmdline) {
         return;
     }
     log("switched root to %s", device.c_str());
+}
+
+/// Every value of `key=` on the kernel command line, in order: at most
+/// `max_count`, each at most `max_length` bytes (longer ones are skipped and
+/// logged: the command line is the host's, but we bound what we act on).
+inline std::vector<std::string> cmdline_values(const std::string& cmdline, const std::string& key,
+                                               std::size_t max_count, std::size_t max_length) {
+    std::vector<std::string> values;
+    const std::string prefix = key + "=";
+    std::size_t pos = 0;
+    while (pos < cmdline.size() && values.size() < max_count) {
+        std::size_t start = cmdline.find_first_not_of(" \t\n", pos);
+        if (start == std::string::npos) break;
+        std::size_t end = cmdline.find_first_of(" \t\n", start);
+        if (end == std::string::npos) end = cmdline.size();
+        std::string_view word(cmdline.data() + start, end - start);
+        if (word.substr(0, prefix.size()) == prefix) {
+            if (word.size() - prefix.size() <= max_length)
+                values.emplace_back(word.substr(prefix.size()));
+            else
+                log("%s: value too long, ignored", key.c_str());
+        }
+        pos = end;
+    }
+    return values;
+}
+
+/// A volume the host asked for: supermachine.volume=TAG:/PATH[:ro].
+struct volume_request {
+    std::string tag, path;
+    bool read_only = false;
+};
+
+/// Parse and check one supermachine.volume value: a tag of [A-Za-z0-9_-]
+/// (<= 36 bytes, virtio-fs's limit), an absolute path without empty, "." or
+/// ".." parts. False: not a volume we mount.
+inline bool parse_volume(std::string_view text, volume_request& out) {
+    const auto colon = text.find(':');
+    if (colon == std::string_view::npos || colon == 0 || colon > 36) return false;
+    out.tag = std::string(text.substr(0, colon));
+    for (char c : out.tag)
+        if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-')) return false;
+    std::string_view path = text.substr(colon + 1);
+    out.read_only = false;
+    if (path.size() >= 3 && path.substr(path.size() - 3) == ":ro") {
+        out.read_only = true;
+        path.remove_suffix(3);
+    }
+    if (path.size() < 2 || path.front() != '/' || path.find(':') != std::string_view::npos)
+        return false;
+    for (std::size_t pos = 1; pos <= path.size();) {
+        const auto end = std::min(path.find('/', pos), path.size());
+        const auto part = path.substr(pos, end - pos);
+        if (part.empty() || part == "." || part == "..") return false;
+        pos = end + 1;
+    }
+    out.path = std::string(path);
+    return true;
+}
+
+/// mkdir -p `path` (absolute; already checked by parse_volume). We run in
+/// the image's root (after switch_root), so a symlink in the image resolves
+/// inside that root: the mount point cannot land outside it.
+inline bool make_directories(const std::string& path) {
+    for (std::size_t pos = 1; pos <= path.size();) {
+        const auto end = std::min(path.find('/', pos), path.size());
+        const std::string prefix = path.substr(0, end);
+        if (::mkdir(prefix.c_str(), 0755) < 0 && errno != EEXIST) return false;
+        pos = end + 1;
+    }
+    return true;
+}
+
+/// Mount each supermachine.volume (virtio-fs, by tag) at its path in the
+/// current root: at most 8, as the host sends. A read-only one is mounted
+/// MS_RDONLY (and the host serves it from a read-only bind mount too).
+inline void mount_volumes(const std::string& cmdline) {
+    for (const auto& value : cmdline_values(cmdline, "supermachine.volume", 8, 200)) {
+        volume_request volume;
+        if (!parse_volume(value, volume)) {
+            log("volume '%s': not TAG:/PATH[:ro], ignored", value.c_str());
+            continue;
+        }
+        if (!make_directories(volume.path)) {
+            log("volume %s: mkdir failed: errno %d", volume.path.c_str(), errno);
+            continue;
+        }
+        const unsigned long flags = MS_NOSUID | MS_NODEV | (volume.read_only ? MS_RDONLY : 0);
+        if (::mount(volume.tag.c_str(), volume.path.c_str(), "virtiofs", flags, nullptr) < 0)
+            log("volume %s: mount failed: errno %d", volume.path.c_str(), errno);
+    }
 }
 
 /// The token: supermachine.token=HEX on the command line, else /etc/supermachine/token.

@@ -79,6 +79,7 @@ int open_serial_port(const std::string& name) {
     std::string token = find_token(cmdline);
     load_modules();
     switch_to_root_disk(cmdline);
+    mount_volumes(cmdline); // inside the image's root, before any command runs
     bring_up_loopback();
     if (token.empty())
         log("no token (supermachine.token= or /etc/supermachine/token): refusing all");

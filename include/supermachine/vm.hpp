@@ -28,6 +28,7 @@
 #include <supermachine/detail/warm_snapshot_contents.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/image.hpp>
+#include <supermachine/shared_directory.hpp>
 #include <supermachine/storage/cow_file.hpp>
 #include <supermachine/storage/raw_file.hpp>
 #include <supermachine/virtio/blk.hpp>
@@ -50,6 +51,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <filesystem>
 #include <functional>
@@ -79,6 +81,10 @@ struct vm_options {
     /// qcow2 overlay of the rootfs, the agent on a virtio-serial port. Needs
     /// qemu-img. async_restore always runs this way.
     bool snapshottable = false;
+    /// Host directories mounted in the guest (docker -v; doc/vm.md,
+    /// "Volumes"), at most max_shared_directories. A vm with volumes cannot
+    /// be snapshottable (virtio-fs does not migrate) nor restored.
+    std::vector<shared_directory> volumes;
 };
 
 /// What the caller still chooses when a vm starts from a snapshot directory
@@ -367,6 +373,38 @@ private:
         return success();
     }
 
+    // Volumes: bounded, valid, resolved (validate_shared_directory), and
+    // never with a snapshot (vhost-user-fs has no migration support).
+    result<void> check_volumes() {
+        if (options_.volumes.empty()) return success();
+        if (options_.snapshottable)
+            return refuse(errc::invalid_argument,
+                          "a vm with volumes cannot be snapshottable (virtio-fs does not migrate)");
+        if (options_.volumes.size() > max_shared_directories)
+            return refuse(errc::invalid_argument,
+                          "more than " + std::to_string(max_shared_directories) + " volumes");
+        for (auto& volume : options_.volumes) {
+            std::string why;
+            if (auto valid = validate_shared_directory(volume, &why); !valid)
+                return refuse(valid.error(), why);
+        }
+        return success();
+    }
+
+    // fuse and virtiofs (and what they need) join the initramfs's modules,
+    // only for vms with volumes: the initramfs of every other vm (and so
+    // its warm snapshot) stays as it was.
+    static result<void> add_virtiofs_modules(boot::kernel_files& kernel) {
+        const std::vector<std::string> wanted{"virtiofs"};
+        SUPERMACHINE_TRY(plan, boot::plan_modules(kernel.modules_dir, wanted));
+        if (!plan.missing.empty()) return errc::kernel_invalid;
+        for (auto& module : plan.load_order)
+            if (std::find(kernel.modules.begin(), kernel.modules.end(), module) ==
+                kernel.modules.end())
+                kernel.modules.push_back(std::move(module));
+        return success();
+    }
+
     result<void> ensure_runtime_dir() {
         if (!options_.runtime_dir.empty()) return success();
         char pattern[] = "/tmp/supermachine-vm-XXXXXX";
@@ -378,9 +416,14 @@ private:
 
     // Blocking set-up, on setup_pool().
     result<void> prepare(const prepared_image& image) {
+        SUPERMACHINE_TRY(check_volumes());
         SUPERMACHINE_TRY(select_engine_and_kernel(true, ""));
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
-        SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, *options_.kernel));
+        auto kernel = *options_.kernel;
+        if (!options_.volumes.empty()) {
+            SUPERMACHINE_TRY(add_virtiofs_modules(kernel));
+        }
+        SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, kernel));
 
         SUPERMACHINE_TRY(ensure_runtime_dir());
         const auto initrd_path = options_.runtime_dir / "initramfs.cpio";
@@ -407,6 +450,17 @@ private:
         q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
         q.vcpus = options_.cpus;
         q.cmdline = guest_cmdline(token_);
+        // Another virtiofsd (same options as the C one of QEMU 7.2) may be named.
+        if (const char* virtiofsd = std::getenv("SUPERMACHINE_VIRTIOFSD"); virtiofsd && *virtiofsd)
+            q.virtiofsd_binary = virtiofsd;
+        for (std::size_t i = 0; i < options_.volumes.size(); ++i) {
+            const auto& volume = options_.volumes[i];
+            const std::string tag = "supermachine" + std::to_string(i);
+            q.shared_directories.push_back({volume.host, tag, volume.read_only});
+            // The agent mounts TAG at the path inside the image's root.
+            q.cmdline += " supermachine.volume=" + tag + ":" + volume.guest +
+                         (volume.read_only ? ":ro" : "");
+        }
         if (options_.snapshottable) {
             // Everything QEMU can migrate: its own blk and virtio-serial, RAM
             // in a file it shares with us (doc/warm-start.md).
@@ -448,7 +502,15 @@ private:
         auto started = machine_->start([weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
         });
-        if (!started) return finish_start(started.error());
+        if (!started) {
+            // What the engine said (e.g. which helper program is missing).
+            auto said = machine_->diagnostics();
+            while (!said.empty() && (said.back() == '\n' || said.back() == '\r'))
+                said.pop_back();
+            if (said.size() > 500) said.erase(0, said.size() - 500);
+            if (!said.empty()) failure_detail_ = std::move(said);
+            return finish_start(started.error());
+        }
         machine_->async_wait([weak](std::error_code, int) {
             if (auto self = weak.lock()) {
                 self->machine_exited_ = true;
@@ -892,6 +954,9 @@ private:
     // starts; then QEMU with the same devices, RAM mapped privately from the
     // snapshot, root disk writes to a throw-away overlay, -incoming.
     result<void> prepare_restore(const prepared_image& image) {
+        if (!options_.volumes.empty())
+            return refuse(errc::invalid_argument, "a vm with volumes cannot be restored (virtio-fs "
+                                                  "state does not migrate)");
         // A snapshot implies the kernel is cached: no fetch.
         if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
             return refuse(selected.error(), "no engine or cached kernel for the restore");

@@ -469,6 +469,7 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
     vm_options.memory_mib = static_cast<std::uint32_t>(options.memory_mib);
     vm_options.cpus = options.cpus;
     vm_options.engine = options.engine;
+    vm_options.volumes = exec.volumes;
     if (!options.append.empty()) vm_options.extra_cmdline.push_back(options.append);
     if (!options.kernel.empty()) {
         // A kernel of the user's. When it sits in an unpacked kernel package
@@ -512,8 +513,12 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
         io.get_executor(), std::move(root), std::move(vm_options),
         [&](std::error_code ec, std::shared_ptr<vm> started) {
             if (ec) {
-                std::fprintf(stderr, "supermachine boot: the VM did not come up: %s\n",
-                             ec.message().c_str());
+                // The vm's sentence (e.g. a missing helper program) beside the code.
+                const std::string detail = started && !started->failure_detail().empty()
+                                               ? ": " + started->failure_detail()
+                                               : std::string();
+                std::fprintf(stderr, "supermachine boot: the VM did not come up: %s%s\n",
+                             ec.message().c_str(), detail.c_str());
                 if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
                 return runner.fail(failed);
             }
@@ -676,7 +681,7 @@ int run_boot(std::span<char*> args) {
     }
     if (command) return boot_command(options, exec, std::move(*command));
     if (exec.any_command_option()) {
-        std::fprintf(stderr, "supermachine boot: -e, -w, -u, -p, -i and -t need a command "
+        std::fprintf(stderr, "supermachine boot: -e, -w, -u, -p, -v, -i and -t need a command "
                              "(boot --disk ROOT [OPTIONS] -- CMD)\n");
         return boot_bad_input;
     }

@@ -185,6 +185,7 @@ int run_run(std::span<char*> args) {
         return 125;
     }
     auto request = sm::cli::make_exec_request(process.value(), exec);
+    vm_options.volumes = exec.volumes;
     if (console)
         vm_options.console = [](std::string_view text) {
             sm::cli::write_all_fd(2, std::string(text));
@@ -197,8 +198,12 @@ int run_run(std::span<char*> args) {
         io.get_executor(), ready.value(), vm_options, warm,
         [&](std::error_code ec, std::shared_ptr<sm::vm> started) {
             if (ec) {
-                std::fprintf(stderr, "supermachine run: the VM did not come up: %s\n",
-                             ec.message().c_str());
+                // The vm's sentence (e.g. a missing helper program) beside the code.
+                const std::string detail = started && !started->failure_detail().empty()
+                                               ? ": " + started->failure_detail()
+                                               : std::string();
+                std::fprintf(stderr, "supermachine run: the VM did not come up: %s%s\n",
+                             ec.message().c_str(), detail.c_str());
                 if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
                 return command.fail(125);
             }

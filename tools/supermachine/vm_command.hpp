@@ -1,12 +1,13 @@
 #pragma once
 // What `supermachine run` and `supermachine boot --disk ROOT -- CMD` share:
 // the docker-style options that say what to run and how (-e -w -u -i -t -p
-// --timeout), parsed in one place, and the driver that runs the command in a
+// -v --timeout), parsed in one place, and the driver that runs the command in a
 // started vm (ports, signals, streaming, exit status, stopping the VM).
 #include "exec_session.hpp"
 
 #include <supermachine/agent/protocol.hpp>
 #include <supermachine/oci/process.hpp>
+#include <supermachine/shared_directory.hpp>
 #include <supermachine/vm.hpp>
 
 #include <boost/asio/io_context.hpp>
@@ -56,16 +57,17 @@ inline std::optional<port_mapping> parse_port(std::string_view text) {
 
 /// The shared options, as given on the command line.
 struct exec_cli_options {
-    oci::process_overrides overrides;  // -e, -w, -u (command and entrypoint: the caller's)
-    std::vector<port_mapping> ports;   // -p
-    bool interactive = false;          // -i
-    bool tty = false;                  // -t
-    std::uint32_t timeout_seconds = 0; // --timeout: kill the command after this long (0: never)
+    oci::process_overrides overrides;      // -e, -w, -u (command and entrypoint: the caller's)
+    std::vector<port_mapping> ports;       // -p
+    bool interactive = false;              // -i
+    bool tty = false;                      // -t
+    std::uint32_t timeout_seconds = 0;     // --timeout: kill the command after this long (0: never)
+    std::vector<shared_directory> volumes; // -v, checked (host path resolved)
 
     /// Whether any option that only means something with a command was given.
     bool any_command_option() const {
         return !overrides.env.empty() || overrides.working_dir || overrides.user ||
-               !ports.empty() || interactive || tty;
+               !ports.empty() || interactive || tty || !volumes.empty();
     }
 };
 
@@ -74,6 +76,9 @@ inline constexpr const char* exec_options_usage =
     "  -w, --workdir DIR       working directory in the guest\n"
     "  -u, --user USER[:GROUP] user to run as (name or id)\n"
     "  -p, --publish HOST:GUEST  forward 127.0.0.1:HOST to the guest's port GUEST\n"
+    "  -v, --volume HOST:GUEST[:ro|:rw]  mount the host directory HOST at GUEST (virtio-fs;\n"
+    "                          a relative HOST is from the current directory; up to 8;\n"
+    "                          such a run cold boots: volumes are not snapshotted)\n"
     "  -i, --interactive       forward stdin\n"
     "  -t, --tty               allocate a terminal in the guest\n"
     "      --timeout SECONDS   kill the command after this long\n";
@@ -102,7 +107,7 @@ inline option_parse parse_exec_option(std::span<char*> args, std::size_t& i,
     }
     const bool takes_value = a == "-e" || a == "--env" || a == "-w" || a == "--workdir" ||
                              a == "-u" || a == "--user" || a == "-p" || a == "--publish" ||
-                             a == "--timeout";
+                             a == "-v" || a == "--volume" || a == "--timeout";
     if (!takes_value) return option_parse::not_ours;
     auto fail = [&](const char* what, std::string_view value) {
         std::fprintf(stderr, "%.*s: %.*s%s%.*s\n", static_cast<int>(who.size()), who.data(),
@@ -124,6 +129,17 @@ inline option_parse parse_exec_option(std::span<char*> args, std::size_t& i,
         auto p = parse_port(v);
         if (!p) return fail(": bad port mapping (want HOST:GUEST): ", v);
         options.ports.push_back(*p);
+    } else if (a == "-v" || a == "--volume") {
+        if (options.volumes.size() >= max_shared_directories)
+            return fail(": too many volumes (at most 8): ", v);
+        std::error_code ec;
+        const auto cwd = std::filesystem::current_path(ec);
+        std::string why;
+        auto volume = parse_volume_spec(v, cwd, &why);
+        if (!volume) return fail((": " + why).c_str(), "");
+        if (auto valid = validate_shared_directory(volume.value(), &why); !valid)
+            return fail((": " + why).c_str(), "");
+        options.volumes.push_back(std::move(volume).value());
     } else { // --timeout
         std::uint32_t seconds = 0;
         auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), seconds);

@@ -127,6 +127,11 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
         vm::async_start(executor, image, for_boot(options), done);
     };
     if (!warm.use_snapshot) return cold(image, options);
+    if (!options.volumes.empty()) {
+        // vhost-user-fs does not migrate: no snapshot can hold such a vm.
+        say("cold boot: volumes (-v) cannot be snapshotted (virtio-fs does not migrate)");
+        return vm::async_start(executor, image, for_boot(options), done);
+    }
     auto engine = backend::select_engine(options.engine, nullptr);
     if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold(image, options);
     if (!options.kernel) {

@@ -34,6 +34,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -139,6 +140,7 @@ public:
         kill();
         if (snapshot_thread_.joinable()) snapshot_thread_.join();
         reap_blocking();
+        stop_file_servers();
         for (auto& d : devices_) {
             boost::system::error_code ignored;
             d.acceptor->close(ignored);
@@ -219,7 +221,7 @@ public:
         // Listing QEMU's devices costs a QEMU start (~0.1-0.2 s): only when
         // vhost-user devices need checking (a warm restore has none).
         std::filesystem::path binary;
-        if (devices_.empty()) {
+        if (devices_.empty() && config_.shared_directories.empty()) {
             auto found = detail::find_program(config_.qemu_binary.string());
             if (!found) return errc::engine_unavailable;
             binary = *found;
@@ -228,6 +230,8 @@ public:
             for (const auto& d : devices_)
                 if (!qemu.has_device(qemu_device_name(d.attachment.kind)))
                     return errc::engine_device_missing;
+            if (!config_.shared_directories.empty() && !qemu.has_device("vhost-user-fs-device"))
+                return errc::engine_device_missing;
             binary = qemu.binary;
         }
         switch (config_.accelerator) {
@@ -248,7 +252,16 @@ public:
         std::vector<qemu_vhost_user_attachment> attachments;
         for (const auto& d : devices_)
             attachments.push_back(d.attachment);
-        SUPERMACHINE_TRY(argv, detail::qemu_arguments(binary, config_, attachments, use_kvm_));
+        if (!config_.shared_directories.empty()) {
+            SUPERMACHINE_TRY(ensure_runtime_directory());
+        }
+        SUPERMACHINE_TRY(argv, detail::qemu_arguments(binary, config_, attachments, use_kvm_,
+                                                      runtime_directory_));
+        // QEMU connects to each virtiofsd at startup and fails without it.
+        if (auto served = start_file_servers(); !served) {
+            stop_file_servers();
+            return served.error();
+        }
         // Accept before spawning: QEMU connects during its startup and
         // negotiates synchronously, so the back-ends must already be served.
         for (auto& d : devices_)
@@ -498,6 +511,128 @@ private:
         return success();
     }
 
+    /// One virtiofsd per shared directory (children of ours: they die with
+    /// us), each listening on its socket before QEMU starts. Missing
+    /// virtiofsd: engine_unavailable; one that exits or does not listen
+    /// within 10 s: engine_failed, its stderr in diagnostics().
+    result<void> start_file_servers() {
+        if (config_.shared_directories.empty()) return success();
+        const auto binary = detail::find_program(config_.virtiofsd_binary.string());
+        if (!binary) {
+            std::lock_guard lock(diagnostics_mutex_);
+            diagnostics_ += "virtiofsd not found at " + config_.virtiofsd_binary.string() +
+                            " (Debian: qemu-system-common)\n";
+            return errc::engine_unavailable;
+        }
+        for (std::size_t i = 0; i < config_.shared_directories.size(); ++i) {
+            const auto socket = detail::shared_directory_socket(runtime_directory_, i);
+            std::error_code ignored;
+            std::filesystem::remove(socket, ignored);
+            // cache=auto: the guest sees host changes within a second (docker
+            // semantics for a bind mount are immediate; "none" would cost
+            // every lookup a round trip under TCG).
+            const auto& shared = config_.shared_directories[i];
+            std::vector<std::string> argv{binary->string(),
+                                          "--socket-path=" + socket.string(),
+                                          "-o",
+                                          "source=" + shared.source.string(),
+                                          "-o",
+                                          "cache=auto",
+                                          "-o",
+                                          "log_level=warn"};
+            if (shared.read_only) {
+                // The C virtiofsd has no read-only mode, and a guest's root
+                // can remount its side rw: so virtiofsd runs in a mount
+                // namespace of its own where the directory is a read-only
+                // bind mount of itself (the host's mounts are untouched;
+                // the namespace ends with virtiofsd). Paths go to the shell
+                // as "$1".., never into the script.
+                const auto unshare = detail::find_program("unshare");
+                if (!unshare) {
+                    std::lock_guard lock(diagnostics_mutex_);
+                    diagnostics_ += "unshare (util-linux) not found: read-only volumes need it\n";
+                    return errc::engine_unavailable;
+                }
+                argv = {unshare->string(),
+                        "--mount",
+                        "--propagation",
+                        "private",
+                        "/bin/sh",
+                        "-c",
+                        "mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\" && "
+                        "exec \"$2\" --socket-path=\"$3\" -o source=\"$1\" -o cache=auto "
+                        "-o log_level=warn",
+                        "sh",
+                        shared.source.string(),
+                        binary->string(),
+                        socket.string()};
+            }
+            SUPERMACHINE_TRY(child, detail::spawn(argv));
+            file_servers_.push_back(child);
+            drain_into_diagnostics(child.stdout_read);
+            drain_into_diagnostics(child.stderr_read);
+        }
+        using namespace std::chrono_literals;
+        for (std::size_t i = 0; i < file_servers_.size(); ++i) {
+            const auto socket = detail::shared_directory_socket(runtime_directory_, i);
+            for (auto deadline = std::chrono::steady_clock::now() + 10s;;) {
+                std::error_code ec;
+                if (std::filesystem::is_socket(socket, ec)) break;
+                int status = 0;
+                if (::waitpid(file_servers_[i].pid, &status, WNOHANG) == file_servers_[i].pid) {
+                    file_servers_[i].pid = -1; // reaped
+                    return errc::engine_failed;
+                }
+                if (std::chrono::steady_clock::now() > deadline) return errc::engine_failed;
+                std::this_thread::sleep_for(1ms);
+            }
+        }
+        return success();
+    }
+
+    void stop_file_servers() noexcept {
+        for (auto& server : file_servers_) {
+            if (server.pid > 0) {
+                ::kill(server.pid, SIGKILL);
+                ::waitpid(server.pid, nullptr, 0);
+                server.pid = -1;
+            }
+            if (server.pidfd >= 0) ::close(server.pidfd);
+            server.pidfd = -1;
+        }
+        for (auto& output : file_outputs_) { // pending reads end (operation_aborted)
+            boost::system::error_code ignored;
+            output->close(ignored);
+        }
+        file_outputs_.clear();
+        file_servers_.clear();
+    }
+
+    /// Read a helper's output pipe into diagnostics() (so it never blocks on a full pipe).
+    void drain_into_diagnostics(int fd) {
+        auto stream = std::make_shared<boost::asio::posix::stream_descriptor>(executor_, fd);
+        file_outputs_.push_back(stream);
+        auto buffer = std::make_shared<std::array<char, 1024>>();
+        auto read = std::make_shared<std::function<void()>>();
+        *read = [this, stream, buffer, weak_read = std::weak_ptr<std::function<void()>>(read),
+                 alive = std::weak_ptr<int>(alive_)] {
+            stream->async_read_some(boost::asio::buffer(*buffer),
+                                    [this, buffer, weak_read,
+                                     alive](const boost::system::error_code& ec, std::size_t n) {
+                                        if (alive.expired()) return;
+                                        {
+                                            std::lock_guard lock(diagnostics_mutex_);
+                                            diagnostics_.append(buffer->data(), n);
+                                            if (diagnostics_.size() > 16384)
+                                                diagnostics_.erase(0, diagnostics_.size() - 16384);
+                                        }
+                                        if (auto again = weak_read.lock(); again && !ec) (*again)();
+                                    });
+        };
+        file_readers_.push_back(read);
+        (*read)();
+    }
+
     result<void> ensure_runtime_directory() {
         if (!runtime_directory_.empty()) return success();
         std::string pattern =
@@ -571,6 +706,9 @@ private:
     std::filesystem::path runtime_directory_;
     std::vector<attached_device> devices_;
     detail::child_process child_;
+    std::vector<detail::child_process> file_servers_; // virtiofsd, one per shared directory
+    std::vector<std::shared_ptr<boost::asio::posix::stream_descriptor>> file_outputs_;
+    std::vector<std::shared_ptr<std::function<void()>>> file_readers_;
     bool use_kvm_ = false;
     bool exited_ = false;
     bool console_closed_ = false;

@@ -41,6 +41,14 @@ struct qemu_vhost_user_attachment {
     std::string id;
 };
 
+/// A host directory QEMU offers the guest as a vhost-user-fs-device; the
+/// engine runs one virtiofsd for it (the vm validates `source`).
+struct qemu_shared_directory {
+    std::filesystem::path source; // host directory (no ',': virtiofsd's -o separator)
+    std::string tag;              // the guest mounts it by this name (<= 36 bytes)
+    bool read_only = false;       // virtiofsd serves a read-only bind mount of it
+};
+
 struct qemu_config {
     std::filesystem::path qemu_binary = "qemu-system-x86_64"; // a name is looked up on PATH
     std::filesystem::path kernel;                             // bzImage or PVH vmlinux
@@ -85,6 +93,11 @@ struct qemu_config {
     /// listens on (the agent channel QEMU can migrate; vhost-user-vsock cannot).
     std::filesystem::path agent_serial_socket;
     std::string agent_serial_name = "supermachine.agent";
+    /// Host directories over virtio-fs (needs guest RAM shared with
+    /// virtiofsd: the default memfd, or a shared memory_file).
+    std::vector<qemu_shared_directory> shared_directories;
+    /// The C virtiofsd of QEMU 7.2 (Debian's qemu-system-common).
+    std::filesystem::path virtiofsd_binary = "/usr/lib/qemu/virtiofsd";
     /// Appended verbatim (e.g. QEMU's own -drive/-device for comparisons).
     std::vector<std::string> extra_arguments;
 };
@@ -145,10 +158,18 @@ inline std::string tcg_timer_arguments() {
     return " tsc_early_khz=" + std::to_string(khz) + " lpj=" + std::to_string(khz * 4);
 }
 
-/// The argument vector (argv[0] = resolved binary). `use_kvm` is decided by the caller.
+/// Where the virtiofsd of shared directory `index` listens.
+inline std::filesystem::path shared_directory_socket(const std::filesystem::path& runtime_directory,
+                                                     std::size_t index) {
+    return runtime_directory / ("fs" + std::to_string(index) + ".sock");
+}
+
+/// The argument vector (argv[0] = resolved binary). `use_kvm` is decided by
+/// the caller; `runtime_directory` holds the virtiofsd sockets.
 inline result<std::vector<std::string>>
 qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
-               const std::vector<qemu_vhost_user_attachment>& devices, bool use_kvm) {
+               const std::vector<qemu_vhost_user_attachment>& devices, bool use_kvm,
+               const std::filesystem::path& runtime_directory = {}) {
     if (config.kernel.empty() && !config.incoming) return errc::kernel_not_found;
     if (config.memory_bytes < (16u << 20) || config.memory_bytes % (1u << 20))
         return errc::invalid_argument;
@@ -221,6 +242,19 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         std::string device = std::string(qemu_device_name(d.kind)) + ",chardev=" + d.id;
         if (d.kind == vhost_user_device_kind::blk) device += ",num-queues=1";
         a.insert(a.end(), {"-device", device});
+    }
+    if (!config.shared_directories.empty() && !config.memory_file.empty() &&
+        !config.memory_file_shared)
+        return errc::invalid_argument; // virtiofsd cannot see a private mapping
+    for (std::size_t i = 0; i < config.shared_directories.size(); ++i) {
+        const auto& d = config.shared_directories[i];
+        if (d.tag.empty() || d.tag.size() > 36 || d.tag.find_first_of(", =") != std::string::npos)
+            return errc::invalid_argument;
+        const std::string id = "fs" + std::to_string(i);
+        a.insert(a.end(), {"-chardev",
+                           "socket,id=" + id + ",path=" +
+                               comma_escape(shared_directory_socket(runtime_directory, i).string()),
+                           "-device", "vhost-user-fs-device,chardev=" + id + ",tag=" + d.tag});
     }
     if (!config.qmp_socket.empty())
         a.insert(a.end(), {"-qmp", "unix:" + config.qmp_socket.string() + ",server=on,wait=off"});
