@@ -67,15 +67,6 @@ boot_environment& env() {
     return e;
 }
 
-std::string describe(const process_result& r) {
-    return "status " + std::to_string(r.status) + (r.timed_out ? " (test limit hit)" : "") +
-           "\nstdout: " + r.out.substr(0, 2000) + "\nstderr: " + r.err.substr(0, 4000);
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-    return haystack.find(needle) != std::string::npos;
-}
-
 // The children of `parent` whose command name starts with `prefix`.
 std::vector<pid_t> children_named(pid_t parent, const std::string& prefix) {
     std::vector<pid_t> found;

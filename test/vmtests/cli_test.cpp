@@ -23,15 +23,6 @@ vm_environment& env() {
     return e;
 }
 
-std::string describe(const process_result& r) {
-    return "status " + std::to_string(r.status) + (r.timed_out ? " (test limit hit)" : "") +
-           "\nstdout: " + r.out.substr(0, 2000) + "\nstderr: " + r.err.substr(0, 4000);
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-    return haystack.find(needle) != std::string::npos;
-}
-
 // One HTTP/1.0 GET to 127.0.0.1:port; the whole response, or "" if refused.
 std::string http_get(unsigned short port, const std::string& path) {
     int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);

@@ -69,6 +69,17 @@ struct process_result {
     bool timed_out = false;
 };
 
+/// A process result for a failed check's message: status, then the
+/// beginning of stdout and stderr.
+inline std::string describe(const process_result& r) {
+    return "status " + std::to_string(r.status) + (r.timed_out ? " (test limit hit)" : "") +
+           "\nstdout: " + r.out.substr(0, 2000) + "\nstderr: " + r.err.substr(0, 4000);
+}
+
+inline bool contains(const std::string& haystack, const std::string& needle) {
+    return haystack.find(needle) != std::string::npos;
+}
+
 /// Run argv with `input` on stdin (closed at its end), collecting stdout
 /// (or only hashing it), stderr; SIGKILL after `limit`.
 inline process_result run_process(const std::vector<std::string>& argv, const std::string& input,

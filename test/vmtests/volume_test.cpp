@@ -24,15 +24,6 @@ vm_environment& env() {
     return e;
 }
 
-std::string describe(const process_result& r) {
-    return "status " + std::to_string(r.status) + (r.timed_out ? " (test limit hit)" : "") +
-           "\nstdout: " + r.out.substr(0, 2000) + "\nstderr: " + r.err.substr(0, 4000);
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-    return haystack.find(needle) != std::string::npos;
-}
-
 std::string read_text(const fs::path& p) {
     std::ifstream in(p);
     std::stringstream s;
