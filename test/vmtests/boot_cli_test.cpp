@@ -2,6 +2,7 @@
 // (Debian's cloud kernel under QEMU TCG), the agent as /init, and a root
 // filesystem the test builds from busybox-static with `mkfs.ext4 -d`. Also:
 // `boot` without `--` keeps its statuses, and QEMU dies with a SIGKILLed CLI.
+#include "exec_contract.hpp"
 #include "vm_fixture.hpp"
 
 #include <boost/test/unit_test.hpp>
@@ -88,29 +89,26 @@ std::vector<pid_t> children_named(pid_t parent, const std::string& prefix) {
 
 } // namespace
 
+// The contract every entry point keeps (exec_contract.hpp), through `boot -- CMD`.
+const exec_contract::runner boot_entry = [](const auto& options, const auto& command,
+                                            const std::string& input, std::chrono::seconds limit) {
+    return env().boot(options, command, input, limit);
+};
+
 BOOST_AUTO_TEST_CASE(exit_status_and_separate_streams) {
-    auto r = env().boot({}, {"sh", "-c", "echo out-line; echo err-line >&2; exit 42"});
-    BOOST_TEST(r.status == 42, describe(r));
-    BOOST_TEST(r.out == "out-line\n", describe(r));
-    BOOST_TEST(contains(r.err, "err-line"), describe(r));
+    exec_contract::exit_status_and_separate_streams(boot_entry);
 }
-
 BOOST_AUTO_TEST_CASE(killed_by_sigkill_is_137) {
-    auto r = env().boot({}, {"sh", "-c", "kill -9 $$"});
-    BOOST_TEST(r.status == 137, describe(r));
+    exec_contract::killed_by_sigkill_is_137(boot_entry);
 }
-
 BOOST_AUTO_TEST_CASE(missing_command_is_127_and_named) {
-    auto r = env().boot({}, {"no-such-command-xyz", "arg"});
-    BOOST_TEST(r.status == 127, describe(r));
-    BOOST_TEST(contains(r.err, "no-such-command-xyz"), describe(r));
+    exec_contract::missing_command_is_127_and_named(boot_entry);
 }
-
 BOOST_AUTO_TEST_CASE(timeout_is_the_commands) {
-    auto r = env().boot({"--timeout", "3"}, {"sleep", "600"}, "", 120s);
-    BOOST_TEST(!r.timed_out, describe(r));
-    BOOST_TEST(r.status == 137, describe(r));
-    BOOST_TEST(contains(r.err, "timed out"), describe(r));
+    exec_contract::timeout_kills_and_says_so(boot_entry);
+}
+BOOST_AUTO_TEST_CASE(stdin_is_streamed_with_i) {
+    exec_contract::stdin_is_streamed_with_i(boot_entry);
 }
 
 BOOST_AUTO_TEST_CASE(stdout_checksum_of_several_mib) {
@@ -132,21 +130,6 @@ BOOST_AUTO_TEST_CASE(stdout_checksum_of_several_mib) {
     BOOST_TEST(r.status == 0, describe(r));
     BOOST_TEST(r.out_bytes == total);
     BOOST_TEST(r.out_sha256 == expected);
-}
-
-BOOST_AUTO_TEST_CASE(stdin_is_streamed_with_i) {
-    std::string input;
-    for (int i = 0; input.size() < (1u << 20); ++i)
-        input += "line " + std::to_string(i) + " of the stdin stream\n";
-    auto r = env().boot({"-i"}, {"cat"}, input);
-    BOOST_TEST(r.status == 0, describe(r));
-    BOOST_TEST(r.out.size() == input.size());
-    BOOST_TEST((r.out == input));
-    // Without -i the command sees EOF at once.
-    auto closed = env().boot({}, {"wc", "-c"}, "ignored\n");
-    BOOST_TEST(closed.status == 0, describe(closed));
-    BOOST_TEST(contains(closed.out, "0"), describe(closed));
-    BOOST_TEST(!contains(closed.out, "8"), describe(closed));
 }
 
 BOOST_AUTO_TEST_CASE(env_workdir_user_from_the_disk) {

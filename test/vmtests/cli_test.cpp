@@ -1,6 +1,7 @@
 // `supermachine run` end to end as users run it: a real Linux guest (Debian's
 // cloud kernel under QEMU TCG), our vhost-user blk + vsock devices, the agent
 // as /init, the demo busybox image. Each case boots its own VM.
+#include "exec_contract.hpp"
 #include "vm_fixture.hpp"
 
 #include <boost/test/unit_test.hpp>
@@ -60,31 +61,26 @@ unsigned short free_port() {
 
 } // namespace
 
+// The contract every entry point keeps (exec_contract.hpp), through `run`.
+const exec_contract::runner run_entry = [](const auto& options, const auto& command,
+                                           const std::string& input, std::chrono::seconds limit) {
+    return env().run(options, command, input, limit);
+};
+
 BOOST_AUTO_TEST_CASE(exit_code_and_separate_streams) {
-    auto r = env().run({}, {"sh", "-c", "echo out-line; echo err-line >&2; exit 42"});
-    BOOST_TEST(r.status == 42, describe(r));
-    BOOST_TEST(r.out == "out-line\n", describe(r));
-    BOOST_TEST(contains(r.err, "err-line"), describe(r));
-    BOOST_TEST(!contains(r.out, "err-line"), describe(r));
+    exec_contract::exit_status_and_separate_streams(run_entry);
 }
-
 BOOST_AUTO_TEST_CASE(killed_by_sigkill_is_137) {
-    auto r = env().run({}, {"sh", "-c", "kill -9 $$"});
-    BOOST_TEST(r.status == 137, describe(r));
+    exec_contract::killed_by_sigkill_is_137(run_entry);
 }
-
 BOOST_AUTO_TEST_CASE(missing_command_is_127_and_named) {
-    auto r = env().run({}, {"no-such-command-xyz", "arg"});
-    BOOST_TEST(r.status == 127, describe(r));
-    BOOST_TEST(contains(r.err, "no-such-command-xyz"), describe(r));
+    exec_contract::missing_command_is_127_and_named(run_entry);
 }
-
 BOOST_AUTO_TEST_CASE(timeout_kills_and_says_so) {
-    auto r = env().run({"--timeout", "3"}, {"sleep", "600"}, "", 90s);
-    BOOST_TEST(!r.timed_out, describe(r));
-    BOOST_TEST(r.status == 137, describe(r));
-    BOOST_TEST(contains(r.err, "timed out"), describe(r));
-    BOOST_TEST(r.seconds < 60, describe(r));
+    exec_contract::timeout_kills_and_says_so(run_entry);
+}
+BOOST_AUTO_TEST_CASE(stdin_is_streamed_with_i) {
+    exec_contract::stdin_is_streamed_with_i(run_entry);
 }
 
 BOOST_AUTO_TEST_CASE(image_config_defaults) {
@@ -114,25 +110,6 @@ BOOST_AUTO_TEST_CASE(overrides_env_workdir_user) {
     auto numeric = env().run({"-u", "1234:4321"}, {"id"});
     BOOST_TEST(numeric.status == 0, describe(numeric));
     BOOST_TEST(contains(numeric.out, "uid=1234 gid=4321"), describe(numeric));
-}
-
-BOOST_AUTO_TEST_CASE(stdin_is_streamed_with_i) {
-    std::string input;
-    for (int i = 0; input.size() < (2u << 20); ++i)
-        input += "line " + std::to_string(i) + " of the stdin stream\n";
-    auto r = env().run({"-i"}, {"cat"}, input);
-    BOOST_TEST(r.status == 0, describe(r));
-    BOOST_TEST(r.out.size() == input.size());
-    BOOST_TEST((r.out == input));
-
-    auto counted = env().run({"-i"}, {"wc", "-c"}, "data\n");
-    BOOST_TEST(counted.status == 0, describe(counted));
-    BOOST_TEST(contains(counted.out, "5"), describe(counted));
-
-    // Without -i the command sees EOF at once, even if the host has stdin.
-    auto closed = env().run({}, {"wc", "-c"}, "ignored\n");
-    BOOST_TEST(closed.status == 0, describe(closed));
-    BOOST_TEST(contains(closed.out, "0"), describe(closed));
 }
 
 BOOST_AUTO_TEST_CASE(hundred_mib_of_stdout_intact_with_bounded_rss) {
