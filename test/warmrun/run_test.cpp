@@ -169,6 +169,76 @@ BOOST_AUTO_TEST_CASE(corrupted_state_is_rebuilt_not_trusted) {
     BOOST_TEST(has(third.err, "cached snapshot unusable"));
 }
 
+// Drives the vm API on one io_context for the API cases. The vms keep
+// work on the executor (console, engine), so each wait runs it until the
+// operations under test completed, bounded.
+struct api_driver {
+    boost::asio::io_context io;
+    int pending = 0;
+
+    void wait() {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(4);
+        while (pending > 0 && std::chrono::steady_clock::now() < deadline)
+            io.run_one_for(std::chrono::milliseconds(200));
+        BOOST_REQUIRE(pending == 0);
+    }
+
+    // A snapshottable 256 MiB vm of `image`, booted; the test stops on failure.
+    std::shared_ptr<sm::vm> boot(const sm::prepared_image& image, const sm::vm_options& options) {
+        std::shared_ptr<sm::vm> started;
+        std::error_code ec = sm::errc::invalid_argument;
+        pending = 1;
+        sm::vm::async_start(io.get_executor(), image, options,
+                            [&](std::error_code e, std::shared_ptr<sm::vm> v) {
+                                ec = e;
+                                started = v;
+                                --pending;
+                            });
+        wait();
+        BOOST_REQUIRE_MESSAGE(!ec, ec.message() << "\n"
+                                                << (started ? started->console_tail() : ""));
+        return started;
+    }
+
+    sm::vm::snapshot_report snapshot(sm::vm& v, const fs::path& dir, bool resume) {
+        std::error_code ec = sm::errc::invalid_argument;
+        sm::vm::snapshot_report report;
+        pending = 1;
+        v.async_snapshot(dir, resume, [&](std::error_code e, sm::vm::snapshot_report r) {
+            ec = e;
+            report = r;
+            --pending;
+        });
+        wait();
+        BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+        BOOST_REQUIRE_MESSAGE(report.saved, report.refusal);
+        return report;
+    }
+
+    // `sh -c command` on `v`: its stdout; the exec must succeed with status 0.
+    std::string exec(sm::vm& v, const std::string& command) {
+        std::string out;
+        pending = 1;
+        v.async_exec({.argv = {"sh", "-c", command}},
+                     [&](std::error_code e, sm::agent::exec_output o) {
+                         BOOST_REQUIRE_MESSAGE(!e, e.message());
+                         BOOST_TEST(o.exit_code == 0);
+                         out = o.stdout_data;
+                         --pending;
+                     });
+        wait();
+        return out;
+    }
+};
+
+sm::vm_options snapshottable_options() {
+    sm::vm_options options;
+    options.memory_mib = 256;
+    options.snapshottable = true;
+    options.ready_timeout = std::chrono::seconds(120);
+    return options;
+}
+
 // Through the API: state written before the snapshot (a tmpfs file, a
 // running process) is there after restore; two restores from one snapshot
 // at once are each private.
@@ -177,65 +247,27 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
     auto ready = sm::image::from_oci(s.image).prepare();
     BOOST_REQUIRE(ready);
     const auto dir = s.work / "api-snapshot";
-    boost::asio::io_context io;
-    sm::vm_options options;
-    options.memory_mib = 256;
-    options.snapshottable = true;
-    options.ready_timeout = std::chrono::seconds(120);
-    std::shared_ptr<sm::vm> cold;
-    std::error_code ec = sm::errc::invalid_argument;
-    int pending = 1;
-    // The vms keep work on the executor (console, engine): run until the
-    // operations under test completed, bounded.
-    auto run_pending = [&] {
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(4);
-        while (pending > 0 && std::chrono::steady_clock::now() < deadline)
-            io.run_one_for(std::chrono::milliseconds(200));
-        BOOST_REQUIRE(pending == 0);
-    };
-    sm::vm::async_start(io.get_executor(), ready.value(), options,
-                        [&](std::error_code e, std::shared_ptr<sm::vm> v) {
-                            ec = e;
-                            cold = v;
-                            --pending;
-                        });
-    run_pending();
-    BOOST_REQUIRE_MESSAGE(!ec, ec.message() << "\n" << (cold ? cold->console_tail() : ""));
-    cold->async_exec({.argv = {"sh", "-c",
-                               "echo before-snapshot > /tmp/before; "
-                               "(sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid)"}},
-                     [&](std::error_code e, sm::agent::exec_output out) {
-                         ec = e;
-                         BOOST_TEST(out.exit_code == 0);
-                         --pending;
-                     });
-    pending = 1;
-    run_pending();
-    BOOST_REQUIRE(!ec);
-    sm::vm::snapshot_report report;
-    pending = 1;
-    cold->async_snapshot(dir, false, [&](std::error_code e, sm::vm::snapshot_report r) {
-        ec = e;
-        report = r;
-        --pending;
-    });
-    run_pending();
-    BOOST_REQUIRE_MESSAGE(!ec, ec.message());
-    BOOST_REQUIRE_MESSAGE(report.saved, report.refusal);
+    const auto options = snapshottable_options();
+    api_driver api;
+    auto cold = api.boot(ready.value(), options);
+    api.exec(*cold, "echo before-snapshot > /tmp/before; "
+                    "(sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid)");
+    const auto report = api.snapshot(*cold, dir, false);
     BOOST_TEST(report.bytes < (4u << 20)); // device state only: RAM stays in the file
     cold.reset();
 
+    // Two restores at once.
     std::shared_ptr<sm::vm> clone[2];
     std::error_code clone_ec[2] = {sm::errc::invalid_argument, sm::errc::invalid_argument};
-    pending = 2;
+    api.pending = 2;
     for (int k = 0; k < 2; ++k)
-        sm::vm::async_restore(io.get_executor(), dir, ready.value(), options,
+        sm::vm::async_restore(api.io.get_executor(), dir, ready.value(), options,
                               [&, k](std::error_code e, std::shared_ptr<sm::vm> v) {
                                   clone_ec[k] = e;
                                   clone[k] = v;
-                                  --pending;
+                                  --api.pending;
                               });
-    run_pending();
+    api.wait();
     for (int k = 0; k < 2; ++k) {
         BOOST_REQUIRE_MESSAGE(!clone_ec[k], clone_ec[k].message()
                                                 << "\n"
@@ -247,7 +279,9 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
                                            .count()
                                     << " ms");
     }
+    // And a command in each at once.
     std::string out[2];
+    api.pending = 2;
     for (int k = 0; k < 2; ++k) {
         const auto n = std::to_string(k);
         clone[k]->async_exec(
@@ -258,11 +292,10 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
                 BOOST_TEST(!e);
                 BOOST_TEST(o.exit_code == 0);
                 out[k] = o.stdout_data;
-                --pending;
+                --api.pending;
             });
     }
-    pending = 2;
-    run_pending();
+    api.wait();
     for (int k = 0; k < 2; ++k) {
         const auto n = std::to_string(k);
         BOOST_TEST(out[k] == "before-snapshot\nalive\nown" + n + " ", out[k]);
@@ -277,63 +310,26 @@ BOOST_AUTO_TEST_CASE(api_snapshot_and_resume) {
     auto ready = sm::image::from_oci(s.image).prepare();
     BOOST_REQUIRE(ready);
     const auto dir = s.work / "api-resume";
-    boost::asio::io_context io;
-    sm::vm_options options;
-    options.memory_mib = 256;
-    options.snapshottable = true;
-    int pending = 1;
-    auto run_pending = [&] {
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(4);
-        while (pending > 0 && std::chrono::steady_clock::now() < deadline)
-            io.run_one_for(std::chrono::milliseconds(200));
-        BOOST_REQUIRE(pending == 0);
-    };
-    std::shared_ptr<sm::vm> v;
-    std::error_code ec = sm::errc::invalid_argument;
-    sm::vm::async_start(io.get_executor(), ready.value(), options,
-                        [&](std::error_code e, std::shared_ptr<sm::vm> started) {
-                            ec = e;
-                            v = started;
-                            --pending;
-                        });
-    run_pending();
-    BOOST_REQUIRE_MESSAGE(!ec, ec.message());
-    auto exec = [&](std::shared_ptr<sm::vm> on, std::string command) {
-        std::string out;
-        pending = 1;
-        on->async_exec({.argv = {"sh", "-c", command}},
-                       [&](std::error_code e, sm::agent::exec_output o) {
-                           BOOST_TEST(!e, e.message());
-                           out = o.stdout_data;
-                           --pending;
-                       });
-        run_pending();
-        return out;
-    };
-    exec(v, "echo kept > /tmp/kept");
-    sm::vm::snapshot_report report;
-    pending = 1;
-    v->async_snapshot(dir, true, [&](std::error_code e, sm::vm::snapshot_report r) {
-        ec = e;
-        report = r;
-        --pending;
-    });
-    run_pending();
-    BOOST_REQUIRE_MESSAGE(!ec, ec.message());
-    BOOST_REQUIRE(report.saved);
-    BOOST_TEST(exec(v, "cat /tmp/kept; echo after > /tmp/after; echo ok") == "kept\nok\n");
+    const auto options = snapshottable_options();
+    api_driver api;
+    auto v = api.boot(ready.value(), options);
+    api.exec(*v, "echo kept > /tmp/kept");
+    api.snapshot(*v, dir, true);
+    BOOST_TEST(api.exec(*v, "cat /tmp/kept; echo after > /tmp/after; echo ok") == "kept\nok\n");
     std::shared_ptr<sm::vm> clone;
-    pending = 1;
-    sm::vm::async_restore(io.get_executor(), dir, ready.value(), options,
+    std::error_code ec = sm::errc::invalid_argument;
+    api.pending = 1;
+    sm::vm::async_restore(api.io.get_executor(), dir, ready.value(), options,
                           [&](std::error_code e, std::shared_ptr<sm::vm> c) {
                               ec = e;
                               clone = c;
-                              --pending;
+                              --api.pending;
                           });
-    run_pending();
+    api.wait();
     BOOST_REQUIRE_MESSAGE(!ec, ec.message());
     // The clone has the snapshot's state, not what the original did since.
-    BOOST_TEST(exec(clone, "cat /tmp/kept; ls /tmp/after 2>/dev/null; echo end") == "kept\nend\n");
+    BOOST_TEST(api.exec(*clone, "cat /tmp/kept; ls /tmp/after 2>/dev/null; echo end") ==
+               "kept\nend\n");
     clone->kill();
     v->kill();
 }
