@@ -16,16 +16,19 @@ std::string cli() {
     skip_unless(fs::exists(path), "supermachine CLI not built");
     return path.string();
 }
-// Run with the cache in `cache`; returns exit status and output.
-std::pair<int, std::string> run_cli(const fs::path& cache, const std::string& args) {
-    std::string command = "XDG_CACHE_HOME=" + cache.string() + " " + cli() + " " + args + " 2>&1";
-    FILE* pipe = ::popen(command.c_str(), "r");
+// A shell command line: its exit status and its output (stdout and stderr).
+std::pair<int, std::string> run_shell(const std::string& command) {
+    FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
     std::string out;
     char buffer[4096];
     while (auto n = std::fread(buffer, 1, sizeof buffer, pipe))
         out.append(buffer, n);
     int status = ::pclose(pipe);
     return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+// Run with the cache in `cache`; returns exit status and output.
+std::pair<int, std::string> run_cli(const fs::path& cache, const std::string& args) {
+    return run_shell("XDG_CACHE_HOME=" + cache.string() + " " + cli() + " " + args);
 }
 } // namespace
 
@@ -114,16 +117,9 @@ BOOST_AUTO_TEST_CASE(pull_with_credentials_from_the_docker_config) {
     write_text(docker_config / "config.json", config);
     // `env` first: HOME and DOCKER_CONFIG exactly as each case says.
     auto pull = [&](const std::string& environment, const std::string& cache) {
-        std::string command = "env -u DOCKER_CONFIG " + environment +
-                              " XDG_CACHE_HOME=" + (dir.path / cache).string() + " " + cli() +
-                              " pull --quiet " + server.host() + "/cli/private:1 2>&1";
-        FILE* pipe = ::popen(command.c_str(), "r");
-        std::string out;
-        char buffer[4096];
-        while (auto n = std::fread(buffer, 1, sizeof buffer, pipe))
-            out.append(buffer, n);
-        int status = ::pclose(pipe);
-        return std::pair{WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+        return run_shell("env -u DOCKER_CONFIG " + environment +
+                         " XDG_CACHE_HOME=" + (dir.path / cache).string() + " " + cli() +
+                         " pull --quiet " + server.host() + "/cli/private:1");
     };
     auto [s1, anonymous] = pull("HOME=" + empty_home.string(), "c1");
     BOOST_TEST(s1 == 1, anonymous);
