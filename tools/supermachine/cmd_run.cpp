@@ -7,6 +7,8 @@
 #include "vm_command.hpp"
 #include "warm_start.hpp"
 
+#include <supermachine/detail/trace.hpp>
+
 #include <supermachine/image.hpp>
 #include <supermachine/oci/process.hpp>
 #include <supermachine/vm.hpp>
@@ -175,6 +177,7 @@ int run_run(std::span<char*> args) {
                      why.empty() ? ready.error().message().c_str() : why.c_str());
         return 125;
     }
+    sm::detail::trace_point("image ready");
     auto process = sm::oci::make_process(ready.value().config, exec.overrides, ready.value().passwd,
                                          ready.value().group);
     if (!process) {

@@ -4,6 +4,7 @@
 // exit status is the command's (128 + N when killed by signal N), 127 when
 // the command does not exist, 125 when the VMM itself failed.
 #include <supermachine/agent/client.hpp>
+#include <supermachine/detail/trace.hpp>
 #include <supermachine/error.hpp>
 
 #include <boost/asio/post.hpp>
@@ -64,8 +65,10 @@ public:
         auto self = std::shared_ptr<exec_session>(new exec_session(std::move(done)));
         request.stdin_open = forward_stdin;
         const std::string program = request.argv.empty() ? std::string() : request.argv[0];
+        supermachine::detail::trace_point("exec request");
         client.async_spawn(std::move(request), [self, forward_stdin, &client,
                                                 program](std::error_code ec, child_type child) {
+            supermachine::detail::trace_point("exec started");
             if (ec) {
                 // The agent's text names the command or the failing step
                 // ("command not found: NAME", "cannot change directory to: DIR").
@@ -80,6 +83,7 @@ public:
             self->pump(1);
             if (forward_stdin) self->read_stdin();
             self->child_->async_wait([self](std::error_code ec, agent::exit_status status) {
+                supermachine::detail::trace_point("exit status");
                 self->exit_ = ec ? 125 : status.signal ? 128 + status.signal : status.code;
                 if (ec) std::fprintf(stderr, "supermachine: %s\n", ec.message().c_str());
                 if (!ec && status.timed_out) std::fprintf(stderr, "supermachine: timed out\n");

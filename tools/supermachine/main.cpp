@@ -1,6 +1,8 @@
 // supermachine — run OCI images as microVMs. `supermachine COMMAND --help`.
 #include "command.hpp"
 
+#include <supermachine/detail/trace.hpp>
+
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -15,6 +17,7 @@ int usage(FILE* out) {
 } // namespace
 
 int main(int argc, char** argv) {
+    supermachine::detail::trace_point("main");
     if (argc < 2) return usage(stderr);
     if (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) return usage(stdout);
     auto& table = supermachine::cli::commands();
