@@ -97,7 +97,7 @@ def qemu_own_restore(cli, image, runs):
                     a = open(f"/proc/{pid}/cmdline").read().split("\0")[:-1]
                 except OSError:
                     continue
-                if a and "qemu-system" in a[0] and "defer" in a:
+                if a and "qemu-system" in a[0] and "chardev=restore,mode=control" in a:
                     argv, qemu_pid = a, int(pid)
         if argv is None:
             sys.exit("no restored QEMU found under supermachine run")
@@ -109,6 +109,8 @@ def qemu_own_restore(cli, image, runs):
         mem_path = [o for o in argv[m].split(",") if o.startswith("mem-path=")][0][len("mem-path="):]
         state = os.path.join(os.path.dirname(mem_path), "state")
         source = list(argv)
+        m = source.index("chardev=restore,mode=control")  # fds 4 and 5 were the CLI's
+        del source[m - 3:m + 1]
         qmp_path = os.path.join(work, "qmp-source.sock")
         source[option_after(source, "-qmp", "unix:")] = f"unix:{qmp_path},server=on,wait=off"
         source[option_after(source, "-chardev", "id=agent")] = (
@@ -138,7 +140,9 @@ def qemu_own_restore(cli, image, runs):
         i = option_after(argv, "-object", "memory-backend-file")
         size_opt = [o for o in argv[i].split(",") if o.startswith("size=")][0]
         argv[i] = f"memory-backend-memfd,id=mem,{size_opt},share=on"
-        argv[argv.index("defer")] = f"exec:cat {full}"
+        m = argv.index("chardev=restore,mode=control")
+        del argv[m - 3:m + 1]  # a plain stream, RAM and all: no start-up monitor
+        argv[argv.index("-incoming") + 1] = f"exec:cat {full}"
         times = []
         for n in range(runs):
             args = list(argv)

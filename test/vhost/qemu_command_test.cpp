@@ -76,12 +76,35 @@ BOOST_AUTO_TEST_CASE(a_restore_loads_no_kernel_and_needs_none) {
     BOOST_TEST(!has(argv, "-kernel"));
     BOOST_TEST(!has(argv, "-initrd"));
     BOOST_TEST(!has(argv, "-append"));
+    // The capability and the load come from a monitor on fd 5 that already
+    // holds the commands: no QMP round trip before the guest runs.
     BOOST_TEST(after(argv, "-incoming") == "defer");
+    BOOST_TEST(has(argv, "socket,id=restore,fd=5"));
+    BOOST_TEST(has(argv, "chardev=restore,mode=control"));
+    const auto commands = backend::detail::restore_monitor_commands();
+    BOOST_TEST(commands.find("x-ignore-shared") != std::string::npos);
+    BOOST_TEST(commands.find(R"("uri":"fd:4")") !=
+               std::string::npos); // the stream the engine opened
 
     config.kernel.clear();
     config.incoming_ignores_shared_memory = false;
     argv = arguments(config);
-    BOOST_TEST(after(argv, "-incoming") == "fd:4"); // the stream the engine opened
+    BOOST_TEST(after(argv, "-incoming") == "fd:4");
+    BOOST_TEST(!has(argv, "chardev=restore,mode=control"));
+}
+
+BOOST_AUTO_TEST_CASE(a_snapshot_source_saves_no_run_state_and_a_clone_none_either) {
+    // Streams of a vm whose RAM is a shared file carry no run state, so
+    // their restores resume without a `cont`; clones (private RAM) and
+    // plain vms keep QEMU's default.
+    auto config = boot_config();
+    config.memory_file = "/run/vm/ram";
+    config.memory_file_shared = true;
+    BOOST_TEST(has(arguments(config), "migration.store-global-state=off"));
+    config.memory_file_shared = false;
+    BOOST_TEST(!has(arguments(config), "migration.store-global-state=off"));
+    config.memory_file.clear();
+    BOOST_TEST(!has(arguments(config), "migration.store-global-state=off"));
 }
 
 BOOST_AUTO_TEST_CASE(a_boot_without_a_kernel_is_refused) {

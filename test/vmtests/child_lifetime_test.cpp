@@ -112,10 +112,11 @@ BOOST_AUTO_TEST_CASE(exec_failure_is_an_error_and_fds_are_not_inherited) {
     BOOST_TEST(listed.value().find("stdin=/dev/null") != std::string::npos, listed.value());
 }
 
-// The one fd a child may get (QEMU's incoming stream) arrives as fd 4 and
-// nothing else of ours does, wherever it was: also when it sits at fd 3,
-// where the exec-failure report pipe is moved to.
-BOOST_AUTO_TEST_CASE(the_inherited_fd_arrives_as_fd_4_from_any_number) {
+// The fds a child may get (QEMU's incoming stream, a restore's monitor)
+// arrive as fds 4 and 5 and nothing else of ours does, wherever they were:
+// also when one sits at fd 3, where the exec-failure report pipe is moved
+// to, or at the other's target.
+BOOST_AUTO_TEST_CASE(the_inherited_fds_arrive_as_fds_4_and_5_from_any_number) {
     char path[] = "/tmp/spawn-inherit-XXXXXX";
     const int file = ::mkstemp(path);
     BOOST_TEST_REQUIRE(file >= 0);
@@ -125,11 +126,12 @@ BOOST_AUTO_TEST_CASE(the_inherited_fd_arrives_as_fd_4_from_any_number) {
                        static_cast<ssize_t>(text.size()));
     const auto shell = detail::find_program("sh");
     BOOST_TEST_REQUIRE(shell.has_value());
-    auto read_child = [&](int inherited) {
+    auto read_child = [&](int inherited, int second = -1) {
         ::lseek(inherited, 0, SEEK_SET);
-        auto started = detail::spawn(
-            {shell->string(), "-c", "cat <&4; ls /proc/self/fd | sort -n | tr '\\n' ' '"},
-            inherited);
+        auto started = detail::spawn({shell->string(), "-c",
+                                      "cat <&4; [ -e /proc/self/fd/5 ] && cat <&5; ls "
+                                      "/proc/self/fd | sort -n | tr '\\n' ' '"},
+                                     {inherited, second});
         BOOST_TEST_REQUIRE(started.has_value());
         std::string out;
         char buffer[256];
@@ -147,11 +149,40 @@ BOOST_AUTO_TEST_CASE(the_inherited_fd_arrives_as_fd_4_from_any_number) {
     const int saved = ::fcntl(3, F_DUPFD_CLOEXEC, 100); // whatever the test runner keeps at 3
     BOOST_TEST_REQUIRE(::dup2(file, 3) == 3);
     BOOST_TEST(read_child(3) == text + "0 1 2 3 4 ");
+
+    // Two: the second arrives at 5, also from where the first one goes (4)
+    // and the first from where the second goes (5).
+    int pair[2];
+    BOOST_TEST_REQUIRE(::pipe2(pair, O_CLOEXEC) == 0);
+    const std::string second = "monitor commands\n";
+    BOOST_TEST_REQUIRE(::write(pair[1], second.data(), second.size()) ==
+                       static_cast<ssize_t>(second.size()));
+    ::close(pair[1]);
+    // Both out of the way of 4 and 5 first (either may sit there now).
+    const int high_pipe = ::fcntl(pair[0], F_DUPFD_CLOEXEC, 200);
+    const int high_file = ::fcntl(file, F_DUPFD_CLOEXEC, 200);
+    BOOST_TEST_REQUIRE((high_pipe >= 0 && high_file >= 0));
+    ::close(pair[0]);
+    ::close(file);
+    const int saved4 = ::fcntl(4, F_DUPFD_CLOEXEC, 100);
+    const int saved5 = ::fcntl(5, F_DUPFD_CLOEXEC, 100);
+    BOOST_TEST_REQUIRE(::dup3(high_pipe, 4, O_CLOEXEC) == 4);
+    BOOST_TEST_REQUIRE(::dup3(high_file, 5, O_CLOEXEC) == 5);
+    BOOST_TEST(read_child(5, 4) == text + second + "0 1 2 3 4 5 ");
+    ::close(high_pipe);
+    ::close(high_file);
+    for (auto [fd, was] : {std::pair{4, saved4}, std::pair{5, saved5}}) {
+        if (was >= 0) {
+            ::dup2(was, fd);
+            ::close(was);
+        } else {
+            ::close(fd);
+        }
+    }
     if (saved >= 0) {
         ::dup2(saved, 3);
         ::close(saved);
     } else {
         ::close(3);
     }
-    ::close(file);
 }

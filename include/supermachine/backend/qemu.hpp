@@ -17,6 +17,7 @@
 #include <supermachine/backend/detail/qemu_command.hpp>
 #include <supermachine/backend/detail/qemu_process.hpp>
 #include <supermachine/backend/detail/qemu_qmp.hpp>
+#include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/vhost_user/backend.hpp>
@@ -31,6 +32,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -266,12 +268,26 @@ public:
         // negotiates synchronously, so the back-ends must already be served.
         for (auto& d : devices_)
             accept(d);
-        supermachine::detail::unique_fd incoming_stream;
+        supermachine::detail::unique_fd incoming_stream, monitor_ours, monitor_theirs;
         if (config_.incoming) {
             incoming_stream.reset(::open(config_.incoming->c_str(), O_RDONLY | O_CLOEXEC));
             if (!incoming_stream) return errno_code(errno);
         }
-        SUPERMACHINE_TRY(child, detail::spawn(argv, incoming_stream.get()));
+        if (config_.incoming && config_.incoming_ignores_shared_memory) {
+            // The restore's QMP commands, waiting in the socket before QEMU
+            // exists (qemu_config::incoming_ignores_shared_memory).
+            int pair[2];
+            if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0)
+                return errno_code(errno);
+            monitor_ours.reset(pair[0]);
+            monitor_theirs.reset(pair[1]);
+            const auto commands = detail::restore_monitor_commands();
+            if (::write(monitor_ours.get(), commands.data(), commands.size()) !=
+                static_cast<ssize_t>(commands.size()))
+                return errno_code(errno);
+        }
+        SUPERMACHINE_TRY(child, detail::spawn(argv, {incoming_stream.get(), monitor_theirs.get()}));
+        supermachine::detail::trace_point("engine spawned");
         child_ = child;
         console_ = std::move(console);
         stdout_ =
@@ -281,24 +297,21 @@ public:
         pidfd_ = std::make_unique<boost::asio::posix::stream_descriptor>(executor_, child_.pidfd);
         read_console();
         read_diagnostics();
-        if (config_.incoming) {
+        if (monitor_ours) {
+            restore_monitor_ = std::make_unique<boost::asio::posix::stream_descriptor>(
+                executor_, monitor_ours.release());
+            read_restore_monitor();
+        }
+        if (config_.incoming && !config_.incoming_ignores_shared_memory) {
             // A snapshot is taken paused, and QEMU restores the run state it
-            // was saved in: resume once the stream is loaded.
+            // was saved in: resume once the stream is loaded. (Streams with
+            // RAM left in memory_file carry no run state: QEMU resumes
+            // those itself, and a stream it cannot load makes it exit: the
+            // caller sees the engine end.)
             snapshot_thread_ = std::thread([this] {
                 using namespace std::chrono_literals;
                 detail::qmp_client qmp;
                 if (!qmp.connect(config_.qmp_socket, 30s)) return;
-                if (config_.incoming_ignores_shared_memory) {
-                    // -incoming defer: RAM stays in memory_file (not in the
-                    // stream), as it was saved. A stream QEMU cannot load
-                    // makes it exit: the caller sees the engine end.
-                    const nlohmann::json caps{
-                        {"capabilities", nlohmann::json::array({{{"capability", "x-ignore-shared"},
-                                                                 {"state", true}}})}};
-                    if (!qmp.execute("migrate-set-capabilities", caps, 30s)) return kill();
-                    const nlohmann::json uri{{"uri", detail::incoming_uri()}};
-                    if (!qmp.execute("migrate-incoming", uri, 30s)) return kill();
-                }
                 for (auto deadline = std::chrono::steady_clock::now() + 300s;
                      std::chrono::steady_clock::now() < deadline;) {
                     auto status = qmp.execute("query-status", nullptr, 30s);
@@ -411,7 +424,9 @@ public:
         return success();
     }
 
-    /// With config.incoming: when the restored guest was resumed (epoch when not yet).
+    /// With config.incoming (stream with RAM): when the restored guest was
+    /// resumed (epoch when not yet, and always for incoming_ignores_shared_memory,
+    /// which QEMU resumes itself).
     std::chrono::steady_clock::time_point resumed_at() const noexcept { return resumed_at_.load(); }
 
     bool exited() const noexcept { return exited_; }
@@ -682,6 +697,25 @@ private:
                                  });
     }
 
+    // The restore monitor's answers: drained so they never fill the socket;
+    // a QMP error (a refused capability or stream) joins the diagnostics.
+    void read_restore_monitor() {
+        restore_monitor_->async_read_some(
+            boost::asio::buffer(monitor_buffer_),
+            [this, alive = std::weak_ptr<int>(alive_)](const boost::system::error_code& ec,
+                                                       std::size_t n) {
+                if (alive.expired()) return;
+                const std::string_view answer(monitor_buffer_.data(), n);
+                if (answer.find("\"error\"") != std::string_view::npos) {
+                    std::lock_guard lock(diagnostics_mutex_);
+                    diagnostics_.append(answer);
+                    if (diagnostics_.size() > 16384)
+                        diagnostics_.erase(0, diagnostics_.size() - 16384);
+                }
+                if (!ec) read_restore_monitor();
+            });
+    }
+
     void reap_blocking() noexcept {
         if (child_.pid <= 0 || exited_) return;
         int status = 0;
@@ -715,6 +749,8 @@ private:
     int exit_status_ = -1;
     console_sink console_;
     std::unique_ptr<boost::asio::posix::stream_descriptor> stdout_, stderr_, pidfd_;
+    std::unique_ptr<boost::asio::posix::stream_descriptor> restore_monitor_;
+    std::array<char, 1024> monitor_buffer_{};
     std::array<char, 4096> console_buffer_{};
     std::array<char, 1024> diagnostics_buffer_{};
     mutable std::mutex diagnostics_mutex_;

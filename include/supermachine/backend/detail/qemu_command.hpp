@@ -83,8 +83,12 @@ struct qemu_config {
     std::filesystem::path memory_file;
     bool memory_file_shared = true;
     /// With `incoming`: RAM is not in the stream (migrated with x-ignore-shared)
-    /// but in `memory_file`; QEMU starts with -incoming defer and the engine
-    /// sets the capability and loads the stream over QMP.
+    /// but in `memory_file`. QEMU 7.2 sets that capability only over QMP,
+    /// so it starts with -incoming defer and a second monitor on an
+    /// inherited socket the engine has already written the commands into
+    /// (restore_monitor_commands): QEMU runs them as soon as its main loop
+    /// does, and such streams carry no run state (memory_file_shared
+    /// below), so the guest runs once loaded: no QMP round trip on the way.
     bool incoming_ignores_shared_memory = false;
     /// QEMU's own virtio-blk (first in the slot order, so /dev/vda) over this
     /// image; format by extension (.qcow2, else raw).
@@ -107,6 +111,21 @@ namespace detail {
 /// Where QEMU reads an incoming stream: the descriptor the engine hands it.
 inline std::string incoming_uri() {
     return "fd:" + std::to_string(inherited_fd);
+}
+
+/// A restore's start-up monitor (incoming_ignores_shared_memory): a socket
+/// QEMU inherits at this fd, holding restore_monitor_commands().
+inline constexpr int restore_monitor_fd = inherited_fd + 1;
+
+/// Written before QEMU starts; QEMU answers on the same socket (the engine
+/// keeps only the answers' tail for diagnostics). A stream that cannot be
+/// loaded makes QEMU exit.
+inline std::string restore_monitor_commands() {
+    return R"({"execute":"qmp_capabilities"})"
+           R"({"execute":"migrate-set-capabilities","arguments":{"capabilities":)"
+           R"([{"capability":"x-ignore-shared","state":true}]}})"
+           R"({"execute":"migrate-incoming","arguments":{"uri":")" +
+           incoming_uri() + R"("}})";
 }
 
 inline std::string shell_quote_for_exec(const std::filesystem::path& p) {
@@ -258,9 +277,17 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
     }
     if (!config.qmp_socket.empty())
         a.insert(a.end(), {"-qmp", "unix:" + config.qmp_socket.string() + ",server=on,wait=off"});
-    if (config.incoming)
-        a.insert(a.end(), {"-incoming", config.incoming_ignores_shared_memory ? std::string("defer")
-                                                                              : incoming_uri()});
+    if (!config.memory_file.empty() && config.memory_file_shared) {
+        // A snapshot source: its streams leave out the run state ("paused"
+        // at the snapshot), so a restore resumes by itself once loaded
+        // instead of waiting for a `cont`.
+        a.insert(a.end(), {"-global", "migration.store-global-state=off"});
+    }
+    if (config.incoming && config.incoming_ignores_shared_memory)
+        a.insert(a.end(), {"-chardev", "socket,id=restore,fd=" + std::to_string(restore_monitor_fd),
+                           "-mon", "chardev=restore,mode=control", "-incoming", "defer"});
+    else if (config.incoming)
+        a.insert(a.end(), {"-incoming", incoming_uri()});
     a.insert(a.end(), config.extra_arguments.begin(), config.extra_arguments.end());
     return a;
 }

@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <condition_variable>
 #include <deque>
@@ -123,8 +124,11 @@ private:
     std::deque<std::function<void()>> jobs_;
 };
 
-/// The descriptor number a spawned child finds `inherited` at.
+/// The descriptor numbers a spawned child finds its `inherited` fds at:
+/// inherited[i] becomes fd inherited_fd + i.
 inline constexpr int inherited_fd = 4;
+inline constexpr int max_inherited = 2;
+using inherited_fds = std::array<int, max_inherited>; // -1: none
 
 /// What the child of clone_exec needs, all made before the clone: the
 /// child shares our memory until it execs and must not allocate.
@@ -132,8 +136,8 @@ struct child_plan {
     char* const* argv;
     char* const* env;
     int out_write, err_write;
-    int report_write; // the child's exec failure (errno); EOF when exec succeeded
-    int inherited;    // becomes the child's fd 4 (not close-on-exec); -1: none
+    int report_write;        // the child's exec failure (errno); EOF when exec succeeded
+    inherited_fds inherited; // become the child's fds 4, 5 (not close-on-exec)
     pid_t parent;
 };
 
@@ -148,28 +152,36 @@ struct child_plan {
 /// hold (malloc's, stdio's).
 inline int child_main(void* opaque) noexcept {
     const auto& plan = *static_cast<const child_plan*>(opaque);
-    // First out of the way of 0-4 (either may sit there and would be
+    // First out of the way of 0-5 (any may sit there and would be
     // overwritten by the moves below), then into place.
-    int report_fd = ::fcntl(plan.report_write, F_DUPFD_CLOEXEC, inherited_fd + 1);
+    constexpr int above = inherited_fd + max_inherited;
+    int report_fd = ::fcntl(plan.report_write, F_DUPFD_CLOEXEC, above);
     if (report_fd < 0) child_failed(plan.report_write, errno);
-    const int inherited =
-        plan.inherited >= 0 ? ::fcntl(plan.inherited, F_DUPFD_CLOEXEC, inherited_fd + 1) : -1;
-    if (plan.inherited >= 0 && inherited < 0) child_failed(report_fd, errno);
+    inherited_fds inherited{-1, -1};
+    for (int i = 0; i < max_inherited; ++i) {
+        if (plan.inherited[i] < 0) continue;
+        inherited[i] = ::fcntl(plan.inherited[i], F_DUPFD_CLOEXEC, above);
+        if (inherited[i] < 0) child_failed(report_fd, errno);
+    }
     const int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (null < 0 || ::dup2(null, 0) < 0 || ::dup2(plan.out_write, 1) < 0 ||
         ::dup2(plan.err_write, 2) < 0)
         child_failed(report_fd, errno);
-    // The report pipe becomes fd 3 (close-on-exec), the inherited one fd 4
-    // (dup2 clears close-on-exec); every other fd goes: Asio opens sockets
-    // without CLOEXEC, and QEMU must not hold our listening and vhost-user
-    // sockets open.
+    // The report pipe becomes fd 3 (close-on-exec), the inherited ones fds
+    // 4 and 5 (dup2 clears close-on-exec); every other fd goes: Asio opens
+    // sockets without CLOEXEC, and QEMU must not hold our listening and
+    // vhost-user sockets open.
     if (::dup3(report_fd, 3, O_CLOEXEC) < 0) child_failed(report_fd, errno);
     report_fd = 3;
     int first_closed = inherited_fd;
-    if (inherited >= 0) {
-        if (::dup2(inherited, inherited_fd) < 0) child_failed(report_fd, errno);
-        first_closed = inherited_fd + 1;
+    for (int i = 0; i < max_inherited; ++i) {
+        if (inherited[i] >= 0 && ::dup2(inherited[i], inherited_fd + i) < 0)
+            child_failed(report_fd, errno);
+        if (inherited[i] >= 0) first_closed = inherited_fd + i + 1;
     }
+    // A gap (only the second given): its slot must not keep what sat there.
+    for (int i = 0; i < max_inherited; ++i)
+        if (inherited[i] < 0 && inherited_fd + i < first_closed) ::close(inherited_fd + i);
     if (::close_range(first_closed, ~0u, 0) != 0)
         for (int fd = first_closed; fd < 65536; ++fd)
             ::close(fd);
@@ -200,7 +212,7 @@ inline int child_main(void* opaque) noexcept {
 /// would copy our page tables and then copy-on-write every page our other
 /// threads touch while QEMU starts: measured ≈ 5 ms per QEMU start here.
 inline result<child_process> clone_exec(const std::vector<std::string>& argv, int out_write,
-                                        int err_write, int inherited) {
+                                        int err_write, inherited_fds inherited) {
     std::vector<char*> args;
     for (const auto& a : argv)
         args.push_back(const_cast<char*>(a.c_str()));
@@ -243,9 +255,10 @@ inline result<child_process> clone_exec(const std::vector<std::string>& argv, in
 
 /// Spawn `argv` (argv[0] a path) with stdin from /dev/null and stdout/stderr
 /// on fresh pipes. The child gets no other of our fds but `inherited` (as
-/// fd inherited_fd, when >= 0), and is SIGKILLed by the kernel when this
-/// process dies (however it dies; see child_spawner).
-inline result<child_process> spawn(const std::vector<std::string>& argv, int inherited = -1) {
+/// fds inherited_fd + i, those >= 0), and is SIGKILLed by the kernel when
+/// this process dies (however it dies; see child_spawner).
+inline result<child_process> spawn(const std::vector<std::string>& argv,
+                                   inherited_fds inherited = {-1, -1}) {
     if (argv.empty()) return errc::invalid_argument;
     int out[2], err[2];
     if (::pipe2(out, O_CLOEXEC) != 0) return errno_code(errno);
