@@ -24,6 +24,7 @@
 #include <supermachine/backend/qemu.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
+#include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/detail/warm_snapshot_contents.hpp>
 #include <supermachine/error.hpp>
@@ -109,13 +110,16 @@ public:
     static constexpr std::uint64_t guest_cid = 3;
 
     ~vm() {
+        detail::trace_point("vm teardown");
         kill();
         client_.reset();
-        machine_.reset();        // reaps QEMU
+        machine_.reset(); // reaps QEMU
+        detail::trace_point("engine reaped");
         if (owns_runtime_dir_) { // sockets, initramfs and (snapshottable) the RAM file
             std::error_code ignored;
             std::filesystem::remove_all(options_.runtime_dir, ignored);
         }
+        detail::trace_point("vm gone");
     }
 
     /// Boot `image` and wait until its agent answers. Completes with
@@ -209,8 +213,8 @@ public:
     // vhost-user devices of a plain vm are not migratable by QEMU 7.2).
     // A snapshot is a directory: `state` (QEMU's device state; RAM is not in
     // it: x-ignore-shared), `ram` (the guest RAM file), `disk.qcow2` (the
-    // root disk's writes over the cached rootfs), `initramfs.cpio`, and a
-    // validated record `meta` written last. It appears atomically (rename).
+    // root disk's writes over the cached rootfs) and a validated record
+    // `meta` written last. It appears atomically (rename).
     // A restore maps `ram` privately (copy-on-write, faulted in lazily), so
     // many clones share one snapshot and restore cost follows pages touched.
 
@@ -343,7 +347,9 @@ private:
         auto work = boost::asio::make_work_guard(self->executor_);
         boost::asio::post(setup_pool(), [self = std::move(self), work = std::move(work),
                                          set_up = std::move(set_up)]() mutable {
+            detail::trace_point("vm set-up");
             auto prepared = set_up(*self);
+            detail::trace_point("vm set-up done");
             auto executor = self->executor_;
             boost::asio::dispatch(executor,
                                   [self = std::move(self), prepared, work = std::move(work)] {
@@ -482,7 +488,7 @@ private:
             SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
             vsock_ = std::move(vsock);
         }
-        remember_for_snapshot(image, q.cmdline, initrd_path, agent_binary);
+        remember_for_snapshot(image, q.cmdline, agent_binary);
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
         return success();
     }
@@ -499,6 +505,7 @@ private:
         }
         launched_at_ = std::chrono::steady_clock::now();
         std::weak_ptr<vm> weak = shared_from_this();
+        detail::trace_point("engine start");
         auto started = machine_->start([weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
         });
@@ -664,11 +671,9 @@ private:
     struct snapshot_identity {
         std::string token, image_digest, rootfs, kernel_release, kernel_path, cmdline,
             agent_identity;
-        std::filesystem::path initramfs;
     };
 
     void remember_for_snapshot(const prepared_image& image, const std::string& cmdline,
-                               const std::filesystem::path& initramfs,
                                const std::filesystem::path& agent_binary) {
         snapshot_.token = token_;
         snapshot_.image_digest = image.digest.str();
@@ -676,7 +681,6 @@ private:
         snapshot_.kernel_release = options_.kernel->release;
         snapshot_.kernel_path = options_.kernel->vmlinuz.string();
         snapshot_.cmdline = cmdline;
-        snapshot_.initramfs = initramfs;
         snapshot_.agent_identity = detail::agent_identity(agent_binary);
     }
 
@@ -761,11 +765,6 @@ private:
         std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX"));
         if (!::mkdtemp(pattern.data())) return finish(errno_code(errno), {});
         const std::filesystem::path staging = pattern;
-        std::filesystem::copy_file(snapshot_.initramfs, staging / "initramfs.cpio", fs_ec);
-        if (fs_ec) {
-            std::filesystem::remove_all(staging, fs_ec);
-            return finish(errc::io_error, {});
-        }
         auto self = shared_from_this();
         auto fail = [self, staging, finish](std::error_code ec) {
             std::error_code ignored;
@@ -847,6 +846,7 @@ private:
         socket.connect(socket_type::endpoint_type(serial_socket_.string()), ec);
         if (ec)
             return boost::asio::post(executor_, [done] { done(errc::agent_unavailable, true); });
+        detail::trace_point("agent socket connected");
         client_ = std::make_unique<client_type>(std::move(socket));
         auto self = shared_from_this();
         serial_timer_.expires_at(
@@ -864,6 +864,7 @@ private:
         auto pending = std::make_shared<replies>();
         pending->done = std::move(done);
         auto answered = [self, pending](std::error_code ec, bool is_hello) {
+            detail::trace_point(is_hello ? "agent hello answered" : "agent set-up answered");
             if (is_hello)
                 pending->hello_error = ec;
             else if (ec && !pending->setup_error)
@@ -906,7 +907,7 @@ private:
         meta.cmdline = snapshot_.cmdline;
         meta.agent_identity = snapshot_.agent_identity;
         meta.token = snapshot_.token;
-        for (const char* name : {"state", "disk.qcow2", "initramfs.cpio", "ram"}) {
+        for (const char* name : {"state", "disk.qcow2", "ram"}) {
             const int fd = ::open((staging / name).c_str(), O_RDONLY | O_CLOEXEC);
             if (fd < 0 || ::fsync(fd) != 0) {
                 if (fd >= 0) ::close(fd);
@@ -916,12 +917,10 @@ private:
         }
         auto stream = detail::fingerprint_file(staging / "state");
         auto disk = detail::fingerprint_file(staging / "disk.qcow2");
-        auto initramfs = detail::fingerprint_file(staging / "initramfs.cpio");
         auto ram = detail::stat_fingerprint(staging / "ram");
-        if (!stream || !disk || !initramfs || !ram) return cleanup(errc::io_error);
+        if (!stream || !disk || !ram) return cleanup(errc::io_error);
         meta.stream = stream.value();
         meta.devices = disk.value();
-        meta.initramfs = initramfs.value();
         meta.ram = ram.value();
         const auto bytes = meta.encode();
         if (bytes.empty()) return cleanup(errc::snapshot_too_large);
@@ -999,8 +998,7 @@ private:
             return refuse(errc::snapshot_mismatch,
                           "the snapshot's kernel command line differs from this vm's");
         for (auto [name, want] :
-             {std::pair{"state", meta.stream}, std::pair{"disk.qcow2", meta.devices},
-              std::pair{"initramfs.cpio", meta.initramfs}}) {
+             {std::pair{"state", meta.stream}, std::pair{"disk.qcow2", meta.devices}}) {
             const auto path = (dir / name).string();
             auto got = detail::fingerprint_file(dir / name);
             if (!got) return refuse(errc::snapshot_truncated, path + " cannot be read");
@@ -1024,7 +1022,6 @@ private:
 
         backend::qemu_config q;
         q.kernel = options_.kernel->vmlinuz;
-        q.initrd = dir / "initramfs.cpio";
         q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
         q.vcpus = options_.cpus;
         q.cmdline = meta.cmdline;
@@ -1042,7 +1039,7 @@ private:
         if (copy_error) return errc::io_error;
         serial_socket_ = options_.runtime_dir / "agent.sock";
         q.agent_serial_socket = serial_socket_;
-        remember_for_snapshot(image, q.cmdline, q.initrd, agent_binary.value());
+        remember_for_snapshot(image, q.cmdline, agent_binary.value());
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
         return success();
     }

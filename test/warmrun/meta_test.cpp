@@ -25,7 +25,6 @@ warm_snapshot_meta sample() {
     m.token = "00ff";
     m.stream = {100, 7};
     m.devices = {20, 8};
-    m.initramfs = {30, 9};
     m.ram = {512u << 20, 1795721366123456789ull};
     return m;
 }
@@ -40,7 +39,7 @@ BOOST_AUTO_TEST_CASE(round_trip) {
     BOOST_TEST(back.value().memory_mib == 512u);
     BOOST_TEST(back.value().kernel_release == "6.1.0-56-cloud-amd64");
     BOOST_TEST((back.value().stream == sm::detail::file_fingerprint{100, 7}));
-    BOOST_TEST((back.value().initramfs == sm::detail::file_fingerprint{30, 9}));
+    BOOST_TEST((back.value().devices == sm::detail::file_fingerprint{20, 8}));
     BOOST_TEST(
         (back.value().ram == sm::detail::file_fingerprint{512u << 20, 1795721366123456789ull}));
 }

@@ -88,8 +88,10 @@ BOOST_AUTO_TEST_CASE(first_run_snapshots_then_later_runs_restore) {
     // The first run itself goes on in a restored clone (the cold VM wrote the RAM file).
     BOOST_TEST(has(first.err, "warm start: restored from snapshot"));
     BOOST_REQUIRE(fs::exists(snapshot_dir() / "meta"));
-    for (const char* f : {"state", "ram", "disk.qcow2", "initramfs.cpio"})
+    for (const char* f : {"state", "ram", "disk.qcow2"})
         BOOST_TEST(fs::exists(snapshot_dir() / f), f);
+    // A restore loads no initramfs: the snapshot keeps none.
+    BOOST_TEST(!fs::exists(snapshot_dir() / "initramfs.cpio"));
     auto second = run(image + " sh -c 'echo hi; exit 42'");
     BOOST_TEST(second.status == 42);
     BOOST_TEST(second.out == "hi\n");
@@ -160,7 +162,7 @@ BOOST_AUTO_TEST_CASE(corrupted_state_is_rebuilt_not_trusted) {
     BOOST_REQUIRE(bytes);
     BOOST_TEST(static_cast<bool>(sm::detail::warm_snapshot_meta::decode(bytes.value())));
     // Garbage everywhere: refused, rebuilt.
-    for (const char* name : {"meta", "state", "disk.qcow2", "initramfs.cpio"}) {
+    for (const char* name : {"meta", "state", "disk.qcow2"}) {
         std::ofstream out(dir / name, std::ios::binary | std::ios::trunc);
         out << "WARM garbage that must never reach QEMU";
     }
@@ -348,7 +350,6 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
     };
     write("state", std::string(4096, 'Q'));
     write("disk.qcow2", std::string(16, 'D'));
-    write("initramfs.cpio", std::string(512, 'I'));
     { std::ofstream out(dir / "ram", std::ios::binary | std::ios::trunc); }
     fs::resize_file(dir / "ram", 512u << 20);
     sm::detail::warm_snapshot_meta meta;
@@ -364,7 +365,6 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
         " supermachine.root=/dev/vda supermachine.channel=serial";
     meta.stream = sm::detail::fingerprint_file(dir / "state").value();
     meta.devices = sm::detail::fingerprint_file(dir / "disk.qcow2").value();
-    meta.initramfs = sm::detail::fingerprint_file(dir / "initramfs.cpio").value();
     meta.ram = sm::detail::stat_fingerprint(dir / "ram").value();
     auto seal = [&] {
         const auto bytes = meta.encode();
@@ -422,7 +422,7 @@ BOOST_AUTO_TEST_CASE(a_refused_hello_fails_the_restore_at_once) {
     const auto dir = s.work / "other-token";
     fs::remove_all(dir);
     fs::create_directories(dir);
-    for (const char* name : {"meta", "state", "disk.qcow2", "initramfs.cpio"})
+    for (const char* name : {"meta", "state", "disk.qcow2"})
         fs::copy_file(cached / name, dir / name);
     fs::create_hard_link(cached / "ram", dir / "ram"); // mapped privately: never written
     auto bytes = sm::detail::read_small_file(dir / "meta", 1 << 16);

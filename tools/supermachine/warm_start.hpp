@@ -30,8 +30,9 @@ struct warm_start_options {
 
 inline std::string warm_snapshot_key(const prepared_image& image, const vm_options& options,
                                      const std::string& agent_identity) {
-    // v3: TCG without -icount (a v2 stream does not load into it).
-    const std::string identity = "v3|qemu|serial|" + image.digest.str() + "|" +
+    // v3: TCG without -icount (a v2 stream does not load into it); v4:
+    // streams without QEMU's run state (a restore resumes by itself).
+    const std::string identity = "v4|qemu|serial|" + image.digest.str() + "|" +
                                  image.rootfs.string() + "|" + std::to_string(options.memory_mib) +
                                  "|" + std::to_string(options.cpus) + "|" +
                                  options.kernel->release + "|" + agent_identity;
