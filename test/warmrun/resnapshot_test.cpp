@@ -87,7 +87,7 @@ BOOST_AUTO_TEST_CASE(restored_vm_snapshots_again_in_generations) {
         auto clone = api.restore(base, image, resnapshottable);
         BOOST_TEST_MESSAGE("restore with snapshottable_after_restore: " << ms_since(t) << " ms");
         BOOST_TEST(api.exec(*clone, "cat /tmp/template") == "template\n");
-        api.exec(*clone, "echo first > /tmp/gen1; "
+        api.exec(*clone, "echo first > /tmp/gen1; echo on-disk > /gen1-disk; sync; "
                          "(sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid1)");
         t = std::chrono::steady_clock::now();
         const auto report = api.snapshot(*clone, gen1, false);
@@ -96,13 +96,25 @@ BOOST_AUTO_TEST_CASE(restored_vm_snapshots_again_in_generations) {
         BOOST_TEST(report.bytes < (4u << 20)); // device state only
     }
     BOOST_TEST(fs::exists(gen1 / "meta"));
+    // Its disk is the clone's copy of the template's overlay: still over the
+    // cached rootfs, by absolute path.
+    {
+        auto qemu_img = sm::backend::detail::find_program("qemu-img");
+        BOOST_REQUIRE(qemu_img);
+        auto info = sm::backend::detail::capture_output(
+            {qemu_img->string(), "info", "-U", (gen1 / "disk.qcow2").string()});
+        BOOST_REQUIRE(info);
+        BOOST_TEST(has(info.value(), "backing file: " + fs::absolute(image.rootfs).string()),
+                   info.value());
+    }
     BOOST_TEST(fingerprint(base) == base_before, "the template changed");
 
     // The new snapshot restores like any other (no option): file and process there.
     {
         auto clone = api.restore(gen1, image, options);
         BOOST_TEST(api.exec(*clone, "cat /tmp/template /tmp/gen1; kill -0 $(cat /tmp/pid1) && "
-                                    "echo alive") == "template\nfirst\nalive\n");
+                                    "echo alive; echo 3 > /proc/sys/vm/drop_caches; "
+                                    "cat /gen1-disk") == "template\nfirst\nalive\non-disk\n");
         // Without the option it is not snapshotted again, and says which option.
         const auto refused = api.try_snapshot(*clone, s.work / "refused", true);
         BOOST_TEST(!refused.saved);
@@ -114,8 +126,8 @@ BOOST_AUTO_TEST_CASE(restored_vm_snapshots_again_in_generations) {
     // The template does not see generation 1.
     {
         auto clone = api.restore(base, image, options);
-        BOOST_TEST(api.exec(*clone, "cat /tmp/template; ls /tmp/gen1 2>/dev/null; echo end") ==
-                   "template\nend\n");
+        BOOST_TEST(api.exec(*clone, "cat /tmp/template; ls /tmp/gen1 /gen1-disk 2>/dev/null; "
+                                    "echo end") == "template\nend\n");
     }
 
     // Generation 2, from the directory alone, snapshotted with resume = true:
