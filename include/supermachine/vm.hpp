@@ -25,6 +25,7 @@
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
 #include <supermachine/detail/trace.hpp>
+#include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/detail/warm_snapshot_contents.hpp>
 #include <supermachine/error.hpp>
@@ -45,6 +46,8 @@
 #include <boost/asio/thread_pool.hpp>
 
 #include <fcntl.h>
+#include <linux/fs.h> // FICLONE
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -82,6 +85,14 @@ struct vm_options {
     /// qcow2 overlay of the rootfs, the agent on a virtio-serial port. Needs
     /// qemu-img. async_restore always runs this way.
     bool snapshottable = false;
+    /// async_restore: copy the snapshot's RAM file into runtime_dir (a
+    /// reflink where the filesystem has them, else a sparse copy of its data)
+    /// and let QEMU map that copy shared, so this restored vm can itself be
+    /// snapshotted again (doc/warm-start.md, "Re-snapshots"). Without it the
+    /// restore maps the snapshot's RAM privately (copy-on-write: no copy, the
+    /// fastest restore) and async_snapshot refuses. The snapshot's files are
+    /// never changed either way.
+    bool snapshottable_after_restore = false;
     /// Host directories mounted in the guest (docker -v; doc/vm.md,
     /// "Volumes"), at most max_shared_directories. A vm with volumes cannot
     /// be snapshottable (virtio-fs does not migrate) nor restored.
@@ -97,6 +108,9 @@ struct snapshot_start_options {
     std::filesystem::path runtime_dir;
     /// The content store the snapshot's image was prepared in.
     std::filesystem::path cache_dir = oci::content_store::default_root();
+    /// As vm_options::snapshottable_after_restore: the restored vm can be
+    /// snapshotted again (its RAM a copy of the snapshot's, mapped shared).
+    bool snapshottable_after_restore = false;
 };
 
 class vm : public std::enable_shared_from_this<vm> {
@@ -216,7 +230,9 @@ public:
     // root disk's writes over the cached rootfs) and a validated record
     // `meta` written last. It appears atomically (rename).
     // A restore maps `ram` privately (copy-on-write, faulted in lazily), so
-    // many clones share one snapshot and restore cost follows pages touched.
+    // many clones share one snapshot and restore cost follows pages touched;
+    // with snapshottable_after_restore it copies `ram` instead and the clone
+    // can be snapshotted again (chains of any length).
 
     using snapshot_report = backend::qemu_machine::snapshot_report;
 
@@ -225,7 +241,8 @@ public:
     /// waits for a new host) and reopened when `resume`; without `resume`
     /// the vm is stopped afterwards (its RAM file moved into the snapshot).
     /// Completion: void(std::error_code, snapshot_report); a vm that is not
-    /// snapshottable gives report.saved == false and report.refusal why.
+    /// snapshottable (or was restored without snapshottable_after_restore)
+    /// gives report.saved == false and report.refusal why.
     template <class Token>
     auto async_snapshot(std::filesystem::path path, bool resume, Token&& token) {
         return boost::asio::async_initiate<Token, void(std::error_code, snapshot_report)>(
@@ -281,6 +298,7 @@ public:
                 vm_opts.ready_timeout = options.ready_timeout;
                 vm_opts.runtime_dir = std::move(options.runtime_dir);
                 vm_opts.snapshottable = true;
+                vm_opts.snapshottable_after_restore = options.snapshottable_after_restore;
                 start_new(executor, std::move(vm_opts), std::move(snapshot), std::move(handler),
                           [cache_dir = options.cache_dir](vm& v) {
                               return v.prepare_restore_from_directory(cache_dir);
@@ -735,6 +753,24 @@ private:
         return ok ? success() : result<void>(errno_code(e ? e : EIO));
     }
 
+    /// Copy `from` to `to` as cheaply as the filesystem allows: a reflink
+    /// (FICLONE: shares the blocks, copy-on-write, O(extents)) where both
+    /// are on one btrfs/XFS, else copy_sparse.
+    static result<void> copy_file_data(const std::filesystem::path& from,
+                                       const std::filesystem::path& to) {
+        {
+            const supermachine::detail::unique_fd in(::open(from.c_str(), O_RDONLY | O_CLOEXEC));
+            if (!in) return errno_code(errno);
+            ::unlink(to.c_str()); // a stale file may be mapped by a gone vm: never write it
+            const supermachine::detail::unique_fd out(
+                ::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+            if (!out) return errno_code(errno);
+            if (::ioctl(out.get(), FICLONE, in.get()) == 0) return success();
+        }
+        // EOPNOTSUPP (ext4, tmpfs), EXDEV (another filesystem), …
+        return copy_sparse(from, to);
+    }
+
     /// Take a file of the running vm into the snapshot: moved when the vm
     /// stops afterwards, else copied.
     static result<void> take_file(const std::filesystem::path& from,
@@ -750,12 +786,14 @@ private:
         };
         if (!machine_ || snapshot_.token.empty() || !client_)
             return finish(errc::invalid_argument, {});
-        if (!options_.snapshottable || restore_from_) {
+        if (!options_.snapshottable || (restore_from_ && !options_.snapshottable_after_restore)) {
             snapshot_report report;
-            report.refusal = restore_from_ ? "a restored vm is not snapshotted again (its RAM is "
-                                             "the snapshot's, mapped privately)"
-                                           : "the vm was not started snapshottable "
-                                             "(vm_options::snapshottable)";
+            report.refusal = restore_from_
+                                 ? "a restored vm is not snapshotted again unless restored with "
+                                   "snapshottable_after_restore (without it its RAM is the "
+                                   "snapshot's, mapped privately)"
+                                 : "the vm was not started snapshottable "
+                                   "(vm_options::snapshottable)";
             return finish({}, report);
         }
         std::error_code fs_ec;
@@ -1027,8 +1065,22 @@ private:
         q.cmdline = meta.cmdline;
         q.incoming = dir / "state";
         q.incoming_ignores_shared_memory = true;
-        q.memory_file = dir / "ram";
-        q.memory_file_shared = false; // MAP_PRIVATE: this clone's writes are its own
+        if (options_.snapshottable_after_restore) {
+            // This clone's own copy of the RAM, mapped shared like a booted
+            // snapshottable vm's: a later snapshot takes the file. QEMU sees
+            // a shared block on both sides, so x-ignore-shared still loads
+            // no pages and the copy's contents stand.
+            q.memory_file = options_.runtime_dir / "ram";
+            q.memory_file_shared = true;
+            if (auto copied = copy_file_data(dir / "ram", q.memory_file); !copied)
+                return refuse(copied.error(), (dir / "ram").string() +
+                                                  " could not be copied for a re-snapshottable "
+                                                  "restore: " +
+                                                  copied.error().message());
+        } else {
+            q.memory_file = dir / "ram";
+            q.memory_file_shared = false; // MAP_PRIVATE: this clone's writes are its own
+        }
         // The clone writes to its own copy of the snapshot's overlay (a few
         // hundred KiB; the rootfs stays its read-only backing file). QEMU's
         // own throw-away overlay (snapshot=on) would create and format a

@@ -171,68 +171,6 @@ BOOST_AUTO_TEST_CASE(corrupted_state_is_rebuilt_not_trusted) {
     BOOST_TEST(has(third.err, "cached snapshot unusable"));
 }
 
-// Drives the vm API on one io_context for the API cases. The vms keep
-// work on the executor (console, engine), so each wait runs it until the
-// operations under test completed, bounded.
-struct api_driver {
-    boost::asio::io_context io;
-    int pending = 0;
-
-    void wait() {
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(4);
-        while (pending > 0 && std::chrono::steady_clock::now() < deadline)
-            io.run_one_for(std::chrono::milliseconds(200));
-        BOOST_REQUIRE(pending == 0);
-    }
-
-    // A snapshottable 256 MiB vm of `image`, booted; the test stops on failure.
-    std::shared_ptr<sm::vm> boot(const sm::prepared_image& image, const sm::vm_options& options) {
-        std::shared_ptr<sm::vm> started;
-        std::error_code ec = sm::errc::invalid_argument;
-        pending = 1;
-        sm::vm::async_start(io.get_executor(), image, options,
-                            [&](std::error_code e, std::shared_ptr<sm::vm> v) {
-                                ec = e;
-                                started = v;
-                                --pending;
-                            });
-        wait();
-        BOOST_REQUIRE_MESSAGE(!ec, ec.message() << "\n"
-                                                << (started ? started->console_tail() : ""));
-        return started;
-    }
-
-    sm::vm::snapshot_report snapshot(sm::vm& v, const fs::path& dir, bool resume) {
-        std::error_code ec = sm::errc::invalid_argument;
-        sm::vm::snapshot_report report;
-        pending = 1;
-        v.async_snapshot(dir, resume, [&](std::error_code e, sm::vm::snapshot_report r) {
-            ec = e;
-            report = r;
-            --pending;
-        });
-        wait();
-        BOOST_REQUIRE_MESSAGE(!ec, ec.message());
-        BOOST_REQUIRE_MESSAGE(report.saved, report.refusal);
-        return report;
-    }
-
-    // `sh -c command` on `v`: its stdout; the exec must succeed with status 0.
-    std::string exec(sm::vm& v, const std::string& command) {
-        std::string out;
-        pending = 1;
-        v.async_exec({.argv = {"sh", "-c", command}},
-                     [&](std::error_code e, sm::agent::exec_output o) {
-                         BOOST_REQUIRE_MESSAGE(!e, e.message());
-                         BOOST_TEST(o.exit_code == 0);
-                         out = o.stdout_data;
-                         --pending;
-                     });
-        wait();
-        return out;
-    }
-};
-
 sm::vm_options snapshottable_options() {
     sm::vm_options options;
     options.memory_mib = 256;

@@ -46,7 +46,8 @@ bool names_image_snapshot(std::span<char*> args) {
         const std::string_view a = args[i];
         if (a == "--") return false;
         if (a == "--timeout" || a == "-e" || a == "--env" || a == "-w" || a == "--workdir" ||
-            a == "-u" || a == "--user" || a == "-p" || a == "--publish" || a == "--entrypoint") {
+            a == "-u" || a == "--user" || a == "-p" || a == "--publish" || a == "--entrypoint" ||
+            a == "--snapshot-to") {
             ++i;
             continue;
         }

@@ -1,5 +1,5 @@
 #pragma once
-// supermachine restore [OPTIONS] DIR [--] [COMMAND [ARG...]]
+// supermachine restore [OPTIONS] DIR [--snapshot-to NEW] [--] [COMMAND [ARG...]]
 //
 // Starts a vm from an image snapshot directory alone (`supermachine snapshot
 // -o DIR IMAGE`): the image, memory, vCPUs and kernel are the snapshot's.
@@ -7,6 +7,12 @@
 // with the image config's env, user and working directory and the -e -w -u
 // -i -t -p --timeout options, and exits with its status (125: the vm did
 // not come up).
+//
+// --snapshot-to NEWDIR: restore so that the vm can be snapshotted again
+// (snapshottable_after_restore: a copy of the RAM file, mapped shared), run
+// COMMAND, then snapshot the stopped guest into NEWDIR (replaced atomically
+// when it exists) and say so on stderr. The status stays the command's;
+// 125 when the snapshot failed.
 #include "exec_session.hpp"
 #include "vm_command.hpp"
 
@@ -27,11 +33,16 @@ namespace supermachine::cli {
 
 inline int image_restore_usage(std::FILE* to, int status) {
     std::fprintf(to,
-                 "usage: supermachine restore [OPTIONS] DIR [--] [COMMAND [ARG...]]\n"
+                 "usage: supermachine restore [OPTIONS] DIR [--snapshot-to NEW] [--] [COMMAND "
+                 "[ARG...]]\n"
                  "Starts a vm from the image snapshot in DIR (supermachine snapshot -o DIR IMAGE)\n"
                  "and runs COMMAND in it (default: the image's process), like run.\n"
                  "%s"
                  "      --entrypoint CMD    override the image's entrypoint\n"
+                 "      --snapshot-to NEW   after COMMAND, snapshot the vm into directory NEW\n"
+                 "                          (a new template: restore NEW starts from there;\n"
+                 "                          an existing NEW is replaced; exit status stays\n"
+                 "                          COMMAND's, 125 if the snapshot failed)\n"
                  "  -q, --quiet             no progress output\n"
                  "      --console           show the guest console on stderr\n",
                  exec_options_usage);
@@ -42,6 +53,7 @@ inline int run_image_restore(std::span<char*> args) {
     constexpr std::string_view who = "supermachine restore";
     exec_cli_options exec;
     bool quiet = false, console = false;
+    std::filesystem::path snapshot_to;
     std::size_t i = 0;
     for (; i < args.size(); ++i) {
         const std::string_view a = args[i];
@@ -64,6 +76,8 @@ inline int run_image_restore(std::span<char*> args) {
             console = true;
         } else if (a == "--entrypoint" && i + 1 < args.size()) {
             exec.overrides.entrypoint = args[++i];
+        } else if (a == "--snapshot-to" && i + 1 < args.size() && *args[i + 1] != '\0') {
+            snapshot_to = std::filesystem::absolute(args[++i]);
         } else if (a == "-h" || a == "--help") {
             return image_restore_usage(stdout, 0);
         } else {
@@ -74,11 +88,18 @@ inline int run_image_restore(std::span<char*> args) {
     }
     if (i >= args.size()) return image_restore_usage(stderr, 125);
     const auto directory = std::filesystem::absolute(args[i++]);
+    // `restore DIR --snapshot-to NEW -- CMD` reads naturally too.
+    if (i + 1 < args.size() && std::string_view(args[i]) == "--snapshot-to" &&
+        *args[i + 1] != '\0') {
+        snapshot_to = std::filesystem::absolute(args[i + 1]);
+        i += 2;
+    }
     if (i < args.size() && std::string_view(args[i]) == "--") ++i;
     for (; i < args.size(); ++i)
         exec.overrides.command.emplace_back(args[i]);
 
     auto snapshot = image::from_snapshot(directory);
+    snapshot.options().snapshottable_after_restore = !snapshot_to.empty();
     if (console)
         snapshot.options().console = [](std::string_view text) {
             write_all_fd(2, std::string(text));
@@ -132,6 +153,31 @@ inline int run_image_restore(std::span<char*> args) {
                          ms(std::chrono::steady_clock::now() - started_at).c_str(),
                          ms(started->restore_to_agent()).c_str());
         }
+        if (!snapshot_to.empty())
+            command.after_command([&snapshot_to, who](std::shared_ptr<vm> machine, int status,
+                                                      std::function<void(int)> finish) {
+                const auto began = std::chrono::steady_clock::now();
+                machine->async_snapshot(
+                    snapshot_to, false,
+                    [=, &snapshot_to](std::error_code ec, vm::snapshot_report report) {
+                        if (ec || !report.saved) {
+                            std::fprintf(stderr, "%.*s: snapshot to %s failed: %s\n",
+                                         static_cast<int>(who.size()), who.data(),
+                                         snapshot_to.c_str(),
+                                         ec ? ec.message().c_str() : report.refusal.c_str());
+                            return finish(125);
+                        }
+                        const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::steady_clock::now() - began);
+                        std::fprintf(
+                            stderr,
+                            "supermachine: snapshot written: %s (state %llu KiB, %lld ms)\n",
+                            snapshot_to.c_str(),
+                            static_cast<unsigned long long>(report.bytes >> 10),
+                            static_cast<long long>(ms.count()));
+                        finish(status);
+                    });
+            });
         command.start(std::move(started), std::move(request), exec, who);
     });
     return command.run(exec);

@@ -20,6 +20,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -205,11 +206,26 @@ public:
                 return fail(125);
             }
         }
-        exec_session<vm::socket_type>::start(machine_->agent(), std::move(request),
-                                             options.interactive, [this](int exit_status) {
-                                                 status_ = exit_status;
-                                                 stop();
-                                             });
+        exec_session<vm::socket_type>::start(
+            machine_->agent(), std::move(request), options.interactive, [this](int exit_status) {
+                if (auto after = std::move(after_command_)) {
+                    after_command_ = nullptr;
+                    return after(machine_, exit_status, [this](int status) {
+                        status_ = status;
+                        stop();
+                    });
+                }
+                status_ = exit_status;
+                stop();
+            });
+    }
+
+    /// Once the command has ended and before the vm stops (e.g. to snapshot
+    /// it): `after(vm, command_status, finish)`; the run ends with
+    /// finish(status). A stop signal meanwhile still ends it at once.
+    void
+    after_command(std::function<void(std::shared_ptr<vm>, int, std::function<void(int)>)> after) {
+        after_command_ = std::move(after);
     }
 
     /// End now with `status` (e.g. 125: the VM did not come up).
@@ -236,6 +252,7 @@ private:
     boost::asio::io_context& io_;
     boost::asio::signal_set stop_signals_;
     std::shared_ptr<vm> machine_;
+    std::function<void(std::shared_ptr<vm>, int, std::function<void(int)>)> after_command_;
     int status_ = 125;
 };
 
