@@ -706,6 +706,8 @@ private:
                                                        std::size_t n) {
                 if (alive.expired()) return;
                 const std::string_view answer(monitor_buffer_.data(), n);
+                if (answer.find("\"RESUME\"") != std::string_view::npos)
+                    supermachine::detail::trace_point("guest resumed (stream loaded)");
                 if (answer.find("\"error\"") != std::string_view::npos) {
                     std::lock_guard lock(diagnostics_mutex_);
                     diagnostics_.append(answer);
