@@ -29,14 +29,6 @@ environment& state() {
     return s;
 }
 
-sm::vm_options small_options() {
-    sm::vm_options options;
-    options.memory_mib = 256;
-    options.snapshottable = true;
-    options.ready_timeout = std::chrono::seconds(120);
-    return options;
-}
-
 // Everything a snapshot directory holds, by content (the RAM file too) and
 // size + mtime, so a template that a clone wrote into would show.
 std::string fingerprint(const fs::path& dir) {
@@ -69,7 +61,7 @@ BOOST_AUTO_TEST_CASE(restored_vm_snapshots_again_in_generations) {
     BOOST_REQUIRE(ready);
     const auto& image = ready.value();
     const auto base = s.work / "base", gen1 = s.work / "gen1", gen2 = s.work / "gen2";
-    auto options = small_options();
+    auto options = snapshottable_options();
     auto resnapshottable = options;
     resnapshottable.snapshottable_after_restore = true;
     api_driver api;

@@ -171,14 +171,6 @@ BOOST_AUTO_TEST_CASE(corrupted_state_is_rebuilt_not_trusted) {
     BOOST_TEST(has(third.err, "cached snapshot unusable"));
 }
 
-sm::vm_options snapshottable_options() {
-    sm::vm_options options;
-    options.memory_mib = 256;
-    options.snapshottable = true;
-    options.ready_timeout = std::chrono::seconds(120);
-    return options;
-}
-
 // Through the API: state written before the snapshot (a tmpfs file, a
 // running process) is there after restore; two restores from one snapshot
 // at once are each private.

@@ -59,6 +59,15 @@ struct environment {
 };
 
 /// Made once per test process; `name` prefixes the temp work dir.
+/// A small snapshottable vm for the API cases (256 MiB: less to copy).
+inline supermachine::vm_options snapshottable_options() {
+    supermachine::vm_options options;
+    options.memory_mib = 256;
+    options.snapshottable = true;
+    options.ready_timeout = std::chrono::seconds(120);
+    return options;
+}
+
 inline environment make_environment(const char* name) {
     environment s;
     const char* bin = std::getenv("SUPERMACHINE_BINARY_DIR");
