@@ -103,7 +103,12 @@ public:
             active_ = true;
         }
         auto self = shared_from_this();
-        return service_.start(act, [self](std::size_t index) { self->on_kick(index); });
+        SUPERMACHINE_TRY(service_.start(act, [self](std::size_t index) { self->on_kick(index); }));
+        // A reset queued while the device was stopped (e.g. paused for a snapshot) goes into
+        // the buffers the driver posted long ago: it will not kick the event queue again.
+        std::lock_guard lock(mutex_);
+        deliver_event();
+        return success();
     }
 
     void reset() {
@@ -116,12 +121,16 @@ public:
     }
 
     /// After a snapshot restore: connections are gone; tell the guest (event queue).
+    /// Delivered at once into an already-posted event buffer; without one, on the
+    /// driver's next event-queue kick or the next activation. A device the driver never
+    /// started has nobody to tell: nothing is queued.
     void transport_reset() {
         std::lock_guard lock(mutex_);
         drop_all_connections(make_error_code(errc::cancelled));
         control_.clear();
+        if (!active_) return;
         event_pending_ = true;
-        if (active_) deliver_event();
+        deliver_event();
     }
 
     std::uint64_t guest_cid() const { return config_.guest_cid; }
@@ -627,6 +636,8 @@ private:
         if (!popped) return broken();
         if (!popped.value()) return; // no buffer yet: delivered on the next event-queue kick
         auto& entry = *popped.value();
+        // A buffer shorter than the 4-byte event (or a broken chain) still takes the event:
+        // it comes back with used length 0, which drivers ignore (Linux does).
         std::uint32_t written = 0;
         if (entry.chain) {
             chain_writer writer(entry.chain.value().writable());
