@@ -14,6 +14,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 
 using namespace snapmachine_test;
@@ -61,6 +62,8 @@ vsock_machine::config vsock_config(std::shared_ptr<console> out, const std::stri
     std::get<sm::devices::serial::config>(cfg.devices).sink = [out](std::string_view s) {
         out->append(s);
     };
+    // Longer than any test runs: a pending connect ends by the test's doing, not a timer.
+    std::get<sm::virtio::vsock::config>(cfg.devices).connect_timeout = std::chrono::minutes(5);
     return cfg;
 }
 
@@ -96,14 +99,26 @@ struct snapshot_result {
 };
 
 /// Boots the count guest with `guest_args`, snapshots it to `file` mid-run and
-/// lets the original count on for a while before stopping it.
+/// lets the original count on for a while before stopping it. With
+/// `hold_connection` (the guest's driver started the vsock) a host connect to a
+/// guest port is in progress across the capture (the guest posts no rx buffer,
+/// so its REQUEST stays queued): the original keeps it.
 snapshot_result boot_and_snapshot(running_io& io, const fs::path& file,
-                                  const std::string& guest_args) {
+                                  const std::string& guest_args, bool hold_connection = false) {
     auto out = std::make_shared<console>();
     auto vm =
         get(vsock_machine::create(io.io.get_executor(), vsock_config(out, guest_args)), "create");
     BOOST_REQUIRE(vm->start());
     BOOST_REQUIRE_MESSAGE(out->wait_counts(5), "console: " << out->snapshot());
+    auto& device = vm->template device_at<3>()->core();
+    auto connect_result = std::make_shared<std::atomic<int>>(-1); // -1: not completed
+    if (hold_connection) {
+        device.connect(1234, [connect_result](std::error_code ec, int fd, std::uint32_t) {
+            if (fd >= 0) ::close(fd);
+            connect_result->store(ec.value());
+        });
+        BOOST_CHECK_EQUAL(device.connection_count(), 1u);
+    }
     snapshot_result r;
     {
         auto image = get(vm->pause_and_capture(), "pause and capture");
@@ -115,8 +130,19 @@ snapshot_result boot_and_snapshot(running_io& io, const fs::path& file,
     }
     const std::size_t seen = out->counts().size();
     BOOST_REQUIRE_MESSAGE(out->wait_counts(seen + 10), "the original resumes after the snapshot");
+    if (hold_connection) {
+        // The pause stopped the device's queues but did not drop the connection.
+        BOOST_CHECK_EQUAL(device.connection_count(), 1u);
+        BOOST_CHECK_EQUAL(connect_result->load(), -1);
+    }
     vm->stop();
     vm->wait();
+    if (hold_connection) {
+        BOOST_CHECK_EQUAL(device.connection_count(), 0u); // stopping drops it
+        for (int i = 0; i < 1000 && connect_result->load() == -1; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        BOOST_CHECK(connect_result->load() > 0); // failed (cancelled), not left hanging
+    }
     r.original = out->snapshot();
     BOOST_CHECK(consecutive_from_one(out->counts()));
     return r;
@@ -155,7 +181,7 @@ BOOST_AUTO_TEST_CASE(restored_guest_gets_exactly_one_transport_reset) {
     temp_dir dir;
     const fs::path file = dir.path / "vsock.snap";
     const std::string args = "conformance.vsock=1";
-    const auto s = boot_and_snapshot(io, file, args);
+    const auto s = boot_and_snapshot(io, file, args, true);
     BOOST_CHECK_EQUAL(occurrences(s.before, "vsock: cid 3\n"), 1u);
     BOOST_CHECK_EQUAL(occurrences(s.before, "vsock: event buffers 4\n"), 1u);
     // The original, paused and resumed for the capture, was never told anything.

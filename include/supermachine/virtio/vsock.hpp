@@ -104,11 +104,32 @@ public:
         }
         auto self = shared_from_this();
         SUPERMACHINE_TRY(service_.start(act, [self](std::size_t index) { self->on_kick(index); }));
+        std::lock_guard lock(mutex_);
+        // After a pause: connections kept their state; their socket waits found the device
+        // inactive and stopped, so they are re-armed here.
+        std::vector<std::shared_ptr<connection>> kept;
+        kept.reserve(connections_.size());
+        for (auto& [key, c] : connections_)
+            kept.push_back(c);
+        for (auto& c : kept) {
+            write_to_host(c);
+            watch_read(c);
+        }
+        fill_rx();
         // A reset queued while the device was stopped (e.g. paused for a snapshot) goes into
         // the buffers the driver posted long ago: it will not kick the event queue again.
-        std::lock_guard lock(mutex_);
         deliver_event();
         return success();
+    }
+
+    /// Quiesce for a snapshot: stop serving the queues (as reset() does) but keep every
+    /// connection, so the machine that resumes after the capture keeps them; activate()
+    /// serves them again. (The snapshot does not hold them: a restore resets them.)
+    void pause() {
+        service_.stop();
+        std::lock_guard lock(mutex_);
+        active_ = false;
+        queues_ = {};
     }
 
     void reset() {
@@ -737,6 +758,9 @@ public:
                  std::function<void(std::error_code, int, std::uint32_t)> done) {
         impl_->connect(guest_port, std::move(done));
     }
+
+    /// Quiesce for a snapshot keeping the connections (device.hpp: optional pause()).
+    void pause() { impl_->pause(); }
 
     /// Drops every connection and queues VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (after a restore).
     void transport_reset() { impl_->transport_reset(); }
