@@ -182,10 +182,10 @@ public:
     /// is reset: a core that kept state over a pause drops it now).
     void stop() {
         std::lock_guard lock(mutex_);
-        const bool was_paused = paused_ && !active_;
+        const bool was_active = active_;
         deactivate_locked(false);
         if constexpr (pausable)
-            if (was_paused) core_->reset();
+            if (!was_active) core_->reset(); // reset() of an inactive core only drops state
     }
 
     /// Quiesce for a snapshot: requests in flight complete, the core stops (a core with
