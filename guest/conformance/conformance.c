@@ -573,6 +573,7 @@ static void echo(void) {
 }
 
 void conformance_count(uint64_t touch_mib, uint64_t every); /* count.c */
+void count_vsock_setup(const char* cmdline, uint64_t buffers, uint64_t buffer_length); /* vsock_events.c */
 
 void conformance_main(uint64_t zero_page, uint64_t start_info) {
     uart_init();
@@ -590,6 +591,11 @@ void conformance_main(uint64_t zero_page, uint64_t start_info) {
         uint64_t touch_mib = 0, every = 0;
         param_number("conformance.touch_mib", &touch_mib);
         param_number("conformance.every", &every);
+        uint64_t vsock = 0, vsock_buffers = 4, vsock_buffer_len = 8;
+        param_number("conformance.vsock", &vsock);
+        param_number("conformance.vsock.buffers", &vsock_buffers);
+        param_number("conformance.vsock.buffer_len", &vsock_buffer_len);
+        if (vsock) count_vsock_setup(cmdline, vsock_buffers, vsock_buffer_len);
         conformance_count(touch_mib, every);
     }
     if (param_is("conformance.mode", "echo")) {

@@ -10,7 +10,11 @@
  *
  * Prints "count: at 0x<address of the counter>" once, then "count=<n>" on every
  * tick (n = 1, 2, ...). A snapshot restored later must continue with the next
- * n: no reset to 0, no gap. General-purpose instructions only (kvm_pvm). */
+ * n: no reset to 0, no gap. General-purpose instructions only (kvm_pvm).
+ *
+ *   conformance.vsock=1       also drive a virtio-vsock's event queue and print
+ *                             what arrives there before each tick's line
+ *                             (vsock_events.c) */
 #include <stddef.h>
 #include <stdint.h>
 
@@ -52,6 +56,8 @@ static size_t count_format(char* out, const char* prefix, uint64_t v, int hex) {
 volatile uint64_t conformance_counter;
 volatile uint64_t conformance_touch_sum;
 
+void count_vsock_poll(void); /* vsock_events.c: nothing unless conformance.vsock=1 */
+
 void conformance_count(uint64_t touch_mib, uint64_t every) {
     char line[64];
     if (every == 0) every = 1000;
@@ -67,6 +73,7 @@ void conformance_count(uint64_t touch_mib, uint64_t every) {
         /* A register-only spin: on kvm_pvm a store to the stack page in a
          * loop can trap on every iteration (~20 us) under shadow paging. */
         for (uint64_t i = 0; i < every; ++i) __asm__ volatile("" : "+r"(i));
+        count_vsock_poll();
         const uint64_t n = conformance_counter + 1;
         conformance_counter = n;
         count_line(line, count_format(line, "count=", n, 0));

@@ -778,6 +778,12 @@ private:
                     return;
                 }
                 status = device.restore(state.value());
+                if (!status) return;
+                // A vsock's host ends stayed with the old process: once its queues are live
+                // again, the guest is told to drop its connections (TRANSPORT_RESET, virtio
+                // 1.2 5.10.6.7), into the event buffers it posted before the snapshot.
+                if constexpr (requires { device.core().transport_reset(); })
+                    device.core().transport_reset();
             }
         };
         for_each_device_index(one);

@@ -37,7 +37,10 @@
 //   executor (the caller may be running on it).
 // - Optional (detected with requires-expressions): `std::vector<std::byte>
 //   save_state() const` and `result<void> restore_state(std::span<const std::byte>)`
-//   for snapshots; `void stop()` when the machine stops.
+//   for snapshots; `void stop()` when the machine stops; `void pause()`, called by
+//   mmio_transport::pause (snapshot quiesce) instead of reset(): the same guarantee
+//   as reset() about guest memory and queues, host-side state kept for the next
+//   activate(); `void transport_reset()`, called after a machine restore.
 #include <supermachine/device.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/memory.hpp>

@@ -178,13 +178,21 @@ public:
         write_register(static_cast<std::uint32_t>(offset), value);
     }
 
-    /// Machine stopping: the core stops touching guest memory.
-    void stop() { pause(); }
+    /// Machine stopping: the core stops touching guest memory (and, paused or not,
+    /// is reset: a core that kept state over a pause drops it now).
+    void stop() {
+        std::lock_guard lock(mutex_);
+        const bool was_active = active_;
+        deactivate_locked(false);
+        if constexpr (pausable)
+            if (!was_active) core_->reset(); // reset() of an inactive core only drops state
+    }
 
-    /// Quiesce for a snapshot: requests in flight complete, the core stops.
+    /// Quiesce for a snapshot: requests in flight complete, the core stops (a core with
+    /// pause() keeps what the guest cannot re-create, e.g. vsock connections; others reset).
     void pause() {
         std::lock_guard lock(mutex_);
-        deactivate_locked();
+        deactivate_locked(true);
     }
     /// Undo pause(): the core serves the same queues again.
     result<void> resume() {
@@ -427,9 +435,18 @@ private:
         return success();
     }
 
-    void deactivate_locked() {
+    static constexpr bool pausable = requires(Core & c) { c.pause(); };
+
+    void deactivate_locked(bool pausing) {
         if (!active_) return;
-        core_->reset();
+        if constexpr (pausable) {
+            if (pausing)
+                core_->pause();
+            else
+                core_->reset();
+        } else {
+            core_->reset();
+        }
         active_ = false;
         paused_ = true;
         for (std::size_t i = 0; i < queues_.size(); ++i)

@@ -103,7 +103,33 @@ public:
             active_ = true;
         }
         auto self = shared_from_this();
-        return service_.start(act, [self](std::size_t index) { self->on_kick(index); });
+        SUPERMACHINE_TRY(service_.start(act, [self](std::size_t index) { self->on_kick(index); }));
+        std::lock_guard lock(mutex_);
+        // After a pause: connections kept their state; their socket waits found the device
+        // inactive and stopped, so they are re-armed here.
+        std::vector<std::shared_ptr<connection>> kept;
+        kept.reserve(connections_.size());
+        for (auto& [key, c] : connections_)
+            kept.push_back(c);
+        for (auto& c : kept) {
+            write_to_host(c);
+            watch_read(c);
+        }
+        fill_rx();
+        // A reset queued while the device was stopped (e.g. paused for a snapshot) goes into
+        // the buffers the driver posted long ago: it will not kick the event queue again.
+        deliver_event();
+        return success();
+    }
+
+    /// Quiesce for a snapshot: stop serving the queues (as reset() does) but keep every
+    /// connection, so the machine that resumes after the capture keeps them; activate()
+    /// serves them again. (The snapshot does not hold them: a restore resets them.)
+    void pause() {
+        service_.stop();
+        std::lock_guard lock(mutex_);
+        active_ = false;
+        queues_ = {};
     }
 
     void reset() {
@@ -116,12 +142,16 @@ public:
     }
 
     /// After a snapshot restore: connections are gone; tell the guest (event queue).
+    /// Delivered at once into an already-posted event buffer; without one, on the
+    /// driver's next event-queue kick or the next activation. A device the driver never
+    /// started has nobody to tell: nothing is queued.
     void transport_reset() {
         std::lock_guard lock(mutex_);
         drop_all_connections(make_error_code(errc::cancelled));
         control_.clear();
+        if (!active_) return;
         event_pending_ = true;
-        if (active_) deliver_event();
+        deliver_event();
     }
 
     std::uint64_t guest_cid() const { return config_.guest_cid; }
@@ -627,6 +657,8 @@ private:
         if (!popped) return broken();
         if (!popped.value()) return; // no buffer yet: delivered on the next event-queue kick
         auto& entry = *popped.value();
+        // A buffer shorter than the 4-byte event (or a broken chain) still takes the event:
+        // it comes back with used length 0, which drivers ignore (Linux does).
         std::uint32_t written = 0;
         if (entry.chain) {
             chain_writer writer(entry.chain.value().writable());
@@ -726,6 +758,9 @@ public:
                  std::function<void(std::error_code, int, std::uint32_t)> done) {
         impl_->connect(guest_port, std::move(done));
     }
+
+    /// Quiesce for a snapshot keeping the connections (device.hpp: optional pause()).
+    void pause() { impl_->pause(); }
 
     /// Drops every connection and queues VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (after a restore).
     void transport_reset() { impl_->transport_reset(); }
