@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "virtio_mmio.h"
+
 void* memset(void* d, int c, size_t n);
 int memcmp(const void* a, const void* b, size_t n);
 
@@ -104,36 +106,6 @@ static inline uint64_t rdtsc(void) {
 static inline void full_barrier(void) { __asm__ volatile("lock orl $0, (%%rsp)" ::: "memory", "cc"); }
 static inline void compiler_barrier(void) { __asm__ volatile("" ::: "memory"); }
 
-#define REG_MAGIC 0x000
-#define REG_VERSION 0x004
-#define REG_DEVICE_ID 0x008
-#define REG_DEVICE_FEATURES 0x010
-#define REG_DEVICE_FEATURES_SEL 0x014
-#define REG_DRIVER_FEATURES 0x020
-#define REG_DRIVER_FEATURES_SEL 0x024
-#define REG_QUEUE_SEL 0x030
-#define REG_QUEUE_NUM_MAX 0x034
-#define REG_QUEUE_NUM 0x038
-#define REG_QUEUE_READY 0x044
-#define REG_QUEUE_NOTIFY 0x050
-#define REG_INTERRUPT_STATUS 0x060
-#define REG_INTERRUPT_ACK 0x064
-#define REG_STATUS 0x070
-#define REG_QUEUE_DESC_LOW 0x080
-#define REG_QUEUE_DESC_HIGH 0x084
-#define REG_QUEUE_DRIVER_LOW 0x090
-#define REG_QUEUE_DRIVER_HIGH 0x094
-#define REG_QUEUE_DEVICE_LOW 0x0a0
-#define REG_QUEUE_DEVICE_HIGH 0x0a4
-#define REG_CONFIG_GENERATION 0x0fc
-#define REG_CONFIG 0x100
-
-#define STATUS_ACKNOWLEDGE 1u
-#define STATUS_DRIVER 2u
-#define STATUS_DRIVER_OK 4u
-#define STATUS_FEATURES_OK 8u
-
-#define F_VERSION_1 (1ull << 32)
 #define BLK_F_RO (1ull << 5)
 #define BLK_F_BLK_SIZE (1ull << 6)
 #define BLK_F_FLUSH (1ull << 9)
@@ -146,37 +118,10 @@ static inline void compiler_barrier(void) { __asm__ volatile("" ::: "memory"); }
 #define BLK_S_IOERR 1
 #define BLK_S_UNSUPP 2
 
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-
 #define LAPIC 0xfee00000ull
 #define IOAPIC 0xfec00000ull
 #define VIRTIO_VECTOR 0x30
 #define SPURIOUS_VECTOR 0xff
-
-/* ---- split virtqueue, 8 entries (virtio 1.2 section 2.7) ---- */
-#define QUEUE_SIZE 8
-struct vring_desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-struct vring_used_elem {
-    uint32_t id;
-    uint32_t len;
-};
-/* desc at 0 (16-aligned), avail at 128 (2-aligned), used at 152 (4-aligned). */
-struct queue_memory {
-    struct vring_desc desc[QUEUE_SIZE];
-    uint16_t avail_flags, avail_idx, avail_ring[QUEUE_SIZE], used_event;
-    uint16_t pad;
-    uint16_t used_flags, used_idx;
-    struct vring_used_elem used_ring[QUEUE_SIZE];
-    uint16_t avail_event;
-} __attribute__((aligned(256)));
-_Static_assert(__builtin_offsetof(struct queue_memory, avail_flags) == 128, "avail ring offset");
-_Static_assert(__builtin_offsetof(struct queue_memory, used_flags) == 152, "used ring offset");
 
 #define MAX_DEVICES 16
 struct device {

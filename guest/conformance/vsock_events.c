@@ -21,57 +21,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "virtio_mmio.h"
+
 int memcmp(const void* a, const void* b, size_t n);
 
 #define COM1 0x3f8
-#define REG_MAGIC 0x000
-#define REG_VERSION 0x004
-#define REG_DEVICE_ID 0x008
-#define REG_DEVICE_FEATURES 0x010
-#define REG_DEVICE_FEATURES_SEL 0x014
-#define REG_DRIVER_FEATURES 0x020
-#define REG_DRIVER_FEATURES_SEL 0x024
-#define REG_QUEUE_SEL 0x030
-#define REG_QUEUE_NUM_MAX 0x034
-#define REG_QUEUE_NUM 0x038
-#define REG_QUEUE_READY 0x044
-#define REG_QUEUE_NOTIFY 0x050
-#define REG_STATUS 0x070
-#define REG_QUEUE_DESC_LOW 0x080
-#define REG_QUEUE_DESC_HIGH 0x084
-#define REG_QUEUE_DRIVER_LOW 0x090
-#define REG_QUEUE_DRIVER_HIGH 0x094
-#define REG_QUEUE_DEVICE_LOW 0x0a0
-#define REG_QUEUE_DEVICE_HIGH 0x0a4
-#define REG_CONFIG 0x100
-#define STATUS_ACKNOWLEDGE 1u
-#define STATUS_DRIVER 2u
-#define STATUS_DRIVER_OK 4u
-#define STATUS_FEATURES_OK 8u
-#define DESC_F_WRITE 2
 #define VSOCK_DEVICE_ID 19
 #define EVENT_QUEUE 2
-#define QUEUE_SIZE 8
 #define MAX_BUFFER 16
-
-struct vring_desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-struct vring_used_elem {
-    uint32_t id;
-    uint32_t len;
-};
-struct queue_memory {
-    struct vring_desc desc[QUEUE_SIZE];
-    uint16_t avail_flags, avail_idx, avail_ring[QUEUE_SIZE], used_event;
-    uint16_t pad;
-    uint16_t used_flags, used_idx;
-    struct vring_used_elem used_ring[QUEUE_SIZE];
-    uint16_t avail_event;
-} __attribute__((aligned(256)));
 
 static struct queue_memory vsock_queues[3];
 static uint8_t event_buffers[QUEUE_SIZE][MAX_BUFFER] __attribute__((aligned(16)));
