@@ -1,6 +1,7 @@
 #pragma once
 // The conformance guest in count mode on basic_machine<kvm, ...>: its
 // console collected in memory, its "count=N" lines parsed.
+#include <skip.hpp>
 #include <supermachine/backend/kvm.hpp>
 #include <supermachine/devices/acpi_power.hpp>
 #include <supermachine/devices/i8042.hpp>
@@ -9,9 +10,12 @@
 #include <supermachine/virtio/mmio_transport.hpp>
 #include <supermachine/virtio/rng.hpp>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -29,6 +33,23 @@ inline std::string conformance_bzimage() {
     const char* dir = std::getenv("SUPERMACHINE_BINARY_DIR");
     return std::string(dir ? dir : ".") + "/guest/conformance.bzImage";
 }
+
+/// Skip (one line) where the guest cannot run: no KVM, or the guest not built.
+inline void require_kvm() {
+    if (::access("/dev/kvm", R_OK | W_OK) != 0) sm::test::skip("no /dev/kvm");
+    if (::access(conformance_bzimage().c_str(), R_OK) != 0)
+        sm::test::skip("conformance guest not built");
+}
+
+/// A fresh directory for snapshot files, removed with everything in it.
+struct temp_dir {
+    std::filesystem::path path;
+    temp_dir() {
+        std::string t = (std::filesystem::temp_directory_path() / "snapmachine-XXXXXX").string();
+        path = ::mkdtemp(t.data());
+    }
+    ~temp_dir() { std::filesystem::remove_all(path); }
+};
 
 /// Console text, filled from the vCPU thread.
 struct console {

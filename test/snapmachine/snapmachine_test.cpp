@@ -27,21 +27,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-void require_kvm() {
-    if (::access("/dev/kvm", R_OK | W_OK) != 0) sm::test::skip("no /dev/kvm");
-    if (::access(conformance_bzimage().c_str(), R_OK) != 0)
-        sm::test::skip("conformance guest not built");
-}
-
-struct temp_dir {
-    fs::path path;
-    temp_dir() {
-        std::string t = (fs::temp_directory_path() / "snapmachine-XXXXXX").string();
-        path = ::mkdtemp(t.data());
-    }
-    ~temp_dir() { fs::remove_all(path); }
-};
-
 std::string file_bytes(const fs::path& p) {
     std::ifstream in(p, std::ios::binary);
     std::ostringstream s;

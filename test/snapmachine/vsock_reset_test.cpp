@@ -26,21 +26,6 @@ namespace {
 using vsock_machine = sm::basic_machine<sm::backend::kvm, sm::devices::serial, sm::devices::i8042,
                                         sm::devices::acpi_power, sm::virtio::vsock>;
 
-void require_kvm() {
-    if (::access("/dev/kvm", R_OK | W_OK) != 0) sm::test::skip("no /dev/kvm");
-    if (::access(conformance_bzimage().c_str(), R_OK) != 0)
-        sm::test::skip("conformance guest not built");
-}
-
-struct temp_dir {
-    fs::path path;
-    temp_dir() {
-        std::string t = (fs::temp_directory_path() / "vsockreset-XXXXXX").string();
-        path = ::mkdtemp(t.data());
-    }
-    ~temp_dir() { fs::remove_all(path); }
-};
-
 /// The machines' executor, run on its own thread (the vsock serves its kicks there).
 struct running_io {
     boost::asio::io_context io;
