@@ -64,4 +64,28 @@ struct queue_memory {
 _Static_assert(__builtin_offsetof(struct queue_memory, avail_flags) == 128, "avail ring offset");
 _Static_assert(__builtin_offsetof(struct queue_memory, used_flags) == 152, "used ring offset");
 
+/* Parses a number (0x.. hex or decimal) at *p, advancing it: the SIZE, BASE
+ * and GSI of a virtio_mmio.device=SIZE@BASE:GSI window on the command line. */
+static inline int parse_number(const char** p, const char* end, uint64_t* out_value) {
+    const char* s = *p;
+    uint64_t x = 0;
+    int base = 10, digits = 0;
+    if (end - s > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        base = 16;
+        s += 2;
+    }
+    for (; s < end && digits < 17; ++s, ++digits) {
+        unsigned d;
+        if (*s >= '0' && *s <= '9') d = (unsigned)(*s - '0');
+        else if (base == 16 && *s >= 'a' && *s <= 'f') d = (unsigned)(*s - 'a' + 10);
+        else if (base == 16 && *s >= 'A' && *s <= 'F') d = (unsigned)(*s - 'A' + 10);
+        else break;
+        x = x * (uint64_t)base + d;
+    }
+    if (!digits) return 0;
+    *p = s;
+    *out_value = x;
+    return 1;
+}
+
 #endif

@@ -79,32 +79,6 @@ static void vsock_line(const char* prefix, uint64_t value, int with_value) {
     __asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"((uint16_t)COM1) : "memory");
 }
 
-/* Parses a number (0x.. hex or decimal) at *p, advancing it. */
-static int parse_number(const char** p, const char* end, uint64_t* out) {
-    const char* s = *p;
-    uint64_t x = 0;
-    int base = 10, digits = 0;
-    if (end - s > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-        base = 16;
-        s += 2;
-    }
-    for (; s < end && digits < 17; ++s, ++digits) {
-        unsigned d;
-        if (*s >= '0' && *s <= '9')
-            d = (unsigned)(*s - '0');
-        else if (base == 16 && *s >= 'a' && *s <= 'f')
-            d = (unsigned)(*s - 'a' + 10);
-        else if (base == 16 && *s >= 'A' && *s <= 'F')
-            d = (unsigned)(*s - 'A' + 10);
-        else
-            break;
-        x = x * (uint64_t)base + d;
-    }
-    if (!digits) return 0;
-    *p = s;
-    *out = x;
-    return 1;
-}
 
 /* The first virtio_mmio.device= window in the MMIO gap whose DeviceID is 19. */
 static uint64_t find_vsock(const char* cmdline) {
