@@ -282,9 +282,9 @@ public:
             monitor_ours.reset(pair[0]);
             monitor_theirs.reset(pair[1]);
             const auto commands = detail::restore_monitor_commands();
-            if (::write(monitor_ours.get(), commands.data(), commands.size()) !=
-                static_cast<ssize_t>(commands.size()))
-                return errno_code(errno);
+            const auto written = ::write(monitor_ours.get(), commands.data(), commands.size());
+            if (written < 0) return errno_code(errno);
+            if (written != static_cast<ssize_t>(commands.size())) return errc::io_error;
         }
         SUPERMACHINE_TRY(child, detail::spawn(argv, {incoming_stream.get(), monitor_theirs.get()}));
         supermachine::detail::trace_point("engine spawned");

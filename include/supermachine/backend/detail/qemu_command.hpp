@@ -118,8 +118,8 @@ inline std::string incoming_uri() {
 inline constexpr int restore_monitor_fd = inherited_fd + 1;
 
 /// Written before QEMU starts; QEMU answers on the same socket (the engine
-/// keeps only the answers' tail for diagnostics). A stream that cannot be
-/// loaded makes QEMU exit.
+/// drains the answers; a QMP error joins its diagnostics). A stream that
+/// cannot be loaded makes QEMU exit.
 inline std::string restore_monitor_commands() {
     return R"({"execute":"qmp_capabilities"})"
            R"({"execute":"migrate-set-capabilities","arguments":{"capabilities":)"
