@@ -721,54 +721,38 @@ private:
         return success();
     }
 
-    /// Copy `from` to `to` keeping holes (the RAM file is mostly holes).
-    static result<void> copy_sparse(const std::filesystem::path& from,
-                                    const std::filesystem::path& to) {
-        const int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
-        if (in < 0) return errno_code(errno);
-        const int out = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-        if (out < 0) {
-            const int e = errno;
-            ::close(in);
-            return errno_code(e);
-        }
+    /// Copy `from` to `to` as cheaply as the filesystem allows: a reflink
+    /// (FICLONE: shared blocks, copy-on-write, cost per extent) where both
+    /// are on one btrfs/XFS, else only the data, keeping holes (a RAM file is
+    /// mostly holes). `to` is replaced, never written in place: a stale file
+    /// there may still be mapped by a gone vm.
+    static result<void> copy_file_data(const std::filesystem::path& from,
+                                       const std::filesystem::path& to) {
+        const supermachine::detail::unique_fd in(::open(from.c_str(), O_RDONLY | O_CLOEXEC));
+        if (!in) return errno_code(errno);
+        ::unlink(to.c_str());
+        const supermachine::detail::unique_fd out(
+            ::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+        if (!out) return errno_code(errno);
+        if (::ioctl(out.get(), FICLONE, in.get()) == 0) return success();
+        // EOPNOTSUPP (ext4, tmpfs), EXDEV (another filesystem), …: the data.
         struct stat st {};
-        bool ok = ::fstat(in, &st) == 0 && ::ftruncate(out, st.st_size) == 0;
+        bool ok = ::fstat(in.get(), &st) == 0 && ::ftruncate(out.get(), st.st_size) == 0;
         for (off_t data = 0; ok;) {
-            data = ::lseek(in, data, SEEK_DATA);
+            data = ::lseek(in.get(), data, SEEK_DATA);
             if (data < 0) break; // ENXIO: no data after this point
-            off_t hole = ::lseek(in, data, SEEK_HOLE);
+            off_t hole = ::lseek(in.get(), data, SEEK_HOLE);
             if (hole < 0) hole = st.st_size;
             for (off_t position = data; ok && position < hole;) {
                 off_t out_position = position;
-                const ssize_t n = ::copy_file_range(in, &position, out, &out_position,
+                const ssize_t n = ::copy_file_range(in.get(), &position, out.get(), &out_position,
                                                     static_cast<std::size_t>(hole - position), 0);
                 ok = n > 0;
             }
             data = hole;
         }
         const int e = errno;
-        ::close(in);
-        ::close(out);
         return ok ? success() : result<void>(errno_code(e ? e : EIO));
-    }
-
-    /// Copy `from` to `to` as cheaply as the filesystem allows: a reflink
-    /// (FICLONE: shares the blocks, copy-on-write, O(extents)) where both
-    /// are on one btrfs/XFS, else copy_sparse.
-    static result<void> copy_file_data(const std::filesystem::path& from,
-                                       const std::filesystem::path& to) {
-        {
-            const supermachine::detail::unique_fd in(::open(from.c_str(), O_RDONLY | O_CLOEXEC));
-            if (!in) return errno_code(errno);
-            ::unlink(to.c_str()); // a stale file may be mapped by a gone vm: never write it
-            const supermachine::detail::unique_fd out(
-                ::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
-            if (!out) return errno_code(errno);
-            if (::ioctl(out.get(), FICLONE, in.get()) == 0) return success();
-        }
-        // EOPNOTSUPP (ext4, tmpfs), EXDEV (another filesystem), …
-        return copy_sparse(from, to);
     }
 
     /// Take a file of the running vm into the snapshot: moved when the vm
@@ -776,7 +760,7 @@ private:
     static result<void> take_file(const std::filesystem::path& from,
                                   const std::filesystem::path& to, bool copy) {
         if (!copy && ::rename(from.c_str(), to.c_str()) == 0) return success();
-        return copy_sparse(from, to);
+        return copy_file_data(from, to);
     }
 
     void start_snapshot(std::filesystem::path path, bool resume,
