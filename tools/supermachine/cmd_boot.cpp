@@ -513,13 +513,7 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
         io.get_executor(), std::move(root), std::move(vm_options),
         [&](std::error_code ec, std::shared_ptr<vm> started) {
             if (ec) {
-                // The vm's sentence (e.g. a missing helper program) beside the code.
-                const std::string detail = started && !started->failure_detail().empty()
-                                               ? ": " + started->failure_detail()
-                                               : std::string();
-                std::fprintf(stderr, "supermachine boot: the VM did not come up: %s%s\n",
-                             ec.message().c_str(), detail.c_str());
-                if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
+                report_start_failure("supermachine boot", ec, started);
                 return runner.fail(failed);
             }
             if (options.engine == "auto")

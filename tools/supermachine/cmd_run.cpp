@@ -201,13 +201,7 @@ int run_run(std::span<char*> args) {
         io.get_executor(), ready.value(), vm_options, warm,
         [&](std::error_code ec, std::shared_ptr<sm::vm> started) {
             if (ec) {
-                // The vm's sentence (e.g. a missing helper program) beside the code.
-                const std::string detail = started && !started->failure_detail().empty()
-                                               ? ": " + started->failure_detail()
-                                               : std::string();
-                std::fprintf(stderr, "supermachine run: the VM did not come up: %s%s\n",
-                             ec.message().c_str(), detail.c_str());
-                if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
+                sm::cli::report_start_failure("supermachine run", ec, started);
                 return command.fail(125);
             }
             if (!quiet)

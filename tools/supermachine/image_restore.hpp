@@ -129,12 +129,7 @@ inline int run_image_restore(std::span<char*> args) {
     const auto started_at = std::chrono::steady_clock::now();
     snapshot.async_start(io.get_executor(), [&](std::error_code ec, std::shared_ptr<vm> started) {
         if (ec) {
-            const std::string detail =
-                started && !started->failure_detail().empty() ? started->failure_detail() : "";
-            std::fprintf(stderr, "%.*s: the VM did not come up: %s%s%s\n",
-                         static_cast<int>(who.size()), who.data(), ec.message().c_str(),
-                         detail.empty() ? "" : ": ", detail.c_str());
-            if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
+            report_start_failure(who, ec, started);
             return command.fail(125);
         }
         // A snapshot in run's cache counts as used (its pruning keeps recent ones).

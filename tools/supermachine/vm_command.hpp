@@ -172,6 +172,19 @@ inline agent::exec_request make_exec_request(const oci::process_spec& process,
     return request;
 }
 
+/// A vm that did not come up, on stderr: "WHO: the VM did not come up:
+/// ERROR[: the vm's sentence (e.g. a missing helper program)]", then the
+/// tail of its console.
+inline void report_start_failure(std::string_view who, std::error_code ec,
+                                 const std::shared_ptr<vm>& started) {
+    const std::string detail = started && !started->failure_detail().empty()
+                                   ? ": " + started->failure_detail()
+                                   : std::string();
+    std::fprintf(stderr, "%.*s: the VM did not come up: %s%s\n", static_cast<int>(who.size()),
+                 who.data(), ec.message().c_str(), detail.c_str());
+    if (started) std::fprintf(stderr, "%s", started->console_tail().c_str());
+}
+
 /// Drives one command in a vm on a single-threaded io_context, the way
 /// `docker run` behaves: construct it before starting the VM (so ^C during
 /// boot stops us too), call start() once the VM is up, then run().
@@ -206,18 +219,18 @@ public:
                 return fail(125);
             }
         }
-        exec_session<vm::socket_type>::start(
-            machine_->agent(), std::move(request), options.interactive, [this](int exit_status) {
-                if (auto after = std::move(after_command_)) {
-                    after_command_ = nullptr;
-                    return after(machine_, exit_status, [this](int status) {
-                        status_ = status;
-                        stop();
-                    });
-                }
-                status_ = exit_status;
-                stop();
-            });
+        exec_session<vm::socket_type>::start(machine_->agent(), std::move(request),
+                                             options.interactive, [this](int exit_status) {
+                                                 auto end = [this](int status) {
+                                                     status_ = status;
+                                                     stop();
+                                                 };
+                                                 auto after = std::move(after_command_);
+                                                 after_command_ = nullptr;
+                                                 if (after)
+                                                     return after(machine_, exit_status, end);
+                                                 end(exit_status);
+                                             });
     }
 
     /// Once the command has ended and before the vm stops (e.g. to snapshot
