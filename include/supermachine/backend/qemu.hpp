@@ -534,9 +534,8 @@ private:
         if (config_.shared_directories.empty()) return success();
         const auto binary = detail::find_program(config_.virtiofsd_binary.string());
         if (!binary) {
-            std::lock_guard lock(diagnostics_mutex_);
-            diagnostics_ += "virtiofsd not found at " + config_.virtiofsd_binary.string() +
-                            " (Debian: qemu-system-common)\n";
+            add_diagnostics("virtiofsd not found at " + config_.virtiofsd_binary.string() +
+                            " (Debian: qemu-system-common)\n");
             return errc::engine_unavailable;
         }
         for (std::size_t i = 0; i < config_.shared_directories.size(); ++i) {
@@ -564,8 +563,7 @@ private:
                 // as "$1".., never into the script.
                 const auto unshare = detail::find_program("unshare");
                 if (!unshare) {
-                    std::lock_guard lock(diagnostics_mutex_);
-                    diagnostics_ += "unshare (util-linux) not found: read-only volumes need it\n";
+                    add_diagnostics("unshare (util-linux) not found: read-only volumes need it\n");
                     return errc::engine_unavailable;
                 }
                 argv = {unshare->string(),
@@ -635,12 +633,7 @@ private:
                                     [this, buffer, weak_read,
                                      alive](const boost::system::error_code& ec, std::size_t n) {
                                         if (alive.expired()) return;
-                                        {
-                                            std::lock_guard lock(diagnostics_mutex_);
-                                            diagnostics_.append(buffer->data(), n);
-                                            if (diagnostics_.size() > 16384)
-                                                diagnostics_.erase(0, diagnostics_.size() - 16384);
-                                        }
+                                        add_diagnostics({buffer->data(), n});
                                         if (auto again = weak_read.lock(); again && !ec) (*again)();
                                     });
         };
@@ -682,17 +675,19 @@ private:
                                  });
     }
 
+    /// QEMU's and its helpers' messages, kept as a bounded tail (16 KiB).
+    void add_diagnostics(std::string_view text) {
+        std::lock_guard lock(diagnostics_mutex_);
+        diagnostics_.append(text);
+        if (diagnostics_.size() > 16384) diagnostics_.erase(0, diagnostics_.size() - 16384);
+    }
+
     void read_diagnostics() {
         stderr_->async_read_some(boost::asio::buffer(diagnostics_buffer_),
                                  [this, alive = std::weak_ptr<int>(alive_)](
                                      const boost::system::error_code& ec, std::size_t n) {
                                      if (alive.expired()) return;
-                                     {
-                                         std::lock_guard lock(diagnostics_mutex_);
-                                         diagnostics_.append(diagnostics_buffer_.data(), n);
-                                         if (diagnostics_.size() > 16384)
-                                             diagnostics_.erase(0, diagnostics_.size() - 16384);
-                                     }
+                                     add_diagnostics({diagnostics_buffer_.data(), n});
                                      if (!ec) read_diagnostics();
                                  });
     }
@@ -708,12 +703,7 @@ private:
                 const std::string_view answer(monitor_buffer_.data(), n);
                 if (answer.find("\"RESUME\"") != std::string_view::npos)
                     supermachine::detail::trace_point("guest resumed (stream loaded)");
-                if (answer.find("\"error\"") != std::string_view::npos) {
-                    std::lock_guard lock(diagnostics_mutex_);
-                    diagnostics_.append(answer);
-                    if (diagnostics_.size() > 16384)
-                        diagnostics_.erase(0, diagnostics_.size() - 16384);
-                }
+                if (answer.find("\"error\"") != std::string_view::npos) add_diagnostics(answer);
                 if (!ec) read_restore_monitor();
             });
     }

@@ -116,8 +116,9 @@ public:
             watch_read(c);
         }
         fill_rx();
-        // A reset queued while the device was stopped (e.g. paused for a snapshot) goes into
-        // the buffers the driver posted long ago: it will not kick the event queue again.
+        // A reset still pending (no event buffer was posted when it came, and the device
+        // was paused since) goes into the buffers the driver posted long ago: it will not
+        // kick the event queue again.
         deliver_event();
         return success();
     }
