@@ -1,6 +1,7 @@
 #pragma once
 // The conformance guest in count mode on basic_machine<kvm, ...>: its
 // console collected in memory, its "count=N" lines parsed.
+#include <console_text.hpp>
 #include <skip.hpp>
 #include <supermachine/backend/kvm.hpp>
 #include <supermachine/devices/acpi_power.hpp>
@@ -51,49 +52,7 @@ struct temp_dir {
     ~temp_dir() { std::filesystem::remove_all(path); }
 };
 
-/// Console text, filled from the vCPU thread.
-struct console {
-    std::mutex mutex;
-    std::string text;
-
-    void append(std::string_view s) {
-        std::lock_guard lock(mutex);
-        text.append(s);
-    }
-    std::string snapshot() {
-        std::lock_guard lock(mutex);
-        return text;
-    }
-    /// Every complete "count=N" line, in order.
-    std::vector<std::uint64_t> counts() {
-        const std::string t = snapshot();
-        std::vector<std::uint64_t> out;
-        std::size_t pos = 0;
-        while ((pos = t.find("count=", pos)) != std::string::npos) {
-            const std::size_t end = t.find('\n', pos);
-            if (end == std::string::npos) break;
-            out.push_back(std::stoull(t.substr(pos + 6, end - pos - 6)));
-            pos = end;
-        }
-        return out;
-    }
-    /// The guest address of its counter ("count: at 0x...").
-    std::optional<std::uint64_t> counter_address() {
-        const std::string t = snapshot();
-        const auto pos = t.find("count: at 0x");
-        if (pos == std::string::npos) return std::nullopt;
-        return std::stoull(t.substr(pos + 12), nullptr, 16);
-    }
-    /// Wait until at least `n` count lines arrived (false on timeout).
-    bool wait_counts(std::size_t n, std::chrono::seconds timeout = std::chrono::seconds(60)) {
-        const auto deadline = std::chrono::steady_clock::now() + timeout;
-        while (std::chrono::steady_clock::now() < deadline) {
-            if (counts().size() >= n) return true;
-            std::this_thread::sleep_for(std::chrono::milliseconds(2));
-        }
-        return false;
-    }
-};
+using console = sm::test::console;
 
 inline machine::config count_config(std::shared_ptr<console> out, std::uint64_t memory_mib = 256,
                                     std::uint64_t touch_mib = 0, std::uint64_t every = 1000) {

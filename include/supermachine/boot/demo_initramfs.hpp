@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace supermachine::boot {
@@ -22,6 +23,8 @@ struct demo_initramfs_options {
     std::vector<std::filesystem::path>
         modules;              // .ko files, dependencies first (kernel_files::modules)
     std::string extra_script; // shell lines run after the greeting, before power-off
+    /// More host files for the guest: {host file, path in the guest ("bin/tool")}, mode 0755.
+    std::vector<std::pair<std::filesystem::path, std::string>> extra_files;
     std::string final_command =
         "poweroff -f"; // "reboot -f" (+ reboot=t) where ACPI power-off is not served
     initramfs_compression compression = initramfs_compression::gzip;
@@ -68,6 +71,10 @@ inline result<std::vector<std::byte>> build_demo_initramfs(const demo_initramfs_
         char name[32];
         std::snprintf(name, sizeof name, "lib/modules/%02zu.ko", i % 100);
         entries.push_back(initramfs_entry::file(name, std::move(ko), 0644));
+    }
+    for (const auto& [host, guest] : options.extra_files) {
+        SUPERMACHINE_TRY(bytes, read_host_file(host, 64ull << 20));
+        entries.push_back(initramfs_entry::file(guest, std::move(bytes), 0755));
     }
     entries.push_back(initramfs_entry::text_file("init", demo_init_script(options), 0755));
     return build_initramfs(entries, options.compression);
