@@ -7,6 +7,7 @@
 // to QEMU (vhost-user), which is wired elsewhere.
 #include <boost/test/unit_test.hpp>
 
+#include "guest_kernel.hpp"
 #include "skip.hpp"
 
 #include <chrono>
@@ -27,25 +28,6 @@
 namespace fs = std::filesystem;
 
 namespace {
-
-struct kernel_paths {
-    fs::path vmlinuz, modules;
-};
-
-std::optional<kernel_paths> find_kernel() {
-    if (const char* k = std::getenv("SUPERMACHINE_GUEST_KERNEL"))
-        if (const char* m = std::getenv("SUPERMACHINE_GUEST_MODULES")) return kernel_paths{k, m};
-    for (const char* root : {"/tmp/k/x"}) {
-        std::error_code ec;
-        kernel_paths p;
-        for (auto& e : fs::directory_iterator(fs::path(root) / "boot", ec))
-            if (e.path().filename().string().rfind("vmlinuz-", 0) == 0) p.vmlinuz = e.path();
-        for (auto& e : fs::directory_iterator(fs::path(root) / "lib/modules", ec))
-            p.modules = e.path();
-        if (!p.vmlinuz.empty() && !p.modules.empty()) return p;
-    }
-    return std::nullopt;
-}
 
 std::uint64_t host_tsc_khz() {
     // Under load the guest's own TSC calibration fails on microvm (no PIT/HPET): tell it.
@@ -133,10 +115,7 @@ std::string boot(const fs::path& dir, const fs::path& vmlinuz, const std::string
 } // namespace
 
 BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
-    auto kernel = find_kernel();
-    supermachine::test::skip_unless(
-        kernel.has_value(),
-        "no guest kernel (set SUPERMACHINE_GUEST_KERNEL and SUPERMACHINE_GUEST_MODULES)");
+    const auto kernel = supermachine::test::guest_kernel();
     for (const char* tool : {"qemu-system-x86_64", "cpio", "gzip", "mkfs.ext4"})
         supermachine::test::skip_unless(have(tool), std::string(tool) + " not installed");
     supermachine::test::skip_unless(fs::exists("/bin/busybox"),
@@ -162,7 +141,7 @@ BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
     list << "# load order is forgiving\n";
     for (const char* m : modules) {
         fs::create_directories((initrd / "lib/modules" / m).parent_path());
-        fs::copy_file(kernel->modules / m, initrd / "lib/modules" / m);
+        fs::copy_file(kernel.modules_dir / m, initrd / "lib/modules" / m);
         list << m << "\n";
     }
     list.close();
@@ -178,7 +157,7 @@ BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
     BOOST_REQUIRE(std::system(build.c_str()) == 0);
 
     std::string initrd_path = (dir / "initrd.gz").string();
-    std::string console = boot(dir, kernel->vmlinuz, initrd_path, (dir / "root.ext4").string(),
+    std::string console = boot(dir, kernel.vmlinuz, initrd_path, (dir / "root.ext4").string(),
                                "supermachine.token=0123abcd");
     BOOST_TEST(console.find("switched root to /dev/vda") != std::string::npos);
     BOOST_TEST(console.find("ready on vsock port 1024") != std::string::npos);
@@ -192,7 +171,7 @@ BOOST_AUTO_TEST_CASE(agent_is_pid1_in_a_linux_guest) {
                         "' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd2.gz";
     BOOST_REQUIRE(std::system(again.c_str()) == 0);
     std::string console2 =
-        boot(dir, kernel->vmlinuz, (dir / "initrd2.gz").string(), "", "supermachine.root=none");
+        boot(dir, kernel.vmlinuz, (dir / "initrd2.gz").string(), "", "supermachine.root=none");
     BOOST_TEST(console2.find("ready on vsock port 1024") != std::string::npos);
     BOOST_TEST(console2.find("switched root") == std::string::npos);
     BOOST_TEST(console2.find("no token") == std::string::npos); // read from /etc/supermachine/token

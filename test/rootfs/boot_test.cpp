@@ -1,30 +1,20 @@
 // The end of the line: Linux (Debian's cloud kernel under QEMU TCG, since this
 // host's KVM cannot run Linux) boots with our ext4 image as its root
 // filesystem and runs the image's busybox, which reads back what the layers said.
-// The kernel: $SUPERMACHINE_KERNEL, else the copy unpacked at /tmp/k/x/boot.
+// The kernel: the default guest kernel from the kernel cache (as the product finds it).
 // Its NVMe driver is built in, so no initramfs is needed.
 #include <supermachine/oci/rootfs_builder.hpp>
 
 #include "rootfs_fixture.hpp"
 
+#include <guest_kernel.hpp>
+
 #include <boost/test/unit_test.hpp>
 
 using namespace rootfs_test;
 
-namespace {
-fs::path find_kernel() {
-    if (const char* k = std::getenv("SUPERMACHINE_KERNEL")) return k;
-    std::error_code ec;
-    for (auto& e : fs::directory_iterator("/tmp/k/x/boot", ec))
-        if (e.path().filename().string().starts_with("vmlinuz-")) return e.path();
-    return {};
-}
-} // namespace
-
 BOOST_AUTO_TEST_CASE(linux_boots_from_the_image_and_runs_its_busybox) {
-    auto kernel = find_kernel();
-    supermachine::test::skip_unless(!kernel.empty() && fs::exists(kernel),
-                                    "no guest kernel (set SUPERMACHINE_KERNEL)");
+    const auto kernel = supermachine::test::guest_kernel().vmlinuz;
     supermachine::test::skip_unless(have_tool("qemu-system-x86_64"),
                                     "qemu-system-x86_64 not installed");
     temp_dir t;
