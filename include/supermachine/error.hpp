@@ -75,6 +75,7 @@ enum class errc {
     path_escape,       // an entry tried to leave the image root
     image_too_large,
     filesystem_full,
+    size_mismatch, // content longer or shorter than its descriptor says
 
     // --- agent ---
     agent_protocol_error = 700,
@@ -152,6 +153,7 @@ public:
         case errc::path_escape: return "archive entry escapes the image root";
         case errc::image_too_large: return "image exceeds a size limit";
         case errc::filesystem_full: return "filesystem image full";
+        case errc::size_mismatch: return "content size does not match its descriptor";
 
         case errc::agent_protocol_error: return "guest agent protocol error";
         case errc::agent_auth_failed: return "guest agent authentication failed";

@@ -3,6 +3,7 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include <chrono>
 #include <cstdlib>
 
 using namespace supermachine::test;
@@ -131,4 +132,48 @@ BOOST_AUTO_TEST_CASE(pull_with_credentials_from_the_docker_config) {
         pull("HOME=" + empty_home.string() + " DOCKER_CONFIG=" + docker_config.string(), "c3");
     BOOST_TEST(s3 == 0, from_env);
     BOOST_TEST(from_env.starts_with("sha256:"), from_env);
+}
+
+// `run --platform` for a platform this host cannot boot is refused at once,
+// before any pull or boot, naming both platforms; `pull` of it still works.
+BOOST_AUTO_TEST_CASE(run_refuses_a_foreign_platform_before_booting) {
+    cli();
+    temp_dir dir;
+    auto layout = make_busybox_layout(dir.path, "arm", "arm64");
+    registry_server server(dir.path);
+    skopeo_copy("oci:" + layout.string() + ":arm", "docker://" + server.host() + "/cli/arm:1");
+    auto cache = dir.path / "cache";
+    auto start = std::chrono::steady_clock::now();
+    auto [status, out] =
+        run_cli(cache, "run --platform linux/arm64 " + server.host() + "/cli/arm:1 true");
+    auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    BOOST_TEST(status == 125, out);
+    BOOST_TEST(out.find("cannot run a linux/arm64 image on this linux/amd64 host") !=
+                   std::string::npos,
+               out);
+    BOOST_TEST(out.find("engine") == std::string::npos, out); // no VM was started
+    BOOST_TEST(seconds < 3.0);
+    BOOST_TEST(!fs::exists(cache / "supermachine/images.json")); // not even pulled
+    auto [s2, pulled] =
+        run_cli(cache, "pull --quiet --platform linux/arm64 " + server.host() + "/cli/arm:1");
+    BOOST_TEST(s2 == 0, pulled);
+}
+
+// A docker config.json that does not parse: `pull` warns, naming it, and
+// goes on without credentials (as docker does).
+BOOST_AUTO_TEST_CASE(pull_names_a_docker_config_it_cannot_parse) {
+    cli();
+    temp_dir dir;
+    auto layout = make_busybox_layout(dir.path);
+    registry_server server(dir.path);
+    skopeo_copy("oci:" + layout.string() + ":latest",
+                "docker://" + server.host() + "/cli/busybox:1");
+    write_text(dir.path / "config.json", "{\"auths\": {");
+    auto [status, out] = run_shell("DOCKER_CONFIG=" + dir.path.string() +
+                                   " XDG_CACHE_HOME=" + (dir.path / "cache").string() + " " +
+                                   cli() + " pull --quiet " + server.host() + "/cli/busybox:1");
+    BOOST_TEST(status == 0, out);
+    BOOST_TEST(out.find("supermachine pull: warning: cannot parse " +
+                        (dir.path / "config.json").string()) != std::string::npos,
+               out);
 }

@@ -33,6 +33,9 @@ struct fake_reply {
     std::size_t cut_after = std::string::npos; // close the connection after this many bytes
     bool endless_headers = false;              // then keep sending header lines forever
     int trickle_ms = 0;                        // > 0: send one byte, then sleep this long
+    std::size_t piece_bytes = 0;               // > 0: send this many bytes, then sleep piece_ms
+    int piece_ms = 0;
+    int hold_open_ms = 0; // after sending: keep the connection open and silent this long
 };
 
 inline fake_reply http_reply(int status, const std::string& body,
@@ -129,13 +132,28 @@ private:
         }
         auto reply = handler_(request);
         auto size = std::min(reply.cut_after, reply.bytes.size());
-        if (reply.trickle_ms > 0) {
+        if (reply.piece_bytes > 0) {
+            for (std::size_t i = 0; i < size && !stop_; i += reply.piece_bytes) {
+                if (!send_all(fd, reply.bytes.data() + i, std::min(reply.piece_bytes, size - i)))
+                    return;
+                if (i + reply.piece_bytes < size)
+                    std::this_thread::sleep_for(std::chrono::milliseconds(reply.piece_ms));
+            }
+        } else if (reply.trickle_ms > 0) {
             for (std::size_t i = 0; i < size && !stop_; ++i) {
                 if (!send_all(fd, reply.bytes.data() + i, 1)) return;
                 std::this_thread::sleep_for(std::chrono::milliseconds(reply.trickle_ms));
             }
         } else if (!send_all(fd, reply.bytes.data(), size))
             return;
+        if (reply.hold_open_ms > 0) { // silent until the time is up or the client hangs up
+            auto until =
+                std::chrono::steady_clock::now() + std::chrono::milliseconds(reply.hold_open_ms);
+            while (!stop_ && std::chrono::steady_clock::now() < until) {
+                pollfd p{fd, POLLIN, 0};
+                if (::poll(&p, 1, 20) > 0 && ::recv(fd, buffer, sizeof buffer, 0) <= 0) break;
+            }
+        }
         if (reply.endless_headers) {
             std::string line = "X-Filler: " + std::string(1000, 'a') + "\r\n";
             for (int i = 0; i < 100000 && !stop_; ++i)
@@ -161,6 +179,31 @@ private:
     std::thread thread_;
     mutable std::mutex mutex_;
     std::vector<fake_request> requests_;
+};
+
+/// A port on 127.0.0.1 that completes TCP handshakes (the kernel's backlog)
+/// and then says nothing, ever: a registry that accepts and never answers.
+class silent_listener {
+public:
+    silent_listener() {
+        fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
+        socklen_t len = sizeof a;
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+        port_ = ntohs(a.sin_port);
+        ::listen(fd_, 16);
+    }
+    ~silent_listener() { ::close(fd_); }
+    silent_listener(const silent_listener&) = delete;
+    silent_listener& operator=(const silent_listener&) = delete;
+    std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
+
+private:
+    int fd_ = -1;
+    unsigned short port_ = 0;
 };
 
 } // namespace supermachine::test

@@ -335,7 +335,7 @@ BOOST_AUTO_TEST_CASE(hostile_blob_responses_leave_nothing_behind) {
         return http_reply(500, "");
     });
     auto ref = parse(registry.host() + "/x:1");
-    auto expect = [&](const std::string& m, errc code) {
+    auto expect = [&](const std::string& m, errc code, const std::string& words = "") {
         mode = m;
         temp_dir cache;
         oci::content_store store(cache.path);
@@ -345,12 +345,24 @@ BOOST_AUTO_TEST_CASE(hostile_blob_responses_leave_nothing_behind) {
         BOOST_TEST(!r.has_value());
         if (!r) BOOST_TEST(r.error() == make_error_code(code));
         BOOST_TEST(!store.contains(layer.digest));
-        if (code == errc::digest_mismatch) BOOST_TEST(count_files(cache.path) == 0u);
+        if (code == errc::digest_mismatch || code == errc::size_mismatch)
+            BOOST_TEST(count_files(cache.path) == 0u);
+        if (!words.empty())
+            BOOST_TEST(client.last_error().find(words) != std::string::npos,
+                       m << ": " << client.last_error());
     };
-    expect("wrongbytes", errc::digest_mismatch);
-    expect("longer", errc::digest_mismatch);
-    expect("huge", errc::digest_mismatch);
-    expect("chunked-longer", errc::digest_mismatch);
+    const auto size = std::to_string(bytes.size());
+    expect("wrongbytes", errc::digest_mismatch,
+           "the " + size + " bytes received (the size the manifest says) hash to sha256:");
+    // Too many bytes is a size mismatch, told apart from wrong bytes.
+    expect("longer", errc::size_mismatch,
+           "announces a Content-Length of " + std::to_string(bytes.size() + 5) +
+               " bytes where the descriptor says the blob is " + size + " bytes");
+    expect("huge", errc::size_mismatch,
+           "announces a Content-Length of 99999999999 bytes where the descriptor says the blob "
+           "is " +
+               size + " bytes");
+    expect("chunked-longer", errc::size_mismatch, "sent more than the " + size + " bytes");
     expect("badrange", errc::registry_error);
     expect("404", errc::not_found);
 }
@@ -391,6 +403,237 @@ BOOST_AUTO_TEST_CASE(a_silent_server_times_out) {
     BOOST_REQUIRE(!slow);
     BOOST_TEST(slow.error() == make_error_code(errc::timeout));
     BOOST_TEST(seconds < 3.0);
+}
+
+// The manifest gives a layer the wrong size; the registry serves the true
+// bytes. Not a digest problem: the words say the size is what is wrong.
+BOOST_AUTO_TEST_CASE(size_errors_are_not_digest_errors) {
+    auto& img = image();
+    auto layer = img.manifest.layers.at(0);
+    auto bytes = img.blob(layer.digest);
+    auto j = nlohmann::json::parse(img.manifest_bytes);
+    j["layers"][0]["size"] = layer.size + 10;
+    auto bigger = j.dump();
+    j["layers"][0]["size"] = layer.size - 10;
+    auto smaller = j.dump();
+    std::string mode;
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        if (r.target == "/v2/x/manifests/1")
+            return manifest_reply(mode == "bigger" ? bigger : smaller);
+        auto body = img.blob_for_target(r.target);
+        if (body.empty()) return http_reply(404, "");
+        return http_reply(200, body, "", "application/octet-stream");
+    });
+    auto ref = parse(registry.host() + "/x:1");
+    for (std::string m : {"bigger", "smaller"}) {
+        mode = m;
+        temp_dir cache;
+        oci::content_store store(cache.path);
+        oci::registry_client client(quick_options());
+        auto r = client.pull(ref, store);
+        BOOST_TEST_INFO(m << ": " << client.last_error());
+        BOOST_REQUIRE(!r);
+        BOOST_TEST(r.error() == make_error_code(errc::size_mismatch));
+        BOOST_TEST(client.last_error().find("does not match its digest") == std::string::npos);
+        if (m == "bigger")
+            BOOST_TEST(client.last_error().find(
+                           "served " + std::to_string(bytes.size()) +
+                           " bytes where the manifest says " + std::to_string(layer.size + 10) +
+                           "; the bytes match the digest, so the manifest's size is wrong") !=
+                       std::string::npos);
+        else
+            BOOST_TEST(client.last_error().find("announces a Content-Length of " +
+                                                std::to_string(bytes.size())) != std::string::npos);
+        // Nothing unreferenced stays: no manifest, no config, no partial layer.
+        BOOST_TEST(count_files(cache.path / "blobs") == 0u);
+        BOOST_TEST(count_files(cache.path / "ingest") == 0u);
+    }
+}
+
+// A failed pull leaves no manifest or config blob behind that no image
+// record names; the layers that did arrive stay for the next try.
+BOOST_AUTO_TEST_CASE(a_failed_pull_leaves_no_unreferenced_manifest_or_config) {
+    auto& img = image();
+    bool layer_missing = true;
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        if (r.target == "/v2/") return http_reply(200, "{}");
+        if (r.target == "/v2/x/manifests/1") return manifest_reply(img.manifest_bytes);
+        if (layer_missing && r.target.ends_with(img.manifest.layers.at(0).digest.str()))
+            return http_reply(
+                404,
+                R"({"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]})");
+        auto body = img.blob_for_target(r.target);
+        if (body.empty()) return http_reply(404, "");
+        return http_reply(200, body, "", "application/octet-stream");
+    });
+    auto ref = parse(registry.host() + "/x:1");
+    temp_dir cache;
+    oci::content_store store(cache.path);
+    oci::registry_client client(quick_options());
+    auto failed = client.pull(ref, store);
+    BOOST_REQUIRE(!failed);
+    BOOST_TEST(failed.error() == make_error_code(errc::not_found));
+    BOOST_TEST(count_files(cache.path / "blobs") == 0u);
+    BOOST_TEST(!store.contains(img.manifest_digest));
+    BOOST_TEST(!store.contains(img.manifest.config.digest));
+    layer_missing = false;
+    auto pulled = client.pull(ref, store);
+    BOOST_REQUIRE(pulled.has_value());
+    BOOST_TEST(store.contains(img.manifest_digest));
+    BOOST_TEST(store.contains(img.manifest.config.digest));
+    BOOST_TEST(count_files(cache.path / "blobs") == 3u); // manifest, config, layer
+}
+
+// Bounded stalls: the idle timeout is per read, a silent server costs one
+// timeout (no plain-HTTP second try), retries stop at max_retry_time.
+BOOST_AUTO_TEST_CASE(stalls_are_bounded) {
+    using namespace std::chrono_literals;
+    auto elapsed = [](auto start) {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
+    {
+        // Accepts (the kernel's backlog) and never answers: loopback may fall
+        // back to plain HTTP, but not after a stall.
+        silent_listener silent;
+        auto options = quick_options();
+        options.timeout = 700ms;
+        oci::registry_client client(options);
+        auto start = std::chrono::steady_clock::now();
+        auto r = client.pull_manifest(parse(silent.host() + "/x:1"));
+        auto seconds = elapsed(start);
+        BOOST_TEST_INFO(client.last_error());
+        BOOST_REQUIRE(!r);
+        BOOST_TEST(r.error() == make_error_code(errc::timeout));
+        BOOST_TEST(seconds < 1.3); // one timeout, not two
+        BOOST_TEST(client.last_error().find("TLS handshake with " + silent.host() +
+                                            ": no answer for 0.7 s (the inactivity timeout)") !=
+                   std::string::npos);
+        BOOST_TEST(client.last_error().find("plain HTTP") == std::string::npos);
+    }
+    auto& img = image();
+    auto layer = img.manifest.layers.at(0);
+    auto bytes = img.blob(layer.digest);
+    {
+        // A blob in four pieces 400 ms apart: 1.2 s in all, more than the
+        // 700 ms timeout, but never 700 ms without a byte.
+        fake_server registry([&](const fake_request& r) -> fake_reply {
+            if (r.target == "/v2/") return http_reply(200, "{}");
+            auto reply = http_reply(200, bytes, "", "application/octet-stream");
+            reply.piece_bytes = reply.bytes.size() / 4 + 1;
+            reply.piece_ms = 400;
+            return reply;
+        });
+        auto options = quick_options();
+        options.timeout = 700ms;
+        options.max_retries = 0;
+        temp_dir cache;
+        oci::content_store store(cache.path);
+        oci::registry_client client(options);
+        auto start = std::chrono::steady_clock::now();
+        auto r = client.fetch_blob(parse(registry.host() + "/x:1"), layer, store);
+        BOOST_TEST_INFO(client.last_error());
+        BOOST_TEST(r.has_value());
+        BOOST_TEST(elapsed(start) > 1.1);
+    }
+    {
+        // Half the blob, then silence, every time: retried (with Range) until
+        // max_retry_time, not max_retries x timeout.
+        int attempts = 0;
+        fake_server registry([&](const fake_request& r) -> fake_reply {
+            if (r.target == "/v2/") return http_reply(200, "{}");
+            ++attempts;
+            auto start = r.header("range").empty() ? 0 : std::stoul(r.header("range").substr(6));
+            auto rest = bytes.substr(start);
+            auto reply = start == 0 ? http_reply(200, rest, "", "application/octet-stream")
+                                    : http_reply(206, rest,
+                                                 "Content-Range: bytes " + std::to_string(start) +
+                                                     "-" + std::to_string(bytes.size() - 1) + "/" +
+                                                     std::to_string(bytes.size()) + "\r\n",
+                                                 "application/octet-stream");
+            reply.cut_after =
+                reply.bytes.size() - rest.size() + std::min<std::size_t>(rest.size() / 2, 4096);
+            reply.hold_open_ms = 5000;
+            return reply;
+        });
+        auto options = quick_options();
+        options.timeout = 400ms;
+        options.max_retries = 10;
+        options.max_retry_time = 1000ms;
+        temp_dir cache;
+        oci::content_store store(cache.path);
+        oci::registry_client client(options);
+        auto start = std::chrono::steady_clock::now();
+        auto r = client.fetch_blob(parse(registry.host() + "/x:1"), layer, store);
+        auto seconds = elapsed(start);
+        BOOST_TEST_INFO(client.last_error());
+        BOOST_REQUIRE(!r);
+        BOOST_TEST(r.error() == make_error_code(errc::timeout));
+        BOOST_TEST(seconds < 2.0); // max_retry_time + one timeout at most
+        BOOST_TEST(attempts >= 2);
+        BOOST_TEST(attempts < 6);
+        BOOST_TEST(client.last_error().find("nothing received for 0.4 s") != std::string::npos);
+        BOOST_TEST(client.last_error().find("attempts in") != std::string::npos);
+        BOOST_TEST(client.last_error().find("past the retry time limit of 1 s") !=
+                   std::string::npos);
+    }
+}
+
+// The Bearer flow's refusals say which credentials were sent, or why none were.
+BOOST_AUTO_TEST_CASE(token_flow_refusals_name_the_credentials) {
+    std::string registry_host;
+    fake_server registry([&](const fake_request& r) -> fake_reply {
+        std::string challenge = "WWW-Authenticate: Bearer realm=\"http://" + registry_host +
+                                "/token\",service=\"fake\"\r\n";
+        if (r.target.starts_with("/token")) {
+            auto basic = r.header("authorization");
+            if (basic.empty()) return http_reply(200, R"({"token":"anonymous"})");
+            if (basic == "Basic " + oci::base64_encode("bob:right"))
+                return http_reply(200, R"({"token":"bob"})");
+            return http_reply(
+                401, R"({"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]})");
+        }
+        if (r.header("authorization") == "Bearer bob" && r.target == "/v2/")
+            return http_reply(200, "{}");
+        if (r.header("authorization") == "Bearer bob")
+            return manifest_reply(image().manifest_bytes);
+        return http_reply(
+            401, R"({"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]})",
+            challenge);
+    });
+    registry_host = registry.host();
+    auto ref = parse(registry.host() + "/x:1");
+    temp_dir dir;
+    auto config = dir.path / "config.json";
+    auto attempt = [&](const std::string& auth) {
+        write_text(config, "{\"auths\":{\"" + registry.host() + "\":{\"auth\":\"" +
+                               oci::base64_encode(auth) + "\"}}}");
+        auto options = quick_options();
+        options.use_docker_config = true;
+        options.docker_config = config;
+        oci::registry_client client(options);
+        auto r = client.pull_manifest(ref);
+        return std::pair(r.has_value(), client.last_error());
+    };
+    auto [ok, wrong] = attempt("bob:wrong");
+    BOOST_TEST(!ok);
+    BOOST_TEST(wrong.find("token request to " + registry.host() + ": HTTP 401") !=
+                   std::string::npos,
+               wrong);
+    BOOST_TEST(wrong.find("the credentials sent were refused: user 'bob' from " + config.string() +
+                          " (auths key \"" + registry.host() + "\")") != std::string::npos,
+               wrong);
+    write_text(config, "{\"auths\":{}}");
+    auto options = quick_options();
+    options.use_docker_config = true;
+    options.docker_config = config;
+    oci::registry_client anonymous(options);
+    BOOST_TEST(!anonymous.pull_manifest(ref));
+    BOOST_TEST(anonymous.last_error().find("no credentials were sent: no \"auths\" entry for " +
+                                           registry.host() + " in " + config.string()) !=
+                   std::string::npos,
+               anonymous.last_error());
+    BOOST_TEST(attempt("bob:right").first);
 }
 
 BOOST_AUTO_TEST_CASE(async_api_with_completion_tokens) {

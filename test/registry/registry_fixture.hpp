@@ -100,6 +100,7 @@ public:
     struct options {
         std::string auth_yaml; // e.g. "auth:\n  htpasswd:\n    realm: r\n    path: /x\n"
         std::string tls_certificate, tls_key;
+        std::string tls_client_ca; // mutual TLS: clients must present a certificate it signed
     };
 
     explicit registry_server(const fs::path& dir, options opts = {}) {
@@ -114,6 +115,8 @@ public:
         if (!opts.tls_certificate.empty())
             yaml += "  tls:\n    certificate: " + opts.tls_certificate +
                     "\n    key: " + opts.tls_key + "\n";
+        if (!opts.tls_client_ca.empty())
+            yaml += "    clientcas:\n      - " + opts.tls_client_ca + "\n";
         write_text(config, yaml);
         auto log = (dir / "registry.log").string();
         std::fflush(nullptr); // the child must not replay our buffered output

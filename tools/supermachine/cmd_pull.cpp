@@ -190,6 +190,15 @@ int run_pull(std::span<char*> args) {
                      reason.c_str());
         return 2;
     }
+    // docker warns about a config file it cannot parse and goes on without it.
+    if (source.value().transport == oci::image_transport::registry &&
+        options.registry.use_docker_config) {
+        auto lookup = oci::find_docker_credentials(source.value().reference.registry,
+                                                   options.registry.docker_config);
+        if (lookup.malformed)
+            std::fprintf(stderr, "supermachine pull: warning: %s (no credentials from it)\n",
+                         lookup.problem.c_str());
+    }
     progress_printer printer(::isatty(STDOUT_FILENO) == 1);
     if (!quiet) options.progress = [&](const oci::progress_event& e) { printer(e); };
     auto store = oci::content_store::open_default();

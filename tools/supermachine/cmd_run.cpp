@@ -159,6 +159,19 @@ int run_run(std::span<char*> args) {
     for (; i < args.size(); ++i)
         exec.overrides.command.emplace_back(args[i]);
 
+    // Before any pull or boot: a guest of another architecture would only
+    // boot to fail with "Exec format error".
+    const auto& wanted = image_options.pull.platform;
+    if (const auto host = sm::oci::host_platform(); !sm::oci::platform_matches(host, wanted)) {
+        std::fprintf(stderr,
+                     "supermachine run: %s: cannot run a %s image on this %s host (supermachine "
+                     "boots an x86-64 kernel and has no emulation for other architectures; "
+                     "`supermachine pull --platform %s` still fetches it)\n",
+                     image_name.c_str(), wanted.str().c_str(), host.str().c_str(),
+                     wanted.str().c_str());
+        return 125;
+    }
+
     if (!quiet) {
         image_options.status = [](std::string_view line) {
             std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());

@@ -176,24 +176,67 @@ inline std::filesystem::path docker_config_path() {
     return std::filesystem::path(home && *home ? home : "/") / ".docker" / "config.json";
 }
 
+/// What a docker config file holds for one registry, and where it came
+/// from: enough to tell a user which credentials were sent, or why none were.
+struct docker_credentials_lookup {
+    std::optional<oci::credentials> found;
+    std::filesystem::path file; // the config file consulted
+    std::string key;            // the "auths" key that matched, as written in the file
+    std::string problem;        // why the file gave nothing usable (unreadable, not JSON, ...)
+    std::string helper;         // credsStore / credHelpers entry that docker would run
+    bool malformed = false;     // the file exists but cannot be used (docker warns and goes on)
+};
+
 /// Credentials for `registry` ("docker.io", "host:port") from a docker
 /// config file. Docker Hub is stored as "https://index.docker.io/v1/"; other
 /// hosts as "host", "https://host" or "http://host" (with or without a path).
-/// No file or no entry: an empty optional. Credential helpers are not run.
-inline result<std::optional<credentials>>
-load_docker_credentials(std::string_view registry,
+/// Never fails: a missing file or entry leaves `found` empty, a file that
+/// cannot be read or parsed says so in `problem`. Credential helpers are not
+/// run (the one docker would use is named in `helper`).
+inline docker_credentials_lookup
+find_docker_credentials(std::string_view registry,
                         const std::filesystem::path& config = docker_config_path()) {
+    docker_credentials_lookup out;
+    out.file = config;
     std::error_code ec;
-    if (!std::filesystem::is_regular_file(config, ec)) return std::optional<credentials>();
+    if (!std::filesystem::exists(config, ec)) {
+        out.problem = config.string() + " does not exist";
+        return out;
+    }
+    if (!std::filesystem::is_regular_file(config, ec)) {
+        out.malformed = true;
+        out.problem = config.string() + " is not a regular file";
+        return out;
+    }
     auto size = std::filesystem::file_size(config, ec);
-    if (ec || size > (1u << 20)) return errc::invalid_argument;
+    if (ec || size > (1u << 20)) {
+        out.malformed = true;
+        out.problem = "cannot read " + config.string() +
+                      (ec ? ": " + ec.message() : std::string(": larger than 1 MiB"));
+        return out;
+    }
     std::ifstream in(config, std::ios::binary);
     std::string text(size, '\0');
-    in.read(text.data(), std::streamsize(size));
-    auto j = nlohmann::json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return errc::invalid_argument;
-    auto auths = j.find("auths");
-    if (auths == j.end() || !auths->is_object()) return std::optional<credentials>();
+    if (!in.read(text.data(), std::streamsize(size))) {
+        out.malformed = true;
+        out.problem = "cannot read " + config.string();
+        return out;
+    }
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+        // e.what() names the line and column: what the user has to fix.
+        out.malformed = true;
+        out.problem =
+            "cannot parse " + config.string() + ": " + std::string(e.what()).substr(0, 300);
+        return out;
+    }
+    if (!j.is_object()) {
+        out.malformed = true;
+        out.problem = "cannot parse " + config.string() + ": not a JSON object";
+        return out;
+    }
     auto host_of = [](std::string key) {
         if (key.starts_with("https://"))
             key.erase(0, 8);
@@ -204,18 +247,36 @@ load_docker_credentials(std::string_view registry,
     };
     bool hub = registry == "docker.io" || registry == "index.docker.io" ||
                registry == "registry-1.docker.io";
-    for (auto& [key, entry] : auths->items()) {
+    auto matches = [&](const std::string& key) {
         auto host = host_of(key);
-        bool match =
-            host == registry || (hub && (host == "index.docker.io" || host == "docker.io" ||
-                                         host == "registry-1.docker.io"));
-        if (!match || !entry.is_object()) continue;
+        return host == registry || (hub && (host == "index.docker.io" || host == "docker.io" ||
+                                            host == "registry-1.docker.io"));
+    };
+    if (auto helpers = j.find("credHelpers"); helpers != j.end() && helpers->is_object())
+        for (auto& [key, value] : helpers->items())
+            if (matches(key) && value.is_string())
+                out.helper = "docker-credential-" + value.get<std::string>().substr(0, 64);
+    if (auto store = j.find("credsStore");
+        out.helper.empty() && store != j.end() && store->is_string())
+        out.helper = "docker-credential-" + store->get<std::string>().substr(0, 64);
+    auto auths = j.find("auths");
+    if (auths == j.end() || !auths->is_object()) {
+        out.problem = config.string() + " has no \"auths\" entries";
+        return out;
+    }
+    for (auto& [key, entry] : auths->items()) {
+        if (!matches(key) || !entry.is_object()) continue;
+        out.key = key.substr(0, 256);
         credentials c;
         if (auto a = entry.find("auth"); a != entry.end() && a->is_string()) {
             auto decoded = base64_decode(a->get<std::string>());
-            if (!decoded) return errc::invalid_argument;
-            auto colon = decoded->find(':');
-            if (colon == std::string::npos) return errc::invalid_argument;
+            auto colon = decoded ? decoded->find(':') : std::string::npos;
+            if (colon == std::string::npos) {
+                out.malformed = true;
+                out.problem = config.string() + ": auths[\"" + out.key +
+                              "\"].auth is not base64 of user:password";
+                return out;
+            }
             c.username = decoded->substr(0, colon);
             c.password = decoded->substr(colon + 1);
         }
@@ -227,9 +288,24 @@ load_docker_credentials(std::string_view registry,
             c.password = p->get<std::string>();
         if (auto t = entry.find("identitytoken"); t != entry.end() && t->is_string())
             c.identity_token = t->get<std::string>();
-        if (!c.empty()) return std::optional(std::move(c));
+        if (!c.empty()) {
+            out.found = std::move(c);
+            return out;
+        }
     }
-    return std::optional<credentials>();
+    out.key.clear();
+    out.problem = "no \"auths\" entry for " + std::string(registry) + " in " + config.string();
+    return out;
+}
+
+/// As find_docker_credentials, for callers that only want the credentials:
+/// an unreadable or malformed file is errc::invalid_argument.
+inline result<std::optional<credentials>>
+load_docker_credentials(std::string_view registry,
+                        const std::filesystem::path& config = docker_config_path()) {
+    auto lookup = find_docker_credentials(registry, config);
+    if (lookup.malformed) return errc::invalid_argument;
+    return std::move(lookup.found);
 }
 
 } // namespace supermachine::oci

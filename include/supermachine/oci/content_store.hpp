@@ -69,6 +69,7 @@ public:
         , fd_(std::move(o.fd_))
         , hasher_(std::move(o.hasher_))
         , expected_(std::move(o.expected_))
+        , received_(std::move(o.received_))
         , expected_size_(o.expected_size_)
         , resumable_(o.resumable_)
         , finished_(std::exchange(o.finished_, true)) {}
@@ -82,14 +83,16 @@ public:
     std::int64_t expected_size() const noexcept { return expected_size_; }
     const digest& expected() const noexcept { return expected_; }
     const std::filesystem::path& temp_path() const noexcept { return temp_path_; }
+    /// The digest of the bytes received, once commit() has run.
+    const digest& received() const noexcept { return received_; }
 
-    /// Append bytes. More bytes than the descriptor's size is a mismatch: the
-    /// temp file is removed at once.
+    /// Append bytes. More bytes than the descriptor's size is a size
+    /// mismatch: the temp file is removed at once.
     result<void> write(std::span<const std::byte> bytes) {
         if (finished_) return errc::invalid_argument;
         if (expected_size_ >= 0 && offset() + bytes.size() > std::uint64_t(expected_size_)) {
             discard();
-            return errc::digest_mismatch;
+            return errc::size_mismatch;
         }
         if (auto r = detail::write_all(fd_.get(), bytes.data(), bytes.size()); !r) {
             discard();
@@ -110,15 +113,17 @@ public:
     }
 
     /// Verify size and digest, then rename into place. On mismatch the temp
-    /// file is removed and errc::digest_mismatch returned.
+    /// file is removed and errc::size_mismatch (fewer bytes than the
+    /// descriptor's size) or errc::digest_mismatch returned; received() then
+    /// says what the bytes did hash to.
     result<void> commit() {
         if (finished_) return errc::invalid_argument;
         finished_ = true;
-        auto actual = hasher_.finish();
+        received_ = hasher_.finish();
         bool size_ok = expected_size_ < 0 || offset() == std::uint64_t(expected_size_);
-        if (!size_ok || actual != expected_) {
+        if (!size_ok || received_ != expected_) {
             std::filesystem::remove(temp_path_, ignored_);
-            return errc::digest_mismatch;
+            return size_ok ? errc::digest_mismatch : errc::size_mismatch;
         }
         ::fchmod(fd_.get(), 0444);
         if (::fdatasync(fd_.get()) != 0) {
@@ -159,7 +164,7 @@ private:
     std::filesystem::path final_path_, temp_path_;
     supermachine::detail::unique_fd fd_;
     hasher hasher_;
-    digest expected_;
+    digest expected_, received_;
     std::int64_t expected_size_;
     bool resumable_;
     bool finished_ = false;

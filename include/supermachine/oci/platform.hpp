@@ -47,6 +47,12 @@ inline platform default_platform() {
     return {"linux", "amd64", ""};
 }
 
+/// The platform of the guests this host can run: supermachine boots an
+/// x86-64 kernel and has no emulation for other architectures.
+inline platform host_platform() {
+    return {"linux", "amd64", ""};
+}
+
 /// Parse "os/arch[/variant]" (or just "arch", meaning linux/arch).
 inline result<platform> parse_platform(std::string_view text) {
     platform p;

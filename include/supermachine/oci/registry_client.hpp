@@ -1,8 +1,9 @@
 #pragma once
 // A client for the OCI distribution API (Docker Registry HTTP API v2) on
-// Boost.Beast: HTTP/1.1 over TCP or TLS (system CA store), token and Basic
-// auth, redirects to blob storage, blobs streamed into the content store while
-// hashing, Range resume, and bounded everything (headers, bodies, redirects).
+// Boost.Beast: HTTP/1.1 over TCP or TLS (system CA store, --ca-file, docker's
+// certs.d with client certificates), token and Basic auth, redirects to blob
+// storage, blobs streamed into the content store while hashing, Range resume,
+// and bounded everything (headers, bodies, redirects, stalls, retries).
 //
 //   basic_registry_client<Executor>   async_* operations taking completion tokens
 //   registry_client                   blocking wrappers (own io_context)
@@ -24,6 +25,7 @@
 #include <supermachine/oci/platform.hpp>
 #include <supermachine/oci/progress.hpp>
 #include <supermachine/oci/reference.hpp>
+#include <supermachine/oci/registry_tls.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -40,11 +42,13 @@
 
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace supermachine::oci {
@@ -52,14 +56,23 @@ namespace supermachine::oci {
 struct registry_options {
     bool insecure = false; // every registry: plain HTTP / unverified TLS allowed
     std::vector<std::string> insecure_registries; // host[:port] treated as with --insecure
-    bool loopback_is_insecure = true;             // localhost, 127/8, ::1 (as docker does)
-    std::string ca_file;                          // extra PEM CA bundle, besides the system store
-    std::optional<oci::credentials> credentials;  // explicit; else from the docker config
+    // localhost, 127/8, ::1 as docker does: plain HTTP and unverified TLS
+    // allowed; but a CA given for it (ca_file, a certs.d *.crt) asks for its
+    // certificate to be verified, and then it is.
+    bool loopback_is_insecure = true;
+    std::string ca_file; // extra PEM CA bundle, besides the system store and certs.d
+    std::vector<std::filesystem::path> certs_d = default_certs_d_dirs(); // docker's HOST:PORT dirs
+    std::optional<oci::credentials> credentials; // explicit; else from the docker config
     bool use_docker_config = true;
     std::filesystem::path docker_config = docker_config_path();
-    std::chrono::seconds timeout{60}; // per connect/read/write step
+    // Inactivity bound: a connect, TLS handshake, write, or read of a blob
+    // body that makes no progress for this long fails. A response header and
+    // any small body (manifest, token, error) must arrive whole within it.
+    std::chrono::milliseconds timeout{std::chrono::seconds(30)};
     unsigned max_redirects = 5;
-    unsigned max_retries = 3;                 // resumptions of a blob after a dropped connection
+    unsigned max_retries = 3; // resumptions of a blob after a dropped or stalled connection
+    // No retry of a blob starts later than this after its first attempt.
+    std::chrono::milliseconds max_retry_time{std::chrono::seconds(60)};
     std::size_t max_header_bytes = 64 * 1024; // response header block
     std::size_t max_error_body = 64 * 1024;   // error / token / redirect bodies
     std::string user_agent = "supermachine/0.1";
@@ -100,11 +113,20 @@ struct http_response {
 // Where a response body goes.
 struct body_plan {
     std::size_t max_string_body = 64 * 1024;
-    blob_writer* blob = nullptr; // 200/206 bodies stream here
+    std::int64_t string_body_size = -1; // a small blob's descriptor size: longer is refused
+    blob_writer* blob = nullptr;        // 200/206 bodies stream here
     const progress_callback* progress = nullptr;
     const char* kind = "layer";
     std::string* error_detail = nullptr;
 };
+
+/// "30 s", "0.5 s": a duration as users read it.
+inline std::string seconds_text(std::chrono::milliseconds d) {
+    if (d.count() % 1000 == 0) return std::to_string(d.count() / 1000) + " s";
+    char out[32];
+    std::snprintf(out, sizeof out, "%.1f s", double(d.count()) / 1000.0);
+    return out;
+}
 
 /// "Error: 404 Not Found: MANIFEST_UNKNOWN: manifest unknown" from a
 /// registry's {"errors":[{"code","message"}]} body, and the errc it implies.
@@ -163,15 +185,7 @@ public:
 
     explicit basic_registry_client(Executor executor, registry_options options = {})
         : executor_(std::move(executor))
-        , options_(std::move(options))
-        , verified_tls_(boost::asio::ssl::context::tls_client)
-        , unverified_tls_(boost::asio::ssl::context::tls_client) {
-        boost::system::error_code ignored;
-        verified_tls_.set_default_verify_paths(ignored);
-        if (!options_.ca_file.empty()) verified_tls_.load_verify_file(options_.ca_file, ignored);
-        verified_tls_.set_verify_mode(boost::asio::ssl::verify_peer);
-        unverified_tls_.set_verify_mode(boost::asio::ssl::verify_none);
-    }
+        , options_(std::move(options)) {}
 
     executor_type get_executor() const noexcept { return executor_; }
     const registry_options& options() const noexcept { return options_; }
@@ -226,8 +240,14 @@ private:
         std::optional<auth_challenge> challenge;
         bool credentials_loaded = false;
         std::optional<oci::credentials> credentials;
+        std::string credentials_origin; // "user 'alice' from FILE (auths key \"K\")"
+        std::string no_credentials_why; // why none were found
         std::map<std::string, std::string> authorization_by_scope;
     };
+
+    // How far the last failed exchange's TLS got, for the ping's fallback
+    // rule: only a server that does not speak TLS may be plain HTTP.
+    enum class tls_failure { none, setup, verification, protocol, established };
 
     struct request_spec {
         detail::http_url url;
@@ -242,17 +262,125 @@ private:
         return code;
     }
 
-    // A stalled peer (our per-step deadline) is a timeout; anything else on the wire is I/O.
+    // A stalled peer (our inactivity bound) is a timeout; anything else on the wire is I/O.
     static errc network_failure(const boost::system::error_code& ec) {
         return ec == boost::beast::error::timeout ? errc::timeout : errc::io_error;
     }
 
-    bool insecure_allowed(std::string_view endpoint) const {
+    // "<doing what>: <why>", naming the bound for a stall, and what a TLS
+    // alert about client certificates means.
+    std::string network_text(const std::string& doing, const boost::system::error_code& ec,
+                             const detail::http_url& url) const {
+        if (ec == boost::beast::error::timeout)
+            return doing + ": nothing received for " + detail::seconds_text(options_.timeout) +
+                   " (the inactivity timeout)";
+        std::string text = doing + ": " + ec.message();
+        if (url.tls && ec.category() == boost::asio::error::get_ssl_category() &&
+            (text.find("certificate required") != std::string::npos ||
+             text.find("bad certificate") != std::string::npos ||
+             text.find("alert handshake failure") != std::string::npos))
+            text += " (the registry may want a client certificate: docker keeps it as "
+                    "client.cert and client.key in /etc/docker/certs.d/" +
+                    url.host_port() + "/)";
+        return text;
+    }
+
+    bool listed_insecure(const detail::http_url& url) const {
         if (options_.insecure) return true;
-        if (options_.loopback_is_insecure && detail::is_loopback_host(endpoint)) return true;
         for (const auto& h : options_.insecure_registries)
-            if (h == endpoint) return true;
+            if (h == url.authority() || h == url.host_port()) return true;
         return false;
+    }
+
+    const host_certificates& certificates_for(const detail::http_url& url) {
+        auto key = url.host_port();
+        auto it = host_certificates_.find(key);
+        if (it == host_certificates_.end()) {
+            std::string bracketed =
+                url.host.find(':') != std::string::npos ? "[" + url.host + "]" : url.host;
+            it = host_certificates_
+                     .emplace(key, find_host_certificates(options_.certs_d, key,
+                                                          url.port == "443" ? bracketed : ""))
+                     .first;
+        }
+        return it->second;
+    }
+
+    // A CA named for this host is a request to verify it, loopback or not.
+    bool trust_configured(const detail::http_url& url) {
+        return !options_.ca_file.empty() || !certificates_for(url).ca_files.empty();
+    }
+
+    bool plain_http_allowed(const detail::http_url& url) const {
+        return listed_insecure(url) ||
+               (options_.loopback_is_insecure && detail::is_loopback_host(url.host));
+    }
+
+    bool skip_verification(const detail::http_url& url) {
+        return listed_insecure(url) ||
+               (options_.loopback_is_insecure && detail::is_loopback_host(url.host) &&
+                !trust_configured(url));
+    }
+
+    // Where the CAs for `url` come from, for the verification failure's text.
+    std::string trusted_text(const detail::http_url& url) {
+        std::string out = "the system store";
+        if (!options_.ca_file.empty()) out += ", --ca-file " + options_.ca_file;
+        const auto& certs = certificates_for(url);
+        for (const auto& f : certs.ca_files)
+            out += ", " + f.string();
+        if (certs.dir.empty()) {
+            out += " (no certs.d directory " + url.host_port() + " in";
+            for (const auto& root : options_.certs_d)
+                out += " " + root.string();
+            out += ")";
+        }
+        return out;
+    }
+
+    // One TLS context per host and mode: its certs.d CAs and client
+    // certificate are its own.
+    result<boost::asio::ssl::context*> tls_context(const detail::http_url& url, bool verify) {
+        auto key = url.host_port() + (verify ? " verify" : " no-verify");
+        if (auto it = tls_contexts_.find(key); it != tls_contexts_.end()) return it->second.get();
+        const auto& certs = certificates_for(url);
+        if (!certs.problem.empty())
+            return fail<boost::asio::ssl::context*>(errc::invalid_argument, certs.problem);
+        auto context =
+            std::make_unique<boost::asio::ssl::context>(boost::asio::ssl::context::tls_client);
+        boost::system::error_code ec;
+        auto load_ca = [&](const std::string& file, const std::string& what) -> result<void> {
+            context->load_verify_file(file, ec);
+            if (ec)
+                return fail<void>(errc::invalid_argument,
+                                  "cannot load " + what + " " + file + ": " + ec.message());
+            return success();
+        };
+        if (verify) {
+            context->set_default_verify_paths(ec); // a host without a system store still has ours
+            if (!options_.ca_file.empty())
+                if (auto r = load_ca(options_.ca_file, "the CA file (--ca-file)"); !r)
+                    return r.error();
+            for (const auto& f : certs.ca_files)
+                if (auto r = load_ca(f.string(), "the certs.d CA"); !r) return r.error();
+            context->set_verify_mode(boost::asio::ssl::verify_peer);
+        } else {
+            context->set_verify_mode(boost::asio::ssl::verify_none);
+        }
+        if (!certs.client_certificate.empty()) {
+            context->use_certificate_chain_file(certs.client_certificate.string(), ec);
+            if (!ec)
+                context->use_private_key_file(certs.client_key.string(),
+                                              boost::asio::ssl::context::pem, ec);
+            if (ec)
+                return fail<boost::asio::ssl::context*>(
+                    errc::invalid_argument, "cannot load the client certificate " +
+                                                certs.client_certificate.string() + " with " +
+                                                certs.client_key.string() + ": " + ec.message());
+        }
+        auto* raw = context.get();
+        tls_contexts_.emplace(key, std::move(context));
+        return raw;
     }
 
     // Run `op` on our executor and complete the token's handler with its result.
@@ -290,6 +418,7 @@ private:
     // ---- one HTTP exchange on a fresh connection ----
 
     awaitable<result<detail::http_response>> exchange(request_spec spec, detail::body_plan plan) {
+        last_tls_failure_ = tls_failure::none;
         boost::system::error_code ec;
         auto use = boost::asio::redirect_error(boost::asio::use_awaitable, ec);
         tcp::resolver resolver(executor_);
@@ -301,9 +430,12 @@ private:
         stream.expires_after(options_.timeout);
         co_await stream.async_connect(endpoints, use);
         if (ec)
-            co_return fail<detail::http_response>(network_failure(ec), "cannot connect to " +
-                                                                           spec.url.authority() +
-                                                                           ": " + ec.message());
+            co_return fail<detail::http_response>(
+                network_failure(ec),
+                ec == boost::beast::error::timeout
+                    ? "cannot connect to " + spec.url.authority() + ": no answer within " +
+                          detail::seconds_text(options_.timeout)
+                    : "cannot connect to " + spec.url.authority() + ": " + ec.message());
 
         namespace http = boost::beast::http;
         http::request<http::empty_body> request{http::verb::get, spec.url.target, 11};
@@ -317,22 +449,71 @@ private:
         request.keep_alive(false);
         if (!spec.url.tls) co_return co_await exchange_on(stream, request, plan, spec.url);
 
-        boost::beast::ssl_stream<boost::beast::tcp_stream> tls(
-            std::move(stream), spec.tls_unverified ? unverified_tls_ : verified_tls_);
+        last_tls_failure_ = tls_failure::setup;
+        BOOST_OUTCOME_CO_TRY(context, tls_context(spec.url, !spec.tls_unverified));
+        boost::beast::ssl_stream<boost::beast::tcp_stream> tls(std::move(stream), *context);
+        SSL* ssl = tls.native_handle();
         boost::system::error_code address_ec;
         boost::asio::ip::make_address(spec.url.host, address_ec);
-        if (address_ec) // SNI only for names, never for addresses (RFC 6066)
-            SSL_set_tlsext_host_name(tls.native_handle(), spec.url.host.c_str());
+        bool is_address = !address_ec;
+        if (!is_address) // SNI only for names, never for addresses (RFC 6066)
+            SSL_set_tlsext_host_name(ssl, spec.url.host.c_str());
+        detail::tls_verify_failure refused;
         if (!spec.tls_unverified) {
+            // OpenSSL checks the name itself, so a mismatch comes back as the
+            // verifier's own X509_V_ERR_{HOSTNAME,IP_ADDRESS}_MISMATCH.
+            X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+            if (is_address)
+                X509_VERIFY_PARAM_set1_ip_asc(param, spec.url.host.c_str());
+            else {
+                X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+                X509_VERIFY_PARAM_set1_host(param, spec.url.host.c_str(), spec.url.host.size());
+            }
             tls.set_verify_mode(boost::asio::ssl::verify_peer);
-            tls.set_verify_callback(boost::asio::ssl::host_name_verification(spec.url.host));
+            tls.set_verify_callback(
+                [&refused](bool preverified, boost::asio::ssl::verify_context& context) {
+                    if (!preverified && refused.error == 0) {
+                        X509_STORE_CTX* store = context.native_handle();
+                        refused.error = X509_STORE_CTX_get_error(store);
+                        refused.depth = X509_STORE_CTX_get_error_depth(store);
+                        refused.certificate =
+                            detail::describe_certificate(X509_STORE_CTX_get_current_cert(store));
+                    }
+                    return preverified;
+                });
         }
         boost::beast::get_lowest_layer(tls).expires_after(options_.timeout);
         co_await tls.async_handshake(boost::asio::ssl::stream_base::client, use);
-        if (ec)
-            co_return fail<detail::http_response>(network_failure(ec),
-                                                  "TLS handshake with " + spec.url.authority() +
-                                                      " failed: " + ec.message());
+        if (ec) {
+            if (refused.error == 0 && !spec.tls_unverified)
+                if (auto r = SSL_get_verify_result(ssl); r != X509_V_OK) refused.error = int(r);
+            if (refused.error != 0) {
+                last_tls_failure_ = tls_failure::verification;
+                co_return fail<detail::http_response>(
+                    errc::io_error, detail::describe_verify_failure(spec.url.authority(), refused,
+                                                                    trusted_text(spec.url)));
+            }
+            if (ec == boost::beast::error::timeout)
+                co_return fail<detail::http_response>(
+                    errc::timeout, "TLS handshake with " + spec.url.authority() +
+                                       ": no answer for " + detail::seconds_text(options_.timeout) +
+                                       " (the inactivity timeout)");
+            auto text = network_text("TLS handshake with " + spec.url.authority() + " failed", ec,
+                                     spec.url);
+            // An alert means the server speaks TLS and refused us (e.g. no
+            // client certificate): not a plain-HTTP server.
+            last_tls_failure_ = text.find(" alert ") != std::string::npos ? tls_failure::established
+                                                                          : tls_failure::protocol;
+            if (text.find("wrong version number") != std::string::npos ||
+                text.find("packet length too long") != std::string::npos ||
+                text.find("http request") != std::string::npos)
+                text += " (" + spec.url.authority() +
+                        " does not seem to speak TLS: if it is a plain-HTTP registry, name it with "
+                        "--insecure-registry " +
+                        spec.url.authority() + " or use --insecure)";
+            co_return fail<detail::http_response>(errc::io_error, text);
+        }
+        last_tls_failure_ = tls_failure::established;
         co_return co_await exchange_on(tls, request, plan, spec.url);
     }
 
@@ -349,7 +530,8 @@ private:
         co_await http::async_write(stream, request, use);
         if (ec)
             co_return fail<detail::http_response>(
-                network_failure(ec), "sending request to " + url.authority() + ": " + ec.message());
+                network_failure(ec),
+                network_text("sending request to " + url.authority(), ec, url));
 
         boost::beast::flat_buffer buffer(options_.max_header_bytes + 256 * 1024);
         // Beast reads as much as the buffer's free capacity (at least 512
@@ -375,15 +557,31 @@ private:
             co_return fail<detail::http_response>(
                 errc::registry_error, "response header from " + url.authority() + " exceeds " +
                                           std::to_string(options_.max_header_bytes) + " bytes");
-        if (ec == http::error::body_limit)
+        // The descriptor's size is known: a longer announced body is not the blob.
+        auto announced_too_long = [&](std::uint64_t length, std::uint64_t size) {
+            return fail<detail::http_response>(
+                errc::size_mismatch,
+                std::string(plan.kind) + " " +
+                    (plan.blob ? plan.blob->expected().str() : std::string("blob")) + ": " +
+                    url.authority() + " announces a Content-Length of " + std::to_string(length) +
+                    " bytes where the descriptor says the blob is " + std::to_string(size) +
+                    " bytes (nothing kept)");
+        };
+        if (ec == http::error::body_limit) {
+            if (plan.blob && plan.blob->expected_size() >= 0 && parser.content_length()) {
+                plan.blob->discard();
+                co_return announced_too_long(*parser.content_length(),
+                                             std::uint64_t(plan.blob->expected_size()));
+            }
             co_return fail<detail::http_response>(
-                plan.blob ? errc::digest_mismatch : errc::image_too_large,
+                plan.blob ? errc::size_mismatch : errc::image_too_large,
                 "response from " + url.authority() + " announces a body larger than allowed (" +
                     std::to_string(plan.blob ? remaining : plan.max_string_body) + " bytes)");
+        }
         if (ec)
-            co_return fail<detail::http_response>(network_failure(ec), "reading response from " +
-                                                                           url.authority() + ": " +
-                                                                           ec.message());
+            co_return fail<detail::http_response>(
+                network_failure(ec),
+                network_text("reading response from " + url.authority(), ec, url));
 
         auto& message = parser.get();
         detail::http_response response;
@@ -420,32 +618,39 @@ private:
             }
             if (auto length = parser.content_length(); length && *length > remaining) {
                 blob.discard();
-                co_return fail<detail::http_response>(errc::digest_mismatch,
-                                                      "server sends " + std::to_string(*length) +
-                                                          " bytes where the descriptor leaves " +
-                                                          std::to_string(remaining));
+                co_return announced_too_long(*length, std::uint64_t(blob.expected_size()));
             }
+        } else if (response.status == 200 && plan.string_body_size >= 0) {
+            if (auto length = parser.content_length();
+                length && *length > std::uint64_t(plan.string_body_size))
+                co_return announced_too_long(*length, std::uint64_t(plan.string_body_size));
         }
+        // Blob bytes gather in a 64 KiB chunk before each write() to the store.
         std::vector<char> chunk(64 * 1024);
+        std::size_t filled = 0;
         std::int64_t last_report = -1;
         while (!parser.is_done()) {
-            message.body().data = chunk.data();
-            message.body().size = chunk.size();
-            // Blobs may be large: the deadline restarts per chunk. Small bodies
-            // (manifests, tokens, errors) share the header's deadline, so a
-            // peer trickling bytes cannot stretch them.
+            message.body().data = chunk.data() + filled;
+            message.body().size = chunk.size() - filled;
+            // Blobs may be large: every read gets the whole inactivity bound.
+            // Small bodies (manifests, tokens, errors) share the header's
+            // deadline, so a peer trickling bytes cannot stretch them.
             if (to_blob) lowest.expires_after(options_.timeout);
-            co_await http::async_read(stream, buffer, parser, use);
+            co_await http::async_read_some(stream, buffer, parser, use);
             if (ec == http::error::need_buffer) ec = {};
-            std::size_t n = chunk.size() - message.body().size;
+            filled = chunk.size() - message.body().size;
+            bool flush = !to_blob || filled == chunk.size() || parser.is_done() || ec;
+            std::size_t n = flush ? std::exchange(filled, 0) : 0;
             if (n > 0) {
                 if (to_blob) {
                     if (auto r = plan.blob->write(std::as_bytes(std::span(chunk.data(), n))); !r) {
-                        if (r.error() == make_error_code(errc::digest_mismatch))
+                        if (r.error() == make_error_code(errc::size_mismatch))
                             co_return fail<detail::http_response>(
-                                errc::digest_mismatch,
-                                "server sent more bytes than the descriptor's size " +
-                                    std::to_string(plan.blob->expected_size()));
+                                errc::size_mismatch,
+                                std::string(plan.kind) + " " + plan.blob->expected().str() + ": " +
+                                    url.authority() + " sent more than the " +
+                                    std::to_string(plan.blob->expected_size()) +
+                                    " bytes its descriptor says (nothing kept)");
                         co_return fail<detail::http_response>(r.error(), "writing blob: " +
                                                                              r.error().message());
                     }
@@ -467,14 +672,27 @@ private:
                     response.body.append(chunk.data(), n);
                 }
             }
-            if (ec == http::error::body_limit)
+            if (ec == http::error::body_limit) {
+                if (!to_blob)
+                    co_return fail<detail::http_response>(errc::image_too_large,
+                                                          "response body from " + url.authority() +
+                                                              " exceeds its bound");
+                plan.blob->discard(); // the limit is the blob's size: this is more
                 co_return fail<detail::http_response>(
-                    to_blob ? errc::digest_mismatch : errc::image_too_large,
-                    "response body from " + url.authority() + " exceeds its bound");
+                    errc::size_mismatch, std::string(plan.kind) + " " +
+                                             plan.blob->expected().str() + ": " + url.authority() +
+                                             " sent more than the " +
+                                             std::to_string(plan.blob->expected_size()) +
+                                             " bytes its descriptor says (nothing kept)");
+            }
             if (ec)
                 co_return fail<detail::http_response>(
-                    network_failure(ec), "connection to " + url.authority() +
-                                             " broke while reading the body: " + ec.message());
+                    network_failure(ec),
+                    ec == boost::beast::error::timeout
+                        ? network_text("reading the body from " + url.authority(), ec, url)
+                        : network_text("connection to " + url.authority() +
+                                           " broke while reading the body",
+                                       ec, url));
         }
         co_return response_t(std::move(response));
     }
@@ -483,29 +701,76 @@ private:
 
     host_state& host(const image_reference& ref) { return hosts_[ref.endpoint()]; }
 
+    // Which credentials this host gets and where they came from (or why
+    // there are none), so that a refusal can say so.
+    void load_credentials(const image_reference& ref, host_state& state) {
+        if (options_.credentials && !options_.credentials->empty()) {
+            state.credentials = options_.credentials;
+            state.credentials_origin =
+                "user '" + options_.credentials->username.substr(0, 64) + "' given by the caller";
+            return;
+        }
+        if (!options_.use_docker_config) {
+            state.no_credentials_why = "none were given and the docker config is not read";
+            return;
+        }
+        auto lookup = find_docker_credentials(ref.registry, options_.docker_config);
+        if (lookup.found) {
+            state.credentials = std::move(lookup.found);
+            state.credentials_origin =
+                (state.credentials->username.empty()
+                     ? std::string("an identity token")
+                     : "user '" + state.credentials->username.substr(0, 64) + "'") +
+                " from " + lookup.file.string() + " (auths key \"" + lookup.key + "\")";
+            return;
+        }
+        state.no_credentials_why = lookup.problem;
+        if (!lookup.helper.empty())
+            state.no_credentials_why += "; the file names the credential helper " + lookup.helper +
+                                        ", which supermachine does not run";
+    }
+
+    // "; no credentials were sent: ..." / "; the registry refused user 'alice'
+    // from FILE ...": appended to a 401 or 403.
+    std::string refusal_note(const image_reference& ref, unsigned status) {
+        if (status != 401 && status != 403) return {};
+        auto& state = host(ref);
+        if (!state.credentials)
+            return "; no credentials were sent: " + state.no_credentials_why + " (docker login " +
+                   ref.registry + " stores them in the docker config)";
+        if (status == 401)
+            return "; the credentials sent were refused: " + state.credentials_origin +
+                   " (wrong user name or password?)";
+        return "; credentials sent: " + state.credentials_origin;
+    }
+
     awaitable<result<void>> ensure_pinged(const image_reference& ref) {
         auto endpoint = ref.endpoint();
         auto& state = host(ref);
         if (state.pinged) co_return success();
         if (!state.credentials_loaded) {
             state.credentials_loaded = true;
-            if (options_.credentials)
-                state.credentials = options_.credentials;
-            else if (options_.use_docker_config) {
-                auto loaded = load_docker_credentials(ref.registry, options_.docker_config);
-                if (loaded) state.credentials = loaded.value();
-            }
+            load_credentials(ref, state);
         }
-        bool insecure = insecure_allowed(endpoint);
-        state.tls_unverified = insecure;
         auto https = detail::parse_http_url("https://" + endpoint + "/v2/");
         if (!https)
             co_return fail<void>(errc::bad_reference, "cannot make a URL for registry " + endpoint);
+        bool unverified = skip_verification(*https);
+        state.tls_unverified = unverified;
         detail::body_plan plan;
         plan.max_string_body = options_.max_error_body;
-        request_spec ping{*https, "", "", insecure};
+        request_spec ping{*https, "", "", unverified};
         auto response = co_await exchange(ping, plan);
-        if (!response && insecure) { // docker's rule: insecure registries fall back to plain HTTP
+        // docker's rule: insecure registries fall back to plain HTTP. Only
+        // when the server did not speak TLS (or could not be reached): not
+        // after a refused certificate (a CA was a request to verify), a TLS
+        // session that failed later, or a stall: a plain-HTTP server answers
+        // a TLS hello at once (with an error), so one that said nothing would
+        // say nothing again.
+        if (!response && plain_http_allowed(*https) &&
+            (last_tls_failure_ == tls_failure::none ||
+             last_tls_failure_ == tls_failure::protocol) &&
+            response.error() != make_error_code(errc::timeout)) {
             auto tls_error = last_error_;
             auto http = detail::parse_http_url("http://" + endpoint + "/v2/");
             request_spec plain{*http, "", "", true};
@@ -519,10 +784,11 @@ private:
         if (response.value().status == 401) {
             auto challenges = parse_www_authenticate(response.value().www_authenticate);
             if (!challenges || challenges.value().empty())
-                co_return fail<void>(
-                    errc::unauthorized,
-                    "registry " + endpoint +
-                        " answered 401 without a usable WWW-Authenticate challenge");
+                co_return fail<void>(errc::unauthorized,
+                                     "registry " + endpoint +
+                                         " answered 401 without a usable WWW-Authenticate "
+                                         "challenge" +
+                                         refusal_note(ref, 401));
             for (auto& c : challenges.value())
                 if (c.scheme == "bearer" || (c.scheme == "basic" && !state.challenge))
                     state.challenge = c;
@@ -534,7 +800,8 @@ private:
         } else if (response.value().status >= 300) {
             auto [code, text] =
                 detail::describe_registry_failure(response.value().status, response.value().body);
-            co_return fail<void>(code, "GET /v2/ on " + endpoint + ": " + text);
+            co_return fail<void>(code, "GET /v2/ on " + endpoint + ": " + text +
+                                           refusal_note(ref, response.value().status));
         }
         state.pinged = true;
         co_return success();
@@ -558,7 +825,7 @@ private:
             co_return fail<std::string>(errc::unauthorized, "token realm '" +
                                                                 params["realm"].substr(0, 200) +
                                                                 "' is not an http(s) URL");
-        if (!realm->tls && !insecure_allowed(realm->authority()) && !state.plain_http)
+        if (!realm->tls && !plain_http_allowed(*realm) && !state.plain_http)
             co_return fail<std::string>(errc::unauthorized,
                                         "refusing a plain-HTTP token realm " + realm->authority());
         std::string query;
@@ -573,14 +840,15 @@ private:
         detail::body_plan plan;
         plan.max_string_body = 1 << 20;
         request_spec token_request{*realm, basic, "application/json",
-                                   insecure_allowed(realm->authority())};
+                                   realm->tls && skip_verification(*realm)};
         auto response = co_await exchange(token_request, plan);
         if (!response) co_return response.error();
         if (response.value().status != 200) {
             auto [code, text] =
                 detail::describe_registry_failure(response.value().status, response.value().body);
             co_return fail<std::string>(code == errc::not_found ? errc::unauthorized : code,
-                                        "token request to " + realm->authority() + ": " + text);
+                                        "token request to " + realm->authority() + ": " + text +
+                                            refusal_note(ref, response.value().status));
         }
         nlohmann::json j = nlohmann::json::parse(response.value().body, nullptr, false);
         std::string token;
@@ -617,8 +885,7 @@ private:
         while (true) {
             bool same_host = url->host == registry_host && url->port == registry_port;
             request_spec spec{*url, same_host ? authorization : std::string(), accept,
-                              same_host ? state.tls_unverified
-                                        : insecure_allowed(url->authority())};
+                              same_host ? state.tls_unverified : skip_verification(*url)};
             BOOST_OUTCOME_CO_TRY(response, co_await exchange(spec, plan));
             if (response.status == 401 && same_host && !reauthenticated &&
                 !response.www_authenticate.empty()) {
@@ -674,7 +941,8 @@ private:
         if (response.status != 200) {
             auto [code, text] = detail::describe_registry_failure(response.status, response.body);
             co_return fail<fetched_manifest>(code, "manifest " + ref.repository + ":" + reference +
-                                                       " on " + ref.endpoint() + ": " + text);
+                                                       " on " + ref.endpoint() + ": " + text +
+                                                       refusal_note(ref, response.status));
         }
         fetched_manifest out;
         out.bytes = std::move(response.body);
@@ -733,8 +1001,11 @@ private:
         std::string chosen_reference = entry.value().digest.str();
         BOOST_OUTCOME_CO_TRY(chosen, co_await fetch_manifest_coro(ref, chosen_reference));
         if (std::int64_t(chosen.bytes.size()) != entry.value().size)
-            co_return fail<resolved_manifest>(errc::digest_mismatch,
-                                              "manifest size differs from its index entry");
+            co_return fail<resolved_manifest>(
+                errc::size_mismatch, "manifest " + chosen_reference + " is " +
+                                         std::to_string(chosen.bytes.size()) +
+                                         " bytes (its digest matches) where its index entry says " +
+                                         std::to_string(entry.value().size));
         auto* manifest = std::get_if<image_manifest>(&chosen.document);
         if (!manifest)
             co_return fail<resolved_manifest>(errc::manifest_invalid,
@@ -768,6 +1039,7 @@ private:
         plan.blob = &writer;
         plan.progress = &progress;
         plan.kind = kind.c_str();
+        const auto first_attempt = std::chrono::steady_clock::now();
         for (unsigned attempt = 0;; ++attempt) {
             if (std::int64_t(writer.offset()) == blob.size)
                 break; // a complete partial: just verify
@@ -775,30 +1047,56 @@ private:
             std::string no_accept;
             auto response = co_await registry_get(ref, target, no_accept, plan);
             if (!response) {
-                // A dropped connection keeps what arrived; retry with Range.
-                if ((response.error() == make_error_code(errc::io_error) ||
-                     response.error() == make_error_code(errc::timeout)) &&
-                    attempt < options_.max_retries)
+                // A dropped or stalled connection keeps what arrived; retry
+                // with Range, within max_retries and max_retry_time.
+                bool transient = response.error() == make_error_code(errc::io_error) ||
+                                 response.error() == make_error_code(errc::timeout);
+                auto spent = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::steady_clock::now() - first_attempt);
+                if (transient && attempt < options_.max_retries && spent < options_.max_retry_time)
                     continue;
-                // More bytes than the descriptor allows: nothing of it may stay.
-                if (response.error() == make_error_code(errc::digest_mismatch)) writer.discard();
+                if (transient && attempt > 0)
+                    last_error_ += " (gave up after " + std::to_string(attempt + 1) +
+                                   " attempts in " + detail::seconds_text(spent) +
+                                   (attempt < options_.max_retries
+                                        ? ", past the retry time limit of " +
+                                              detail::seconds_text(options_.max_retry_time)
+                                        : std::string()) +
+                                   "; the " + std::to_string(writer.offset()) +
+                                   " bytes received are kept for a resume)";
+                // A size or digest mismatch: nothing of it may stay.
+                if (response.error() == make_error_code(errc::digest_mismatch) ||
+                    response.error() == make_error_code(errc::size_mismatch))
+                    writer.discard();
                 co_return response.error();
             }
             if (response.value().status != 200 && response.value().status != 206) {
                 auto [code, text] = detail::describe_registry_failure(response.value().status,
                                                                       response.value().body);
                 co_return fail<digest>(code, kind + " " + blob.digest.str() + " on " +
-                                                 ref.endpoint() + ": " + text);
+                                                 ref.endpoint() + ": " + text +
+                                                 refusal_note(ref, response.value().status));
             }
             break;
         }
         auto bytes = writer.offset();
         if (auto committed = writer.commit(); !committed) {
+            if (committed.error() == make_error_code(errc::size_mismatch))
+                co_return fail<digest>(
+                    errc::size_mismatch,
+                    kind + " " + blob.digest.str() + ": " + ref.endpoint() + " served " +
+                        std::to_string(bytes) + " bytes where the manifest says " +
+                        std::to_string(blob.size) +
+                        (writer.received() == blob.digest
+                             ? "; the bytes match the digest, so the manifest's size is wrong"
+                             : " (and they do not match the digest either)") +
+                        " (discarded)");
             if (committed.error() == make_error_code(errc::digest_mismatch))
-                co_return fail<digest>(errc::digest_mismatch,
-                                       kind + " " + blob.digest.str() + ": the " +
-                                           std::to_string(bytes) +
-                                           " bytes received do not match the digest (discarded)");
+                co_return fail<digest>(
+                    errc::digest_mismatch,
+                    kind + " " + blob.digest.str() + ": the " + std::to_string(bytes) +
+                        " bytes received (the size the manifest says) hash to " +
+                        writer.received().str() + ", not to the digest (discarded)");
             co_return fail<digest>(committed.error(), "storing " + blob.digest.str() + ": " +
                                                           committed.error().message());
         }
@@ -806,21 +1104,80 @@ private:
         co_return blob.digest;
     }
 
+    // The config into memory (verified), not the store: a pull that fails
+    // later leaves no config behind that no image record refers to.
+    awaitable<result<std::string>> fetch_config_coro(image_reference ref, descriptor blob,
+                                                     content_store& store,
+                                                     const progress_callback& progress) {
+        auto report = [&](progress_event::phase phase, std::int64_t done) {
+            if (progress) progress({phase, blob.digest, "config", blob.size, done});
+        };
+        if (store.contains(blob.digest)) {
+            auto bytes = store.read_blob(blob.digest, max_config_bytes);
+            if (!bytes)
+                co_return fail<std::string>(bytes.error(), "reading config " + blob.digest.str() +
+                                                               " back: " + bytes.error().message());
+            report(progress_event::phase::cached, blob.size);
+            co_return std::move(bytes).value();
+        }
+        if (blob.size > std::int64_t(max_config_bytes))
+            co_return fail<std::string>(errc::image_too_large,
+                                        "config " + blob.digest.str() + " is " +
+                                            std::to_string(blob.size) + " bytes, more than " +
+                                            std::to_string(max_config_bytes));
+        report(progress_event::phase::started, 0);
+        detail::body_plan plan;
+        plan.max_string_body =
+            std::size_t(std::max<std::int64_t>(blob.size, std::int64_t(options_.max_error_body)));
+        plan.string_body_size = blob.size;
+        plan.kind = "config";
+        std::string target = "/v2/" + ref.repository + "/blobs/" + blob.digest.str();
+        std::string no_accept;
+        const auto first_attempt = std::chrono::steady_clock::now();
+        for (unsigned attempt = 0;; ++attempt) {
+            auto response = co_await registry_get(ref, target, no_accept, plan);
+            if (!response) {
+                bool transient = response.error() == make_error_code(errc::io_error) ||
+                                 response.error() == make_error_code(errc::timeout);
+                if (transient && attempt < options_.max_retries &&
+                    std::chrono::steady_clock::now() - first_attempt < options_.max_retry_time)
+                    continue;
+                co_return response.error();
+            }
+            if (response.value().status != 200) {
+                auto [code, text] = detail::describe_registry_failure(response.value().status,
+                                                                      response.value().body);
+                co_return fail<std::string>(code, "config " + blob.digest.str() + " on " +
+                                                      ref.endpoint() + ": " + text +
+                                                      refusal_note(ref, response.value().status));
+            }
+            auto& bytes = response.value().body;
+            bool digest_ok = compute_digest(bytes, blob.digest.algorithm()) == blob.digest;
+            if (std::int64_t(bytes.size()) != blob.size)
+                co_return fail<std::string>(
+                    errc::size_mismatch,
+                    "config " + blob.digest.str() + ": " + ref.endpoint() + " served " +
+                        std::to_string(bytes.size()) + " bytes where the manifest says " +
+                        std::to_string(blob.size) +
+                        (digest_ok ? "; the bytes match the digest, so the manifest's size is wrong"
+                                   : " (and they do not match the digest either)"));
+            if (!digest_ok)
+                co_return fail<std::string>(errc::digest_mismatch,
+                                            "config " + blob.digest.str() + ": the " +
+                                                std::to_string(bytes.size()) +
+                                                " bytes received do not match the digest");
+            report(progress_event::phase::completed, blob.size);
+            co_return std::move(bytes);
+        }
+    }
+
     awaitable<result<pulled_image>> pull_coro(image_reference ref, platform wanted,
                                               content_store& store, progress_callback progress) {
         BOOST_OUTCOME_CO_TRY(resolved, co_await pull_manifest_coro(ref, wanted));
-        if (auto r = store.write_blob(resolved.top_digest, resolved.top_bytes); !r)
-            co_return fail<pulled_image>(r.error(), "storing manifest: " + r.error().message());
-        if (auto r = store.write_blob(resolved.manifest_digest, resolved.manifest_bytes); !r)
-            co_return fail<pulled_image>(r.error(), "storing manifest: " + r.error().message());
-        std::string config_kind = "config", layer_kind = "layer";
-        BOOST_OUTCOME_CO_TRYV(
-            co_await fetch_blob_coro(ref, resolved.manifest.config, store, progress, config_kind));
-        auto config_bytes = store.read_blob(resolved.manifest.config.digest, max_config_bytes);
-        if (!config_bytes)
-            co_return fail<pulled_image>(config_bytes.error(),
-                                         "reading config back: " + config_bytes.error().message());
-        auto config = parse_image_config(config_bytes.value());
+        std::string layer_kind = "layer";
+        BOOST_OUTCOME_CO_TRY(config_bytes, co_await fetch_config_coro(ref, resolved.manifest.config,
+                                                                      store, progress));
+        auto config = parse_image_config(config_bytes);
         if (!config)
             co_return fail<pulled_image>(config.error(), "image config " +
                                                              resolved.manifest.config.digest.str() +
@@ -835,6 +1192,16 @@ private:
                 co_await fetch_blob_coro(ref, layer, store, progress, layer_kind));
             image.layers.push_back(store.blob_path(layer.digest));
         }
+        // Only now that every layer is here: config and manifests go to the
+        // store and the record names them, so a failed pull leaves just
+        // layers (kept for the next try) and nothing unreferenced besides.
+        for (auto [what, d, bytes] :
+             {std::tuple{"config", &resolved.manifest.config.digest, &config_bytes},
+              std::tuple{"manifest", &resolved.manifest_digest, &resolved.manifest_bytes},
+              std::tuple{"manifest", &resolved.top_digest, &resolved.top_bytes}})
+            if (auto r = store.write_blob(*d, *bytes); !r)
+                co_return fail<pulled_image>(r.error(), std::string("storing the ") + what + " " +
+                                                            d->str() + ": " + r.error().message());
         image.reference = ref.str();
         image.manifest_digest = resolved.top_digest;
         image.image_manifest_digest = resolved.manifest_digest;
@@ -854,7 +1221,9 @@ private:
 
     Executor executor_;
     registry_options options_;
-    boost::asio::ssl::context verified_tls_, unverified_tls_;
+    std::map<std::string, host_certificates> host_certificates_;
+    std::map<std::string, std::unique_ptr<boost::asio::ssl::context>> tls_contexts_;
+    tls_failure last_tls_failure_ = tls_failure::none;
     std::string last_error_;
     std::map<std::string, host_state> hosts_;
 };

@@ -21,6 +21,10 @@ struct http_url {
         if ((tls && port == "443") || (!tls && port == "80")) return h;
         return h + ":" + port;
     }
+    /// host:port with the port always written: docker's certs.d directory name.
+    std::string host_port() const {
+        return (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + port;
+    }
     std::string str() const {
         return std::string(tls ? "https://" : "http://") + authority() + target;
     }
