@@ -8,7 +8,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${SUPERMACHINE_BUILD_DIR:-$root/build}
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/supermachine
 bash "$root/scripts/install-deps.sh"
-bash "$root/scripts/build.sh"
+# Only what the main job needs; scripts/test.sh builds the rest.
+SUPERMACHINE_BUILD_TARGETS="supermachine_cli supermachine-agent" bash "$root/scripts/build.sh"
 bash "$root/scripts/fetch-kernel.sh"
 bash "$root/scripts/make-demo-image.sh" "$cache/demo-image" busybox
 exec "$build/bin/supermachine" run "oci:$cache/demo-image:busybox" \
