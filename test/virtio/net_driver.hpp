@@ -22,9 +22,10 @@
 
 namespace supermachine::test {
 
-class net_driver {
+template <class Backend>
+class basic_net_driver {
 public:
-    using device_type = virtio::net<virtio::net_loopback>;
+    using device_type = virtio::net<Backend>;
     static constexpr std::uint64_t base = 0x100000;
     static constexpr std::uint32_t queue_size = 64;
     static constexpr std::size_t rx = 0, tx = 1;
@@ -38,7 +39,7 @@ public:
         std::uint32_t id, length;
     };
 
-    explicit net_driver(device_type::config config = {}, bool start = true)
+    explicit basic_net_driver(typename device_type::config config = {}, bool start = true)
         : storage_(16 << 20) {
         memory_ = guest_memory::view(base, std::span(storage_));
         std::uint64_t at = base;
@@ -50,16 +51,19 @@ public:
         irq_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         config_irq_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         next_free_ = at;
+        // A backend that runs on an executor (net_slirp) gets this driver's.
+        if constexpr (requires { config.backend.executor; })
+            if (!config.backend.executor) config.backend.executor = io.get_executor();
         device = device_type::create(config).value();
         if (start) activate();
     }
-    ~net_driver() {
+    ~basic_net_driver() {
         device->reset();
         for (int fd : {kick_[0], kick_[1], irq_, config_irq_})
             ::close(fd);
     }
-    net_driver(const net_driver&) = delete;
-    net_driver& operator=(const net_driver&) = delete;
+    basic_net_driver(const basic_net_driver&) = delete;
+    basic_net_driver& operator=(const basic_net_driver&) = delete;
 
     /// DRIVER_OK; again after pause()/reset(), over the same rings (positions kept).
     void activate(std::uint64_t features = device_type::features) {
@@ -198,5 +202,7 @@ private:
     std::uint64_t next_free_ = 0;
     std::map<std::uint16_t, std::uint64_t> rx_buffers_;
 };
+
+using net_driver = basic_net_driver<virtio::net_loopback>;
 
 } // namespace supermachine::test
