@@ -1,7 +1,7 @@
 #pragma once
-// The host end of one vsock connection in the linux-kvm tests: a line out, a
-// line back, with a bound on the wait (the fd may be non-blocking: it is the
-// device's socketpair end, handed over as Asio would use it).
+// The host ends of vsock connections in the linux-kvm tests: a line out, a
+// line back, each wait bounded (an fd may be non-blocking: it is the device's
+// socketpair end, handed over as Asio would use it).
 #include <poll.h>
 #include <unistd.h>
 
