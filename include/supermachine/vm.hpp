@@ -24,6 +24,7 @@
 #include <supermachine/backend/qemu.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
+#include <supermachine/detail/runtime_directory.hpp>
 #include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
@@ -429,11 +430,14 @@ private:
         return success();
     }
 
+    // Ours, under $TMPDIR (else /tmp), locked while we live: a SIGKILLed
+    // run's directory (its overlay grows with what the guest wrote) is
+    // removed by the next start (detail/runtime_directory.hpp).
     result<void> ensure_runtime_dir() {
         if (!options_.runtime_dir.empty()) return success();
-        char pattern[] = "/tmp/supermachine-vm-XXXXXX";
-        if (!::mkdtemp(pattern)) return errno_code(errno);
-        options_.runtime_dir = pattern;
+        SUPERMACHINE_TRY(made, detail::make_runtime_directory("supermachine-vm"));
+        options_.runtime_dir = made.path;
+        runtime_owner_ = std::move(made.owner);
         owns_runtime_dir_ = true;
         return success();
     }
@@ -447,18 +451,7 @@ private:
         if (!options_.volumes.empty()) {
             SUPERMACHINE_TRY(add_virtiofs_modules(kernel));
         }
-        SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, kernel));
-
-        SUPERMACHINE_TRY(ensure_runtime_dir());
-        const auto initrd_path = options_.runtime_dir / "initramfs.cpio";
-        {
-            std::FILE* f = std::fopen(initrd_path.c_str(), "wb");
-            if (!f) return errno_code(errno);
-            const bool ok =
-                std::fwrite(initramfs.data(), 1, initramfs.size(), f) == initramfs.size();
-            if (std::fclose(f) != 0 || !ok) return errc::io_error;
-        }
-
+        // The agent's token: in this vm's initramfs only (agent_initramfs.hpp).
         std::array<std::byte, 16> secret{};
         if (::getrandom(secret.data(), secret.size(), 0) != static_cast<ssize_t>(secret.size()))
             return errno_code(errno);
@@ -467,13 +460,31 @@ private:
             token_ += hex[std::to_integer<unsigned>(b) >> 4];
             token_ += hex[std::to_integer<unsigned>(b) & 15];
         }
+        SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, kernel, token_));
+
+        SUPERMACHINE_TRY(ensure_runtime_dir());
+        const auto initrd_path = options_.runtime_dir / "initramfs.cpio";
+        {
+            // It holds the token: this user's only (the directory is too).
+            const int fd = ::open(initrd_path.c_str(),
+                                  O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+            std::FILE* f = fd < 0 ? nullptr : ::fdopen(fd, "wb");
+            if (!f) {
+                const int e = errno;
+                if (fd >= 0) ::close(fd);
+                return errno_code(e);
+            }
+            const bool ok =
+                std::fwrite(initramfs.data(), 1, initramfs.size(), f) == initramfs.size();
+            if (std::fclose(f) != 0 || !ok) return errc::io_error;
+        }
 
         backend::qemu_config q;
         q.kernel = options_.kernel->vmlinuz;
         q.initrd = initrd_path;
         q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
         q.vcpus = options_.cpus;
-        q.cmdline = guest_cmdline(token_);
+        q.cmdline = guest_cmdline();
         // Another virtiofsd (same options as the C one of QEMU 7.2) may be named.
         if (const char* virtiofsd = std::getenv("SUPERMACHINE_VIRTIOFSD"); virtiofsd && *virtiofsd)
             q.virtiofsd_binary = virtiofsd;
@@ -702,11 +713,10 @@ private:
         snapshot_.agent_identity = detail::agent_identity(agent_binary);
     }
 
-    /// The kernel command line of an image vm: the agent's token and root
+    /// The kernel command line of an image vm: the root
     /// disk, and its channel (virtio-serial for snapshottable vms, else vsock).
-    std::string guest_cmdline(const std::string& token) const {
-        return detail::image_vm_cmdline(token, options_.snapshottable, agent_port,
-                                        options_.extra_cmdline);
+    std::string guest_cmdline() const {
+        return detail::image_vm_cmdline(options_.snapshottable, agent_port, options_.extra_cmdline);
     }
 
     /// A qcow2 overlay over the read-only cached rootfs (QEMU's own blk
@@ -1016,7 +1026,7 @@ private:
                           "the snapshot was taken with another build of the guest agent (" +
                               agent_binary.value().string() + " changed since)");
         // The saved command line must be what these options would boot.
-        if (guest_cmdline(meta.token) != meta.cmdline)
+        if (guest_cmdline() != meta.cmdline)
             return refuse(errc::snapshot_mismatch,
                           "the snapshot's kernel command line differs from this vm's");
         for (auto [name, want] :
@@ -1131,6 +1141,7 @@ private:
     std::string token_;
     std::string engine_description_;
     bool owns_runtime_dir_ = false;
+    detail::unique_fd runtime_owner_; // closed after the directory is removed
     bool machine_exited_ = false;
     // Destroyed in reverse order: the engine before the devices it uses.
     std::unique_ptr<root_disk> disk_;

@@ -146,7 +146,7 @@ BOOST_AUTO_TEST_CASE(env_workdir_user_from_the_disk) {
 
     auto unknown = env().boot({"-u", "nobody-here"}, {"true"});
     BOOST_TEST(unknown.status == 125, describe(unknown));
-    BOOST_TEST(contains(unknown.err, "unknown user"), describe(unknown));
+    BOOST_TEST(contains(unknown.err, "unable to find user nobody-here"), describe(unknown));
 }
 
 BOOST_AUTO_TEST_CASE(tty_with_t) {

@@ -531,11 +531,12 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
                             if (ec) group.clear();
                             auto process = oci::make_process({}, overrides, *passwd, group);
                             if (!process) {
-                                std::fprintf(stderr, "supermachine boot: %s\n",
-                                             process.error() == errc::not_found
-                                                 ? "unknown user or group (not in the disk's "
-                                                   "/etc/passwd or /etc/group)"
-                                                 : "bad -e, -w or -u value");
+                                std::fprintf(
+                                    stderr, "supermachine boot: %s\n",
+                                    process.error() == errc::not_found
+                                        ? unknown_user_message(overrides.user.value_or(""), *passwd)
+                                              .c_str()
+                                        : "bad -e, -w or -u value");
                                 return runner.fail(failed);
                             }
                             runner.start(started, make_exec_request(process.value(), exec), exec,
