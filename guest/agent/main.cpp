@@ -70,6 +70,16 @@ int open_serial_port(const std::string& name) {
 /// devtmpfs (supermachine.dev=devtmpfs). After the agent opened its channel:
 /// the virtio-serial port's node lives only in devtmpfs.
 void set_up_dev(const std::string& cmdline) {
+    // Data disks (supermachine.disks=N: /dev/vdb...) probe beside the root
+    // disk; wait for the last briefly, so /dev gets them all.
+    const auto disks =
+        std::strtoul(cmdline_value(cmdline, "supermachine.disks").c_str(), nullptr, 10);
+    if (disks > 0 && disks < 25) {
+        const std::string last = std::string("/dev/vd") + static_cast<char>('a' + disks);
+        for (int i = 0; i < 200 && ::access(last.c_str(), F_OK) != 0; ++i)
+            ::usleep(10 * 1000);
+        if (::access(last.c_str(), F_OK) != 0) log("data disk %s did not appear", last.c_str());
+    }
     if (cmdline_value(cmdline, "supermachine.dev") == "devtmpfs") return;
     std::string root = cmdline_value(cmdline, "supermachine.root");
     make_container_dev(root.empty() ? "/dev/vda" : root);

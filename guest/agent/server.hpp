@@ -660,7 +660,7 @@ private:
         // Everything else the agent holds must not leak into the child.
         ::syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */);
         // docker creates a missing working directory, as root (root:root 0755).
-        if (!m.cwd.empty()) make_working_dir(m.cwd);
+        if (m.make_cwd && !m.cwd.empty()) make_working_dir(m.cwd);
         for (const auto& l : m.limits) {
             const rlimit value{static_cast<rlim_t>(l.soft), static_cast<rlim_t>(l.hard)};
             if (::setrlimit(static_cast<__rlimit_resource>(l.resource), &value) < 0)

@@ -68,6 +68,15 @@
 
 namespace supermachine {
 
+/// A data disk (docker has none; `run --disk FILE[:ro]`, `boot --disk ROOT
+/// --disk DATA[,ro] -- CMD`): the guest sees it as /dev/vdb, /dev/vdc, ...
+/// in order, in its /dev too. Writes go to the file itself unless read_only.
+struct data_disk {
+    std::filesystem::path path;
+    bool read_only = false;
+};
+inline constexpr std::size_t max_data_disks = 8;
+
 struct vm_options {
     std::uint32_t memory_mib = 512;
     std::uint32_t cpus = 1;
@@ -98,6 +107,9 @@ struct vm_options {
     /// "Volumes"), at most max_shared_directories. A vm with volumes cannot
     /// be snapshottable (virtio-fs does not migrate) nor restored.
     std::vector<shared_directory> volumes;
+    /// Data disks after the root disk (at most max_data_disks). Like
+    /// volumes, a vm with them cannot be snapshottable nor restored.
+    std::vector<data_disk> disks;
 };
 
 /// What the caller still chooses when a vm starts from a snapshot directory
@@ -416,6 +428,30 @@ private:
         return success();
     }
 
+    // Data disks: bounded, present, readable (and writable unless read-only),
+    // and never in a snapshot (QEMU would migrate their device state, not
+    // their contents).
+    result<void> check_disks() {
+        if (options_.disks.empty()) return success();
+        if (options_.snapshottable)
+            return refuse(errc::invalid_argument, "a vm with data disks cannot be snapshottable");
+        if (options_.disks.size() > max_data_disks)
+            return refuse(errc::invalid_argument,
+                          "more than " + std::to_string(max_data_disks) + " data disks");
+        for (auto& disk : options_.disks) {
+            struct stat st {};
+            if (::access(disk.path.c_str(), disk.read_only ? R_OK : R_OK | W_OK) != 0 ||
+                ::stat(disk.path.c_str(), &st) != 0)
+                return refuse(errno_code(errno), "cannot open disk " + disk.path.string() + ": " +
+                                                     std::strerror(errno));
+            if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+                return refuse(errc::invalid_argument,
+                              disk.path.string() + " is not a regular file or block device");
+            disk.path = std::filesystem::absolute(disk.path);
+        }
+        return success();
+    }
+
     // fuse and virtiofs (and what they need) join the initramfs's modules,
     // only for vms with volumes: the initramfs of every other vm (and so
     // its warm snapshot) stays as it was.
@@ -445,6 +481,7 @@ private:
     // Blocking set-up, on setup_pool().
     result<void> prepare(const prepared_image& image) {
         SUPERMACHINE_TRY(check_volumes());
+        SUPERMACHINE_TRY(check_disks());
         SUPERMACHINE_TRY(select_engine_and_kernel(true, ""));
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
         auto kernel = *options_.kernel;
@@ -488,6 +525,11 @@ private:
         // Another virtiofsd (same options as the C one of QEMU 7.2) may be named.
         if (const char* virtiofsd = std::getenv("SUPERMACHINE_VIRTIOFSD"); virtiofsd && *virtiofsd)
             q.virtiofsd_binary = virtiofsd;
+        for (const auto& disk : options_.disks)
+            q.data_drives.push_back({disk.path, disk.read_only});
+        // The agent waits for them before it makes /dev.
+        if (!options_.disks.empty())
+            q.cmdline += " supermachine.disks=" + std::to_string(options_.disks.size());
         for (std::size_t i = 0; i < options_.volumes.size(); ++i) {
             const auto& volume = options_.volumes[i];
             const std::string tag = "supermachine" + std::to_string(i);
@@ -988,6 +1030,8 @@ private:
         if (!options_.volumes.empty())
             return refuse(errc::invalid_argument, "a vm with volumes cannot be restored (virtio-fs "
                                                   "state does not migrate)");
+        if (!options_.disks.empty())
+            return refuse(errc::invalid_argument, "a vm with data disks cannot be restored");
         // A snapshot implies the kernel is cached: no fetch.
         if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
             return refuse(selected.error(), "no engine or cached kernel for the restore");

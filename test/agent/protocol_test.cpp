@@ -159,8 +159,8 @@ BOOST_AUTO_TEST_CASE(malformed_fields) {
     BOOST_TEST((decode(payload_of(r), out) == decode_error::malformed)); // NUL inside an argument
     r.argv = {"ok"};
     std::string p = payload_of(r);
-    // Flags byte sits 9 bytes from the end (flags, rows, cols, timeout).
-    p[p.size() - 9] = static_cast<char>(0x80);
+    // Flags byte sits 13 bytes from the end (flags, rows, cols, timeout, limit count).
+    p[p.size() - 13] = static_cast<char>(0x80);
     BOOST_TEST((decode(p, out) == decode_error::malformed));
     signal_request s;
     BOOST_TEST((decode(u32le(0), s) == decode_error::malformed));

@@ -46,6 +46,8 @@ int usage() {
         "                          with SUPERMACHINE_TRACE set\n"
         "      --console           show the guest console on stderr\n"
         "      --no-snapshot       cold boot (do not use or create the cached snapshot)\n"
+        "      --disk FILE[:ro]    a data disk (raw file or block device): /dev/vdb, ... in\n"
+        "                          order; writes reach FILE unless :ro (a cold boot)\n"
         "      --devtmpfs          give the command the kernel's devtmpfs as /dev, not a\n"
         "                          container's minimal one\n"
         "      --snapshot-dir DIR  restore the warm snapshot in DIR (created there if missing)\n"
@@ -151,6 +153,21 @@ int run_run(std::span<char*> args) {
             verbose = true;
         } else if (a == "--console") {
             console = true;
+        } else if (a == "--disk") {
+            if (!(v = value(a))) return usage();
+            std::string_view spec = v;
+            sm::data_disk disk;
+            if (spec.ends_with(":ro")) {
+                disk.read_only = true;
+                spec.remove_suffix(3);
+            }
+            disk.path = std::string(spec);
+            if (spec.empty() || vm_options.disks.size() >= sm::max_data_disks) {
+                std::fprintf(stderr, "supermachine run: --disk: need FILE[:ro] (at most %zu)\n",
+                             sm::max_data_disks);
+                return 125;
+            }
+            vm_options.disks.push_back(std::move(disk));
         } else if (a == "--devtmpfs") {
             // On the command line, so the warm snapshot's key and check see it.
             vm_options.extra_cmdline.push_back("supermachine.dev=devtmpfs");

@@ -232,6 +232,7 @@ inline agent::exec_request make_exec_request(const oci::process_spec& process,
     request.argv = process.argv;
     request.env = process.env;
     request.cwd = process.working_dir;
+    request.make_cwd = true; // docker run creates a missing working directory
     request.uid = process.user.uid;
     request.gid = process.user.gid;
     request.groups = process.user.supplementary_gids;

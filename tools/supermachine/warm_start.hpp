@@ -136,6 +136,10 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
         vm::async_start(executor, image, for_boot(options), done);
     };
     if (!warm.use_snapshot) return cold(image, options);
+    if (!options.disks.empty()) {
+        say("cold boot: data disks (--disk) are not snapshotted");
+        return vm::async_start(executor, image, for_boot(options), done);
+    }
     if (!options.volumes.empty()) {
         // vhost-user-fs does not migrate: no snapshot can hold such a vm.
         say("cold boot: volumes (-v) cannot be snapshotted (virtio-fs does not migrate)");

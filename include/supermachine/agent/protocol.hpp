@@ -177,6 +177,7 @@ struct exec_request {
     std::vector<std::uint32_t> groups; // supplementary groups (set when uid or gid is set)
     std::optional<tty_size> tty;       // run on a fresh pty (stdout carries both streams)
     bool stdin_open = false;           // else stdin is /dev/null
+    bool make_cwd = false;             // create a missing cwd first (docker run's -w; not exec's)
     std::uint32_t timeout_ms = 0; // 0: none; else SIGKILL the process group and report timed_out
     std::vector<resource_limit> limits; // set before the user is changed (may raise hard limits)
     bool operator==(const exec_request&) const = default;
@@ -406,7 +407,7 @@ inline void encode(std::string& out, std::uint32_t stream, const exec_request& m
         for (auto g : m.groups)
             w.u32(g);
         w.u8(static_cast<std::uint8_t>((m.tty ? 1 : 0) | (m.stdin_open ? 2 : 0) | (m.uid ? 4 : 0) |
-                                       (m.gid ? 8 : 0)));
+                                       (m.gid ? 8 : 0) | (m.make_cwd ? 16 : 0)));
         w.u16(m.tty ? m.tty->rows : 0);
         w.u16(m.tty ? m.tty->cols : 0);
         w.u32(m.timeout_ms);
@@ -524,7 +525,7 @@ inline decode_error decode(std::string_view in, exec_request& m) {
         m.limits.push_back(l);
     }
     if (!r.ok()) return r.status();
-    if (flags & ~15u) return decode_error::malformed;
+    if (flags & ~31u) return decode_error::malformed;
     if (m.argv.empty()) return decode_error::malformed;
     for (auto& a : m.argv)
         if (a.find('\0') != std::string::npos) return decode_error::malformed;
@@ -534,6 +535,7 @@ inline decode_error decode(std::string_view in, exec_request& m) {
     if (m.argv[0].empty()) return decode_error::malformed;
     m.tty = (flags & 1) ? std::optional<tty_size>(tty_size{rows, cols}) : std::nullopt;
     m.stdin_open = (flags & 2) != 0;
+    m.make_cwd = (flags & 16) != 0;
     m.uid = (flags & 4) ? std::optional<std::uint32_t>(uid) : std::nullopt;
     m.gid = (flags & 8) ? std::optional<std::uint32_t>(gid) : std::nullopt;
     return r.finish();
