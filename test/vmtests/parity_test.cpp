@@ -9,6 +9,9 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include <pty.h>
+#include <sys/ioctl.h>
+
 #include <algorithm>
 #include <fstream>
 #include <iterator>
@@ -375,4 +378,45 @@ BOOST_AUTO_TEST_CASE(data_disks_follow_the_root) {
     auto missing = env().run({"--disk", (env().work / "none.img").string()}, {"true"});
     BOOST_TEST(missing.status == 125, describe(missing));
     BOOST_TEST(contains(missing.err, "none.img"), describe(missing));
+}
+
+// -t: the host terminal's size reaches the guest's, at the start and on
+// SIGWINCH (here the kernel sends it when the test resizes the pty).
+BOOST_AUTO_TEST_CASE(tty_size_follows_the_host_terminal) {
+    winsize size{24, 80, 0, 0};
+    int master = -1;
+    std::fflush(nullptr);
+    const pid_t pid = ::forkpty(&master, nullptr, nullptr, &size);
+    BOOST_TEST_REQUIRE(pid >= 0);
+    if (pid == 0) {
+        const std::string cli = env().cli.string(), image = env().image;
+        ::execl(cli.c_str(), cli.c_str(), "run", "-q", "-t", image.c_str(), "sh", "-c",
+                "stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.1; done",
+                static_cast<char*>(nullptr));
+        ::_exit(127);
+    }
+    std::string seen;
+    auto read_until = [&](const std::string& text) {
+        const auto until = std::chrono::steady_clock::now() + 150s;
+        while (!contains(seen, text) && std::chrono::steady_clock::now() < until) {
+            pollfd p{master, POLLIN, 0};
+            if (::poll(&p, 1, 100) == 1) {
+                char buffer[4096];
+                const ssize_t n = ::read(master, buffer, sizeof buffer);
+                if (n <= 0) break;
+                seen.append(buffer, static_cast<std::size_t>(n));
+            }
+        }
+        return contains(seen, text);
+    };
+    BOOST_TEST(read_until("ready"), seen);
+    BOOST_TEST(contains(seen, "24 80"), seen);
+    size = {40, 132, 0, 0};
+    ::ioctl(master, TIOCSWINSZ, &size); // the kernel signals the CLI (SIGWINCH)
+    BOOST_TEST(read_until("40 132"), seen);
+    ::kill(pid, SIGTERM);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ::close(master);
+    BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 143), seen);
 }
