@@ -281,6 +281,32 @@ inline std::string take_token() {
     return token;
 }
 
+/// /etc/hostname and /etc/hosts as docker gives them: files of the agent's
+/// (in the /run tmpfs) bind-mounted over the image's, so the per-run
+/// set_hostname writes no disk. Made once at boot, before a warm snapshot;
+/// a missing or symlinked target is replaced by an empty file first. A
+/// failure leaves the image's files (set_hostname then writes them).
+inline void mount_hostname_files() {
+    make_dir("/run/supermachine");
+    for (const char* name : {"hostname", "hosts"}) {
+        const std::string source = std::string("/run/supermachine/") + name;
+        const std::string target = std::string("/etc/") + name;
+        const int fd = ::open(source.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0) continue;
+        ::close(fd);
+        struct stat st {};
+        if (::lstat(target.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+            make_dir("/etc");
+            ::unlink(target.c_str());
+            const int made =
+                ::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+            if (made >= 0) ::close(made);
+        }
+        if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) < 0)
+            log("%s: bind mount failed: errno %d", target.c_str(), errno);
+    }
+}
+
 /// A node of the workload's /dev: name, kind (S_IFCHR/S_IFBLK), device, mode.
 struct dev_node {
     const char* name;

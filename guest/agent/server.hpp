@@ -529,8 +529,11 @@ private:
     }
 
     /// The vm's hostname, as docker sets a container's: the kernel's, and
-    /// /etc/hostname and /etc/hosts in the root (the vm's own copy-on-write
-    /// disk). A read-only root keeps its files: logged, not an error.
+    /// /etc/hostname and /etc/hosts. Those are tmpfs files bind-mounted at
+    /// boot (mount_hostname_files): writing them costs no disk I/O on the
+    /// warm path (measured ≈ 15 ms a run when they were written on the root
+    /// disk). Without the mounts they are written on the root (the vm's own
+    /// copy-on-write disk); a read-only root keeps its files: logged.
     void set_hostname(connection& c, std::string_view name) {
         if (::sethostname(name.data(), name.size()) != 0)
             return send_error(c, 0, agent_error::io_error, errno, "sethostname failed");
@@ -545,9 +548,12 @@ private:
                                   n + "\n";
         for (const auto& [path, text] :
              {std::pair{"/etc/hostname", n + "\n"}, std::pair{"/etc/hosts", hosts}}) {
-            ::unlink(path); // a symlink in the image is replaced, never followed
-            const int fd =
-                ::open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+            const int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW;
+            int fd = ::open(path, flags, 0644);
+            if (fd < 0 && errno == ELOOP) { // a symlink in the image: replaced, never followed
+                ::unlink(path);
+                fd = ::open(path, flags, 0644);
+            }
             const bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) ==
                                            static_cast<ssize_t>(text.size());
             if (!ok) log("%s: cannot write (errno %d)", path, errno);
