@@ -54,6 +54,8 @@ void check_payload(message_type type, std::string_view payload, std::uint32_t st
         return check<credit_grant>(payload, stream);
     case message_type::set_clock:
         return check<set_clock_request>(payload, stream);
+    case message_type::resize:
+        return check<tty_size>(payload, stream);
     default:
         (void)validated;
         return;

@@ -1,17 +1,19 @@
 #pragma once
 // What the agent does as PID 1 before it serves: the mounts a container
 // expects, kernel modules, the root disk and switch_root, the token from the
-// kernel command line, and the loopback interface (TCP forwarding connects to
+// initramfs, the workload's /dev, and the loopback interface (TCP forwarding connects to
 // 127.0.0.1 inside the guest). Failures are logged and survived: a VM that
 // can still serve exec is more useful than one that panics.
 #include "server.hpp"
 
 #include <cctype>
 
+#include <dirent.h>
 #include <net/if.h>
 
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/sysmacros.h>
 
 namespace supermachine::agent::guest {
 
@@ -269,11 +271,107 @@ inline void mount_volumes(const std::string& cmdline) {
     }
 }
 
-/// The token: supermachine.token=HEX on the command line, else /etc/supermachine/token.
-inline std::string find_token(const std::string& cmdline) {
-    std::string token = cmdline_value(cmdline, "supermachine.token");
-    if (token.empty()) token = trim(read_small_file("/etc/supermachine/token", max_token_size));
+/// The token: /etc/supermachine/token in the initramfs (the host writes one
+/// initramfs per vm), removed once read. Never the kernel command line:
+/// /proc/cmdline and the boot log are readable by every guest user.
+inline std::string take_token() {
+    std::string token = trim(read_small_file("/etc/supermachine/token", max_token_size));
+    if (::unlink("/etc/supermachine/token") < 0 && errno != ENOENT)
+        log("cannot remove the token file: errno %d", "", errno);
     return token;
+}
+
+/// /etc/hostname and /etc/hosts as docker gives them: files of the agent's
+/// (in the /run tmpfs) bind-mounted over the image's, so the per-run
+/// set_hostname writes no disk. Made once at boot, before a warm snapshot;
+/// a missing or symlinked target is replaced by an empty file first. A
+/// failure leaves the image's files (set_hostname then writes them).
+inline void mount_hostname_files() {
+    make_dir("/run/supermachine");
+    for (const char* name : {"hostname", "hosts"}) {
+        const std::string source = std::string("/run/supermachine/") + name;
+        const std::string target = std::string("/etc/") + name;
+        const int fd = ::open(source.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0) continue;
+        ::close(fd);
+        struct stat st {};
+        if (::lstat(target.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+            make_dir("/etc");
+            ::unlink(target.c_str());
+            const int made =
+                ::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+            if (made >= 0) ::close(made);
+        }
+        if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) < 0)
+            log("%s: bind mount failed: errno %d", target.c_str(), errno);
+    }
+}
+
+/// A node of the workload's /dev: name, kind (S_IFCHR/S_IFBLK), device, mode.
+struct dev_node {
+    const char* name;
+    unsigned major, minor;
+    mode_t mode;
+};
+
+/// Gives the workload the /dev a container has (docker's list; doc/vm.md,
+/// "/dev"): a tmpfs with null zero full random urandom tty console, ptmx ->
+/// pts/ptmx, a fresh devpts, shm, mqueue, fd stdin stdout stderr as links
+/// into /proc/self/fd, and the data disks (every /dev/vd* but the root
+/// disk). Built aside in /run, then moved over /dev; the kernel's devtmpfs
+/// (memory, kmsg, the agent's virtio-serial port...) is unmounted: fds the
+/// agent holds on it stay valid. On failure the devtmpfs stays.
+inline void make_container_dev(const std::string& root_device) {
+    const char* stage = "/run/.supermachine-dev";
+    make_dir(stage);
+    if (::mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=65536k") < 0) {
+        log("/dev: tmpfs failed: errno %d, keeping devtmpfs", "", errno);
+        ::rmdir(stage);
+        return;
+    }
+    const mode_t old_mask = ::umask(0);
+    const std::string at = std::string(stage) + "/";
+    static constexpr dev_node nodes[] = {
+        {"null", 1, 3, 0666},    {"zero", 1, 5, 0666},    {"full", 1, 7, 0666},
+        {"random", 1, 8, 0666},  {"urandom", 1, 9, 0666}, {"tty", 5, 0, 0666},
+        {"console", 5, 1, 0600}, // the serial console: root only
+    };
+    for (const auto& n : nodes)
+        if (::mknod((at + n.name).c_str(), S_IFCHR | n.mode, makedev(n.major, n.minor)) < 0)
+            log("/dev/%s: mknod failed: errno %d", n.name, errno);
+    // Data disks: the same device numbers and owners as devtmpfs gave them.
+    if (DIR* dir = ::opendir("/dev")) {
+        while (dirent* e = ::readdir(dir)) {
+            const std::string name = e->d_name;
+            if (name.size() < 3 || name.compare(0, 2, "vd") != 0 || "/dev/" + name == root_device)
+                continue;
+            struct stat st {};
+            if (::stat(("/dev/" + name).c_str(), &st) == 0 && S_ISBLK(st.st_mode) &&
+                ::mknod((at + name).c_str(), S_IFBLK | 0660, st.st_rdev) == 0)
+                (void)!::chown((at + name).c_str(), st.st_uid, st.st_gid);
+        }
+        ::closedir(dir);
+    }
+    for (const auto& [name, target] :
+         {std::pair{"fd", "/proc/self/fd"}, std::pair{"stdin", "/proc/self/fd/0"},
+          std::pair{"stdout", "/proc/self/fd/1"}, std::pair{"stderr", "/proc/self/fd/2"},
+          std::pair{"ptmx", "pts/ptmx"}})
+        ::symlink(target, (at + name).c_str());
+    for (const char* d : {"pts", "shm", "mqueue"})
+        ::mkdir((at + d).c_str(), 0755);
+    ::umask(old_mask);
+    for (const char* m : {"/dev/pts", "/dev/shm", "/dev/mqueue", "/dev"})
+        ::umount2(m, MNT_DETACH);
+    if (::mount(stage, "/dev", nullptr, MS_MOVE, nullptr) < 0) {
+        log("/dev: move failed: errno %d", "", errno);
+        return;
+    }
+    ::rmdir(stage);
+    mount_one("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "newinstance,gid=5,mode=0620,ptmxmode=0666");
+    mount_one("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              "mode=1777,size=65536k");
+    mount_one("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC);
 }
 
 [[noreturn]] inline void power_off() {

@@ -2,7 +2,7 @@
 // the host over AF_VSOCK; as an ordinary process (tests, benchmarks) it
 // serves a Unix socket or an already-connected fd.
 //
-//   supermachine-agent                       PID 1: init, then vsock port 1024
+//   supermachine-agent                       PID 1: init, then vsock port 1024 (host only)
 //   supermachine-agent --vsock PORT          serve AF_VSOCK (any CID) on PORT
 //   supermachine-agent --unix PATH           serve a Unix socket at PATH
 //   supermachine-agent --fd N                serve one connected socket fd, exit at its end
@@ -66,6 +66,25 @@ int open_serial_port(const std::string& name) {
     return fd;
 }
 
+/// The workload's /dev (init.hpp), unless the host asked for the kernel's
+/// devtmpfs (supermachine.dev=devtmpfs). After the agent opened its channel:
+/// the virtio-serial port's node lives only in devtmpfs.
+void set_up_dev(const std::string& cmdline) {
+    // Data disks (supermachine.disks=N: /dev/vdb...) probe beside the root
+    // disk; wait for the last briefly, so /dev gets them all.
+    const auto disks =
+        std::strtoul(cmdline_value(cmdline, "supermachine.disks").c_str(), nullptr, 10);
+    if (disks > 0 && disks < 25) {
+        const std::string last = std::string("/dev/vd") + static_cast<char>('a' + disks);
+        for (int i = 0; i < 200 && ::access(last.c_str(), F_OK) != 0; ++i)
+            ::usleep(10 * 1000);
+        if (::access(last.c_str(), F_OK) != 0) log("data disk %s did not appear", last.c_str());
+    }
+    if (cmdline_value(cmdline, "supermachine.dev") == "devtmpfs") return;
+    std::string root = cmdline_value(cmdline, "supermachine.root");
+    make_container_dev(root.empty() ? "/dev/vda" : root);
+}
+
 [[noreturn]] void run_as_init() {
     mount_basics();
     int console = ::open("/dev/console", O_RDWR | O_CLOEXEC);
@@ -75,14 +94,16 @@ int open_serial_port(const std::string& name) {
         if (console > 2) ::close(console);
     }
     std::string cmdline = read_small_file("/proc/cmdline");
-    // Read from the initramfs before switch_root hides it.
-    std::string token = find_token(cmdline);
+    // From the initramfs, before switch_root hides it.
+    std::string token = take_token();
     load_modules();
     switch_to_root_disk(cmdline);
     mount_volumes(cmdline); // inside the image's root, before any command runs
     bring_up_loopback();
-    if (token.empty())
-        log("no token (supermachine.token= or /etc/supermachine/token): refusing all");
+    mount_hostname_files();
+    if (token.empty()) log("no token (/etc/supermachine/token in the initramfs): refusing all");
+    // Only the host may connect (vsock): never a process of the guest.
+    const server_options options{.token = token, .power_off_on_shutdown = true, .host_only = true};
     if (cmdline_value(cmdline, "supermachine.channel") == "serial") {
         // The QEMU engine's migratable channel (doc/warm-start.md): a virtio-serial port.
         const std::string name = "supermachine.agent";
@@ -95,9 +116,10 @@ int open_serial_port(const std::string& name) {
             log("no virtio-serial port %s (errno %d)", name.c_str(), errno);
             power_off();
         }
+        set_up_dev(cmdline);
         std::printf("supermachine-agent: ready on virtio-serial port %s\n", name.c_str());
         std::fflush(stdout);
-        server s({token, true});
+        server s(options);
         s.set_serial_port(port_fd);
         s.run();
         power_off();
@@ -115,9 +137,10 @@ int open_serial_port(const std::string& name) {
         log("cannot listen on vsock port %s (errno %d)", std::to_string(port).c_str(), errno);
         power_off();
     }
+    set_up_dev(cmdline);
     std::printf("supermachine-agent: ready on vsock port %u\n", port);
     std::fflush(stdout);
-    server s({token, true});
+    server s(options);
     s.set_listener(listener);
     s.run();
     power_off(); // PID 1 must never exit: that panics the kernel

@@ -24,6 +24,7 @@
 #include <supermachine/backend/qemu.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
+#include <supermachine/detail/runtime_directory.hpp>
 #include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
@@ -67,6 +68,15 @@
 
 namespace supermachine {
 
+/// A data disk (docker has none; `run --disk FILE[:ro]`, `boot --disk ROOT
+/// --disk DATA[,ro] -- CMD`): the guest sees it as /dev/vdb, /dev/vdc, ...
+/// in order, in its /dev too. Writes go to the file itself unless read_only.
+struct data_disk {
+    std::filesystem::path path;
+    bool read_only = false;
+};
+inline constexpr std::size_t max_data_disks = 8;
+
 struct vm_options {
     std::uint32_t memory_mib = 512;
     std::uint32_t cpus = 1;
@@ -97,6 +107,9 @@ struct vm_options {
     /// "Volumes"), at most max_shared_directories. A vm with volumes cannot
     /// be snapshottable (virtio-fs does not migrate) nor restored.
     std::vector<shared_directory> volumes;
+    /// Data disks after the root disk (at most max_data_disks). Like
+    /// volumes, a vm with them cannot be snapshottable nor restored.
+    std::vector<data_disk> disks;
 };
 
 /// What the caller still chooses when a vm starts from a snapshot directory
@@ -415,6 +428,30 @@ private:
         return success();
     }
 
+    // Data disks: bounded, present, readable (and writable unless read-only),
+    // and never in a snapshot (QEMU would migrate their device state, not
+    // their contents).
+    result<void> check_disks() {
+        if (options_.disks.empty()) return success();
+        if (options_.snapshottable)
+            return refuse(errc::invalid_argument, "a vm with data disks cannot be snapshottable");
+        if (options_.disks.size() > max_data_disks)
+            return refuse(errc::invalid_argument,
+                          "more than " + std::to_string(max_data_disks) + " data disks");
+        for (auto& disk : options_.disks) {
+            struct stat st {};
+            if (::access(disk.path.c_str(), disk.read_only ? R_OK : R_OK | W_OK) != 0 ||
+                ::stat(disk.path.c_str(), &st) != 0)
+                return refuse(errno_code(errno), "cannot open disk " + disk.path.string() + ": " +
+                                                     std::strerror(errno));
+            if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+                return refuse(errc::invalid_argument,
+                              disk.path.string() + " is not a regular file or block device");
+            disk.path = std::filesystem::absolute(disk.path);
+        }
+        return success();
+    }
+
     // fuse and virtiofs (and what they need) join the initramfs's modules,
     // only for vms with volumes: the initramfs of every other vm (and so
     // its warm snapshot) stays as it was.
@@ -429,11 +466,14 @@ private:
         return success();
     }
 
+    // Ours, under $TMPDIR (else /tmp), locked while we live: a SIGKILLed
+    // run's directory (its overlay grows with what the guest wrote) is
+    // removed by the next start (detail/runtime_directory.hpp).
     result<void> ensure_runtime_dir() {
         if (!options_.runtime_dir.empty()) return success();
-        char pattern[] = "/tmp/supermachine-vm-XXXXXX";
-        if (!::mkdtemp(pattern)) return errno_code(errno);
-        options_.runtime_dir = pattern;
+        SUPERMACHINE_TRY(made, detail::make_runtime_directory("supermachine-vm"));
+        options_.runtime_dir = made.path;
+        runtime_owner_ = std::move(made.owner);
         owns_runtime_dir_ = true;
         return success();
     }
@@ -441,24 +481,14 @@ private:
     // Blocking set-up, on setup_pool().
     result<void> prepare(const prepared_image& image) {
         SUPERMACHINE_TRY(check_volumes());
+        SUPERMACHINE_TRY(check_disks());
         SUPERMACHINE_TRY(select_engine_and_kernel(true, ""));
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
         auto kernel = *options_.kernel;
         if (!options_.volumes.empty()) {
             SUPERMACHINE_TRY(add_virtiofs_modules(kernel));
         }
-        SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, kernel));
-
-        SUPERMACHINE_TRY(ensure_runtime_dir());
-        const auto initrd_path = options_.runtime_dir / "initramfs.cpio";
-        {
-            std::FILE* f = std::fopen(initrd_path.c_str(), "wb");
-            if (!f) return errno_code(errno);
-            const bool ok =
-                std::fwrite(initramfs.data(), 1, initramfs.size(), f) == initramfs.size();
-            if (std::fclose(f) != 0 || !ok) return errc::io_error;
-        }
-
+        // The agent's token: in this vm's initramfs only (agent_initramfs.hpp).
         std::array<std::byte, 16> secret{};
         if (::getrandom(secret.data(), secret.size(), 0) != static_cast<ssize_t>(secret.size()))
             return errno_code(errno);
@@ -467,16 +497,39 @@ private:
             token_ += hex[std::to_integer<unsigned>(b) >> 4];
             token_ += hex[std::to_integer<unsigned>(b) & 15];
         }
+        SUPERMACHINE_TRY(initramfs, detail::build_agent_initramfs(agent_binary, kernel, token_));
+
+        SUPERMACHINE_TRY(ensure_runtime_dir());
+        const auto initrd_path = options_.runtime_dir / "initramfs.cpio";
+        {
+            // It holds the token: this user's only (the directory is too).
+            const int fd = ::open(initrd_path.c_str(),
+                                  O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+            std::FILE* f = fd < 0 ? nullptr : ::fdopen(fd, "wb");
+            if (!f) {
+                const int e = errno;
+                if (fd >= 0) ::close(fd);
+                return errno_code(e);
+            }
+            const bool ok =
+                std::fwrite(initramfs.data(), 1, initramfs.size(), f) == initramfs.size();
+            if (std::fclose(f) != 0 || !ok) return errc::io_error;
+        }
 
         backend::qemu_config q;
         q.kernel = options_.kernel->vmlinuz;
         q.initrd = initrd_path;
         q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
         q.vcpus = options_.cpus;
-        q.cmdline = guest_cmdline(token_);
+        q.cmdline = guest_cmdline();
         // Another virtiofsd (same options as the C one of QEMU 7.2) may be named.
         if (const char* virtiofsd = std::getenv("SUPERMACHINE_VIRTIOFSD"); virtiofsd && *virtiofsd)
             q.virtiofsd_binary = virtiofsd;
+        for (const auto& disk : options_.disks)
+            q.data_drives.push_back({disk.path, disk.read_only});
+        // The agent waits for them before it makes /dev.
+        if (!options_.disks.empty())
+            q.cmdline += " supermachine.disks=" + std::to_string(options_.disks.size());
         for (std::size_t i = 0; i < options_.volumes.size(); ++i) {
             const auto& volume = options_.volumes[i];
             const std::string tag = "supermachine" + std::to_string(i);
@@ -702,11 +755,10 @@ private:
         snapshot_.agent_identity = detail::agent_identity(agent_binary);
     }
 
-    /// The kernel command line of an image vm: the agent's token and root
+    /// The kernel command line of an image vm: the root
     /// disk, and its channel (virtio-serial for snapshottable vms, else vsock).
-    std::string guest_cmdline(const std::string& token) const {
-        return detail::image_vm_cmdline(token, options_.snapshottable, agent_port,
-                                        options_.extra_cmdline);
+    std::string guest_cmdline() const {
+        return detail::image_vm_cmdline(options_.snapshottable, agent_port, options_.extra_cmdline);
     }
 
     /// A qcow2 overlay over the read-only cached rootfs (QEMU's own blk
@@ -978,6 +1030,8 @@ private:
         if (!options_.volumes.empty())
             return refuse(errc::invalid_argument, "a vm with volumes cannot be restored (virtio-fs "
                                                   "state does not migrate)");
+        if (!options_.disks.empty())
+            return refuse(errc::invalid_argument, "a vm with data disks cannot be restored");
         // A snapshot implies the kernel is cached: no fetch.
         if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
             return refuse(selected.error(), "no engine or cached kernel for the restore");
@@ -1016,7 +1070,7 @@ private:
                           "the snapshot was taken with another build of the guest agent (" +
                               agent_binary.value().string() + " changed since)");
         // The saved command line must be what these options would boot.
-        if (guest_cmdline(meta.token) != meta.cmdline)
+        if (guest_cmdline() != meta.cmdline)
             return refuse(errc::snapshot_mismatch,
                           "the snapshot's kernel command line differs from this vm's");
         for (auto [name, want] :
@@ -1131,6 +1185,7 @@ private:
     std::string token_;
     std::string engine_description_;
     bool owns_runtime_dir_ = false;
+    detail::unique_fd runtime_owner_; // closed after the directory is removed
     bool machine_exited_ = false;
     // Destroyed in reverse order: the engine before the devices it uses.
     std::unique_ptr<root_disk> disk_;

@@ -159,8 +159,8 @@ BOOST_AUTO_TEST_CASE(malformed_fields) {
     BOOST_TEST((decode(payload_of(r), out) == decode_error::malformed)); // NUL inside an argument
     r.argv = {"ok"};
     std::string p = payload_of(r);
-    // Flags byte sits 9 bytes from the end (flags, rows, cols, timeout).
-    p[p.size() - 9] = static_cast<char>(0x80);
+    // Flags byte sits 13 bytes from the end (flags, rows, cols, timeout, limit count).
+    p[p.size() - 13] = static_cast<char>(0x80);
     BOOST_TEST((decode(p, out) == decode_error::malformed));
     signal_request s;
     BOOST_TEST((decode(u32le(0), s) == decode_error::malformed));
@@ -174,3 +174,40 @@ BOOST_AUTO_TEST_CASE(malformed_fields) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+// issue 16: an exec's resource limits, a tty resize, the hostname.
+BOOST_AUTO_TEST_CASE(limits_resize_and_hostname_are_bounded) {
+    exec_request m;
+    m.argv = {"sh"};
+    m.limits = {{7, 1024, 1u << 20}, {6, ~0ull, ~0ull}};
+    BOOST_TEST((round_trip(m) == m));
+    auto payload_of = [](const exec_request& r) {
+        std::string frame;
+        encode(frame, 1, r);
+        return frame.substr(frame_header_size);
+    };
+    auto soft_above_hard = m;
+    soft_above_hard.limits = {{7, 2, 1}};
+    BOOST_TEST((validate(message_type::exec_request, payload_of(soft_above_hard)) ==
+                decode_error::malformed));
+    auto unknown_resource = m;
+    unknown_resource.limits = {{max_resource_limits, 1, 1}};
+    BOOST_TEST((validate(message_type::exec_request, payload_of(unknown_resource)) ==
+                decode_error::malformed));
+    auto too_many = m;
+    too_many.limits.assign(max_resource_limits + 1, {7, 1, 1});
+    BOOST_TEST(
+        (validate(message_type::exec_request, payload_of(too_many)) == decode_error::too_large));
+
+    BOOST_TEST((round_trip(tty_size{50, 132}) == tty_size{50, 132}));
+    std::string zero;
+    encode(zero, 1, tty_size{0, 80});
+    BOOST_TEST((validate(message_type::resize, zero.substr(frame_header_size)) ==
+                decode_error::malformed));
+
+    for (const char* good : {"a", "web-1", "0123456789ab"})
+        BOOST_TEST((validate(message_type::set_hostname, good) == decode_error::none), good);
+    for (std::string bad : {std::string(), std::string("-a"), std::string("a-"), std::string("a.b"),
+                            std::string("a b"), std::string(64, 'a'), std::string("a\0b", 3)})
+        BOOST_TEST((validate(message_type::set_hostname, bad) == decode_error::malformed), bad);
+}

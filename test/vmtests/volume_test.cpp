@@ -50,10 +50,11 @@ BOOST_AUTO_TEST_CASE(guest_reads_a_host_file) {
 
 BOOST_AUTO_TEST_CASE(guest_writes_reach_the_host_and_say_why_cold) {
     const auto dir = host_dir("write");
-    // Without -q: the run says once why it cold boots.
-    auto r = run_process({env().cli.string(), "run", "-v", dir.string() + ":/srv/deep/data",
-                          env().image, "sh", "-c", "echo x > /srv/deep/data/new"},
-                         "", 200s);
+    // With --verbose: the run says once why it cold boots.
+    auto r =
+        run_process({env().cli.string(), "run", "--verbose", "-v", dir.string() + ":/srv/deep/data",
+                     env().image, "sh", "-c", "echo x > /srv/deep/data/new"},
+                    "", 200s);
     BOOST_TEST(r.status == 0, describe(r));
     BOOST_TEST(read_text(dir / "new") == "x\n", describe(r));
     BOOST_TEST(contains(r.err, "volumes (-v) cannot be snapshotted"), describe(r));
@@ -117,10 +118,12 @@ BOOST_AUTO_TEST_CASE(bad_specs_exit_125_with_one_line) {
 
 BOOST_AUTO_TEST_CASE(runs_without_volumes_stay_warm) {
     // Creates the warm snapshot (cold boot, snapshot, restore) and runs restored.
-    auto first = run_process({env().cli.string(), "run", env().image, "echo", "warm"}, "", 300s);
+    auto first = run_process({env().cli.string(), "run", "--verbose", env().image, "echo", "warm"},
+                             "", 300s);
     BOOST_TEST(first.status == 0, describe(first));
     BOOST_TEST(contains(first.err, "warm start: restored"), describe(first));
-    auto second = run_process({env().cli.string(), "run", env().image, "echo", "warm"}, "", 200s);
+    auto second = run_process({env().cli.string(), "run", "--verbose", env().image, "echo", "warm"},
+                              "", 200s);
     BOOST_TEST(second.status == 0, describe(second));
     BOOST_TEST(second.out == "warm\n", describe(second));
     BOOST_TEST(contains(second.err, "warm start: restored"), describe(second));

@@ -444,8 +444,11 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
         return failed;
     };
     if (command.empty()) return refuse("nothing to run after --");
-    if (options.disks.size() != 1)
-        return refuse("-- CMD needs exactly one --disk: the root filesystem (an ext4 image)");
+    if (options.disks.empty())
+        return refuse("-- CMD needs a --disk: the root filesystem (an ext4 image), then any data "
+                      "disks");
+    if (options.disks.size() > 1 + max_data_disks)
+        return refuse("too many --disk options for -- CMD");
     if (options.rng) return refuse("--rng cannot be combined with -- CMD");
     if (!options.initrd.empty() || options.cmdline)
         return refuse("--initrd and --cmdline cannot be combined with -- CMD (the agent's "
@@ -470,6 +473,13 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
     vm_options.cpus = options.cpus;
     vm_options.engine = options.engine;
     vm_options.volumes = exec.volumes;
+    // The disks after the root: /dev/vdb, ... in order, written in place
+    // unless ,ro (,cow has no meaning here: refused).
+    for (std::size_t i = 1; i < options.disks.size(); ++i) {
+        if (options.disks[i].copy_on_write)
+            return refuse("a data disk of -- CMD is written in place or ,ro; ,cow is for the root");
+        vm_options.disks.push_back({options.disks[i].path, options.disks[i].read_only});
+    }
     if (!options.append.empty()) vm_options.extra_cmdline.push_back(options.append);
     if (!options.kernel.empty()) {
         // A kernel of the user's. When it sits in an unpacked kernel package
@@ -516,7 +526,9 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
                 report_start_failure("supermachine boot", ec, started);
                 return runner.fail(failed);
             }
-            if (options.engine == "auto")
+            // Quiet, as `run`: which engine only when tracing.
+            if (const char* trace = std::getenv("SUPERMACHINE_TRACE");
+                trace && *trace && *trace != '0')
                 std::fprintf(stderr, "supermachine: engine %s\n",
                              started->engine_description().c_str());
             // Users and groups come from the disk itself (none there: root).
@@ -531,11 +543,12 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
                             if (ec) group.clear();
                             auto process = oci::make_process({}, overrides, *passwd, group);
                             if (!process) {
-                                std::fprintf(stderr, "supermachine boot: %s\n",
-                                             process.error() == errc::not_found
-                                                 ? "unknown user or group (not in the disk's "
-                                                   "/etc/passwd or /etc/group)"
-                                                 : "bad -e, -w or -u value");
+                                std::fprintf(
+                                    stderr, "supermachine boot: %s\n",
+                                    process.error() == errc::not_found
+                                        ? unknown_user_message(overrides.user.value_or(""), *passwd)
+                                              .c_str()
+                                        : "bad -e, -w or -u value");
                                 return runner.fail(failed);
                             }
                             runner.start(started, make_exec_request(process.value(), exec), exec,

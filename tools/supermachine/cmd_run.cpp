@@ -41,9 +41,15 @@ int usage() {
         "      --platform OS/ARCH  image platform (default linux/amd64)\n"
         "      --engine E          kvm | qemu | auto (default auto)\n"
         "      --insecure          allow plain HTTP / unverified TLS registries\n"
-        "  -q, --quiet             no progress output\n"
+        "  -q, --quiet             no progress output, not even at a terminal\n"
+        "      --verbose           say how the VM started (warm or cold, engine); also\n"
+        "                          with SUPERMACHINE_TRACE set\n"
         "      --console           show the guest console on stderr\n"
         "      --no-snapshot       cold boot (do not use or create the cached snapshot)\n"
+        "      --disk FILE[:ro]    a data disk (raw file or block device): /dev/vdb, ... in\n"
+        "                          order; writes reach FILE unless :ro (a cold boot)\n"
+        "      --devtmpfs          give the command the kernel's devtmpfs as /dev, not a\n"
+        "                          container's minimal one\n"
         "      --snapshot-dir DIR  restore the warm snapshot in DIR (created there if missing)\n"
         "IMAGE: a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]\n",
         sm::cli::exec_options_usage);
@@ -73,7 +79,12 @@ int run_run(std::span<char*> args) {
     sm::cli::exec_cli_options exec;
     sm::vm_options vm_options;
     sm::image_options image_options;
-    bool quiet = false, console = false;
+    // Quiet by default, as docker: stderr carries the command's own output and
+    // real errors; progress (pulls, rootfs builds, the first snapshot) only at
+    // a terminal, and always before the terminal goes raw; the rest --verbose.
+    bool quiet = false, console = false, verbose = false;
+    if (const char* trace = std::getenv("SUPERMACHINE_TRACE"); trace && *trace && *trace != '0')
+        verbose = true;
     std::string image_name;
     sm::cli::warm_start_options warm;
 
@@ -138,8 +149,28 @@ int run_run(std::span<char*> args) {
             image_options.pull.registry.insecure = true;
         } else if (a == "-q" || a == "--quiet") {
             quiet = true;
+        } else if (a == "--verbose") {
+            verbose = true;
         } else if (a == "--console") {
             console = true;
+        } else if (a == "--disk") {
+            if (!(v = value(a))) return usage();
+            std::string_view spec = v;
+            sm::data_disk disk;
+            if (spec.ends_with(":ro")) {
+                disk.read_only = true;
+                spec.remove_suffix(3);
+            }
+            disk.path = std::string(spec);
+            if (spec.empty() || vm_options.disks.size() >= sm::max_data_disks) {
+                std::fprintf(stderr, "supermachine run: --disk: need FILE[:ro] (at most %zu)\n",
+                             sm::max_data_disks);
+                return 125;
+            }
+            vm_options.disks.push_back(std::move(disk));
+        } else if (a == "--devtmpfs") {
+            // On the command line, so the warm snapshot's key and check see it.
+            vm_options.extra_cmdline.push_back("supermachine.dev=devtmpfs");
         } else if (a == "--no-snapshot") {
             warm.use_snapshot = false;
         } else if (a == "--snapshot-dir") {
@@ -172,7 +203,8 @@ int run_run(std::span<char*> args) {
         return 125;
     }
 
-    if (!quiet) {
+    const bool progress = !quiet && (verbose || ::isatty(2));
+    if (progress) {
         image_options.status = [](std::string_view line) {
             std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());
         };
@@ -194,10 +226,15 @@ int run_run(std::span<char*> args) {
     auto process = sm::oci::make_process(ready.value().config, exec.overrides, ready.value().passwd,
                                          ready.value().group);
     if (!process) {
-        std::fprintf(stderr, "supermachine run: %s: %s\n",
-                     process.error() == sm::errc::not_found ? "unknown user or group"
-                                                            : "no command to run",
-                     process.error().message().c_str());
+        if (process.error() == sm::errc::not_found)
+            std::fprintf(
+                stderr, "supermachine run: %s\n",
+                sm::cli::unknown_user_message(
+                    exec.overrides.user.value_or(ready.value().config.user), ready.value().passwd)
+                    .c_str());
+        else
+            std::fprintf(stderr, "supermachine run: no command to run: %s\n",
+                         process.error().message().c_str());
         return 125;
     }
     auto request = sm::cli::make_exec_request(process.value(), exec);
@@ -209,7 +246,8 @@ int run_run(std::span<char*> args) {
 
     boost::asio::io_context io;
     sm::cli::vm_command command(io);
-    warm.quiet = quiet;
+    warm.progress = progress;
+    warm.verbose = verbose && !quiet;
     sm::cli::async_warm_start(
         io.get_executor(), ready.value(), vm_options, warm,
         [&](std::error_code ec, std::shared_ptr<sm::vm> started) {
@@ -217,7 +255,7 @@ int run_run(std::span<char*> args) {
                 sm::cli::report_start_failure("supermachine run", ec, started);
                 return command.fail(125);
             }
-            if (!quiet)
+            if (verbose && !quiet)
                 std::fprintf(stderr, "supermachine: engine %s\n",
                              started->engine_description().c_str());
             command.start(std::move(started), std::move(request), exec, "supermachine run");

@@ -60,8 +60,9 @@ public:
     using child_type = agent::exec_child<Stream>;
 
     /// `done(status)` gets the process exit status for our own exit.
-    static void start(agent::basic_client<Stream>& client, agent::exec_request request,
-                      bool forward_stdin, std::function<void(int)> done) {
+    static std::shared_ptr<exec_session> start(agent::basic_client<Stream>& client,
+                                               agent::exec_request request, bool forward_stdin,
+                                               std::function<void(int)> done) {
         auto self = std::shared_ptr<exec_session>(new exec_session(std::move(done)));
         request.stdin_open = forward_stdin;
         const std::string program = request.argv.empty() ? std::string() : request.argv[0];
@@ -90,6 +91,18 @@ public:
                 self->maybe_finish();
             });
         });
+        return self;
+    }
+
+    /// Whether the command runs (or ran): signals reach it.
+    bool started() const { return child_ != nullptr; }
+    /// Sends `signo` to the command, once it started (before: nothing to signal).
+    void signal(int signo) {
+        if (child_) child_->signal(signo);
+    }
+    /// The host terminal's new size, for a command on a tty.
+    void resize(agent::tty_size size) {
+        if (child_) child_->resize(size);
     }
 
 private:

@@ -14,9 +14,13 @@
 #include <boost/asio/signal_set.hpp>
 
 #include <sys/ioctl.h>
+#include <sys/random.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -64,11 +68,14 @@ struct exec_cli_options {
     bool tty = false;                      // -t
     std::uint32_t timeout_seconds = 0;     // --timeout: kill the command after this long (0: never)
     std::vector<shared_directory> volumes; // -v, checked (host path resolved)
+    std::string hostname;                  // --hostname; default: a random 12-hex id, like docker's
+    std::vector<agent::resource_limit> limits; // --ulimit, in order (a later one of a name wins)
 
     /// Whether any option that only means something with a command was given.
     bool any_command_option() const {
         return !overrides.env.empty() || overrides.working_dir || overrides.user ||
-               !ports.empty() || interactive || tty || !volumes.empty();
+               !ports.empty() || interactive || tty || !volumes.empty() || !hostname.empty() ||
+               !limits.empty();
     }
 };
 
@@ -82,7 +89,49 @@ inline constexpr const char* exec_options_usage =
     "                          such a run cold boots: volumes are not snapshotted)\n"
     "  -i, --interactive       forward stdin\n"
     "  -t, --tty               allocate a terminal in the guest\n"
-    "      --timeout SECONDS   kill the command after this long\n";
+    "      --timeout SECONDS   kill the command after this long\n"
+    "      --hostname NAME     the guest's hostname (default: a random id, like docker's)\n"
+    "      --ulimit NAME=SOFT[:HARD]  a resource limit (nofile, nproc, core, stack, ...;\n"
+    "                          -1: unlimited); default nofile=1048576, as docker\n";
+
+/// docker's --ulimit NAME=SOFT[:HARD]: HARD defaults to SOFT; -1 is unlimited.
+inline std::optional<agent::resource_limit> parse_ulimit(std::string_view text) {
+    static constexpr std::pair<std::string_view, int> names[] = {{"as", RLIMIT_AS},
+                                                                 {"core", RLIMIT_CORE},
+                                                                 {"cpu", RLIMIT_CPU},
+                                                                 {"data", RLIMIT_DATA},
+                                                                 {"fsize", RLIMIT_FSIZE},
+                                                                 {"locks", RLIMIT_LOCKS},
+                                                                 {"memlock", RLIMIT_MEMLOCK},
+                                                                 {"msgqueue", RLIMIT_MSGQUEUE},
+                                                                 {"nice", RLIMIT_NICE},
+                                                                 {"nofile", RLIMIT_NOFILE},
+                                                                 {"nproc", RLIMIT_NPROC},
+                                                                 {"rss", RLIMIT_RSS},
+                                                                 {"rtprio", RLIMIT_RTPRIO},
+                                                                 {"rttime", RLIMIT_RTTIME},
+                                                                 {"sigpending", RLIMIT_SIGPENDING},
+                                                                 {"stack", RLIMIT_STACK}};
+    const auto eq = text.find('=');
+    if (eq == std::string_view::npos) return std::nullopt;
+    const auto name = text.substr(0, eq);
+    auto value = [](std::string_view s) -> std::optional<std::uint64_t> {
+        if (s == "-1") return ~std::uint64_t{0};
+        std::uint64_t v = 0;
+        auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+        if (s.empty() || ec != std::errc() || end != s.data() + s.size()) return std::nullopt;
+        return v;
+    };
+    const auto values = text.substr(eq + 1);
+    const auto colon = values.find(':');
+    auto soft = value(values.substr(0, colon));
+    auto hard = colon == std::string_view::npos ? soft : value(values.substr(colon + 1));
+    if (!soft || !hard || *soft > *hard) return std::nullopt;
+    for (const auto& [known, resource] : names)
+        if (known == name)
+            return agent::resource_limit{static_cast<std::uint32_t>(resource), *soft, *hard};
+    return std::nullopt;
+}
 
 enum class option_parse { not_ours, taken, bad };
 
@@ -108,7 +157,8 @@ inline option_parse parse_exec_option(std::span<char*> args, std::size_t& i,
     }
     const bool takes_value = a == "-e" || a == "--env" || a == "-w" || a == "--workdir" ||
                              a == "-u" || a == "--user" || a == "-p" || a == "--publish" ||
-                             a == "-v" || a == "--volume" || a == "--timeout";
+                             a == "-v" || a == "--volume" || a == "--timeout" ||
+                             a == "--hostname" || a == "--ulimit";
     if (!takes_value) return option_parse::not_ours;
     auto fail = [&](const char* what, std::string_view value) {
         std::fprintf(stderr, "%.*s: %.*s%s%.*s\n", static_cast<int>(who.size()), who.data(),
@@ -141,6 +191,14 @@ inline option_parse parse_exec_option(std::span<char*> args, std::size_t& i,
         if (auto valid = validate_shared_directory(volume.value(), &why); !valid)
             return fail((": " + why).c_str(), "");
         options.volumes.push_back(std::move(volume).value());
+    } else if (a == "--ulimit") {
+        auto limit = parse_ulimit(v);
+        if (!limit) return fail(": need NAME=SOFT[:HARD] (e.g. nofile=1024:4096), not ", v);
+        options.limits.push_back(*limit);
+    } else if (a == "--hostname") {
+        if (!agent::valid_hostname(v))
+            return fail(": need a hostname (letters, digits, '-'; at most 63), not ", v);
+        options.hostname = std::string(v);
     } else { // --timeout
         std::uint32_t seconds = 0;
         auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), seconds);
@@ -151,6 +209,22 @@ inline option_parse parse_exec_option(std::span<char*> args, std::size_t& i,
     return option_parse::taken;
 }
 
+/// docker's words for a -u naming a user or group the image lacks (make_process's
+/// errc::not_found): "unable to find user NAME: no matching entries in passwd
+/// file", or the same for the group.
+inline std::string unknown_user_message(std::string_view spec, std::string_view passwd_text) {
+    const auto colon = spec.find(':');
+    const auto user = spec.substr(0, colon);
+    bool user_known =
+        user.empty() || user.find_first_not_of("0123456789") == std::string_view::npos;
+    for (const auto& entry : oci::parse_passwd(passwd_text))
+        user_known |= entry.name == user;
+    if (!user_known || colon == std::string_view::npos)
+        return "unable to find user " + std::string(user) + ": no matching entries in passwd file";
+    return "unable to find group " + std::string(spec.substr(colon + 1)) +
+           ": no matching entries in group file";
+}
+
 /// The agent request for `process` with the shared options' tty and timeout.
 inline agent::exec_request make_exec_request(const oci::process_spec& process,
                                              const exec_cli_options& options) {
@@ -158,11 +232,21 @@ inline agent::exec_request make_exec_request(const oci::process_spec& process,
     request.argv = process.argv;
     request.env = process.env;
     request.cwd = process.working_dir;
+    request.make_cwd = true; // docker run creates a missing working directory
     request.uid = process.user.uid;
     request.gid = process.user.gid;
     request.groups = process.user.supplementary_gids;
     request.timeout_ms = options.timeout_seconds * 1000u;
+    // docker's default (containerd's spec): nofile 1048576 unless --ulimit names it.
+    if (std::none_of(options.limits.begin(), options.limits.end(),
+                     [](const auto& l) { return l.resource == RLIMIT_NOFILE; }))
+        request.limits.push_back({RLIMIT_NOFILE, 1u << 20, 1u << 20});
+    request.limits.insert(request.limits.end(), options.limits.begin(), options.limits.end());
     if (options.tty) {
+        // docker: TERM=xterm with -t, unless the image or -e set one.
+        if (std::none_of(request.env.begin(), request.env.end(),
+                         [](const std::string& e) { return e.starts_with("TERM="); }))
+            request.env.push_back("TERM=xterm");
         winsize size{};
         if (::isatty(1) && ::ioctl(1, TIOCGWINSZ, &size) == 0 && size.ws_row > 0)
             request.tty = agent::tty_size{size.ws_row, size.ws_col};
@@ -170,6 +254,20 @@ inline agent::exec_request make_exec_request(const oci::process_spec& process,
             request.tty = agent::tty_size{24, 80};
     }
     return request;
+}
+
+/// docker's default hostname: the container id's first 12 hex digits; ours is random.
+inline std::string random_hostname() {
+    unsigned char bytes[6] = {};
+    if (::getrandom(bytes, sizeof bytes, 0) != static_cast<ssize_t>(sizeof bytes))
+        return "supermachine";
+    static constexpr char hex[] = "0123456789abcdef";
+    std::string name;
+    for (unsigned char b : bytes) {
+        name += hex[b >> 4];
+        name += hex[b & 15];
+    }
+    return name;
 }
 
 /// A vm that did not come up, on stderr: "WHO: the VM did not come up:
@@ -188,9 +286,12 @@ inline void report_start_failure(std::string_view who, std::error_code ec,
 /// Drives one command in a vm on a single-threaded io_context, the way
 /// `docker run` behaves: construct it before starting the VM (so ^C during
 /// boot stops us too), call start() once the VM is up, then run().
-/// run() returns the command's status (128 + N when killed by signal N),
-/// 128 + N when we were stopped by SIGINT/SIGTERM/SIGHUP, or what fail() set.
-/// The VM is killed on every way out.
+/// Signals (docker's --sig-proxy): before the command runs, SIGINT, SIGTERM,
+/// SIGHUP and SIGQUIT stop us (128 + N); once it runs, they and SIGUSR1/2
+/// go to the command, whose status is ours; a second SIGINT within a second
+/// kills the VM (130). With -t, SIGWINCH resizes the guest's terminal.
+/// run() returns the command's status (128 + N when killed by signal N), or
+/// what stop or fail() set. The VM is killed on every way out.
 class vm_command {
 public:
     explicit vm_command(boost::asio::io_context& io)
@@ -199,17 +300,18 @@ public:
         // A closed stdout must end the run through our own path (which stops
         // QEMU), not kill us by SIGPIPE.
         ::signal(SIGPIPE, SIG_IGN);
-        stop_signals_.async_wait([this](boost::system::error_code e, int signo) {
-            if (e) return;
-            status_ = 128 + signo; // like docker run / a shell: 130 for ^C, 143 for SIGTERM
-            stop();
-        });
+        boost::system::error_code ignored;
+        for (int signo : {SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH})
+            stop_signals_.add(signo, ignored);
+        wait_for_signal();
     }
 
     /// Forward the -p ports, then run `request` (stdin forwarded with -i).
     void start(std::shared_ptr<vm> machine, agent::exec_request request,
                const exec_cli_options& options, std::string_view who) {
         machine_ = std::move(machine);
+        // Raw only now: every progress line of the start is already out.
+        if (options.tty && options.interactive) raw_.emplace(true);
         for (const auto& p : options.ports) {
             auto bound = machine_->expose_tcp(p.host, p.guest);
             if (!bound) {
@@ -219,18 +321,31 @@ public:
                 return fail(125);
             }
         }
-        exec_session<vm::socket_type>::start(machine_->agent(), std::move(request),
-                                             options.interactive, [this](int exit_status) {
-                                                 auto end = [this](int status) {
-                                                     status_ = status;
-                                                     stop();
-                                                 };
-                                                 auto after = std::move(after_command_);
-                                                 after_command_ = nullptr;
-                                                 if (after)
-                                                     return after(machine_, exit_status, end);
-                                                 end(exit_status);
-                                             });
+        // The hostname first: the agent serves frames in order, so it is set
+        // before the command starts, without waiting for the answer.
+        const std::string hostname =
+            options.hostname.empty() ? random_hostname() : options.hostname;
+        if (std::none_of(request.env.begin(), request.env.end(),
+                         [](const std::string& e) { return e.starts_with("HOSTNAME="); }))
+            request.env.push_back("HOSTNAME=" + hostname);
+        machine_->agent().async_set_hostname(
+            hostname, [who = std::string(who)](std::error_code ec) {
+                if (ec && ec != errc::cancelled && ec != errc::agent_unavailable)
+                    std::fprintf(stderr, "%s: cannot set the hostname: %s\n", who.c_str(),
+                                 ec.message().c_str());
+            });
+        tty_ = options.tty;
+        session_ = exec_session<vm::socket_type>::start(
+            machine_->agent(), std::move(request), options.interactive, [this](int exit_status) {
+                auto end = [this](int status) {
+                    status_ = status;
+                    stop();
+                };
+                auto after = std::move(after_command_);
+                after_command_ = nullptr;
+                if (after) return after(machine_, exit_status, end);
+                end(exit_status);
+            });
     }
 
     /// Once the command has ended and before the vm stops (e.g. to snapshot
@@ -247,15 +362,50 @@ public:
         stop();
     }
 
-    /// Run the io_context until the command ends; the terminal is raw for -i -t.
-    int run(const exec_cli_options& options) {
-        raw_terminal raw(options.tty && options.interactive);
+    /// Run the io_context until the command ends; the terminal is raw for -i -t
+    /// from the command's start (start()) to its end.
+    int run(const exec_cli_options&) {
         io_.run();
+        raw_.reset();
         return status_;
     }
 
 private:
+    void wait_for_signal() {
+        stop_signals_.async_wait([this](boost::system::error_code e, int signo) {
+            if (e) return;
+            on_signal(signo);
+            if (!stopped_) wait_for_signal();
+        });
+    }
+
+    void on_signal(int signo) {
+        using clock = std::chrono::steady_clock;
+        if (signo == SIGWINCH) {
+            winsize size{};
+            if (session_ && tty_ && ::isatty(1) && ::ioctl(1, TIOCGWINSZ, &size) == 0)
+                session_->resize({size.ws_row, size.ws_col});
+            return;
+        }
+        if (!session_ || !session_->started()) { // nothing runs yet: a stop signal stops us
+            if (signo == SIGUSR1 || signo == SIGUSR2) return;
+            status_ = 128 + signo; // like docker run / a shell: 130 for ^C, 143 for SIGTERM
+            return stop();
+        }
+        if (signo == SIGINT) {
+            const auto now = clock::now();
+            if (last_interrupt_ && now - *last_interrupt_ < std::chrono::seconds(1)) {
+                status_ = 128 + SIGINT; // the second ^C: the VM goes, the command with it
+                return stop();
+            }
+            last_interrupt_ = now;
+        }
+        session_->signal(signo); // its status, when it ends, is ours
+    }
+
     void stop() {
+        stopped_ = true;
+        raw_.reset();
         boost::system::error_code ignored;
         stop_signals_.cancel(ignored);
         if (machine_) machine_->kill();
@@ -263,8 +413,13 @@ private:
     }
 
     boost::asio::io_context& io_;
+    std::optional<raw_terminal> raw_;
     boost::asio::signal_set stop_signals_;
     std::shared_ptr<vm> machine_;
+    std::shared_ptr<exec_session<vm::socket_type>> session_;
+    bool tty_ = false;
+    bool stopped_ = false;
+    std::optional<std::chrono::steady_clock::time_point> last_interrupt_;
     std::function<void(std::shared_ptr<vm>, int, std::function<void(int)>)> after_command_;
     int status_ = 125;
 };

@@ -3,7 +3,7 @@
 // (image digest, memory, cpus, kernel release, agent binary, engine) under
 // $XDG_CACHE_HOME/supermachine/snapshots/<key>, taken right after the agent
 // is ready. Present and valid: restore it. Missing, stale or corrupt: cold
-// boot, snapshot (one stderr line), continue. Concurrent runs: one creates
+// boot, snapshot (a progress line at a terminal), continue. Concurrent runs: one creates
 // (a lock file, never waited on: the others cold boot meanwhile); the
 // directory appears by rename.
 #include <supermachine/detail/warm_snapshot.hpp>
@@ -23,7 +23,11 @@ namespace supermachine::cli {
 
 struct warm_start_options {
     bool use_snapshot = true;
-    bool quiet = false;
+    /// Lines about slow work (creating or rebuilding the snapshot): `run`
+    /// shows them only when stderr is a terminal.
+    bool progress = false;
+    /// Every decision (restored, cold boot and why): --verbose.
+    bool verbose = false;
     /// Use (and create) the snapshot here instead of the cache's per-key directory.
     std::filesystem::path snapshot_dir;
 };
@@ -31,8 +35,9 @@ struct warm_start_options {
 inline std::string warm_snapshot_key(const prepared_image& image, const vm_options& options,
                                      const std::string& agent_identity) {
     // v3: TCG without -icount (a v2 stream does not load into it); v4:
-    // streams without QEMU's run state (a restore resumes by itself).
-    const std::string identity = "v4|qemu|serial|" + image.digest.str() + "|" +
+    // streams without QEMU's run state (a restore resumes by itself); v5:
+    // the token in the initramfs, not on the command line.
+    const std::string identity = "v5|qemu|serial|" + image.digest.str() + "|" +
                                  image.rootfs.string() + "|" + std::to_string(options.memory_mib) +
                                  "|" + std::to_string(options.cpus) + "|" +
                                  options.kernel->release + "|" + agent_identity;
@@ -112,8 +117,11 @@ inline void async_build_snapshot(boost::asio::any_io_executor executor, prepared
 inline void async_warm_start(boost::asio::any_io_executor executor, prepared_image image,
                              vm_options options, warm_start_options warm,
                              std::function<void(std::error_code, std::shared_ptr<vm>)> done) {
-    auto say = [quiet = warm.quiet](const std::string& line) {
-        if (!quiet) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
+    auto say = [verbose = warm.verbose](const std::string& line) {
+        if (verbose) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
+    };
+    auto progress = [shown = warm.progress || warm.verbose](const std::string& line) {
+        if (shown) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
     };
     // A boot needs the kernel's module plan (the initramfs); a restore only
     // its identity. When the caller left the kernel to us, boots plan it.
@@ -128,6 +136,10 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
         vm::async_start(executor, image, for_boot(options), done);
     };
     if (!warm.use_snapshot) return cold(image, options);
+    if (!options.disks.empty()) {
+        say("cold boot: data disks (--disk) are not snapshotted");
+        return vm::async_start(executor, image, for_boot(options), done);
+    }
     if (!options.volumes.empty()) {
         // vhost-user-fs does not migrate: no snapshot can hold such a vm.
         say("cold boot: volumes (-v) cannot be snapshotted (virtio-fs does not migrate)");
@@ -180,14 +192,14 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
     // Holds `lock_fd` (closed once the snapshot exists or failed).
     // Only the cache's own directory is pruned, never around a --snapshot-dir.
     const bool prune_cache = warm.snapshot_dir.empty();
-    auto create = [executor, image, options, dir, say, done, restore_then, cold, for_boot,
+    auto create = [executor, image, options, dir, say, progress, done, restore_then, cold, for_boot,
                    prune_cache](int lock_fd) {
-        say("cold boot: creating the warm snapshot " + dir.filename().string());
+        progress("cold boot: creating the warm snapshot " + dir.filename().string());
         auto snapshottable = for_boot(options);
         snapshottable.snapshottable = true;
         vm::async_start(
             executor, image, snapshottable,
-            [image, options, dir, say, done, lock_fd, restore_then, cold,
+            [image, options, dir, say, progress, done, lock_fd, restore_then, cold,
              prune_cache](std::error_code ec, std::shared_ptr<vm> v) {
                 if (ec) {
                     ::close(lock_fd);
@@ -196,7 +208,7 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                 }
                 async_snapshot_template(
                     std::move(v), dir,
-                    [image, options, dir, say, done, lock_fd, restore_then, cold,
+                    [image, options, dir, say, progress, done, lock_fd, restore_then, cold,
                      prune_cache](std::error_code ec, vm::snapshot_report report) {
                         ::close(lock_fd);
                         if (ec || !report.saved) {
@@ -204,9 +216,9 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                                 "); plain cold boot");
                             return cold(image, options);
                         }
-                        say("snapshot created: " + dir.string() + " (state " +
-                            std::to_string(report.bytes >> 10) + " KiB, " +
-                            std::to_string(report.duration.count()) + " ms)");
+                        progress("snapshot created: " + dir.string() + " (state " +
+                                 std::to_string(report.bytes >> 10) + " KiB, " +
+                                 std::to_string(report.duration.count()) + " ms)");
                         if (prune_cache)
                             for (const auto& old :
                                  detail::prune_warm_snapshots(dir.parent_path(), dir))
@@ -221,15 +233,15 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                     });
             });
     };
-    auto restore = [image, options, dir, say, done, create, cold, restore_then]() {
-        restore_then([image, options, dir, say, done, create, cold](std::error_code ec,
-                                                                    std::shared_ptr<vm> v) {
+    auto restore = [image, options, dir, progress, done, create, cold, restore_then]() {
+        restore_then([image, options, dir, progress, done, create, cold](std::error_code ec,
+                                                                         std::shared_ptr<vm> v) {
             if (!ec) return done({}, std::move(v));
             // Stale or corrupt: never trusted; rebuilt under the lock.
             const std::string detail =
                 v && !v->failure_detail().empty() ? ": " + v->failure_detail() : "";
-            say("cached snapshot unusable (" + ec.message() + detail +
-                "); cold boot, rebuilding it");
+            progress("cached snapshot unusable (" + ec.message() + detail +
+                     "); cold boot, rebuilding it");
             const int fd = try_creation_lock(dir);
             if (fd < 0) return cold(image, options); // another run is rebuilding it
             std::error_code ignored;

@@ -73,6 +73,12 @@ public:
         asio::post(core_->get_executor(),
                    [core = core_, state = state_, signo] { core->send_signal(*state, signo); });
     }
+    /// The terminal's new size, for a process on a tty (fire and forget; the
+    /// guest kernel sends it SIGWINCH).
+    void resize(tty_size size) {
+        asio::post(core_->get_executor(),
+                   [core = core_, state = state_, size] { core->send_resize(*state, size); });
+    }
     /// Completes with the exit status when the process has ended and its output was sent.
     template <class Token>
     auto async_wait(Token&& token) {
@@ -359,6 +365,15 @@ public:
                                std::forward<Token>(completion));
     }
 
+    /// Sets the guest's hostname (sethostname, /etc/hostname, /etc/hosts: what
+    /// docker gives a container). Completes on the agent's acknowledgement;
+    /// errc::invalid_argument, unsent, for a name that is not valid_hostname.
+    template <class Token>
+    auto async_set_hostname(std::string name, Token&& completion) {
+        return session_request(message_type::set_hostname, std::move(name),
+                               std::forward<Token>(completion));
+    }
+
     /// Asks the agent to stop (in a VM: power off). Completes on its acknowledgement.
     template <class Token>
     auto async_shutdown(Token&& completion) {
@@ -374,7 +389,8 @@ private:
                                                                            core->get_executor());
                 asio::post(core->get_executor(), [core, type, payload = std::move(payload),
                                                   done = std::move(done)]() mutable {
-                    if (payload.size() > max_rng_seed)
+                    // What the agent would refuse (as a protocol error) is not sent.
+                    if (validate(type, payload) != decode_error::none)
                         return done.take_and_call(make_error_code(errc::invalid_argument));
                     core->start_session_request(type, payload, std::move(done));
                 });

@@ -43,6 +43,7 @@ inline constexpr std::size_t max_strings = 4096; // argv / env entries
 inline constexpr std::size_t max_groups = 256;
 inline constexpr std::size_t max_message_size = 4096; // error text
 inline constexpr std::size_t max_rng_seed = 4096;
+inline constexpr std::size_t max_resource_limits = 16; // RLIM_NLIMITS on Linux
 
 /// Capability bits in hello_ok.
 inline constexpr std::uint64_t capability_exec = 1u << 0;
@@ -51,6 +52,18 @@ inline constexpr std::uint64_t capability_files = 1u << 2;
 inline constexpr std::uint64_t capability_tcp = 1u << 3;
 inline constexpr std::uint64_t capability_rng = 1u << 4;
 inline constexpr std::uint64_t capability_clock = 1u << 5;
+inline constexpr std::uint64_t capability_hostname = 1u << 6;
+
+/// A set_hostname name: one DNS label (1..63 of [A-Za-z0-9-], no '-' at
+/// either end): what sethostname, /etc/hostname and /etc/hosts all take.
+inline bool valid_hostname(std::string_view name) {
+    if (name.empty() || name.size() > 63 || name.front() == '-' || name.back() == '-') return false;
+    for (char c : name)
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-'))
+            return false;
+    return true;
+}
 /// set_clock bound: 2200-01-01T00:00:00Z in ns (a later clock is a hostile or broken host).
 inline constexpr std::uint64_t max_clock_ns = 7'258'118'400ull * 1'000'000'000ull;
 
@@ -80,9 +93,10 @@ enum class message_type : std::uint8_t {
     shutdown,      // host -> agent, stream 0: empty
     credit,        // either way: {bytes} more may be sent on this stream
     set_clock,     // host -> agent, stream 0: {realtime ns since the epoch} -> ok (after a restore)
+    set_hostname,  // host -> agent, stream 0: the name, raw (valid_hostname) -> ok
+    resize,        // host -> agent, exec stream with a tty: {rows, cols} (the host terminal's)
 };
-inline constexpr std::uint8_t last_message_type =
-    static_cast<std::uint8_t>(message_type::set_clock);
+inline constexpr std::uint8_t last_message_type = static_cast<std::uint8_t>(message_type::resize);
 
 enum class decode_error : std::uint8_t {
     none = 0,
@@ -147,6 +161,13 @@ struct tty_size {
     std::uint16_t cols = 80;
     bool operator==(const tty_size&) const = default;
 };
+/// One setrlimit for an exec (docker's --ulimit): RLIMIT_* number, soft <= hard
+/// (~0: unlimited).
+struct resource_limit {
+    std::uint32_t resource = 0;
+    std::uint64_t soft = 0, hard = 0;
+    bool operator==(const resource_limit&) const = default;
+};
 struct exec_request {
     std::vector<std::string> argv;     // argv[0] is looked up in PATH (from env, else a default)
     std::vector<std::string> env;      // "NAME=value"
@@ -156,7 +177,9 @@ struct exec_request {
     std::vector<std::uint32_t> groups; // supplementary groups (set when uid or gid is set)
     std::optional<tty_size> tty;       // run on a fresh pty (stdout carries both streams)
     bool stdin_open = false;           // else stdin is /dev/null
+    bool make_cwd = false;             // create a missing cwd first (docker run's -w; not exec's)
     std::uint32_t timeout_ms = 0; // 0: none; else SIGKILL the process group and report timed_out
+    std::vector<resource_limit> limits; // set before the user is changed (may raise hard limits)
     bool operator==(const exec_request&) const = default;
 };
 struct exec_started {
@@ -384,15 +407,27 @@ inline void encode(std::string& out, std::uint32_t stream, const exec_request& m
         for (auto g : m.groups)
             w.u32(g);
         w.u8(static_cast<std::uint8_t>((m.tty ? 1 : 0) | (m.stdin_open ? 2 : 0) | (m.uid ? 4 : 0) |
-                                       (m.gid ? 8 : 0)));
+                                       (m.gid ? 8 : 0) | (m.make_cwd ? 16 : 0)));
         w.u16(m.tty ? m.tty->rows : 0);
         w.u16(m.tty ? m.tty->cols : 0);
         w.u32(m.timeout_ms);
+        w.u32(static_cast<std::uint32_t>(m.limits.size()));
+        for (const auto& l : m.limits) {
+            w.u32(l.resource);
+            w.u64(l.soft);
+            w.u64(l.hard);
+        }
     });
 }
 inline void encode(std::string& out, std::uint32_t stream, const exec_started& m) {
     detail::put_frame(out, message_type::exec_started, stream,
                       [&](detail::writer& w) { w.u32(static_cast<std::uint32_t>(m.pid)); });
+}
+inline void encode(std::string& out, std::uint32_t stream, const tty_size& m) {
+    detail::put_frame(out, message_type::resize, stream, [&](detail::writer& w) {
+        w.u16(m.rows);
+        w.u16(m.cols);
+    });
 }
 inline void encode(std::string& out, std::uint32_t stream, const signal_request& m) {
     detail::put_frame(out, message_type::signal, stream,
@@ -478,8 +513,19 @@ inline decode_error decode(std::string_view in, exec_request& m) {
     std::uint16_t rows = r.u16();
     std::uint16_t cols = r.u16();
     m.timeout_ms = r.u32();
+    const std::size_t limits = r.count(max_resource_limits, 20);
+    m.limits.clear();
+    for (std::size_t i = 0; r.ok() && i < limits; ++i) {
+        resource_limit l;
+        l.resource = r.u32();
+        l.soft = r.u64();
+        l.hard = r.u64();
+        if (r.ok() && (l.resource >= max_resource_limits || l.soft > l.hard))
+            return decode_error::malformed;
+        m.limits.push_back(l);
+    }
     if (!r.ok()) return r.status();
-    if (flags & ~15u) return decode_error::malformed;
+    if (flags & ~31u) return decode_error::malformed;
     if (m.argv.empty()) return decode_error::malformed;
     for (auto& a : m.argv)
         if (a.find('\0') != std::string::npos) return decode_error::malformed;
@@ -489,6 +535,7 @@ inline decode_error decode(std::string_view in, exec_request& m) {
     if (m.argv[0].empty()) return decode_error::malformed;
     m.tty = (flags & 1) ? std::optional<tty_size>(tty_size{rows, cols}) : std::nullopt;
     m.stdin_open = (flags & 2) != 0;
+    m.make_cwd = (flags & 16) != 0;
     m.uid = (flags & 4) ? std::optional<std::uint32_t>(uid) : std::nullopt;
     m.gid = (flags & 8) ? std::optional<std::uint32_t>(gid) : std::nullopt;
     return r.finish();
@@ -496,6 +543,13 @@ inline decode_error decode(std::string_view in, exec_request& m) {
 inline decode_error decode(std::string_view in, exec_started& m) {
     detail::reader r(in);
     m.pid = static_cast<std::int32_t>(r.u32());
+    return r.finish();
+}
+inline decode_error decode(std::string_view in, tty_size& m) {
+    detail::reader r(in);
+    m.rows = r.u16();
+    m.cols = r.u16();
+    if (r.ok() && (m.rows == 0 || m.cols == 0)) return decode_error::malformed;
     return r.finish();
 }
 inline decode_error decode(std::string_view in, signal_request& m) {
@@ -577,6 +631,8 @@ inline decode_error validate(message_type type, std::string_view payload) {
         return check(exec_started{});
     case message_type::signal:
         return check(signal_request{});
+    case message_type::resize:
+        return check(tty_size{});
     case message_type::exit:
         return check(exit_status{});
     case message_type::error:
@@ -601,6 +657,8 @@ inline decode_error validate(message_type type, std::string_view payload) {
         return payload.size() <= max_data_chunk ? decode_error::none : decode_error::too_large;
     case message_type::reseed_rng:
         return payload.size() <= max_rng_seed ? decode_error::none : decode_error::too_large;
+    case message_type::set_hostname:
+        return valid_hostname(payload) ? decode_error::none : decode_error::malformed;
     case message_type::stdin_close:
     case message_type::tcp_connected:
     case message_type::tcp_close:

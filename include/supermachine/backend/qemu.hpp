@@ -17,6 +17,7 @@
 #include <supermachine/backend/detail/qemu_command.hpp>
 #include <supermachine/backend/detail/qemu_process.hpp>
 #include <supermachine/backend/detail/qemu_qmp.hpp>
+#include <supermachine/detail/runtime_directory.hpp>
 #include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
@@ -643,10 +644,10 @@ private:
 
     result<void> ensure_runtime_directory() {
         if (!runtime_directory_.empty()) return success();
-        std::string pattern =
-            (std::filesystem::temp_directory_path() / "supermachine-qemu-XXXXXX").string();
-        if (!::mkdtemp(pattern.data())) return errno_code(errno);
-        runtime_directory_ = pattern;
+        // Locked while we live; a killed run's is removed by the next start.
+        SUPERMACHINE_TRY(made, ::supermachine::detail::make_runtime_directory("supermachine-qemu"));
+        runtime_directory_ = made.path;
+        runtime_owner_ = std::move(made.owner);
         return success();
     }
 
@@ -730,6 +731,7 @@ private:
     executor_type executor_;
     qemu_config config_;
     std::filesystem::path runtime_directory_;
+    ::supermachine::detail::unique_fd runtime_owner_; // held while the directory is ours
     std::vector<attached_device> devices_;
     detail::child_process child_;
     std::vector<detail::child_process> file_servers_; // virtiofsd, one per shared directory

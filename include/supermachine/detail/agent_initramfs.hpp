@@ -38,16 +38,15 @@ inline result<std::filesystem::path> find_agent_binary() {
     return errc::agent_unavailable;
 }
 
-/// The kernel command line of an image vm: the agent's token and root disk,
-/// its channel (virtio-serial for snapshottable vms, else vsock `agent_port`),
-/// then `extra` separated by spaces. A restore compares a snapshot's saved
-/// line with this (and recovers `extra` as what follows it).
-inline std::string image_vm_cmdline(std::string_view token, bool serial_channel,
-                                    std::uint32_t agent_port,
+/// The kernel command line of an image vm: the root disk, the agent's channel
+/// (virtio-serial for snapshottable vms, else vsock `agent_port`), then
+/// `extra` separated by spaces. No secret: every guest user reads
+/// /proc/cmdline (the token is in the initramfs). A restore compares a
+/// snapshot's saved line with this (and recovers `extra` as what follows it).
+inline std::string image_vm_cmdline(bool serial_channel, std::uint32_t agent_port,
                                     std::span<const std::string> extra = {}) {
     std::string cmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init "
-                          "supermachine.token=" +
-                          std::string(token) + " supermachine.root=/dev/vda ";
+                          "supermachine.root=/dev/vda ";
     cmdline += serial_channel ? std::string("supermachine.channel=serial")
                               : "supermachine.port=" + std::to_string(agent_port);
     for (const auto& e : extra)
@@ -56,10 +55,14 @@ inline std::string image_vm_cmdline(std::string_view token, bool serial_channel,
 }
 
 /// /init = the agent, /etc/supermachine/modules = `kernel.modules` in load
-/// order, the .ko files under /lib/modules/. The token goes on the kernel
-/// command line, not in here, so one initramfs serves every VM of a kernel.
+/// order, the .ko files under /lib/modules/, and /etc/supermachine/token
+/// (mode 0400) = `token`: each vm gets its own initramfs. The agent reads
+/// the token and removes the file before any workload runs, so no guest
+/// process can read it (not the kernel command line: /proc/cmdline is
+/// world-readable).
 inline result<std::vector<std::byte>> build_agent_initramfs(const std::filesystem::path& agent,
-                                                            const boot::kernel_files& kernel) {
+                                                            const boot::kernel_files& kernel,
+                                                            std::string_view token) {
     using boot::initramfs_entry;
     std::vector<initramfs_entry> entries;
     std::set<std::string> directories;
@@ -90,6 +93,7 @@ inline result<std::vector<std::byte>> build_agent_initramfs(const std::filesyste
     }
     add_parents("etc/supermachine/modules");
     entries.push_back(initramfs_entry::text_file("etc/supermachine/modules", list));
+    entries.push_back(initramfs_entry::text_file("etc/supermachine/token", token, 0400));
     return boot::build_initramfs(entries);
 }
 

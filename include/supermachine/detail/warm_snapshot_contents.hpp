@@ -147,7 +147,7 @@ inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::
 
     // The saved line is the image vm's own (snapshottable, agent on serial)
     // followed by the extra arguments it was booted with.
-    const auto own = image_vm_cmdline(meta.token, true, 0);
+    const auto own = image_vm_cmdline(true, 0);
     if (!meta.cmdline.starts_with(own))
         return refuse(errc::snapshot_mismatch,
                       "the snapshot's kernel command line is not an image vm's of this version");

@@ -146,6 +146,8 @@ public:
             encode_data(out_, type, 0, payload.substr(0, max_rng_seed));
         else if (type == message_type::set_clock) // payload: the encoded set_clock_request
             encode_data(out_, type, 0, payload.substr(0, 8));
+        else if (type == message_type::set_hostname) // payload: the name (validated)
+            encode_data(out_, type, 0, payload);
         else
             encode_empty(out_, type, 0);
         start_io();
@@ -169,6 +171,12 @@ public:
     void send_signal(stream_state& s, int signo) {
         if (failed_ || s.ended) return;
         encode(out_, s.id, signal_request{signo});
+        start_io();
+    }
+
+    void send_resize(stream_state& s, tty_size size) {
+        if (failed_ || s.ended || size.rows == 0 || size.cols == 0) return;
+        encode(out_, s.id, size);
         start_io();
     }
 

@@ -49,6 +49,12 @@ struct qemu_shared_directory {
     bool read_only = false;       // virtiofsd serves a read-only bind mount of it
 };
 
+/// A data disk of an agent vm (raw file or block device).
+struct qemu_data_drive {
+    std::filesystem::path path;
+    bool read_only = false;
+};
+
 struct qemu_config {
     std::filesystem::path qemu_binary = "qemu-system-x86_64"; // a name is looked up on PATH
     std::filesystem::path kernel;                             // bzImage or PVH vmlinux
@@ -93,6 +99,10 @@ struct qemu_config {
     /// QEMU's own virtio-blk (first in the slot order, so /dev/vda) over this
     /// image; format by extension (.qcow2, else raw).
     std::filesystem::path root_drive;
+    /// Data disks: QEMU's own virtio-blk over raw files, after every other
+    /// block device, so the guest sees them in order after the root disk
+    /// (/dev/vdb, /dev/vdc, ...).
+    std::vector<qemu_data_drive> data_drives;
     /// A virtio-serial port named `agent_serial_name` on a Unix socket QEMU
     /// listens on (the agent channel QEMU can migrate; vhost-user-vsock cannot).
     std::filesystem::path agent_serial_socket;
@@ -261,6 +271,14 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
         std::string device = std::string(qemu_device_name(d.kind)) + ",chardev=" + d.id;
         if (d.kind == vhost_user_device_kind::blk) device += ",num-queues=1";
         a.insert(a.end(), {"-device", device});
+    }
+    for (std::size_t i = 0; i < config.data_drives.size(); ++i) {
+        const auto& d = config.data_drives[i];
+        const std::string id = "data" + std::to_string(i);
+        a.insert(a.end(), {"-drive",
+                           "if=none,id=" + id + ",file=" + comma_escape(d.path.string()) +
+                               ",format=raw" + (d.read_only ? ",readonly=on" : ""),
+                           "-device", "virtio-blk-device,drive=" + id});
     }
     if (!config.shared_directories.empty() && !config.memory_file.empty() &&
         !config.memory_file_shared)
