@@ -2,6 +2,7 @@
 // `supermachine restore FILE`: the real CLI on /dev/kvm.
 #include "process.hpp"
 
+#include <console_text.hpp>
 #include <skip.hpp>
 
 #include <boost/test/unit_test.hpp>
@@ -20,15 +21,9 @@ using supermachine::test::run_process;
 namespace {
 
 std::vector<std::uint64_t> counts_in(const std::string& t) {
-    std::vector<std::uint64_t> out;
-    std::size_t pos = 0;
-    while ((pos = t.find("count=", pos)) != std::string::npos) {
-        const std::size_t end = t.find('\n', pos);
-        if (end == std::string::npos) break;
-        out.push_back(std::stoull(t.substr(pos + 6, end - pos - 6)));
-        pos = end;
-    }
-    return out;
+    supermachine::test::console c;
+    c.text = t;
+    return c.counts();
 }
 
 bool consecutive_from_one(const std::vector<std::uint64_t>& v) {

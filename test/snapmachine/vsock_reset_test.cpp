@@ -4,11 +4,11 @@
 // and watching its event queue (conformance.vsock=1, guest/conformance/vsock_events.c).
 #include "count_guest.hpp"
 
+#include <running_io.hpp>
 #include <skip.hpp>
 #include <supermachine/snapshot/file_store.hpp>
 #include <supermachine/virtio/vsock.hpp>
 
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/test/unit_test.hpp>
 
@@ -27,17 +27,7 @@ using vsock_machine = sm::basic_machine<sm::backend::kvm, sm::devices::serial, s
                                         sm::devices::acpi_power, sm::virtio::vsock>;
 
 /// The machines' executor, run on its own thread (the vsock serves its kicks there).
-struct running_io {
-    boost::asio::io_context io;
-    boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work{
-        io.get_executor()};
-    std::thread thread{[this] { io.run(); }};
-    ~running_io() {
-        work.reset();
-        io.stop();
-        thread.join();
-    }
-};
+using sm::test::running_io;
 
 vsock_machine::config vsock_config(std::shared_ptr<console> out, const std::string& guest_args) {
     vsock_machine::config cfg;

@@ -2,19 +2,18 @@
 // Linux guests for the linux-kvm tests (test/linuxkvm): Debian's cloud kernel
 // found the way the product finds it (the kernel cache that
 // scripts/fetch-kernel.sh fills), a busybox initramfs that loads the guest
-// modules and runs a test's script, and a running io_context for devices.
+// modules and runs a test's script.
 //
 // These tests carry the CTest label linux-kvm: where the host's KVM cannot
 // run Linux (kvm_pvm here) ctest runs them inside scripts/nested-kvm.sh, so
 // they never skip on this machine (doc/nested-kvm.md).
 #include <console_text.hpp>
 #include <guest_kernel.hpp>
+#include <running_io.hpp>
 #include <skip.hpp>
 #include <supermachine/backend/kvm.hpp>
 #include <supermachine/boot/demo_initramfs.hpp>
 
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/io_context.hpp>
 #include <boost/test/unit_test.hpp>
 
 #include <stdlib.h>
@@ -23,7 +22,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -63,19 +61,6 @@ linux_initramfs(const boot::kernel_files& kernel, std::string script,
     if (!built) BOOST_FAIL("test initramfs: " << built.error().message());
     return std::move(built).value();
 }
-
-/// An io_context run on its own thread (devices serve their queues there).
-struct running_io {
-    boost::asio::io_context io;
-    boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work{
-        io.get_executor()};
-    std::thread thread{[this] { io.run(); }};
-    ~running_io() {
-        work.reset();
-        io.stop();
-        thread.join();
-    }
-};
 
 /// A fresh directory, removed with everything in it.
 struct scratch_directory {
