@@ -67,7 +67,8 @@ std::string line_after(const std::string& text, const std::string& key) {
 
 // The guest: checks through Linux's drivers, then switches to the ext4 root
 // on /dev/vda, whose /init2 writes a file and powers off.
-const char* guest_script = R"sh(echo "ro: vda=$(cat /sys/block/vda/ro) vdb=$(cat /sys/block/vdb/ro)"
+const char* guest_script = R"sh(stty -echo # the host's input must not land inside a line the test reads
+echo "ro: vda=$(cat /sys/block/vda/ro) vdb=$(cat /sys/block/vdb/ro)"
 echo "sha256 vdc: $(sha256sum /dev/vdc | cut -d' ' -f1)"
 if dd if=/dev/zero of=/dev/vdb bs=4096 count=1 2>/dev/null; then echo "vdb write: accepted"; else echo "vdb write: refused"; fi
 echo "rng current: $(cat /sys/class/misc/hw_random/rng_current)"
@@ -140,7 +141,7 @@ BOOST_AUTO_TEST_CASE(linux_drives_our_blk_rng_and_vsock) {
     BOOST_REQUIRE_MESSAGE(listening, "console:\n" << out->snapshot());
     BOOST_CHECK_EQUAL(ask_guest(vsock, 5000, "hello-from-host").value_or("(none)"),
                       "guest got: hello-from-host");
-    BOOST_CHECK(out->wait_for("vsock reply: ", std::chrono::seconds(60)));
+    BOOST_CHECK(out->wait_for("vsock reply: host got: ping-from-linux", std::chrono::seconds(60)));
     vm->device<devices::serial>().send_input("go\n");
 
     auto e = vm->wait_for(std::chrono::seconds(180));

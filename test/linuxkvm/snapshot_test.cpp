@@ -38,7 +38,8 @@ constexpr std::size_t vsock_slot = 4;
 // Counts every 0.2 s; a console line "connect" makes it connect to the host
 // (port 6000); any other line is echoed as "clone got: LINE". (The reader
 // names its stdin: a background job of a non-interactive shell gets /dev/null.)
-const char* guest_script = R"sh(/bin/vsock_probe listen 5000 &
+const char* guest_script = R"sh(stty -echo # typed lines must not land inside count lines
+/bin/vsock_probe listen 5000 &
 /bin/vsock_probe hold 6001 &
 (while read -r line; do
    if [ "$line" = connect ]; then /bin/vsock_probe connect 6000 after-restore; else echo "clone got: $line"; fi
