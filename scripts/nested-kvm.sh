@@ -9,8 +9,9 @@
 # Inside, the host's / is visible at the same paths (virtio-fs through
 # Debian's virtiofsd, read-only, with a tmpfs overlay for writes, so the host
 # sees none of them); CMD runs in the caller's current directory with the
-# caller's PATH, HOME, XDG_CACHE_HOME, LANG, TMPDIR-free scratch /tmp and
-# every SUPERMACHINE_* variable (NESTED_KVM_ENV="A B" passes more by name).
+# caller's PATH, HOME, XDG_CACHE_HOME, LANG, LC_ALL and every SUPERMACHINE_*
+# variable (NESTED_KVM_ENV="A B" passes more by name), and TMPDIR=/tmp
+# (writable like everything else: the overlay).
 # CMD's stdout and stderr come out on ours, as written (two virtio-console
 # ports); the L1 kernel's console goes to a log shown only on failure.
 #
