@@ -221,12 +221,19 @@ public:
         if (machine_) machine_->kill();
     }
 
-    /// The guest's last console lines, for error messages.
+    /// The guest's last console lines, for error messages. A kernel panic's
+    /// first line is kept even when its backtrace pushed it out of the last
+    /// 40 (the backtrace's length varies); a last line without its newline
+    /// yet is included.
     std::string console_tail() const {
         std::lock_guard lock(console_mutex_);
         std::string out;
+        if (!panic_line_.empty() && std::find(console_lines_.begin(), console_lines_.end(),
+                                              panic_line_) == console_lines_.end())
+            out += panic_line_ + "\n...\n";
         for (const auto& line : console_lines_)
             out += line + "\n";
+        if (!partial_line_.empty()) out += partial_line_ + "\n";
         return out;
     }
 
@@ -660,6 +667,8 @@ private:
                     boost::asio::post(executor_, [weak = weak_from_this()] {
                         if (auto self = weak.lock()) self->on_detached();
                     });
+                if (panic_line_.empty() && partial_line_.find("Kernel panic") != std::string::npos)
+                    panic_line_ = partial_line_;
                 console_lines_.push_back(std::move(partial_line_));
                 partial_line_.clear();
                 if (console_lines_.size() > 40) console_lines_.pop_front();
@@ -1205,6 +1214,7 @@ private:
     mutable std::mutex console_mutex_;
     std::deque<std::string> console_lines_;
     std::string partial_line_;
+    std::string panic_line_; // the first "Kernel panic" line, kept for console_tail()
 };
 
 } // namespace supermachine
