@@ -182,6 +182,11 @@ inline std::error_code make_error_code(errc e) noexcept {
     return {static_cast<int>(e), error_category()};
 }
 
+/// The error code every operation completes with. New code names this, not
+/// the std or boost type, so the switch to boost::system::error_code (what
+/// Asio's own operations complete with) touches one line.
+using error_code = std::error_code;
+
 template <class T>
 using result = boost::outcome_v2::result<T, std::error_code>;
 
@@ -204,5 +209,14 @@ template <>
 struct std::is_error_code_enum<supermachine::errc> : std::true_type {};
 
 // SUPERMACHINE_TRY(name, expr): declare `auto&& name` from a result or return its error.
-// SUPERMACHINE_TRY(expr): the same for result<void>. (Outcome 2.1 syntax, Boost 1.74.)
-#define SUPERMACHINE_TRY BOOST_OUTCOME_TRY
+// SUPERMACHINE_TRY(expr): the same for result<void>. (Outcome 2.2 wants the
+// declaration spelled out; this keeps call sites short.)
+#define SUPERMACHINE_TRY_DECLARE(name, ...) BOOST_OUTCOME_TRY(auto&& name, __VA_ARGS__)
+#define SUPERMACHINE_TRY_VOID(...) BOOST_OUTCOME_TRYV(__VA_ARGS__)
+// Two or more arguments (a template argument list may add commas) declare.
+#define SUPERMACHINE_TRY_PICK(_1, _2, _3, _4, _5, _6, chosen, ...) chosen
+#define SUPERMACHINE_TRY(...)                                                                     \
+    SUPERMACHINE_TRY_PICK(__VA_ARGS__, SUPERMACHINE_TRY_DECLARE, SUPERMACHINE_TRY_DECLARE,        \
+                          SUPERMACHINE_TRY_DECLARE, SUPERMACHINE_TRY_DECLARE,                     \
+                          SUPERMACHINE_TRY_DECLARE, SUPERMACHINE_TRY_VOID, unused)                \
+    (__VA_ARGS__)

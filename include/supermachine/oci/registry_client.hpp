@@ -450,7 +450,7 @@ private:
         if (!spec.url.tls) co_return co_await exchange_on(stream, request, plan, spec.url);
 
         last_tls_failure_ = tls_failure::setup;
-        BOOST_OUTCOME_CO_TRY(context, tls_context(spec.url, !spec.tls_unverified));
+        BOOST_OUTCOME_CO_TRY(auto&& context, tls_context(spec.url, !spec.tls_unverified));
         boost::beast::ssl_stream<boost::beast::tcp_stream> tls(std::move(stream), *context);
         SSL* ssl = tls.native_handle();
         boost::system::error_code address_ec;
@@ -873,7 +873,7 @@ private:
         BOOST_OUTCOME_CO_TRYV(co_await ensure_pinged(ref));
         auto& state = host(ref);
         std::string scope = "repository:" + ref.repository + ":pull";
-        BOOST_OUTCOME_CO_TRY(authorization, co_await authorization_for(ref, scope));
+        BOOST_OUTCOME_CO_TRY(auto&& authorization, co_await authorization_for(ref, scope));
         auto url = detail::parse_http_url(std::string(state.plain_http ? "http://" : "https://") +
                                           ref.endpoint() + target);
         if (!url)
@@ -886,7 +886,7 @@ private:
             bool same_host = url->host == registry_host && url->port == registry_port;
             request_spec spec{*url, same_host ? authorization : std::string(), accept,
                               same_host ? state.tls_unverified : skip_verification(*url)};
-            BOOST_OUTCOME_CO_TRY(response, co_await exchange(spec, plan));
+            BOOST_OUTCOME_CO_TRY(auto&& response, co_await exchange(spec, plan));
             if (response.status == 401 && same_host && !reauthenticated &&
                 !response.www_authenticate.empty()) {
                 // The challenge may name a scope or realm of its own; learn it and retry once.
@@ -903,7 +903,7 @@ private:
                         if (auto it = state.challenge->params.find("scope");
                             it != state.challenge->params.end() && it->second.size() < 1024)
                             scope = it->second;
-                    BOOST_OUTCOME_CO_TRY(fresh, co_await authorization_for(ref, scope));
+                    BOOST_OUTCOME_CO_TRY(auto&& fresh, co_await authorization_for(ref, scope));
                     if (!fresh.empty() && fresh != authorization) {
                         authorization = fresh;
                         continue;
@@ -937,7 +937,7 @@ private:
         plan.max_string_body = max_manifest_bytes;
         std::string target = "/v2/" + ref.repository + "/manifests/" + reference;
         std::string accept(media_type::manifest_accept);
-        BOOST_OUTCOME_CO_TRY(response, co_await registry_get(ref, target, accept, plan));
+        BOOST_OUTCOME_CO_TRY(auto&& response, co_await registry_get(ref, target, accept, plan));
         if (response.status != 200) {
             auto [code, text] = detail::describe_registry_failure(response.status, response.body);
             co_return fail<fetched_manifest>(code, "manifest " + ref.repository + ":" + reference +
@@ -977,7 +977,7 @@ private:
 
     awaitable<result<resolved_manifest>> pull_manifest_coro(image_reference ref, platform wanted) {
         std::string top_reference = ref.manifest_reference();
-        BOOST_OUTCOME_CO_TRY(top, co_await fetch_manifest_coro(ref, top_reference));
+        BOOST_OUTCOME_CO_TRY(auto&& top, co_await fetch_manifest_coro(ref, top_reference));
         resolved_manifest out;
         out.top_digest = top.digest;
         out.top_bytes = top.bytes;
@@ -999,7 +999,7 @@ private:
                     " image (available: " + (available.empty() ? "none" : available) + ")");
         }
         std::string chosen_reference = entry.value().digest.str();
-        BOOST_OUTCOME_CO_TRY(chosen, co_await fetch_manifest_coro(ref, chosen_reference));
+        BOOST_OUTCOME_CO_TRY(auto&& chosen, co_await fetch_manifest_coro(ref, chosen_reference));
         if (std::int64_t(chosen.bytes.size()) != entry.value().size)
             co_return fail<resolved_manifest>(
                 errc::size_mismatch, "manifest " + chosen_reference + " is " +
@@ -1173,9 +1173,9 @@ private:
 
     awaitable<result<pulled_image>> pull_coro(image_reference ref, platform wanted,
                                               content_store& store, progress_callback progress) {
-        BOOST_OUTCOME_CO_TRY(resolved, co_await pull_manifest_coro(ref, wanted));
+        BOOST_OUTCOME_CO_TRY(auto&& resolved, co_await pull_manifest_coro(ref, wanted));
         std::string layer_kind = "layer";
-        BOOST_OUTCOME_CO_TRY(config_bytes, co_await fetch_config_coro(ref, resolved.manifest.config,
+        BOOST_OUTCOME_CO_TRY(auto&& config_bytes, co_await fetch_config_coro(ref, resolved.manifest.config,
                                                                       store, progress));
         auto config = parse_image_config(config_bytes);
         if (!config)
