@@ -33,9 +33,9 @@ double median_us(std::vector<double> v) {
 }
 
 template <class... R, class Start>
-std::tuple<std::error_code, R...> wait_for(asio::io_context& io, Start start) {
-    std::optional<std::tuple<std::error_code, R...>> result;
-    start([&](std::error_code ec, R... r) { result.emplace(ec, std::move(r)...); });
+std::tuple<supermachine::error_code, R...> wait_for(asio::io_context& io, Start start) {
+    std::optional<std::tuple<supermachine::error_code, R...>> result;
+    start([&](supermachine::error_code ec, R... r) { result.emplace(ec, std::move(r)...); });
     while (!result) {
         io.restart();
         io.run_one();

@@ -157,9 +157,9 @@ int main(int argc, char** argv) {
         }};
     if (!device->activate(act)) return 1;
 
-    std::optional<std::pair<std::error_code, int>> connected;
+    std::optional<std::pair<supermachine::error_code, int>> connected;
     device->connect(1024,
-                    [&](std::error_code ec, int fd, std::uint32_t) { connected.emplace(ec, fd); });
+                    [&](supermachine::error_code ec, int fd, std::uint32_t) { connected.emplace(ec, fd); });
     std::uint32_t host_port = 0;
     while (!host_port) {
         io.poll();

@@ -87,7 +87,7 @@ dd_result run_once(bool ours, const sm::boot::kernel_files& kernel, const fs::pa
     deadline.async_wait([&](const boost::system::error_code& ec) {
         if (!ec) vm.kill();
     });
-    vm.async_wait([&](std::error_code, int) { deadline.cancel(); });
+    vm.async_wait([&](supermachine::error_code, int) { deadline.cancel(); });
     io.run();
     result.console_tail = console.substr(console.size() > 1500 ? console.size() - 1500 : 0);
     if (seen.size() != 4 || console.find("DD-FAILED") != std::string::npos) return result;

@@ -76,7 +76,7 @@ timing boot_once(const sm::backend::qemu_config& base, const fs::path& disk, boo
     deadline.async_wait([&](const boost::system::error_code& ec) {
         if (!ec) vm.kill();
     });
-    vm.async_wait([&](std::error_code, int status) {
+    vm.async_wait([&](supermachine::error_code, int status) {
         t.exit_seconds = std::chrono::duration<double>(clock_type::now() - start).count();
         t.ok = status == 0 && t.marker_seconds > 0;
         deadline.cancel();
@@ -123,7 +123,7 @@ double ticks_once(const sm::backend::qemu_config& base, const fs::path& disk,
     if (!until([&] { return first_tick >= 0; })) return -1;
     if (save) {
         bool done = false, saved = false;
-        vm.async_save_snapshot(*save, false, [&](std::error_code ec, auto report) {
+        vm.async_save_snapshot(*save, false, [&](supermachine::error_code ec, auto report) {
             saved = !ec && report.saved;
             if (saved)
                 std::printf("snapshot: %.1f MiB in %lld ms\n", report.bytes / 1048576.0,

@@ -122,10 +122,10 @@ int main(int argc, char** argv) {
     sm::vm_options options;
     options.runtime_dir = runtime;
     std::shared_ptr<sm::vm> machine;
-    std::optional<std::error_code> started;
+    std::optional<supermachine::error_code> started;
     auto boot_start = clock_type::now();
     sm::vm::async_start(io.get_executor(), ready.value(), options,
-                        [&](std::error_code ec, std::shared_ptr<sm::vm> v) {
+                        [&](supermachine::error_code ec, std::shared_ptr<sm::vm> v) {
                             started = ec;
                             machine = std::move(v);
                         });
@@ -141,10 +141,10 @@ int main(int argc, char** argv) {
     std::vector<double> vm_us, host_us;
     for (int i = 0; i < exec_runs + 5; ++i) {
         auto t = clock_type::now();
-        std::optional<std::error_code> done;
+        std::optional<supermachine::error_code> done;
         int code = -1;
         machine->async_exec({.argv = {"true"}},
-                            [&](std::error_code ec, sm::agent::exec_output out) {
+                            [&](supermachine::error_code ec, sm::agent::exec_output out) {
                                 done = ec;
                                 code = out.exit_code;
                             });
@@ -167,12 +167,12 @@ int main(int argc, char** argv) {
     double vm_mib_s = 0;
     std::uint64_t streamed = 0;
     {
-        std::optional<std::error_code> spawned;
+        std::optional<supermachine::error_code> spawned;
         std::optional<sm::agent::exec_child<sm::vm::socket_type>> child;
         const auto t = clock_type::now();
         machine->async_spawn(
             {.argv = {"dd", "if=/dev/zero", "bs=1M", "count=" + std::to_string(stream_mib)}},
-            [&](std::error_code ec, sm::agent::exec_child<sm::vm::socket_type> c) {
+            [&](supermachine::error_code ec, sm::agent::exec_child<sm::vm::socket_type> c) {
                 spawned = ec;
                 if (!ec) child.emplace(std::move(c));
             });
@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
         if (*spawned) return 1;
         bool eof = false;
         std::function<void()> pump = [&] {
-            child->async_read_stdout([&](std::error_code ec, std::string data) {
+            child->async_read_stdout([&](supermachine::error_code ec, std::string data) {
                 if (ec) {
                     eof = true;
                     return;
@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
         };
         pump();
         std::optional<sm::agent::exit_status> status;
-        child->async_wait([&](std::error_code, sm::agent::exit_status s) { status = s; });
+        child->async_wait([&](supermachine::error_code, sm::agent::exit_status s) { status = s; });
         run_until(io, [&] { return eof && status.has_value(); });
         vm_mib_s = static_cast<double>(streamed) / (1 << 20) / seconds_since(t);
     }

@@ -1,11 +1,19 @@
 #pragma once
 // One error category for the whole library, and result<T> on Boost.Outcome.
 //
-// Every fallible operation returns result<T> (or takes a std::error_code&);
-// the throwing forms throw std::system_error carrying the same code.
+// Every fallible operation returns result<T> (or takes an error_code&), and
+// every async operation completes with an error_code: boost::system's, as
+// Asio's own objects do, so use_awaitable and use_future throw
+// boost::system::system_error and cancellation reads as
+// asio::error::operation_aborted. The throwing forms throw the same.
 // Codes are grouped by layer; add new ones inside your layer's block.
-#include <boost/outcome/result.hpp>
+#include <boost/outcome/boost_result.hpp>
 #include <boost/outcome/try.hpp>
+#include <boost/system/error_code.hpp>
+#include <boost/system/system_error.hpp>
+
+#include <cerrno>
+#include <ostream>
 
 #include <string>
 #include <system_error>
@@ -94,9 +102,28 @@ enum class errc {
 };
 
 namespace detail {
-class error_category_impl final : public std::error_category {
+class error_category_impl final : public boost::system::error_category {
 public:
+    // A fixed id lets two copies of this category (two shared objects)
+    // compare equal, as Boost.System's own do.
+    constexpr error_category_impl() noexcept : boost::system::error_category(0x5c4e'7a3d'91b0'e2f1ULL) {}
     const char* name() const noexcept override { return "supermachine"; }
+    // Portable conditions, so `ec == std::errc::...` and
+    // `ec == boost::system::errc::...` work for ours as for errno codes.
+    boost::system::error_condition default_error_condition(int value) const noexcept override {
+        using generic = boost::system::errc::errc_t;
+        switch (static_cast<errc>(value)) {
+        case errc::invalid_argument: return make_error_condition(generic::invalid_argument);
+        case errc::not_supported: return make_error_condition(generic::not_supported);
+        case errc::out_of_resources: return make_error_condition(generic::not_enough_memory);
+        case errc::io_error: return make_error_condition(generic::io_error);
+        case errc::not_found:
+        case errc::kernel_not_found: return make_error_condition(generic::no_such_file_or_directory);
+        case errc::unauthorized: return make_error_condition(generic::permission_denied);
+        case errc::kvm_unavailable: return make_error_condition(generic::no_such_device);
+        default: return {value, *this};
+        }
+    }
     std::string message(int value) const override {
         switch (static_cast<errc>(value)) {
         case errc::success: return "success";
@@ -173,40 +200,53 @@ public:
 };
 } // namespace detail
 
-inline const std::error_category& error_category() noexcept {
+inline const boost::system::error_category& error_category() noexcept {
     static const detail::error_category_impl category;
     return category;
 }
 
-inline std::error_code make_error_code(errc e) noexcept {
-    return {static_cast<int>(e), error_category()};
+/// The error code every operation completes with: Asio's.
+using error_code = boost::system::error_code;
+
+/// errc::cancelled and errc::timeout are Asio's own codes
+/// (asio::error::operation_aborted, asio::error::timed_out: errno values in
+/// the system category), so a cancelled or timed-out operation of ours and
+/// one of Asio's compare equal, and `ec == errc::cancelled` still reads well.
+inline error_code make_error_code(errc e) noexcept {
+    switch (e) {
+    case errc::cancelled: return {ECANCELED, boost::system::system_category()};
+    case errc::timeout: return {ETIMEDOUT, boost::system::system_category()};
+    default: return {static_cast<int>(e), error_category()};
+    }
 }
 
-/// The error code every operation completes with. New code names this, not
-/// the std or boost type, so the switch to boost::system::error_code (what
-/// Asio's own operations complete with) touches one line.
-using error_code = std::error_code;
-
 template <class T>
-using result = boost::outcome_v2::result<T, std::error_code>;
+using result = boost::outcome_v2::boost_result<T, error_code>;
 
 using boost::outcome_v2::success;
 
-/// An errno value as an error_code (system_category), for syscall failures.
-inline std::error_code errno_code(int value) noexcept { return {value, std::system_category()}; }
+/// Prints the code's message (Boost.Test prints both sides of a failed
+/// `ec == errc::x`).
+inline std::ostream& operator<<(std::ostream& out, errc e) {
+    return out << make_error_code(e).message();
+}
 
-/// Throw the error in `r` as std::system_error, else return its value:
-/// the bridge from the error_code& forms to the throwing forms.
+/// An errno value as an error_code (system_category), for syscall failures.
+inline error_code errno_code(int value) noexcept { return {value, boost::system::system_category()}; }
+
+/// Throw the error in `r` as boost::system::system_error (what Asio throws),
+/// else return its value: the bridge from the error_code& forms to the
+/// throwing forms.
 template <class T>
 T value_or_throw(result<T>&& r, const char* what = "supermachine") {
-    if (!r) throw std::system_error(r.error(), what);
+    if (!r) throw boost::system::system_error(r.error(), what);
     if constexpr (!std::is_void_v<T>) return std::move(r).value();
 }
 
 } // namespace supermachine
 
 template <>
-struct std::is_error_code_enum<supermachine::errc> : std::true_type {};
+struct boost::system::is_error_code_enum<supermachine::errc> : std::true_type {};
 
 // SUPERMACHINE_TRY(name, expr): declare `auto&& name` from a result or return its error.
 // SUPERMACHINE_TRY(expr): the same for result<void>. (Outcome 2.2 wants the

@@ -5,17 +5,30 @@
 //   docker-archive:FILE SUPERMACHINE_TRY(ready, img.prepare());                  // pull if needed,
 //   build rootfs once ready.rootfs  // ext4 image, cached per image digest; attach read-only
 //
-// prepare() is blocking work (network, decompression, ext4 writing): run it
-// off an I/O executor's thread. Progress goes to image_options::progress
-// (per blob) and image_options::status (one line per phase).
+// prepare() is blocking work (network, decompression, ext4 writing);
+// async_prepare(token) runs it on a small worker pool of its own (never the
+// caller's executor) and completes with void(error_code, prepared_image).
+// Progress goes to image_options::pull.progress (per blob) and
+// image_options::status (one line per phase), called on a worker thread.
 #include <supermachine/error.hpp>
 #include <supermachine/oci/content_store.hpp>
+#include <supermachine/prepared_image.hpp>
 #include <supermachine/oci/pull.hpp>
 #include <supermachine/oci/reference.hpp>
 #include <supermachine/oci/rootfs_builder.hpp>
 
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include <atomic>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -32,14 +45,6 @@ struct image_options {
 
 class snapshot_image; // <supermachine/snapshot_image.hpp>
 
-/// An image ready to boot.
-struct prepared_image {
-    std::string reference; // as the user named it
-    oci::digest digest;    // the platform's image manifest digest: the image identity
-    oci::image_config config;
-    std::filesystem::path rootfs; // ext4, read-only base
-    std::string passwd, group;    // the image's /etc/passwd and /etc/group
-};
 
 class image {
 public:
@@ -64,7 +69,7 @@ public:
         auto say = [&](std::string_view line) {
             if (options_.status) options_.status(line);
         };
-        auto explain = [&](std::error_code ec, std::string text) -> result<prepared_image> {
+        auto explain = [&](error_code ec, std::string text) -> result<prepared_image> {
             if (error_detail) *error_detail = std::move(text);
             return ec;
         };
@@ -108,7 +113,63 @@ public:
         return ready;
     }
 
+    /// prepare() on a worker pool shared by all images (two threads: pulls
+    /// and rootfs builds are disk- and network-bound, and a bound keeps a
+    /// burst of requests from starting a thread each). Completes with
+    /// void(error_code, prepared_image) on the handler's executor.
+    /// Cancellation (any type) completes it at once with errc::cancelled;
+    /// work already under way finishes in the background (the cache only
+    /// ever gains whole, verified entries), its result discarded.
+    template <class Token>
+    auto async_prepare(Token&& token) const {
+        return boost::asio::async_initiate<Token, void(error_code, prepared_image)>(
+            [](auto completion_handler, image self) {
+                using handler_type = decltype(completion_handler);
+                struct operation {
+                    handler_type handler;
+                    boost::asio::executor_work_guard<
+                        boost::asio::associated_executor_t<handler_type>>
+                        work;
+                    std::atomic<bool> completed{false};
+                    boost::asio::cancellation_slot slot;
+                    // Posted, never inline: the slot's own handler may be
+                    // what is calling, and clearing the slot destroys it.
+                    static void complete(std::shared_ptr<operation> op, error_code ec,
+                                         prepared_image ready) {
+                        if (op->completed.exchange(true)) return;
+                        auto executor = op->work.get_executor();
+                        boost::asio::post(executor, [op, ec, ready = std::move(ready)]() mutable {
+                            if (op->slot.is_connected()) op->slot.clear();
+                            auto work = std::move(op->work);
+                            std::move(op->handler)(ec, std::move(ready));
+                        });
+                    }
+                };
+                auto slot = boost::asio::get_associated_cancellation_slot(completion_handler);
+                auto work = boost::asio::make_work_guard(
+                    boost::asio::get_associated_executor(completion_handler));
+                auto op = std::shared_ptr<operation>(
+                    new operation{std::move(completion_handler), std::move(work), {}, slot});
+                if (slot.is_connected())
+                    slot.assign([op](boost::asio::cancellation_type) {
+                        operation::complete(op, make_error_code(errc::cancelled), {});
+                    });
+                boost::asio::post(worker_pool(), [op, self = std::move(self)] {
+                    if (op->completed) return;
+                    auto ready = self.prepare();
+                    if (ready) operation::complete(op, {}, std::move(ready).value());
+                    else operation::complete(op, ready.error(), {});
+                });
+            },
+            token, *this);
+    }
+
 private:
+    static boost::asio::thread_pool& worker_pool() {
+        static boost::asio::thread_pool pool(2);
+        return pool;
+    }
+
     image(std::string reference, image_options options)
         : reference_(std::move(reference))
         , options_(std::move(options)) {}

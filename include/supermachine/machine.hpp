@@ -79,7 +79,7 @@ struct machine_exit {
     std::uint32_t vcpu = 0;
     std::uint64_t rip = 0;
     std::vector<std::byte> instruction; // bytes at rip, as far as readable
-    std::error_code error;
+    error_code error;
     std::uint64_t detail = 0; // KVM exit/suberror code for kvm_error
 
     /// Power-off, reboot and stop are how a healthy guest (or host) ends it.
@@ -377,11 +377,11 @@ public:
     }
 
     /// snapshot_to(file_store{path}) on a helper thread; completes with
-    /// void(std::error_code) on the handler's associated executor.
+    /// void(error_code) on the handler's associated executor.
     template <class CompletionToken>
     auto async_snapshot(std::filesystem::path path, CompletionToken&& token,
                         after_snapshot then = after_snapshot::resume) {
-        return boost::asio::async_initiate<CompletionToken, void(std::error_code)>(
+        return boost::asio::async_initiate<CompletionToken, void(error_code)>(
             [this, then](auto handler, std::filesystem::path path) {
                 auto handler_executor = boost::asio::get_associated_executor(handler, executor_);
                 auto work = boost::asio::make_work_guard(handler_executor);
@@ -391,7 +391,7 @@ public:
                                                 work = std::move(work)]() mutable {
                     snapshot::file_store store(path);
                     auto saved = snapshot_to(store, then);
-                    std::error_code error = saved ? std::error_code{} : saved.error();
+                    error_code error = saved ? error_code{} : saved.error();
                     auto ex = work.get_executor();
                     boost::asio::post(
                         ex, [handler = std::move(handler), error]() mutable { handler(error); });

@@ -4,7 +4,7 @@
 //
 //   boost::asio::io_context io;
 //   supermachine::image::from_snapshot("/var/lib/app/snap").async_start(
-//       io.get_executor(), [](std::error_code ec, std::shared_ptr<supermachine::vm> vm) {
+//       io.get_executor(), [](error_code ec, std::shared_ptr<supermachine::vm> vm) {
 //           if (ec) std::cerr << ec.message() << ": " << (vm ? vm->failure_detail() : "");
 //       });
 //   io.run();
@@ -47,7 +47,7 @@ public:
     }
 
     /// Start a vm from the snapshot: vm::async_restore(executor, directory(),
-    /// options(), token). Completion: void(std::error_code, std::shared_ptr<vm>);
+    /// options(), token). Completion: void(error_code, std::shared_ptr<vm>);
     /// on error the vm (if any) is stopped and only says failure_detail() and
     /// console_tail().
     template <class Token>

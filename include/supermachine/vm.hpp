@@ -4,8 +4,8 @@
 //   boost::asio::io_context io;
 //   auto ready = supermachine::image::from_oci("oci:/images:busybox").prepare().value();
 //   supermachine::vm::async_start(io.get_executor(), ready, {},
-//       [](std::error_code ec, std::shared_ptr<supermachine::vm> vm) {
-//           vm->async_exec({.argv = {"echo", "hi"}}, [vm](std::error_code,
+//       [](error_code ec, std::shared_ptr<supermachine::vm> vm) {
+//           vm->async_exec({.argv = {"echo", "hi"}}, [vm](error_code,
 //           supermachine::agent::exec_output out) {});
 //       });
 //   io.run();
@@ -30,7 +30,7 @@
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/detail/warm_snapshot_contents.hpp>
 #include <supermachine/error.hpp>
-#include <supermachine/image.hpp>
+#include <supermachine/prepared_image.hpp>
 #include <supermachine/shared_directory.hpp>
 #include <supermachine/storage/cow_file.hpp>
 #include <supermachine/storage/raw_file.hpp>
@@ -41,6 +41,7 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -64,6 +65,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace supermachine {
@@ -150,12 +152,12 @@ public:
     }
 
     /// Boot `image` and wait until its agent answers. Completes with
-    /// void(std::error_code, std::shared_ptr<vm>); on error the vm is already
+    /// void(error_code, std::shared_ptr<vm>); on error the vm is already
     /// stopped and is given only for console_tail().
     template <class Token>
     static auto async_start(executor_type executor, prepared_image image, vm_options options,
                             Token&& token) {
-        return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
+        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<vm>)>(
             [executor](auto handler, prepared_image image, vm_options options) {
                 start_new(executor, std::move(options), std::nullopt, std::move(handler),
                           [image = std::move(image)](vm& v) { return v.prepare(image); });
@@ -163,19 +165,57 @@ public:
             token, std::move(image), std::move(options));
     }
 
+    /// The same on an execution context (an io_context&), as Asio's I/O
+    /// objects accept either.
+    template <class ExecutionContext, class Token>
+        requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+    static auto async_start(ExecutionContext& context, prepared_image image, vm_options options,
+                            Token&& token) {
+        return async_start(executor_type(context.get_executor()), std::move(image),
+                           std::move(options), std::forward<Token>(token));
+    }
+
     executor_type get_executor() const noexcept { return executor_; }
+
+    /// Stop the guest gracefully: the agent syncs and powers the VM off; if
+    /// the engine still runs after `grace`, it is killed. Completes with
+    /// void(error_code) once the engine has exited (at once if it had).
+    template <class Token>
+    auto async_stop(std::chrono::steady_clock::duration grace, Token&& token) {
+        return boost::asio::async_initiate<Token, void(error_code)>(
+            [self = shared_from_this(), grace](auto handler) {
+                auto done = agent::detail::bind_completion<void(error_code)>(std::move(handler),
+                                                                             self->executor_);
+                boost::asio::post(self->executor_, [self, grace, done = std::move(done)]() mutable {
+                    self->begin_stop(grace, std::move(done));
+                });
+            },
+            token);
+    }
+    template <class Token>
+    auto async_stop(Token&& token) {
+        return async_stop(std::chrono::seconds(10), std::forward<Token>(token));
+    }
 
     /// The agent client, for what the wrappers below do not cover.
     client_type& agent() noexcept { return *client_; }
 
     /// Run a command to completion, collecting its output:
-    /// void(std::error_code, agent::exec_output).
+    /// void(error_code, agent::exec_output).
     template <class Token>
     auto async_exec(agent::exec_request request, Token&& token) {
         return client_->async_exec(std::move(request), std::forward<Token>(token));
     }
 
-    /// Start a command and stream it: void(std::error_code, agent::exec_child<socket_type>).
+    /// The same for a plain argument list: `vm.async_exec({"echo", "hi"}, token)`.
+    /// Cancellable: a cancelled exec kills its process and completes with
+    /// errc::cancelled (== asio::error::operation_aborted); the vm stays usable.
+    template <class Token>
+    auto async_exec(agent::command argv, Token&& token) {
+        return client_->async_exec(std::move(argv), std::forward<Token>(token));
+    }
+
+    /// Start a command and stream it: void(error_code, agent::exec_child<socket_type>).
     template <class Token>
     auto async_spawn(agent::exec_request request, Token&& token) {
         return client_->async_spawn(std::move(request), std::forward<Token>(token));
@@ -204,7 +244,7 @@ public:
         if (!ec) acceptor->set_option(ip::tcp::acceptor::reuse_address(true), ec);
         if (!ec) acceptor->bind(endpoint, ec);
         if (!ec) acceptor->listen(64, ec);
-        if (ec) return std::error_code(ec.value(), std::system_category());
+        if (ec) return error_code(ec.value(), boost::system::system_category());
         const auto port = acceptor->local_endpoint().port();
         listeners_.push_back(acceptor);
         accept_forward(acceptor, guest_port);
@@ -260,17 +300,17 @@ public:
     /// one there). The agent connection is closed first (the saved guest
     /// waits for a new host) and reopened when `resume`; without `resume`
     /// the vm is stopped afterwards (its RAM file moved into the snapshot).
-    /// Completion: void(std::error_code, snapshot_report); a vm that is not
+    /// Completion: void(error_code, snapshot_report); a vm that is not
     /// snapshottable (or was restored without snapshottable_after_restore)
     /// gives report.saved == false and report.refusal why.
     template <class Token>
     auto async_snapshot(std::filesystem::path path, bool resume, Token&& token) {
-        return boost::asio::async_initiate<Token, void(std::error_code, snapshot_report)>(
+        return boost::asio::async_initiate<Token, void(error_code, snapshot_report)>(
             [this](auto handler, std::filesystem::path path, bool resume) {
                 auto done = std::make_shared<decltype(handler)>(std::move(handler));
                 auto self = shared_from_this();
                 start_snapshot(std::move(path), resume,
-                               [done](std::error_code ec, snapshot_report report) {
+                               [done](error_code ec, snapshot_report report) {
                                    std::move (*done)(ec, std::move(report));
                                });
             },
@@ -284,11 +324,11 @@ public:
     /// (errc::agent_unavailable). After the restore the agent is reconnected
     /// with the saved token, the guest RNG reseeded with fresh host bytes
     /// (clones never share random state) and the guest clock set to the
-    /// host's. Completion: void(std::error_code, std::shared_ptr<vm>).
+    /// host's. Completion: void(error_code, std::shared_ptr<vm>).
     template <class Token>
     static auto async_restore(executor_type executor, std::filesystem::path snapshot,
                               prepared_image image, vm_options options, Token&& token) {
-        return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
+        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<vm>)>(
             [executor](auto handler, std::filesystem::path snapshot, prepared_image image,
                        vm_options options) {
                 options.snapshottable = true;
@@ -306,11 +346,11 @@ public:
     /// fails with errc::not_found / errc::kernel_not_found before the engine
     /// starts, a bad record with its errc::snapshot_* code; failure_detail()
     /// on the vm given to the handler says which in one sentence.
-    /// Completion: void(std::error_code, std::shared_ptr<vm>).
+    /// Completion: void(error_code, std::shared_ptr<vm>).
     template <class Token>
     static auto async_restore(executor_type executor, std::filesystem::path snapshot,
                               snapshot_start_options options, Token&& token) {
-        return boost::asio::async_initiate<Token, void(std::error_code, std::shared_ptr<vm>)>(
+        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<vm>)>(
             [executor](auto handler, std::filesystem::path snapshot,
                        snapshot_start_options options) {
                 vm_options vm_opts;
@@ -351,7 +391,8 @@ private:
         , options_(std::move(options))
         , timer_(executor_)
         , serial_timer_(executor_)
-        , snapshot_timer_(executor_) {}
+        , snapshot_timer_(executor_)
+        , stop_timer_(executor_) {}
 
     static boost::asio::thread_pool& setup_pool() {
         static boost::asio::thread_pool pool(1);
@@ -368,7 +409,7 @@ private:
         auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
         self->restore_from_ = std::move(restore_from);
         auto done = std::make_shared<Handler>(std::move(handler));
-        self->start_ = [done](std::error_code ec, std::shared_ptr<vm> v) {
+        self->start_ = [done](error_code ec, std::shared_ptr<vm> v) {
             (*done)(ec, std::move(v));
         };
         set_up_then_launch(std::move(self), std::move(set_up));
@@ -596,9 +637,10 @@ private:
             if (!said.empty()) failure_detail_ = std::move(said);
             return finish_start(started.error());
         }
-        machine_->async_wait([weak](std::error_code, int) {
+        machine_->async_wait([weak](error_code, int) {
             if (auto self = weak.lock()) {
                 self->machine_exited_ = true;
+                self->on_engine_exit();
                 if (self->start_)
                     self->finish_start(errc::agent_unavailable);
                 else if (self->client_)
@@ -612,7 +654,7 @@ private:
     void try_connect() {
         auto self = shared_from_this();
         if (!vsock_) { // the agent on virtio-serial
-            return connect_serial([self](std::error_code ec, bool may_retry) {
+            return connect_serial([self](error_code ec, bool may_retry) {
                 if (!self->start_) return;
                 if (ec && !may_retry) return self->finish_start(ec);
                 if (ec) return self->retry_connect();
@@ -622,12 +664,12 @@ private:
         }
         // Restores always come up on virtio-serial: a vsock vm was booted.
         vsock_->async_connect(executor_, agent_port,
-                              [self](std::error_code ec, socket_type socket) {
+                              [self](error_code ec, socket_type socket) {
                                   if (!self->start_) return;
                                   if (ec) return self->retry_connect();
                                   self->client_ = std::make_unique<client_type>(std::move(socket));
                                   self->client_->async_hello(
-                                      self->token_, [self](std::error_code ec, agent::hello_ok) {
+                                      self->token_, [self](error_code ec, agent::hello_ok) {
                                           if (!self->start_) return;
                                           if (ec == errc::agent_auth_failed)
                                               return self->finish_start(ec);
@@ -650,7 +692,7 @@ private:
         });
     }
 
-    void finish_start(std::error_code ec) {
+    void finish_start(error_code ec) {
         auto done = std::move(start_);
         start_ = nullptr;
         if (!done) return;
@@ -687,7 +729,7 @@ private:
             self->accept_forward(acceptor, guest_port);
             auto connection = std::make_shared<boost::asio::ip::tcp::socket>(std::move(peer));
             self->client_->async_open_tcp(
-                guest_port, [connection](std::error_code ec, auto channel) {
+                guest_port, [connection](error_code ec, auto channel) {
                     if (ec) return; // dropping the socket closes the host side
                     forward(connection, std::make_shared<decltype(channel)>(std::move(channel)));
                 });
@@ -709,12 +751,12 @@ private:
                 boost::asio::buffer(s->buffer),
                 [host, guest, s, host_to_guest](boost::system::error_code ec, std::size_t n) {
                     if (ec) {
-                        guest->async_close_write([](std::error_code) {});
+                        guest->async_close_write([](error_code) {});
                         *host_to_guest = nullptr; // break the cycle
                         return;
                     }
                     guest->async_write(std::string(s->buffer.data(), n),
-                                       [host_to_guest](std::error_code ec) {
+                                       [host_to_guest](error_code ec) {
                                            if (ec)
                                                *host_to_guest = nullptr; // break the cycle
                                            else if (*host_to_guest)
@@ -725,7 +767,7 @@ private:
         (*host_to_guest)();
         auto guest_to_host = std::make_shared<std::function<void()>>();
         *guest_to_host = [host, guest, guest_to_host]() {
-            guest->async_read([host, guest_to_host](std::error_code ec, std::string data) {
+            guest->async_read([host, guest_to_host](error_code ec, std::string data) {
                 if (ec || data.empty()) {
                     boost::system::error_code ignored;
                     host->shutdown(boost::asio::ip::tcp::socket::shutdown_send, ignored);
@@ -825,8 +867,8 @@ private:
     }
 
     void start_snapshot(std::filesystem::path path, bool resume,
-                        std::function<void(std::error_code, snapshot_report)> done) {
-        auto finish = [this, done](std::error_code ec, snapshot_report report) {
+                        std::function<void(error_code, snapshot_report)> done) {
+        auto finish = [this, done](error_code ec, snapshot_report report) {
             boost::asio::post(executor_, [done, ec, report] { done(ec, report); });
         };
         if (!machine_ || snapshot_.token.empty() || !client_)
@@ -849,7 +891,7 @@ private:
         if (!::mkdtemp(pattern.data())) return finish(errno_code(errno), {});
         const std::filesystem::path staging = pattern;
         auto self = shared_from_this();
-        auto fail = [self, staging, finish](std::error_code ec) {
+        auto fail = [self, staging, finish](error_code ec) {
             std::error_code ignored;
             std::filesystem::remove_all(staging, ignored);
             finish(ec, {});
@@ -867,7 +909,7 @@ private:
             });
             self->machine_->async_save_snapshot(
                 staging / "state", resume,
-                [self, staging, path, resume, finish, fail](std::error_code ec,
+                [self, staging, path, resume, finish, fail](error_code ec,
                                                             snapshot_report report) {
                     if (ec || !report.saved) {
                         if (!resume) self->kill();
@@ -888,10 +930,10 @@ private:
                                                          work = std::move(work)] {
                             if (!resume) {
                                 self->kill(); // its RAM file is the snapshot's now
-                                return finish(sealed ? std::error_code{} : sealed.error(), report);
+                                return finish(sealed ? error_code{} : sealed.error(), report);
                             }
                             self->connect_serial(
-                                [self, sealed, report, finish](std::error_code ec, bool) {
+                                [self, sealed, report, finish](error_code ec, bool) {
                                     finish(!sealed ? sealed.error() : ec, report);
                                 });
                         });
@@ -905,6 +947,31 @@ private:
             fail(errc::timeout); // the agent never saw the host go
         });
         if (detached_) on_detached();
+    }
+
+    // ------------------------------------------------------------ stopping
+
+    void begin_stop(std::chrono::steady_clock::duration grace,
+                    agent::detail::unique_function<void(error_code)> done) {
+        if (!machine_ || machine_exited_) return done.take_and_call({});
+        stop_waiters_.push_back(std::move(done));
+        if (stop_waiters_.size() > 1) return; // already stopping
+        if (client_) client_->async_shutdown([](error_code) {});
+        else machine_->kill();
+        stop_timer_.expires_after(grace);
+        stop_timer_.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+            auto self = weak.lock();
+            if (ec || !self || self->machine_exited_) return;
+            self->kill(); // the guest did not power off in time
+        });
+    }
+
+    void on_engine_exit() {
+        stop_timer_.cancel();
+        auto waiters = std::move(stop_waiters_);
+        stop_waiters_.clear();
+        for (auto& w : waiters)
+            w.take_and_call({});
     }
 
     void on_detached() {
@@ -923,7 +990,7 @@ private:
     // set-up costs no extra round trip (measured: ≈ 5 ms of a warm run).
     // `done(error, may_retry)`: a refused token or a failed set-up is final;
     // an agent not answering yet may be tried again.
-    void connect_serial(std::function<void(std::error_code, bool may_retry)> done) {
+    void connect_serial(std::function<void(error_code, bool may_retry)> done) {
         socket_type socket(executor_);
         boost::system::error_code ec;
         socket.connect(socket_type::endpoint_type(serial_socket_.string()), ec);
@@ -941,12 +1008,12 @@ private:
         // hello's error (e.g. agent_auth_failed) comes first.
         struct replies {
             int outstanding = 1;
-            std::error_code hello_error, setup_error;
-            std::function<void(std::error_code, bool)> done;
+            error_code hello_error, setup_error;
+            std::function<void(error_code, bool)> done;
         };
         auto pending = std::make_shared<replies>();
         pending->done = std::move(done);
-        auto answered = [self, pending](std::error_code ec, bool is_hello) {
+        auto answered = [self, pending](error_code ec, bool is_hello) {
             detail::trace_point(is_hello ? "agent hello answered" : "agent set-up answered");
             if (is_hello)
                 pending->hello_error = ec;
@@ -960,14 +1027,14 @@ private:
             pending->done(pending->setup_error, false);
         };
         client_->async_hello(
-            token_, [self, client = client_.get(), answered](std::error_code ec, agent::hello_ok) {
+            token_, [self, client = client_.get(), answered](error_code ec, agent::hello_ok) {
                 // A refused hello: the agent ignores what followed it, so end the
                 // requests waiting behind it now.
                 if (ec && self->client_.get() == client) client->close();
                 answered(ec, true);
             });
         if (restore_from_)
-            restore_setup([answered](std::error_code ec) { answered(ec, false); },
+            restore_setup([answered](error_code ec) { answered(ec, false); },
                           pending->outstanding);
     }
 
@@ -975,7 +1042,7 @@ private:
     // and move the staging directory into place.
     result<void> seal_snapshot(const std::filesystem::path& staging,
                                const std::filesystem::path& path) {
-        auto cleanup = [&](std::error_code ec) -> result<void> {
+        auto cleanup = [&](error_code ec) -> result<void> {
             std::error_code ignored;
             std::filesystem::remove_all(staging, ignored);
             return ec;
@@ -1144,7 +1211,7 @@ private:
     }
 
     // A failed start's error with the sentence failure_detail() gives.
-    std::error_code refuse(std::error_code ec, std::string why) {
+    error_code refuse(error_code ec, std::string why) {
         failure_detail_ = std::move(why);
         return ec;
     }
@@ -1166,7 +1233,7 @@ private:
     // clones never share random state), then the host's wall clock (the
     // guest's is the snapshot's). `answered` is called once per request;
     // `outstanding` counts them.
-    void restore_setup(const std::function<void(std::error_code)>& answered, int& outstanding) {
+    void restore_setup(const std::function<void(error_code)>& answered, int& outstanding) {
         std::string seed(64, '\0');
         if (::getrandom(seed.data(), seed.size(), 0) != static_cast<ssize_t>(seed.size())) {
             // No fresh seed, no commands: the clone would share the snapshot's RNG.
@@ -1177,9 +1244,9 @@ private:
         }
         outstanding += 2;
         client_->async_reseed_rng(std::move(seed),
-                                  [answered](std::error_code ec, auto&&...) { answered(ec); });
+                                  [answered](error_code ec, auto&&...) { answered(ec); });
         client_->async_set_clock(std::chrono::system_clock::now(),
-                                 [answered](std::error_code ec, auto&&...) { answered(ec); });
+                                 [answered](error_code ec, auto&&...) { answered(ec); });
     }
 
     std::optional<std::filesystem::path> restore_from_;
@@ -1190,7 +1257,7 @@ private:
     vm_options options_;
     boost::asio::steady_timer timer_;
     std::chrono::steady_clock::time_point deadline_{};
-    std::function<void(std::error_code, std::shared_ptr<vm>)> start_;
+    std::function<void(error_code, std::shared_ptr<vm>)> start_;
     std::string token_;
     std::string engine_description_;
     bool owns_runtime_dir_ = false;
@@ -1208,6 +1275,8 @@ private:
     std::filesystem::path serial_socket_;
     boost::asio::steady_timer serial_timer_;
     boost::asio::steady_timer snapshot_timer_;
+    boost::asio::steady_timer stop_timer_;
+    std::vector<agent::detail::unique_function<void(error_code)>> stop_waiters_;
     bool detached_ = false;
     std::function<void()> detach_waiter_;
     std::chrono::steady_clock::time_point launched_at_{}, agent_ready_at_{};

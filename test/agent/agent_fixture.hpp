@@ -103,10 +103,10 @@ void run_until(asio::io_context& io, Predicate done,
 
 /// Calls an async operation with a callback and waits for its result.
 template <class... Results, class Start>
-std::tuple<std::error_code, Results...>
+std::tuple<supermachine::error_code, Results...>
 await(asio::io_context& io, Start start, std::chrono::seconds limit = std::chrono::seconds(60)) {
-    std::optional<std::tuple<std::error_code, Results...>> result;
-    start([&](std::error_code ec, Results... values) { result.emplace(ec, std::move(values)...); });
+    std::optional<std::tuple<supermachine::error_code, Results...>> result;
+    start([&](supermachine::error_code ec, Results... values) { result.emplace(ec, std::move(values)...); });
     run_until(
         io, [&] { return result.has_value(); }, limit);
     return std::move(*result);
@@ -125,7 +125,7 @@ struct connected_agent {
         BOOST_REQUIRE_MESSAGE(!ec, "hello: " << ec.message());
     }
 
-    agent::exec_output exec(agent::exec_request request, std::error_code* error = nullptr) {
+    agent::exec_output exec(agent::exec_request request, supermachine::error_code* error = nullptr) {
         auto [ec, out] = await<agent::exec_output>(
             io, [&](auto h) { client.async_exec(std::move(request), std::move(h)); });
         if (error)

@@ -40,7 +40,7 @@ BOOST_AUTO_TEST_CASE(stdout_and_stderr_are_separate) {
 
 BOOST_AUTO_TEST_CASE(command_not_found_names_it) {
     connected_agent a;
-    std::error_code ec;
+    supermachine::error_code ec;
     auto out = a.exec({.argv = {"no-such-command-xyz", "arg"}}, &ec);
     BOOST_TEST(ec == make_error_code(errc::command_not_found));
     BOOST_TEST(out.agent_message.find("no-such-command-xyz") != std::string::npos,
@@ -105,16 +105,16 @@ BOOST_AUTO_TEST_CASE(stdin_is_streamed) {
         sent += std::to_string(i) + ",";
     std::string received;
     bool write_done = false, read_done = false;
-    std::error_code write_ec;
-    child.async_write_stdin(sent, [&](std::error_code e) {
+    supermachine::error_code write_ec;
+    child.async_write_stdin(sent, [&](supermachine::error_code e) {
         write_ec = e;
-        child.async_close_stdin([&](std::error_code e2) {
+        child.async_close_stdin([&](supermachine::error_code e2) {
             if (e2) write_ec = e2;
             write_done = true;
         });
     });
     std::function<void()> read_more = [&] {
-        child.async_read_stdout([&](std::error_code e, std::string chunk) {
+        child.async_read_stdout([&](supermachine::error_code e, std::string chunk) {
             if (e) {
                 BOOST_TEST(e == make_error_code(errc::end_of_stream));
                 read_done = true;
@@ -181,7 +181,7 @@ BOOST_AUTO_TEST_CASE(hundred_mib_of_stdout_intact_with_bounded_memory) {
     std::size_t received = 0;
     bool done = false;
     std::function<void()> read_more = [&] {
-        child.async_read_stdout([&](std::error_code e, std::string chunk) {
+        child.async_read_stdout([&](supermachine::error_code e, std::string chunk) {
             if (e) {
                 BOOST_TEST(e == make_error_code(errc::end_of_stream));
                 done = true;
@@ -218,12 +218,12 @@ BOOST_AUTO_TEST_CASE(hundred_mib_of_stdout_intact_with_bounded_memory) {
 BOOST_AUTO_TEST_CASE(twenty_concurrent_execs) {
     connected_agent a;
     constexpr int n = 20;
-    std::vector<std::optional<std::pair<std::error_code, agent::exec_output>>> results(n);
+    std::vector<std::optional<std::pair<supermachine::error_code, agent::exec_output>>> results(n);
     for (int i = 0; i < n; ++i) {
         auto r = shell("sleep 0.2; echo $0; exit $1");
         r.argv.push_back("job" + std::to_string(i));
         r.argv.push_back(std::to_string(i));
-        a.client.async_exec(r, [&, i](std::error_code ec, agent::exec_output out) {
+        a.client.async_exec(r, [&, i](supermachine::error_code ec, agent::exec_output out) {
             results[i].emplace(ec, std::move(out));
         });
     }
@@ -260,7 +260,7 @@ BOOST_AUTO_TEST_CASE(tty_and_credentials) {
 BOOST_AUTO_TEST_CASE(collected_output_is_bounded) {
     connected_agent a;
     a.client.set_max_collected_output(1 << 20);
-    std::error_code ec;
+    supermachine::error_code ec;
     auto start = std::chrono::steady_clock::now();
     a.exec(shell("exec cat /dev/zero"), &ec); // endless: must end at the bound, not exhaust memory
     BOOST_TEST(ec == make_error_code(errc::out_of_resources));
@@ -284,9 +284,9 @@ BOOST_AUTO_TEST_CASE(dropping_a_child_keeps_the_connection_healthy) {
     auto [ec, child] = await<client_type::child_type>(
         a.io, [&](auto h) { a.client.async_spawn(shell("sleep 0.2; echo x"), std::move(h)); });
     BOOST_REQUIRE(!ec);
-    std::optional<std::error_code> first, second;
-    child.async_read_stdout([&](std::error_code e, std::string) { first = e; });
-    child.async_read_stdout([&](std::error_code e, std::string) { second = e; });
+    std::optional<supermachine::error_code> first, second;
+    child.async_read_stdout([&](supermachine::error_code e, std::string) { first = e; });
+    child.async_read_stdout([&](supermachine::error_code e, std::string) { second = e; });
     run_until(a.io, [&] { return first.has_value() && second.has_value(); });
     BOOST_TEST(!*first);
     BOOST_TEST(*second == make_error_code(errc::invalid_argument));

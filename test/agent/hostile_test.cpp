@@ -56,12 +56,12 @@ struct fake_agent {
         BOOST_REQUIRE(!ec);
     }
     /// Starts `n` collected execs (streams 1..n); returns their result slots.
-    std::vector<std::optional<std::error_code>> start_execs(int n) {
-        std::vector<std::optional<std::error_code>> results(n);
+    std::vector<std::optional<supermachine::error_code>> start_execs(int n) {
+        std::vector<std::optional<supermachine::error_code>> results(n);
         for (int i = 0; i < n; ++i)
             client->async_exec(
                 shell("true"),
-                [&results, i](std::error_code ec, agent::exec_output) { results[i] = ec; });
+                [&results, i](supermachine::error_code ec, agent::exec_output) { results[i] = ec; });
         return results;
     }
 };
@@ -126,9 +126,9 @@ BOOST_AUTO_TEST_CASE(hangup_fails_every_pending_operation) {
     fake_agent f;
     f.handshake();
     auto results = f.start_execs(20);
-    std::optional<std::error_code> read_result;
+    std::optional<supermachine::error_code> read_result;
     f.client->async_read_file("/etc/hostname", 100,
-                              [&](std::error_code ec, std::string) { read_result = ec; });
+                              [&](supermachine::error_code ec, std::string) { read_result = ec; });
     f.hangup();
     expect_all(f, results, errc::agent_unavailable);
     run_until(f.io, [&] { return read_result.has_value(); });
@@ -156,9 +156,9 @@ BOOST_AUTO_TEST_CASE(data_beyond_credit_is_a_protocol_error) {
     agent::encode(frames, 1, agent::exec_started{77});
     std::string chunk(agent::max_data_chunk, 'x');
     // A collected exec credits as it goes, so flood a streaming one instead: stream 2.
-    std::optional<std::error_code> spawn_result;
+    std::optional<supermachine::error_code> spawn_result;
     std::optional<client_type::child_type> child;
-    f.client->async_spawn(shell("true"), [&](std::error_code ec, client_type::child_type c) {
+    f.client->async_spawn(shell("true"), [&](supermachine::error_code ec, client_type::child_type c) {
         spawn_result = ec;
         child.emplace(std::move(c));
     });
@@ -172,8 +172,8 @@ BOOST_AUTO_TEST_CASE(data_beyond_credit_is_a_protocol_error) {
         agent::encode_data(frame, agent::message_type::stdout_data, 2, chunk);
         f.send(frame);
     }
-    std::optional<std::error_code> wait_result;
-    child->async_wait([&](std::error_code ec, agent::exit_status) { wait_result = ec; });
+    std::optional<supermachine::error_code> wait_result;
+    child->async_wait([&](supermachine::error_code ec, agent::exit_status) { wait_result = ec; });
     run_until(f.io, [&] { return wait_result.has_value(); });
     BOOST_TEST(*wait_result == make_error_code(errc::agent_protocol_error));
     expect_all(f, results, errc::agent_protocol_error);
@@ -191,9 +191,9 @@ BOOST_AUTO_TEST_CASE(unsolicited_hello_ok_and_ok) {
 
 BOOST_AUTO_TEST_CASE(killed_agent_ends_a_running_exec) {
     connected_agent a;
-    std::optional<std::error_code> result;
+    std::optional<supermachine::error_code> result;
     a.client.async_exec(shell("sleep 30"),
-                        [&](std::error_code ec, agent::exec_output) { result = ec; });
+                        [&](supermachine::error_code ec, agent::exec_output) { result = ec; });
     // Let the exec start, then kill the agent as a guest crash would.
     for (int i = 0; i < 10; ++i) {
         a.io.restart();

@@ -40,7 +40,7 @@ BOOST_AUTO_TEST_CASE(write_then_read_a_file) {
     // Larger than the bound: an error, not a truncated file.
     auto [bec, bounded] = await<std::string>(
         a.io, [&](auto h) { a.client.async_read_file(path, 1000, std::move(h)); });
-    BOOST_TEST(bec == std::make_error_code(std::errc::file_too_large));
+    BOOST_TEST(bec == boost::system::errc::make_error_code(boost::system::errc::file_too_large));
     BOOST_TEST(bounded.empty());
 
     // Files whose size stat does not know (procfs) still read, up to the bound.
@@ -88,9 +88,9 @@ BOOST_AUTO_TEST_CASE(tcp_forward_to_a_local_listener) {
     for (std::size_t i = 0; i < payload.size(); ++i)
         payload[i] = static_cast<char>('a' + i % 26);
     bool sent = false;
-    channel.async_write(payload, [&](std::error_code e) {
+    channel.async_write(payload, [&](supermachine::error_code e) {
         BOOST_TEST(!e);
-        channel.async_close_write([&](std::error_code e2) { sent = !e2; });
+        channel.async_close_write([&](supermachine::error_code e2) { sent = !e2; });
     });
     std::string at_peer;
     bool peer_eof = false;
@@ -119,7 +119,7 @@ BOOST_AUTO_TEST_CASE(tcp_forward_to_a_local_listener) {
     std::string at_host;
     bool host_eof = false;
     std::function<void()> host_read = [&] {
-        channel.async_read([&](std::error_code e, std::string chunk) {
+        channel.async_read([&](supermachine::error_code e, std::string chunk) {
             if (e) {
                 host_eof = e == make_error_code(errc::end_of_stream);
                 return;
@@ -142,7 +142,7 @@ BOOST_AUTO_TEST_CASE(tcp_forward_to_a_closed_port_fails_cleanly) {
     } // closed again: nobody listens there now
     auto [ec, channel] = await<client_type::tcp_type>(
         a.io, [&](auto h) { a.client.async_open_tcp(port, std::move(h)); });
-    BOOST_TEST(ec == std::make_error_code(std::errc::connection_refused));
+    BOOST_TEST(ec == boost::system::errc::make_error_code(boost::system::errc::connection_refused));
     BOOST_TEST(a.client.last_agent_message().find(std::to_string(port)) != std::string::npos);
 }
 
@@ -162,7 +162,7 @@ BOOST_AUTO_TEST_CASE(reseed_and_shutdown) {
     for (int i = 0; i < 200 && ::waitpid(a.process.pid(), &status, WNOHANG) == 0; ++i)
         ::usleep(10000);
     BOOST_TEST(WIFEXITED(status));
-    std::error_code ec;
+    supermachine::error_code ec;
     a.exec(shell("true"), &ec);
     BOOST_TEST(ec == make_error_code(errc::agent_unavailable));
 }
@@ -173,14 +173,14 @@ BOOST_AUTO_TEST_CASE(a_wrong_token_is_refused) {
         await<agent::hello_ok>(a.io, [&](auto h) { a.client.async_hello("wrong", std::move(h)); });
     BOOST_TEST(ec == make_error_code(errc::agent_auth_failed));
     // The agent closed the connection: nothing else gets through.
-    std::error_code eec;
+    supermachine::error_code eec;
     a.exec(shell("true"), &eec);
     BOOST_TEST(eec);
 }
 
 BOOST_AUTO_TEST_CASE(requests_before_hello_are_refused) {
     connected_agent a(false);
-    std::error_code ec;
+    supermachine::error_code ec;
     auto out = a.exec(shell("echo should-not-run"), &ec);
     BOOST_TEST(ec);
     BOOST_TEST(out.stdout_data.empty());

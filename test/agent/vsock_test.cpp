@@ -86,19 +86,19 @@ BOOST_AUTO_TEST_CASE(host_close_sends_shutdown) {
 
 BOOST_AUTO_TEST_CASE(refused_and_unanswered_connects) {
     fake_guest g;
-    std::optional<std::error_code> result;
+    std::optional<supermachine::error_code> result;
     g.device->async_connect(g.io.get_executor(), 99,
-                            [&](std::error_code ec, local_socket) { result = ec; });
+                            [&](supermachine::error_code ec, local_socket) { result = ec; });
     auto request = g.expect(op::request);
     BOOST_REQUIRE(request);
     g.send(g.header(op::rst, 99, request->header.src_port));
     BOOST_REQUIRE(g.pump([&] { return result.has_value(); }));
-    BOOST_TEST(*result == std::make_error_code(std::errc::connection_refused));
+    BOOST_TEST(*result == boost::system::errc::make_error_code(boost::system::errc::connection_refused));
 
     fake_guest slow({.connect_timeout = std::chrono::milliseconds(200)});
-    std::optional<std::error_code> timed_out;
+    std::optional<supermachine::error_code> timed_out;
     slow.device->async_connect(slow.io.get_executor(), 5,
-                               [&](std::error_code ec, local_socket) { timed_out = ec; });
+                               [&](supermachine::error_code ec, local_socket) { timed_out = ec; });
     BOOST_REQUIRE(slow.pump([&] { return timed_out.has_value(); }));
     BOOST_TEST(*timed_out == make_error_code(errc::timeout));
 }
@@ -225,10 +225,10 @@ BOOST_AUTO_TEST_CASE(agent_client_through_the_device) {
     int agent_fd = agent.release_fd();
     ::fcntl(agent_fd, F_SETFL, O_NONBLOCK);
 
-    std::optional<std::pair<std::error_code, local_socket>> connected;
+    std::optional<std::pair<supermachine::error_code, local_socket>> connected;
     g.device->async_connect(
         g.io.get_executor(), agent::default_vsock_port,
-        [&](std::error_code ec, local_socket s) { connected.emplace(ec, std::move(s)); });
+        [&](supermachine::error_code ec, local_socket s) { connected.emplace(ec, std::move(s)); });
     auto request = g.expect(op::request);
     BOOST_REQUIRE(request);
     std::uint32_t host_port = request->header.src_port;
@@ -271,19 +271,19 @@ BOOST_AUTO_TEST_CASE(agent_client_through_the_device) {
             std::chrono::seconds(20));
         return done;
     };
-    std::error_code hello_error;
+    supermachine::error_code hello_error;
     BOOST_REQUIRE(run_op([&](auto finish) {
-        client.async_hello("s3cret-token", [&, finish](std::error_code ec, agent::hello_ok) {
+        client.async_hello("s3cret-token", [&, finish](supermachine::error_code ec, agent::hello_ok) {
             hello_error = ec;
             finish();
         });
     }));
     BOOST_TEST(!hello_error);
     agent::exec_output out;
-    std::error_code exec_error;
+    supermachine::error_code exec_error;
     BOOST_REQUIRE(run_op([&](auto finish) {
         client.async_exec(shell("echo through vsock; exit 42"),
-                          [&, finish](std::error_code ec, agent::exec_output o) {
+                          [&, finish](supermachine::error_code ec, agent::exec_output o) {
                               exec_error = ec;
                               out = std::move(o);
                               finish();

@@ -22,9 +22,9 @@ guest_memory make_memory(std::uint64_t bytes = 64ull << 20) {
     return guest_memory::allocate_x86(bytes, memory_backing::anonymous).value();
 }
 
-std::error_code load_error(const guest_memory& memory, const linux_boot_config& config) {
+supermachine::error_code load_error(const guest_memory& memory, const linux_boot_config& config) {
     auto r = load_linux(memory, config);
-    return r ? std::error_code{} : r.error();
+    return r ? supermachine::error_code{} : r.error();
 }
 
 linux_boot_config config_for(const std::vector<std::byte>& kernel) {
@@ -155,7 +155,7 @@ BOOST_AUTO_TEST_CASE(absurd_header_fields_are_rejected) {
     using supermachine::test::bzimage_knobs;
     auto error_for = [](bzimage_knobs k) {
         auto r = parse_bzimage(make_bzimage(k));
-        return r ? std::error_code{} : r.error();
+        return r ? supermachine::error_code{} : r.error();
     };
     bzimage_knobs k;
     k.syssize = 0xffffffff;
@@ -168,7 +168,7 @@ BOOST_AUTO_TEST_CASE(absurd_header_fields_are_rejected) {
     BOOST_TEST(error_for(k) == errc::kernel_truncated);
     k = {};
     k.setup_sects = 0; // means 4
-    BOOST_TEST(error_for(k) == std::error_code{});
+    BOOST_TEST(error_for(k) == supermachine::error_code{});
     BOOST_TEST(parse_bzimage(make_bzimage(k)).value().setup_size == 5 * 512u);
     k = {};
     k.version = 0x0205;
@@ -226,7 +226,7 @@ BOOST_AUTO_TEST_CASE(cmdline_is_bounded_by_cmdline_size) {
     const auto kernel = make_bzimage(k);
     auto config = config_for(kernel);
     config.cmdline = std::string(16, 'x');
-    BOOST_TEST(load_error(memory, config) == std::error_code{});
+    BOOST_TEST(load_error(memory, config) == supermachine::error_code{});
     config.cmdline = std::string(17, 'x');
     BOOST_TEST(load_error(memory, config) == errc::cmdline_too_long);
     config.cmdline = std::string(10, 'x');
@@ -443,7 +443,7 @@ BOOST_AUTO_TEST_CASE(hostile_elf_headers_are_clean_errors) {
     k = {};
     k.load_paddr = 0x2'0000'0000; // outside guest RAM
     k.entry = k.pvh_entry = 0x2'0000'0000 & 0xffffffff;
-    BOOST_TEST(error_for(k) != std::error_code{});
+    BOOST_TEST(error_for(k) != supermachine::error_code{});
     k = {};
     k.load_paddr = 0x3f00000; // straddles the end of 64 MiB
     k.load_memsz = 0x200000;

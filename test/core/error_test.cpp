@@ -18,7 +18,7 @@ sm::result<int> doubled(int v) {
 BOOST_AUTO_TEST_SUITE(error)
 
 BOOST_AUTO_TEST_CASE(codes_have_our_category_and_messages) {
-    std::error_code ec = sm::errc::kernel_truncated;
+    supermachine::error_code ec = sm::errc::kernel_truncated;
     BOOST_TEST(ec.category().name() == std::string("supermachine"));
     BOOST_TEST(ec.message() == "kernel image is truncated");
     BOOST_TEST(ec == sm::errc::kernel_truncated);
@@ -30,7 +30,7 @@ BOOST_AUTO_TEST_CASE(try_propagates_errors) {
     auto r = doubled(-1);
     BOOST_REQUIRE(!r);
     BOOST_TEST(r.error() == sm::errc::invalid_argument);
-    BOOST_CHECK_THROW(sm::value_or_throw(doubled(-1)), std::system_error);
+    BOOST_CHECK_THROW(sm::value_or_throw(doubled(-1)), boost::system::system_error);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

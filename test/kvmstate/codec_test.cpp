@@ -53,14 +53,14 @@ std::vector<std::byte> reframed(std::vector<std::byte> blob) {
     return blob;
 }
 
-std::error_code vcpu_error(const std::vector<std::byte>& blob) {
+supermachine::error_code vcpu_error(const std::vector<std::byte>& blob) {
     auto r = ks::decode_vcpu_state(blob);
-    return r ? std::error_code{} : r.error();
+    return r ? supermachine::error_code{} : r.error();
 }
 
-std::error_code vm_error(const std::vector<std::byte>& blob) {
+supermachine::error_code vm_error(const std::vector<std::byte>& blob) {
     auto r = ks::decode_vm_state(blob);
-    return r ? std::error_code{} : r.error();
+    return r ? supermachine::error_code{} : r.error();
 }
 
 } // namespace

@@ -2,6 +2,8 @@
 // The host ends of vsock connections in the linux-kvm tests: a line out, a
 // line back, each wait bounded (an fd may be non-blocking: it is the device's
 // socketpair end, handed over as Asio would use it).
+#include <supermachine/error.hpp>
+
 #include <poll.h>
 #include <unistd.h>
 
@@ -97,7 +99,7 @@ std::optional<std::string> ask_guest(VsockCore& core, std::uint32_t guest_port,
                                      const std::string& line) {
     auto connected = std::make_shared<std::promise<int>>(); // outlives a timed-out wait
     auto done = connected->get_future();
-    core.connect(guest_port, [connected](std::error_code ec, int fd, std::uint32_t) {
+    core.connect(guest_port, [connected](supermachine::error_code ec, int fd, std::uint32_t) {
         connected->set_value(ec ? -1 : fd);
     });
     if (done.wait_for(std::chrono::seconds(60)) != std::future_status::ready) return std::nullopt;

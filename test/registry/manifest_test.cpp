@@ -80,7 +80,7 @@ BOOST_AUTO_TEST_CASE(rejects_invalid_documents) {
         auto r = oci::parse_manifest(text, type);
         BOOST_TEST_INFO(text.substr(0, 80));
         BOOST_TEST(!r.has_value());
-        return r ? std::error_code() : r.error();
+        return r ? supermachine::error_code() : r.error();
     };
     invalid("");
     invalid("[]");

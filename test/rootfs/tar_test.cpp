@@ -18,7 +18,7 @@ namespace {
 struct read_all_result {
     std::vector<oci::tar_entry> entries;
     std::vector<std::string> data;
-    std::error_code error;
+    supermachine::error_code error;
 };
 
 template <class Source>
@@ -280,7 +280,7 @@ BOOST_AUTO_TEST_CASE(zip_bombs_stop_at_the_limits) {
     std::vector<std::byte> buffer(1 << 16);
     {
         oci::decompressing_source<oci::memory_source> s(oci::memory_source(bytes(bomb)), ratio);
-        std::error_code ec;
+        supermachine::error_code ec;
         for (;;) {
             auto got = s.read_some(buffer);
             if (!got) {

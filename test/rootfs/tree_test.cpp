@@ -28,9 +28,9 @@ struct fixture {
     std::vector<fs::path> gzip_plain_gzip() const {
         return {layers / "l1.tar.gz", layers / "l2.tar", layers / "l3.tar.gz"};
     }
-    std::error_code hostile(const char* name) const {
+    supermachine::error_code hostile(const char* name) const {
         auto tree = merge(spool, {layers / "hostile" / name});
-        return tree ? std::error_code{} : tree.error();
+        return tree ? supermachine::error_code{} : tree.error();
     }
 };
 

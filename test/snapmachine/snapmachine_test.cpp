@@ -272,9 +272,9 @@ BOOST_AUTO_TEST_CASE(restored_machine_snapshots_again) {
     BOOST_REQUIRE(vm->start());
     BOOST_REQUIRE(out->wait_counts(4));
     // Through the async form, into a memory_store-free file path.
-    std::promise<std::error_code> done;
+    std::promise<supermachine::error_code> done;
     vm->async_snapshot(
-        second, [&](std::error_code e) { done.set_value(e); }, sm::after_snapshot::stop);
+        second, [&](supermachine::error_code e) { done.set_value(e); }, sm::after_snapshot::stop);
     std::thread runner([&] { io.run(); });
     const auto error = done.get_future().get();
     runner.join();

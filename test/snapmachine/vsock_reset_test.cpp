@@ -88,7 +88,7 @@ snapshot_result boot_and_snapshot(running_io& io, const fs::path& file,
     auto& device = vm->template device_at<3>()->core();
     auto connect_result = std::make_shared<std::atomic<int>>(-1); // -1: not completed
     if (hold_connection) {
-        device.connect(1234, [connect_result](std::error_code ec, int fd, std::uint32_t) {
+        device.connect(1234, [connect_result](supermachine::error_code ec, int fd, std::uint32_t) {
             if (fd >= 0) ::close(fd);
             connect_result->store(ec.value());
         });

@@ -228,7 +228,7 @@ BOOST_AUTO_TEST_CASE(codec_result_converts_to_result) {
     s::byte_reader r(buffer);
     supermachine::result<std::uint32_t> converted = r.u32();
     BOOST_TEST((converted.error() == errc::snapshot_truncated));
-    BOOST_CHECK_THROW(s::byte_reader(buffer).u32().value(), std::system_error);
+    BOOST_CHECK_THROW(s::byte_reader(buffer).u32().value(), boost::system::system_error);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -232,8 +232,8 @@ using local_socket = boost::asio::local::stream_protocol::socket;
 
 /// Host connects to guest port 1024; the guest answers; returns the socket and the host port.
 inline std::pair<local_socket, std::uint32_t> connect(fake_guest& g) {
-    std::optional<std::pair<std::error_code, local_socket>> result;
-    g.device->async_connect(g.io.get_executor(), 1024, [&](std::error_code ec, local_socket s) {
+    std::optional<std::pair<supermachine::error_code, local_socket>> result;
+    g.device->async_connect(g.io.get_executor(), 1024, [&](supermachine::error_code ec, local_socket s) {
         result.emplace(ec, std::move(s));
     });
     auto request = g.expect(op::request);

@@ -52,8 +52,8 @@ struct served {
     std::unique_ptr<Device> device;
     boost::asio::io_context io;
     vu::backend<Device> backend{io.get_executor(), *device};
-    std::promise<std::error_code> finished;
-    std::shared_future<std::error_code> result = finished.get_future().share();
+    std::promise<supermachine::error_code> finished;
+    std::shared_future<supermachine::error_code> result = finished.get_future().share();
     std::unique_ptr<sm::test::test_frontend> frontend;
     std::thread thread;
 
@@ -65,7 +65,7 @@ struct served {
         boost::asio::local::stream_protocol::socket socket(
             io, boost::asio::local::stream_protocol(), pair[1]);
         backend.async_serve(std::move(socket),
-                            [this](std::error_code ec) { finished.set_value(ec); });
+                            [this](supermachine::error_code ec) { finished.set_value(ec); });
         thread = std::thread([this] { io.run(); });
     }
     ~served() {
@@ -75,7 +75,7 @@ struct served {
         thread.join();
     }
     /// The session's end reason, within a deadline.
-    std::optional<std::error_code> ended() {
+    std::optional<supermachine::error_code> ended() {
         if (result.wait_for(std::chrono::seconds(5)) != std::future_status::ready)
             return std::nullopt;
         return result.get();

@@ -115,7 +115,7 @@ echo GUEST-DONE)SH";
         run.timed_out = true;
         vm.kill();
     });
-    vm.async_wait([&](std::error_code, int status) {
+    vm.async_wait([&](supermachine::error_code, int status) {
         run.status = status;
         deadline.cancel();
     });
@@ -259,8 +259,8 @@ BOOST_AUTO_TEST_CASE(snapshot_to_file_and_restore_with_our_blk) {
                                   << console.substr(console.size() > 800 ? console.size() - 800 : 0)
                                   << vm.diagnostics());
         bool done = false;
-        std::error_code error;
-        vm.async_save_snapshot(snapshot, false, [&](std::error_code ec, auto r) {
+        supermachine::error_code error;
+        vm.async_save_snapshot(snapshot, false, [&](supermachine::error_code ec, auto r) {
             error = ec;
             report = r;
             done = true;
@@ -315,9 +315,9 @@ BOOST_AUTO_TEST_CASE(snapshot_refusal_names_the_device) {
     BOOST_REQUIRE(
         run_until(io, std::chrono::seconds(120), [&] { return count_of(console, "TICK") >= 2; }));
     bool done = false;
-    std::error_code error;
+    supermachine::error_code error;
     sm::backend::qemu_machine::snapshot_report report;
-    vm.async_save_snapshot(f.work.path / "vm.migration", true, [&](std::error_code ec, auto r) {
+    vm.async_save_snapshot(f.work.path / "vm.migration", true, [&](supermachine::error_code ec, auto r) {
         error = ec;
         report = r;
         done = true;

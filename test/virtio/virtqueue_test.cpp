@@ -28,7 +28,7 @@ vio::descriptor_chain pop_ok(vio::virtqueue& q) {
     return std::move(popped.value()->chain).value();
 }
 
-std::error_code pop_error(vio::virtqueue& q) {
+supermachine::error_code pop_error(vio::virtqueue& q) {
     auto popped = q.pop();
     BOOST_REQUIRE(popped.has_value());
     BOOST_REQUIRE(popped.value().has_value());

@@ -87,7 +87,7 @@ fs::path directory_with(const std::string& name, const sm::detail::warm_snapshot
 }
 
 struct started {
-    std::error_code ec = sm::errc::invalid_argument;
+    supermachine::error_code ec = sm::errc::invalid_argument;
     std::shared_ptr<sm::vm> vm;
 };
 
@@ -95,7 +95,7 @@ struct started {
 started start(boost::asio::io_context& io, const sm::snapshot_image& snap) {
     started result;
     bool done = false;
-    snap.async_start(io.get_executor(), [&](std::error_code ec, std::shared_ptr<sm::vm> v) {
+    snap.async_start(io.get_executor(), [&](supermachine::error_code ec, std::shared_ptr<sm::vm> v) {
         result.ec = ec;
         result.vm = std::move(v);
         done = true;
@@ -134,12 +134,12 @@ BOOST_AUTO_TEST_CASE(api_starts_a_vm_from_the_directory_alone) {
     BOOST_TEST(vm.vm->options().cpus == 1u);
     bool done = false;
     sm::agent::exec_output output;
-    std::error_code exec_ec = sm::errc::invalid_argument;
+    supermachine::error_code exec_ec = sm::errc::invalid_argument;
     vm.vm->async_exec({.argv = {"sh", "-c",
                                 "echo out; echo err >&2; "
                                 "awk '/MemTotal/ {print ($2 > 200000 && $2 < 262144)}' "
                                 "/proc/meminfo; exit 4"}},
-                      [&](std::error_code ec, sm::agent::exec_output o) {
+                      [&](supermachine::error_code ec, sm::agent::exec_output o) {
                           exec_ec = ec;
                           output = std::move(o);
                           done = true;

@@ -126,13 +126,13 @@ BOOST_AUTO_TEST_CASE(restored_vm_snapshots_again_in_generations) {
     // the vm goes on, the snapshot holds the state at the pause.
     {
         std::shared_ptr<sm::vm> clone;
-        std::error_code ec = sm::errc::invalid_argument;
+        supermachine::error_code ec = sm::errc::invalid_argument;
         sm::snapshot_start_options start;
         start.snapshottable_after_restore = true;
         start.ready_timeout = std::chrono::seconds(120);
         api.pending = 1;
         sm::vm::async_restore(api.io.get_executor(), gen1, start,
-                              [&](std::error_code e, std::shared_ptr<sm::vm> v) {
+                              [&](supermachine::error_code e, std::shared_ptr<sm::vm> v) {
                                   ec = e;
                                   clone = v;
                                   --api.pending;

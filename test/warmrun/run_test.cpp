@@ -190,11 +190,11 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
 
     // Two restores at once.
     std::shared_ptr<sm::vm> clone[2];
-    std::error_code clone_ec[2] = {sm::errc::invalid_argument, sm::errc::invalid_argument};
+    supermachine::error_code clone_ec[2] = {sm::errc::invalid_argument, sm::errc::invalid_argument};
     api.pending = 2;
     for (int k = 0; k < 2; ++k)
         sm::vm::async_restore(api.io.get_executor(), dir, ready.value(), options,
-                              [&, k](std::error_code e, std::shared_ptr<sm::vm> v) {
+                              [&, k](supermachine::error_code e, std::shared_ptr<sm::vm> v) {
                                   clone_ec[k] = e;
                                   clone[k] = v;
                                   --api.pending;
@@ -220,7 +220,7 @@ BOOST_AUTO_TEST_CASE(api_snapshot_restore_state_and_private_clones) {
             {.argv = {"sh", "-c",
                       "cat /tmp/before; kill -0 $(cat /tmp/pid) && echo alive; echo clone" + n +
                           " > /tmp/own" + n + "; sleep 1; ls /tmp | grep own | tr '\\n' ' '"}},
-            [&, k](std::error_code e, sm::agent::exec_output o) {
+            [&, k](supermachine::error_code e, sm::agent::exec_output o) {
                 BOOST_TEST(!e);
                 BOOST_TEST(o.exit_code == 0);
                 out[k] = o.stdout_data;
@@ -249,10 +249,10 @@ BOOST_AUTO_TEST_CASE(api_snapshot_and_resume) {
     api.snapshot(*v, dir, true);
     BOOST_TEST(api.exec(*v, "cat /tmp/kept; echo after > /tmp/after; echo ok") == "kept\nok\n");
     std::shared_ptr<sm::vm> clone;
-    std::error_code ec = sm::errc::invalid_argument;
+    supermachine::error_code ec = sm::errc::invalid_argument;
     api.pending = 1;
     sm::vm::async_restore(api.io.get_executor(), dir, ready.value(), options,
-                          [&](std::error_code e, std::shared_ptr<sm::vm> c) {
+                          [&](supermachine::error_code e, std::shared_ptr<sm::vm> c) {
                               ec = e;
                               clone = c;
                               --api.pending;
@@ -306,9 +306,9 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
         sm::vm_options options;
         options.memory_mib = memory_mib;
         options.ready_timeout = std::chrono::seconds(60);
-        std::error_code result = sm::errc::invalid_argument;
+        supermachine::error_code result = sm::errc::invalid_argument;
         sm::vm::async_restore(io.get_executor(), dir, ready.value(), options,
-                              [&](std::error_code ec, std::shared_ptr<sm::vm> v) {
+                              [&](supermachine::error_code ec, std::shared_ptr<sm::vm> v) {
                                   result = ec;
                                   if (v) v->kill();
                               });
@@ -374,10 +374,10 @@ BOOST_AUTO_TEST_CASE(a_refused_hello_fails_the_restore_at_once) {
     boost::asio::io_context io;
     sm::vm_options options;
     options.ready_timeout = std::chrono::seconds(60);
-    std::error_code result;
+    supermachine::error_code result;
     const auto started = std::chrono::steady_clock::now();
     sm::vm::async_restore(io.get_executor(), dir, ready.value(), options,
-                          [&](std::error_code ec, std::shared_ptr<sm::vm> v) {
+                          [&](supermachine::error_code ec, std::shared_ptr<sm::vm> v) {
                               result = ec;
                               if (v) v->kill();
                           });

@@ -131,10 +131,10 @@ struct api_driver {
     /// A vm of `image` booted with `options`.
     std::shared_ptr<vm> boot(const prepared_image& image, const vm_options& options) {
         std::shared_ptr<vm> started;
-        std::error_code ec = errc::invalid_argument;
+        supermachine::error_code ec = errc::invalid_argument;
         pending = 1;
         vm::async_start(io.get_executor(), image, options,
-                        [&](std::error_code e, std::shared_ptr<vm> v) {
+                        [&](supermachine::error_code e, std::shared_ptr<vm> v) {
                             ec = e;
                             started = v;
                             --pending;
@@ -149,10 +149,10 @@ struct api_driver {
     std::shared_ptr<vm> restore(const std::filesystem::path& dir, const prepared_image& image,
                                 const vm_options& options) {
         std::shared_ptr<vm> restored;
-        std::error_code ec = errc::invalid_argument;
+        supermachine::error_code ec = errc::invalid_argument;
         pending = 1;
         vm::async_restore(io.get_executor(), dir, image, options,
-                          [&](std::error_code e, std::shared_ptr<vm> v) {
+                          [&](supermachine::error_code e, std::shared_ptr<vm> v) {
                               ec = e;
                               restored = v;
                               --pending;
@@ -167,10 +167,10 @@ struct api_driver {
 
     /// async_snapshot as it completed (saved or refused); errors stop the test.
     vm::snapshot_report try_snapshot(vm& v, const std::filesystem::path& dir, bool resume) {
-        std::error_code ec = errc::invalid_argument;
+        supermachine::error_code ec = errc::invalid_argument;
         vm::snapshot_report report;
         pending = 1;
-        v.async_snapshot(dir, resume, [&](std::error_code e, vm::snapshot_report r) {
+        v.async_snapshot(dir, resume, [&](supermachine::error_code e, vm::snapshot_report r) {
             ec = e;
             report = r;
             --pending;
@@ -191,7 +191,7 @@ struct api_driver {
     std::string exec(vm& v, const std::string& command) {
         std::string out;
         pending = 1;
-        v.async_exec({.argv = {"sh", "-c", command}}, [&](std::error_code e, agent::exec_output o) {
+        v.async_exec({.argv = {"sh", "-c", command}}, [&](supermachine::error_code e, agent::exec_output o) {
             BOOST_REQUIRE_MESSAGE(!e, e.message());
             BOOST_TEST(o.exit_code == 0,
                        command << " exited " << o.exit_code << ": " << o.stderr_data);

@@ -225,7 +225,7 @@ inline int boot_with_kvm(const boot_options& options) {
     } join_io{work, io_thread};
     auto created = machine::create(io.get_executor(), std::move(cfg));
     if (!created) {
-        const std::error_code e = created.error();
+        const supermachine::error_code e = created.error();
         if (e == errc::kernel_not_found)
             print_error("cannot read kernel '%s'", options.kernel);
         else if (e == errc::not_found)
@@ -274,14 +274,14 @@ inline int boot_with_kvm(const boot_options& options) {
         }
     });
 
-    std::optional<std::error_code> snapshot_result;
+    std::optional<supermachine::error_code> snapshot_result;
     std::thread snapshotter;
     if (!options.snapshot_to.empty())
         snapshotter = std::thread([&] {
             if (vm.wait_for(std::chrono::milliseconds(options.snapshot_after_ms))) return;
             auto saved =
                 vm.snapshot_to(snapshot::file_store(options.snapshot_to), after_snapshot::stop);
-            snapshot_result = saved ? std::error_code{} : saved.error();
+            snapshot_result = saved ? supermachine::error_code{} : saved.error();
         });
     std::optional<machine_exit> exit;
     if (options.timeout_seconds)
@@ -521,7 +521,7 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
     overrides.command = std::move(command);
     vm::async_start(
         io.get_executor(), std::move(root), std::move(vm_options),
-        [&](std::error_code ec, std::shared_ptr<vm> started) {
+        [&](supermachine::error_code ec, std::shared_ptr<vm> started) {
             if (ec) {
                 report_start_failure("supermachine boot", ec, started);
                 return runner.fail(failed);
@@ -535,11 +535,11 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
             auto passwd = std::make_shared<std::string>();
             started->async_read_file(
                 "/etc/passwd", 1u << 20,
-                [&, started, passwd](std::error_code ec, std::string text) {
+                [&, started, passwd](supermachine::error_code ec, std::string text) {
                     if (!ec) *passwd = std::move(text);
                     started->async_read_file(
                         "/etc/group", 1u << 20,
-                        [&, started, passwd](std::error_code ec, std::string group) {
+                        [&, started, passwd](supermachine::error_code ec, std::string group) {
                             if (ec) group.clear();
                             auto process = oci::make_process({}, overrides, *passwd, group);
                             if (!process) {

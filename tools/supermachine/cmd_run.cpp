@@ -250,7 +250,7 @@ int run_run(std::span<char*> args) {
     warm.verbose = verbose && !quiet;
     sm::cli::async_warm_start(
         io.get_executor(), ready.value(), vm_options, warm,
-        [&](std::error_code ec, std::shared_ptr<sm::vm> started) {
+        [&](supermachine::error_code ec, std::shared_ptr<sm::vm> started) {
             if (ec) {
                 sm::cli::report_start_failure("supermachine run", ec, started);
                 return command.fail(125);

@@ -110,7 +110,7 @@ int run_snapshot(std::span<char*> args) {
     int status = 1;
     sm::cli::async_build_snapshot(
         io.get_executor(), ready.value(), options, output,
-        [&](std::error_code ec, sm::vm::snapshot_report report) {
+        [&](supermachine::error_code ec, sm::vm::snapshot_report report) {
             if (ec || !report.saved) {
                 std::fprintf(stderr, "supermachine snapshot: %s\n",
                              ec ? ec.message().c_str() : report.refusal.c_str());

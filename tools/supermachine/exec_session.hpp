@@ -68,7 +68,7 @@ public:
         const std::string program = request.argv.empty() ? std::string() : request.argv[0];
         supermachine::detail::trace_point("exec request");
         client.async_spawn(std::move(request), [self, forward_stdin, &client,
-                                                program](std::error_code ec, child_type child) {
+                                                program](supermachine::error_code ec, child_type child) {
             supermachine::detail::trace_point("exec started");
             if (ec) {
                 // The agent's text names the command or the failing step
@@ -83,7 +83,7 @@ public:
             self->pump(0);
             self->pump(1);
             if (forward_stdin) self->read_stdin();
-            self->child_->async_wait([self](std::error_code ec, agent::exit_status status) {
+            self->child_->async_wait([self](supermachine::error_code ec, agent::exit_status status) {
                 supermachine::detail::trace_point("exit status");
                 self->exit_ = ec ? 125 : status.signal ? 128 + status.signal : status.code;
                 if (ec) std::fprintf(stderr, "supermachine: %s\n", ec.message().c_str());
@@ -111,7 +111,7 @@ private:
 
     void pump(int channel) {
         auto self = this->shared_from_this();
-        auto on_chunk = [self, channel](std::error_code ec, std::string data) {
+        auto on_chunk = [self, channel](supermachine::error_code ec, std::string data) {
             if (ec) {
                 ++self->closed_streams_;
                 return self->maybe_finish();
@@ -142,12 +142,12 @@ private:
                 auto sent = std::make_shared<std::promise<void>>();
                 auto future = sent->get_future();
                 if (n <= 0) {
-                    self->child_->async_close_stdin([sent](std::error_code) { sent->set_value(); });
+                    self->child_->async_close_stdin([sent](supermachine::error_code) { sent->set_value(); });
                     future.wait();
                     return;
                 }
                 self->child_->async_write_stdin(std::string(buffer, static_cast<std::size_t>(n)),
-                                                [sent](std::error_code) { sent->set_value(); });
+                                                [sent](supermachine::error_code) { sent->set_value(); });
                 future.wait(); // backpressure: the agent's credit paces us
                 if (self->finished_) return;
             }

@@ -127,7 +127,7 @@ inline int run_image_restore(std::span<char*> args) {
     boost::asio::io_context io;
     vm_command command(io);
     const auto started_at = std::chrono::steady_clock::now();
-    snapshot.async_start(io.get_executor(), [&](std::error_code ec, std::shared_ptr<vm> started) {
+    snapshot.async_start(io.get_executor(), [&](supermachine::error_code ec, std::shared_ptr<vm> started) {
         if (ec) {
             report_start_failure(who, ec, started);
             return command.fail(125);
@@ -154,7 +154,7 @@ inline int run_image_restore(std::span<char*> args) {
                 const auto began = std::chrono::steady_clock::now();
                 machine->async_snapshot(
                     snapshot_to, false,
-                    [=, &snapshot_to](std::error_code ec, vm::snapshot_report report) {
+                    [=, &snapshot_to](supermachine::error_code ec, vm::snapshot_report report) {
                         if (ec || !report.saved) {
                             std::fprintf(stderr, "%.*s: snapshot to %s failed: %s\n",
                                          static_cast<int>(who.size()), who.data(),

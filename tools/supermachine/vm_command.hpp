@@ -273,7 +273,7 @@ inline std::string random_hostname() {
 /// A vm that did not come up, on stderr: "WHO: the VM did not come up:
 /// ERROR[: the vm's sentence (e.g. a missing helper program)]", then the
 /// tail of its console.
-inline void report_start_failure(std::string_view who, std::error_code ec,
+inline void report_start_failure(std::string_view who, supermachine::error_code ec,
                                  const std::shared_ptr<vm>& started) {
     const std::string detail = started && !started->failure_detail().empty()
                                    ? ": " + started->failure_detail()
@@ -329,7 +329,7 @@ public:
                          [](const std::string& e) { return e.starts_with("HOSTNAME="); }))
             request.env.push_back("HOSTNAME=" + hostname);
         machine_->agent().async_set_hostname(
-            hostname, [who = std::string(who)](std::error_code ec) {
+            hostname, [who = std::string(who)](supermachine::error_code ec) {
                 if (ec && ec != errc::cancelled && ec != errc::agent_unavailable)
                     std::fprintf(stderr, "%s: cannot set the hostname: %s\n", who.c_str(),
                                  ec.message().c_str());

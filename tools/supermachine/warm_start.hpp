@@ -80,30 +80,30 @@ inline result<std::filesystem::path> warm_snapshot_dir(const prepared_image& ima
 /// guest whose kernel has been through fork, exec, the PATH lookup and the
 /// image's binaries once (page cache, dentries, slab), so every restored
 /// run starts its command sooner (measured: a warm `run IMAGE true`
-/// 0.175 s → 0.135 s). Completion: void(std::error_code, vm::snapshot_report).
+/// 0.175 s → 0.135 s). Completion: void(supermachine::error_code, vm::snapshot_report).
 inline void
 async_snapshot_template(std::shared_ptr<vm> v, std::filesystem::path dir,
-                        std::function<void(std::error_code, vm::snapshot_report)> done) {
+                        std::function<void(supermachine::error_code, vm::snapshot_report)> done) {
     agent::exec_request warm_up;
     warm_up.argv = {"true"};
     warm_up.timeout_ms = 10'000;
     auto raw = v.get();
     raw->async_exec(std::move(warm_up), [v = std::move(v), dir = std::move(dir),
-                                         done = std::move(done)](std::error_code, auto&&...) {
+                                         done = std::move(done)](supermachine::error_code, auto&&...) {
         v->async_snapshot(dir, false,
-                          [v, done](std::error_code ec, vm::snapshot_report r) { done(ec, r); });
+                          [v, done](supermachine::error_code ec, vm::snapshot_report r) { done(ec, r); });
     });
 }
 
 /// `supermachine snapshot`: cold boot a snapshottable vm, snapshot it right
 /// after agent-ready into `dir` (replacing one there), stop it.
-/// Completion: void(std::error_code, vm::snapshot_report).
+/// Completion: void(supermachine::error_code, vm::snapshot_report).
 inline void async_build_snapshot(boost::asio::any_io_executor executor, prepared_image image,
                                  vm_options options, std::filesystem::path dir,
-                                 std::function<void(std::error_code, vm::snapshot_report)> done) {
+                                 std::function<void(supermachine::error_code, vm::snapshot_report)> done) {
     options.snapshottable = true;
     vm::async_start(executor, std::move(image), std::move(options),
-                    [dir, done](std::error_code ec, std::shared_ptr<vm> v) {
+                    [dir, done](supermachine::error_code ec, std::shared_ptr<vm> v) {
                         if (ec) {
                             if (v) std::fprintf(stderr, "%s", v->console_tail().c_str());
                             return done(ec, {});
@@ -113,10 +113,10 @@ inline void async_build_snapshot(boost::asio::any_io_executor executor, prepared
 }
 
 /// Start a vm for `supermachine run`: restore the cached snapshot, or cold
-/// boot (and create it). Completion: void(std::error_code, std::shared_ptr<vm>).
+/// boot (and create it). Completion: void(supermachine::error_code, std::shared_ptr<vm>).
 inline void async_warm_start(boost::asio::any_io_executor executor, prepared_image image,
                              vm_options options, warm_start_options warm,
-                             std::function<void(std::error_code, std::shared_ptr<vm>)> done) {
+                             std::function<void(supermachine::error_code, std::shared_ptr<vm>)> done) {
     auto say = [verbose = warm.verbose](const std::string& line) {
         if (verbose) std::fprintf(stderr, "supermachine: %s\n", line.c_str());
     };
@@ -168,11 +168,11 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
 
     // Restore `dir`: on success the run goes on in the clone.
     auto restore_then = [executor, image, options, dir,
-                         say](std::function<void(std::error_code, std::shared_ptr<vm>)> next) {
+                         say](std::function<void(supermachine::error_code, std::shared_ptr<vm>)> next) {
         const auto started = std::chrono::steady_clock::now();
         vm::async_restore(
             executor, dir, image, options,
-            [dir, say, next, started](std::error_code ec, std::shared_ptr<vm> v) {
+            [dir, say, next, started](supermachine::error_code ec, std::shared_ptr<vm> v) {
                 if (!ec) {
                     detail::mark_warm_snapshot_used(dir);
                     const auto ms = [](auto d) {
@@ -200,7 +200,7 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
         vm::async_start(
             executor, image, snapshottable,
             [image, options, dir, say, progress, done, lock_fd, restore_then, cold,
-             prune_cache](std::error_code ec, std::shared_ptr<vm> v) {
+             prune_cache](supermachine::error_code ec, std::shared_ptr<vm> v) {
                 if (ec) {
                     ::close(lock_fd);
                     say("snapshottable boot failed (" + ec.message() + "); plain cold boot");
@@ -209,7 +209,7 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                 async_snapshot_template(
                     std::move(v), dir,
                     [image, options, dir, say, progress, done, lock_fd, restore_then, cold,
-                     prune_cache](std::error_code ec, vm::snapshot_report report) {
+                     prune_cache](supermachine::error_code ec, vm::snapshot_report report) {
                         ::close(lock_fd);
                         if (ec || !report.saved) {
                             say("snapshot not created (" + (ec ? ec.message() : report.refusal) +
@@ -223,7 +223,7 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
                             for (const auto& old :
                                  detail::prune_warm_snapshots(dir.parent_path(), dir))
                                 say("removed the unused warm snapshot " + old.filename().string());
-                        restore_then([image, options, say, done, cold](std::error_code ec,
+                        restore_then([image, options, say, done, cold](supermachine::error_code ec,
                                                                        std::shared_ptr<vm> v) {
                             if (!ec) return done({}, std::move(v));
                             say("restore of the new snapshot failed (" + ec.message() +
@@ -234,7 +234,7 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
             });
     };
     auto restore = [image, options, dir, progress, done, create, cold, restore_then]() {
-        restore_then([image, options, dir, progress, done, create, cold](std::error_code ec,
+        restore_then([image, options, dir, progress, done, create, cold](supermachine::error_code ec,
                                                                          std::shared_ptr<vm> v) {
             if (!ec) return done({}, std::move(v));
             // Stale or corrupt: never trusted; rebuilt under the lock.

@@ -4,19 +4,26 @@
 // socketpair), many concurrent operations multiplexed by stream id.
 //
 //   agent::basic_client<boost::asio::local::stream_protocol::socket> client(std::move(socket));
-//   client.async_hello(token, [](std::error_code ec, agent::hello_ok) { ... });
-//   client.async_exec({.argv = {"sh", "-c", "exit 42"}}, [](std::error_code ec, agent::exec_output
+//   client.async_hello(token, [](error_code ec, agent::hello_ok) { ... });
+//   client.async_exec({.argv = {"sh", "-c", "exit 42"}}, [](error_code ec, agent::exec_output
 //   out) {});
 //
-// Completions carry std::error_code (supermachine::errc): with use_awaitable
-// they arrive as a tuple. Operations may be started from any thread; they run
+// Completions carry error_code (boost::system's; compare with
+// supermachine::errc): use_awaitable throws it, as for Asio's own objects.
+// async_exec honours per-operation cancellation (asio::bind_cancellation_slot,
+// awaitable_operators, a coroutine's cancellation). Operations may be started from any thread; they run
 // on the socket's executor (use a strand executor when that is multi-threaded).
 // A disconnected or misbehaving agent ends every pending operation with
 // errc::agent_unavailable or errc::agent_protocol_error; none hangs.
 #include <supermachine/agent/detail/client_core.hpp>
 
+#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/post.hpp>
+
+#include <csignal>
+#include <type_traits>
+#include <vector>
 
 #include <algorithm>
 #include <chrono>
@@ -26,6 +33,20 @@
 namespace supermachine::agent {
 
 namespace asio = boost::asio;
+
+/// A command as plain arguments, for `async_exec({"echo", "hi"}, token)`:
+/// a constructor, not an initializer_list (GCC 12 rejects an
+/// initializer_list argument inside co_await: "array used as initializer"),
+/// and no field left out for -Wmissing-field-initializers to flag.
+struct command {
+    template <class... Parts>
+        requires(sizeof...(Parts) > 0 && (std::is_convertible_v<Parts, std::string> && ...))
+    command(Parts&&... parts) { // NOLINT(google-explicit-constructor): braced lists are the point
+        argv.reserve(sizeof...(Parts));
+        (argv.emplace_back(std::forward<Parts>(parts)), ...);
+    }
+    std::vector<std::string> argv;
+};
 
 /// A process started with basic_client::async_spawn: stream its stdin/stdout/stderr,
 /// send signals, wait for its exit. Dropping it leaves the process running, its output discarded.
@@ -82,9 +103,9 @@ public:
     /// Completes with the exit status when the process has ended and its output was sent.
     template <class Token>
     auto async_wait(Token&& token) {
-        return asio::async_initiate<Token, void(std::error_code, exit_status)>(
+        return asio::async_initiate<Token, void(error_code, exit_status)>(
             [core = core_, state = state_](auto handler) {
-                auto done = detail::bind_completion<void(std::error_code, exit_status)>(
+                auto done = detail::bind_completion<void(error_code, exit_status)>(
                     std::move(handler), core->get_executor());
                 asio::post(core->get_executor(), [core, state, done = std::move(done)]() mutable {
                     core->wait_exit(*state, std::move(done));
@@ -96,9 +117,9 @@ public:
 private:
     template <class Token>
     auto send(message_type type, std::string data, Token&& token) {
-        return asio::async_initiate<Token, void(std::error_code)>(
+        return asio::async_initiate<Token, void(error_code)>(
             [core = core_, state = state_, type](auto handler, std::string data) {
-                auto done = detail::bind_completion<void(std::error_code)>(std::move(handler),
+                auto done = detail::bind_completion<void(error_code)>(std::move(handler),
                                                                            core->get_executor());
                 asio::post(core->get_executor(), [core, state, type, data = std::move(data),
                                                   done = std::move(done)]() mutable {
@@ -109,9 +130,9 @@ private:
     }
     template <class Token>
     auto marker(message_type type, Token&& token) {
-        return asio::async_initiate<Token, void(std::error_code)>(
+        return asio::async_initiate<Token, void(error_code)>(
             [core = core_, state = state_, type](auto handler) {
-                auto done = detail::bind_completion<void(std::error_code)>(std::move(handler),
+                auto done = detail::bind_completion<void(error_code)>(std::move(handler),
                                                                            core->get_executor());
                 asio::post(core->get_executor(),
                            [core, state, type, done = std::move(done)]() mutable {
@@ -122,9 +143,9 @@ private:
     }
     template <class Token>
     auto read(int channel, Token&& token) {
-        return asio::async_initiate<Token, void(std::error_code, std::string)>(
+        return asio::async_initiate<Token, void(error_code, std::string)>(
             [core = core_, state = state_, channel](auto handler) {
-                auto done = detail::bind_completion<void(std::error_code, std::string)>(
+                auto done = detail::bind_completion<void(error_code, std::string)>(
                     std::move(handler), core->get_executor());
                 asio::post(core->get_executor(),
                            [core, state, channel, done = std::move(done)]() mutable {
@@ -200,7 +221,7 @@ public:
     }
 
     /// Why the connection failed (empty while it works).
-    std::error_code failure() const { return core_->failure(); }
+    error_code failure() const { return core_->failure(); }
     /// The text of the agent's last error frame (e.g. "command not found: foo").
     std::string last_agent_message() const { return core_->last_agent_message(); }
     /// Bound on what async_exec / async_read_file keep in memory (default 1 GiB).
@@ -210,9 +231,9 @@ public:
     /// A wrong token ends in errc::agent_auth_failed.
     template <class Token>
     auto async_hello(std::string token, Token&& completion) {
-        return asio::async_initiate<Token, void(std::error_code, hello_ok)>(
+        return asio::async_initiate<Token, void(error_code, hello_ok)>(
             [core = core_](auto handler, std::string token) {
-                auto done = detail::bind_completion<void(std::error_code, hello_ok)>(
+                auto done = detail::bind_completion<void(error_code, hello_ok)>(
                     std::move(handler), core->get_executor());
                 asio::post(core->get_executor(),
                            [core, token = std::move(token), done = std::move(done)]() mutable {
@@ -227,18 +248,35 @@ public:
     /// exec_output::agent_message and last_agent_message()).
     template <class Token>
     auto async_exec(exec_request request, Token&& completion) {
-        return asio::async_initiate<Token, void(std::error_code, exec_output)>(
+        return asio::async_initiate<Token, void(error_code, exec_output)>(
             [core = core_](auto handler, exec_request request) {
-                auto done = detail::bind_completion<void(std::error_code, exec_output)>(
-                    std::move(handler), core->get_executor());
-                asio::post(core->get_executor(), [core, request = std::move(request),
-                                                  done = std::move(done)]() mutable {
-                    if (core->failure()) return done.take_and_call(core->failure(), exec_output{});
+                // Per-operation cancellation (any type): the process is
+                // killed in the guest and the operation completes at once
+                // with errc::cancelled (asio::error::operation_aborted); the
+                // connection and the VM stay usable.
+                auto slot = asio::get_associated_cancellation_slot(handler);
+                auto op = std::make_shared<detail::cancellable_exec>(
+                    detail::bind_completion<void(error_code, exec_output)>(std::move(handler),
+                                                                           core->get_executor()));
+                if (slot.is_connected()) {
+                    op->slot = slot;
+                    slot.assign([core, weak = std::weak_ptr(op)](asio::cancellation_type) {
+                        asio::post(core->get_executor(), [core, weak] {
+                            auto op = weak.lock();
+                            if (!op || !op->done) return;
+                            if (op->state) core->send_signal(*op->state, SIGKILL);
+                            op->finish(make_error_code(errc::cancelled), exec_output{});
+                        });
+                    });
+                }
+                asio::post(core->get_executor(), [core, op, request = std::move(request)]() mutable {
+                    if (!op->done) return; // cancelled before it started
+                    if (core->failure()) return op->finish(core->failure(), exec_output{});
                     auto state = core->open_stream(detail::stream_kind::exec);
+                    op->state = state;
                     state->collect = true;
                     state->collect_limit = core->max_collected_output;
-                    core->wait_exit(*state, [state, done = std::move(done)](
-                                                std::error_code ec, exit_status status) mutable {
+                    core->wait_exit(*state, [state, op](error_code ec, exit_status status) {
                         exec_output out;
                         out.exit_code = status.code;
                         out.signal = status.signal;
@@ -246,7 +284,7 @@ public:
                         out.stdout_data = std::move(state->collected[0]);
                         out.stderr_data = std::move(state->collected[1]);
                         out.agent_message = state->end_message;
-                        done.take_and_call(ec, std::move(out));
+                        op->finish(ec, std::move(out));
                     });
                     core->send_request(*state, request);
                 });
@@ -254,12 +292,20 @@ public:
             completion, std::move(request));
     }
 
+    /// The same for a plain argument list: `async_exec({"echo", "hi"}, token)`.
+    template <class Token>
+    auto async_exec(command argv, Token&& completion) {
+        exec_request request;
+        request.argv = std::move(argv.argv);
+        return async_exec(std::move(request), std::forward<Token>(completion));
+    }
+
     /// Starts a command and completes once it runs (exec_started), with the streaming handle.
     template <class Token>
     auto async_spawn(exec_request request, Token&& completion) {
-        return asio::async_initiate<Token, void(std::error_code, child_type)>(
+        return asio::async_initiate<Token, void(error_code, child_type)>(
             [core = core_](auto handler, exec_request request) {
-                auto done = detail::bind_completion<void(std::error_code, child_type)>(
+                auto done = detail::bind_completion<void(error_code, child_type)>(
                     std::move(handler), core->get_executor());
                 asio::post(core->get_executor(),
                            [core, request = std::move(request), done = std::move(done)]() mutable {
@@ -267,7 +313,7 @@ public:
                                    return done.take_and_call(core->failure(), child_type{});
                                auto state = core->open_stream(detail::stream_kind::exec);
                                state->on_started = [core, state, done = std::move(done)](
-                                                       std::error_code ec) mutable {
+                                                       error_code ec) mutable {
                                    if (ec) return done.take_and_call(ec, child_type{});
                                    done.take_and_call({}, child_type(core, state));
                                };
@@ -280,9 +326,9 @@ public:
     /// Reads a whole guest file of at most max_bytes (larger: std::errc::file_too_large).
     template <class Token>
     auto async_read_file(std::string path, std::uint64_t max_bytes, Token&& completion) {
-        return asio::async_initiate<Token, void(std::error_code, std::string)>(
+        return asio::async_initiate<Token, void(error_code, std::string)>(
             [core = core_](auto handler, std::string path, std::uint64_t max_bytes) {
-                auto done = detail::bind_completion<void(std::error_code, std::string)>(
+                auto done = detail::bind_completion<void(error_code, std::string)>(
                     std::move(handler), core->get_executor());
                 asio::post(core->get_executor(), [core, path = std::move(path), max_bytes,
                                                   done = std::move(done)]() mutable {
@@ -290,7 +336,7 @@ public:
                     auto state = core->open_stream(detail::stream_kind::read_file);
                     state->collect = true;
                     state->collect_limit = std::min(max_bytes, core->max_collected_output);
-                    state->on_end = [state, done = std::move(done)](std::error_code ec) mutable {
+                    state->on_end = [state, done = std::move(done)](error_code ec) mutable {
                         done.take_and_call(ec, ec ? std::string{} : std::move(state->collected[0]));
                     };
                     core->send_request(*state,
@@ -304,9 +350,9 @@ public:
     template <class Token>
     auto async_write_file(std::string path, std::string data, std::uint32_t mode,
                           Token&& completion) {
-        return asio::async_initiate<Token, void(std::error_code)>(
+        return asio::async_initiate<Token, void(error_code)>(
             [core = core_](auto handler, std::string path, std::string data, std::uint32_t mode) {
-                auto done = detail::bind_completion<void(std::error_code)>(std::move(handler),
+                auto done = detail::bind_completion<void(error_code)>(std::move(handler),
                                                                            core->get_executor());
                 asio::post(core->get_executor(), [core, path = std::move(path),
                                                   data = std::move(data), mode,
@@ -326,15 +372,15 @@ public:
     /// Connects to 127.0.0.1:guest_port inside the guest; completes with the channel.
     template <class Token>
     auto async_open_tcp(std::uint16_t guest_port, Token&& completion) {
-        return asio::async_initiate<Token, void(std::error_code, tcp_type)>(
+        return asio::async_initiate<Token, void(error_code, tcp_type)>(
             [core = core_](auto handler, std::uint16_t port) {
-                auto done = detail::bind_completion<void(std::error_code, tcp_type)>(
+                auto done = detail::bind_completion<void(error_code, tcp_type)>(
                     std::move(handler), core->get_executor());
                 asio::post(core->get_executor(), [core, port, done = std::move(done)]() mutable {
                     if (core->failure()) return done.take_and_call(core->failure(), tcp_type{});
                     auto state = core->open_stream(detail::stream_kind::tcp);
                     state->on_started = [core, state,
-                                         done = std::move(done)](std::error_code ec) mutable {
+                                         done = std::move(done)](error_code ec) mutable {
                         if (ec) return done.take_and_call(ec, tcp_type{});
                         done.take_and_call({}, tcp_type(core, state));
                     };
@@ -383,9 +429,9 @@ public:
 private:
     template <class Token>
     auto session_request(message_type type, std::string payload, Token&& completion) {
-        return asio::async_initiate<Token, void(std::error_code)>(
+        return asio::async_initiate<Token, void(error_code)>(
             [core = core_, type](auto handler, std::string payload) {
-                auto done = detail::bind_completion<void(std::error_code)>(std::move(handler),
+                auto done = detail::bind_completion<void(error_code)>(std::move(handler),
                                                                            core->get_executor());
                 asio::post(core->get_executor(), [core, type, payload = std::move(payload),
                                                   done = std::move(done)]() mutable {

@@ -60,7 +60,7 @@ struct vcpu_exit {
     std::array<std::byte, 15> instruction{}; // bytes at rip, as far as readable
     std::uint8_t instruction_length = 0;
     std::uint64_t detail = 0; // exit_reason / suberror / hardware reason, for messages
-    std::error_code error;
+    error_code error;
 
     std::span<const std::byte> instruction_bytes() const noexcept {
         return {instruction.data(), instruction_length};

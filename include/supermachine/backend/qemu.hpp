@@ -9,7 +9,7 @@
 //   backend::qemu_machine vm(io.get_executor(), config);
 //   vm.attach(backend::vhost_user_device_kind::blk, my_blk);   // any vhost_user::device_core
 //   vm.start([](std::string_view console) { ... });
-//   vm.async_wait([](std::error_code ec, int status) { ... });
+//   vm.async_wait([](error_code ec, int status) { ... });
 //   io.run();
 //
 // Engine choice: select_engine("auto") picks kvm when the host's KVM can run
@@ -142,8 +142,8 @@ public:
     ~qemu_machine() {
         kill();
         if (snapshot_thread_.joinable()) snapshot_thread_.join();
-        reap_blocking();
-        stop_file_servers();
+        if (child_.pid > 0 && !exited_) detail::reap_in_background(child_.pid);
+        stop_file_servers(/*wait=*/false);
         for (auto& d : devices_) {
             boost::system::error_code ignored;
             d.acceptor->close(ignored);
@@ -175,7 +175,7 @@ public:
         acceptor->open(local(), ec);
         if (!ec) acceptor->bind(local::endpoint(socket_path.string()), ec);
         if (!ec) acceptor->listen(1, ec);
-        if (ec) return std::error_code(ec.value(), std::system_category());
+        if (ec) return error_code(ec.value(), boost::system::system_category());
         auto served = std::make_shared<vhost_user::backend<Device>>(executor_, device);
         attached_device d;
         d.attachment = {kind, socket_path, id};
@@ -183,7 +183,7 @@ public:
         d.serve = [served, this, index = devices_.size()](local::socket socket) {
             served->async_serve(
                 std::move(socket),
-                [this, served, index, alive = std::weak_ptr<int>(alive_)](std::error_code end) {
+                [this, served, index, alive = std::weak_ptr<int>(alive_)](error_code end) {
                     if (alive.expired()) return;
                     devices_[index].end_reason = end;
                 });
@@ -201,8 +201,8 @@ public:
     }
 
     /// The reason each device's session ended (empty while serving).
-    std::vector<std::error_code> device_end_reasons() const {
-        std::vector<std::error_code> r;
+    std::vector<error_code> device_end_reasons() const {
+        std::vector<error_code> r;
         for (const auto& d : devices_)
             r.push_back(d.end_reason);
         return r;
@@ -339,15 +339,15 @@ public:
     }
 
     /// Completes when QEMU has exited and its console is drained:
-    /// void(std::error_code, int exit_status) (status as from waitpid's WEXITSTATUS, 128+signal if
+    /// void(error_code, int exit_status) (status as from waitpid's WEXITSTATUS, 128+signal if
     /// killed).
     template <class CompletionToken>
     auto async_wait(CompletionToken&& token) {
-        return boost::asio::async_initiate<CompletionToken, void(std::error_code, int)>(
+        return boost::asio::async_initiate<CompletionToken, void(error_code, int)>(
             [this](auto handler) {
                 auto shared = std::make_shared<decltype(handler)>(std::move(handler));
                 waiters_.push_back(
-                    [shared](std::error_code ec, int status) { std::move (*shared)(ec, status); });
+                    [shared](error_code ec, int status) { std::move (*shared)(ec, status); });
                 maybe_finish();
             },
             token);
@@ -373,12 +373,12 @@ public:
     /// save_state()) to `file` + ".devices", at the same pause. Resumes the
     /// guest afterwards when `resume`. A refusal by QEMU (a device without
     /// migration support) is not an error: the report says which, and the
-    /// guest is resumed. Completion: void(std::error_code, snapshot_report),
+    /// guest is resumed. Completion: void(error_code, snapshot_report),
     /// on the executor; the QMP exchange runs on its own thread so the
     /// executor stays free for the vhost-user back-ends QEMU waits on.
     template <class CompletionToken>
     auto async_save_snapshot(std::filesystem::path file, bool resume, CompletionToken&& token) {
-        return boost::asio::async_initiate<CompletionToken, void(std::error_code, snapshot_report)>(
+        return boost::asio::async_initiate<CompletionToken, void(error_code, snapshot_report)>(
             [this](auto handler, std::filesystem::path file, bool resume) {
                 if (snapshot_thread_.joinable()) snapshot_thread_.join();
                 auto shared = std::make_shared<decltype(handler)>(std::move(handler));
@@ -388,7 +388,7 @@ public:
                     auto r = save_snapshot_blocking(file, resume, report);
                     report.duration = std::chrono::duration_cast<std::chrono::milliseconds>(
                         std::chrono::steady_clock::now() - start);
-                    boost::asio::post(executor_, [shared, ec = r ? std::error_code{} : r.error(),
+                    boost::asio::post(executor_, [shared, ec = r ? error_code{} : r.error(),
                                                   report] { std::move (*shared)(ec, report); });
                 });
             },
@@ -440,7 +440,7 @@ private:
         std::function<void(local::socket)> serve;
         std::shared_ptr<void> keep_alive;
         std::function<void()> stop_serving; // detach the backend from the device
-        std::error_code end_reason;
+        error_code end_reason;
         std::function<std::vector<std::byte>()> save_state; // empty: the core keeps no state
         std::function<result<void>(std::span<const std::byte>)> restore_state;
     };
@@ -604,11 +604,12 @@ private:
         return success();
     }
 
-    void stop_file_servers() noexcept {
+    void stop_file_servers(bool wait = true) noexcept {
         for (auto& server : file_servers_) {
             if (server.pid > 0) {
                 ::kill(server.pid, SIGKILL);
-                ::waitpid(server.pid, nullptr, 0);
+                if (wait) ::waitpid(server.pid, nullptr, 0);
+                else detail::reap_in_background(server.pid);
                 server.pid = -1;
             }
             if (server.pidfd >= 0) ::close(server.pidfd);
@@ -724,7 +725,7 @@ private:
         waiters_.clear();
         for (auto& w : waiters)
             boost::asio::post(executor_, [w = std::move(w), status = exit_status_] {
-                w(std::error_code{}, status);
+                w(error_code{}, status);
             });
     }
 
@@ -749,7 +750,7 @@ private:
     std::array<char, 1024> diagnostics_buffer_{};
     mutable std::mutex diagnostics_mutex_;
     std::string diagnostics_;
-    std::vector<std::function<void(std::error_code, int)>> waiters_;
+    std::vector<std::function<void(error_code, int)>> waiters_;
     std::thread snapshot_thread_;
     std::function<result<void>()> paused_step_;
     std::atomic<std::chrono::steady_clock::time_point> resumed_at_{};
@@ -791,7 +792,7 @@ inline int run_qemu_boot(const qemu_boot_options& options,
         timed_out = true;
         vm.kill();
     });
-    vm.async_wait([&](std::error_code, int s) {
+    vm.async_wait([&](error_code, int s) {
         status = s;
         timer.cancel();
     });

@@ -10,7 +10,7 @@
 #include <supermachine/detail/agent_initramfs.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/error.hpp>
-#include <supermachine/image.hpp>
+#include <supermachine/prepared_image.hpp>
 #include <supermachine/oci/content_store.hpp>
 #include <supermachine/oci/digest.hpp>
 #include <supermachine/oci/rootfs_builder.hpp>
@@ -46,7 +46,7 @@ inline constexpr std::uint32_t max_snapshot_cpus = 64;
 inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::path& dir,
                                                          const std::filesystem::path& cache_dir,
                                                          std::string* why = nullptr) {
-    auto refuse = [&](std::error_code ec, std::string text) -> result<warm_snapshot_contents> {
+    auto refuse = [&](error_code ec, std::string text) -> result<warm_snapshot_contents> {
         if (why) *why = std::move(text);
         return ec;
     };
@@ -89,7 +89,7 @@ inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::
         return refuse(records.error(), "the content store at " + cache_dir.string() +
                                            " cannot be read: " + records.error().message());
     std::optional<oci::pulled_image> pulled;
-    std::error_code load_error = errc::not_found;
+    error_code load_error = errc::not_found;
     for (const auto& record : records.value()) {
         if (record.image_manifest_digest != digest.value()) continue;
         auto loaded = store.load_image(record);
@@ -100,7 +100,7 @@ inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::
         load_error = loaded.error();
     }
     if (!pulled)
-        return refuse(load_error == errc::not_found ? std::error_code(errc::not_found) : load_error,
+        return refuse(load_error == errc::not_found ? error_code(errc::not_found) : load_error,
                       "the snapshot's image " + meta.image_digest +
                           (load_error == errc::not_found
                                ? " is not in the content store at " + cache_dir.string() +

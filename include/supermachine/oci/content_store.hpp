@@ -39,7 +39,7 @@
 namespace supermachine::oci {
 
 namespace detail {
-inline std::error_code last_errno() {
+inline error_code last_errno() {
     return errno_code(errno);
 }
 

@@ -93,7 +93,7 @@ public:
         if (!context_) throw std::bad_alloc();
         const EVP_MD* md = algorithm == digest_algorithm::sha256 ? EVP_sha256() : EVP_sha512();
         if (EVP_DigestInit_ex(context_.get(), md, nullptr) != 1)
-            throw std::system_error(make_error_code(errc::io_error), "EVP_DigestInit_ex");
+            throw boost::system::system_error(make_error_code(errc::io_error), "EVP_DigestInit_ex");
     }
 
     digest_algorithm algorithm() const noexcept { return algorithm_; }

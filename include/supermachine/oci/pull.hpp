@@ -22,7 +22,7 @@ struct pull_options {
 inline result<pulled_image> pull_image(const image_source& source, content_store& store,
                                        const pull_options& options = {},
                                        std::string* error_detail = nullptr) {
-    auto explain = [&](std::error_code ec, std::string text) -> result<pulled_image> {
+    auto explain = [&](error_code ec, std::string text) -> result<pulled_image> {
         if (error_detail) *error_detail = std::move(text);
         return ec;
     };

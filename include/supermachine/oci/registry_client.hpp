@@ -10,14 +10,13 @@
 //
 // Every operation that fails leaves a human-readable reason in last_error().
 // Async handlers are void(boost::system::error_code, T), so use_awaitable
-// throws and use_future rethrows as Asio users expect; from_asio_error(ec)
-// gives back the std::error_code to compare with supermachine::errc.
+// throws and use_future rethrows as Asio users expect; compare ec with
+// supermachine::errc values directly.
 // The client must outlive its operations; it is not thread-safe (use a strand).
 #include <supermachine/error.hpp>
 #include <supermachine/oci/auth.hpp>
 #include <supermachine/oci/content_store.hpp>
 #include <supermachine/oci/detail/http_url.hpp>
-#include <supermachine/oci/detail/registry_asio_error.hpp>
 #include <supermachine/oci/digest.hpp>
 #include <supermachine/oci/image_config.hpp>
 #include <supermachine/oci/manifest.hpp>
@@ -257,7 +256,7 @@ private:
     };
 
     template <class T>
-    result<T> fail(std::error_code code, std::string why) {
+    result<T> fail(error_code code, std::string why) {
         last_error_ = std::move(why);
         return code;
     }
@@ -407,7 +406,7 @@ private:
                                 if (r)
                                     handler(boost::system::error_code{}, std::move(r).value());
                                 else
-                                    handler(to_asio_error(r.error()), T{});
+                                    handler(r.error(), T{});
                             });
                     },
                     boost::asio::detached);
@@ -1271,7 +1270,7 @@ private:
         std::optional<result<T>> out;
         start([&out](boost::system::error_code ec, T value) {
             if (ec)
-                out.emplace(from_asio_error(ec));
+                out.emplace(ec);
             else
                 out.emplace(std::move(value));
         });

@@ -197,7 +197,7 @@ result<rootfs_image> build_rootfs_from(std::string_view image_digest, std::size_
     out.group = std::move(group);
 
     auto temp = dir / (temp_prefix + std::to_string(::getpid()));
-    auto fail = [&](std::error_code e) -> result<rootfs_image> {
+    auto fail = [&](error_code e) -> result<rootfs_image> {
         ::unlink(temp.c_str());
         return e;
     };

@@ -15,7 +15,7 @@
 // fields() function; encode_record / decode_record / encoded_size_min all
 // work from that one list (see records.hpp).
 //
-// Outcome's result<T> holds a std::error_code, which is not a literal type,
+// Outcome's result<T> holds a error_code, which is not a literal type,
 // so this layer returns codec_result<T> (a literal value-or-errc) which
 // converts to result<T> and works with SUPERMACHINE_TRY on both sides.
 #include <supermachine/error.hpp>
@@ -83,7 +83,7 @@ public:
 
 private:
     constexpr void check() const {
-        if (error_ != errc::success) throw std::system_error(make_error_code(error_));
+        if (error_ != errc::success) throw boost::system::system_error(make_error_code(error_));
     }
     T value_{};
     errc error_ = errc::success;
@@ -105,7 +105,7 @@ public:
     constexpr explicit operator bool() const noexcept { return has_value(); }
     constexpr errc error() const noexcept { return error_; }
     constexpr void value() const {
-        if (error_ != errc::success) throw std::system_error(make_error_code(error_));
+        if (error_ != errc::success) throw boost::system::system_error(make_error_code(error_));
     }
     operator result<void>() const {
         if (has_value()) return success();

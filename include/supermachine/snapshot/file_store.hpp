@@ -42,7 +42,7 @@ inline result<write_statistics> write_snapshot(const std::filesystem::path& path
     std::string temp = (directory / ("." + path.filename().string() + ".tmp-XXXXXX")).string();
     supermachine::detail::unique_fd fd(::mkostemp(temp.data(), O_CLOEXEC));
     if (fd.get() < 0) return errno_code(errno);
-    auto discard = [&](std::error_code error) -> result<write_statistics> {
+    auto discard = [&](error_code error) -> result<write_statistics> {
         ::unlink(temp.c_str());
         return error;
     };

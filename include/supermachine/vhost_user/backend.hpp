@@ -137,15 +137,15 @@ public:
 
     /// Serve a connected front-end until it disconnects (completes with
     /// vhost_user_disconnected) or a fatal protocol error; the core is
-    /// deactivated either way. Signature void(std::error_code). The backend
+    /// deactivated either way. Signature void(error_code). The backend
     /// must outlive the operation.
     template <class CompletionToken>
     auto async_serve(boost::asio::local::stream_protocol::socket socket, CompletionToken&& token) {
-        return boost::asio::async_initiate<CompletionToken, void(std::error_code)>(
+        return boost::asio::async_initiate<CompletionToken, void(error_code)>(
             [this](auto handler, boost::asio::local::stream_protocol::socket s) {
                 auto shared = std::make_shared<decltype(handler)>(std::move(handler));
                 auto c = std::make_shared<connection>(*this, std::move(s),
-                                                      [this, shared](std::error_code ec) {
+                                                      [this, shared](error_code ec) {
                                                           stop();
                                                           std::move (*shared)(ec);
                                                       });
@@ -481,7 +481,7 @@ private:
     // ---- the socket side ----
 
     /// SUPERMACHINE_VHOST_TRACE=1: one stderr line per request (diagnosing front-ends).
-    static void trace(const message& m, std::error_code ec) {
+    static void trace(const message& m, error_code ec) {
         static const bool enabled = std::getenv("SUPERMACHINE_VHOST_TRACE") != nullptr;
         if (!enabled) return;
         std::uint64_t first = 0;
@@ -499,7 +499,7 @@ private:
     class connection : public std::enable_shared_from_this<connection> {
     public:
         connection(backend& owner, boost::asio::local::stream_protocol::socket socket,
-                   std::function<void(std::error_code)> done)
+                   std::function<void(error_code)> done)
             : owner_(owner)
             , socket_(std::move(socket))
             , done_(std::move(done)) {}
@@ -579,7 +579,7 @@ private:
                 return finish(valid.error());
             }
             auto reply = owner_.handle(m);
-            trace(m, reply ? std::error_code{} : reply.error());
+            trace(m, reply ? error_code{} : reply.error());
             if (reply) {
                 reply_ = std::move(reply).value();
             } else if (owner_.failure_is_acked(m)) {
@@ -607,7 +607,7 @@ private:
                               [self = this->shared_from_this()] { self->read_header(); });
         }
 
-        void finish(std::error_code ec) {
+        void finish(error_code ec) {
             boost::system::error_code ignored;
             socket_.close(ignored);
             // Completion from the executor, never from inside the initiating call.
@@ -617,7 +617,7 @@ private:
 
         backend& owner_;
         boost::asio::local::stream_protocol::socket socket_;
-        std::function<void(std::error_code)> done_;
+        std::function<void(error_code)> done_;
         std::unique_ptr<message> message_;
         std::array<std::byte, header_size> head_{};
         std::span<std::byte> target_;

@@ -63,7 +63,7 @@ public:
         wake_.assign(fd, ec);
         if (ec) {
             ::close(fd);
-            return std::error_code(ec.value(), std::system_category());
+            return error_code(ec.value(), boost::system::system_category());
         }
         epoll_fd_ = fd;
         static const SlirpCb callbacks = make_callbacks();

@@ -62,7 +62,7 @@ public:
                 l->descriptor.assign(fd, ec);
                 if (ec) {
                     ::close(fd);
-                    return std::error_code(ec.value(), std::system_category());
+                    return error_code(ec.value(), boost::system::system_category());
                 }
             }
             listeners_.push_back(l);

@@ -84,7 +84,7 @@ public:
         std::chrono::milliseconds connect_timeout{10000};
     };
     using accept_handler = std::function<void(int fd, std::uint32_t guest_port)>;
-    using connect_handler = std::function<void(std::error_code, int fd, std::uint32_t host_port)>;
+    using connect_handler = std::function<void(error_code, int fd, std::uint32_t host_port)>;
 
     explicit vsock_impl(const config_type& c)
         : config_(c) {}
@@ -178,7 +178,7 @@ public:
         std::uint32_t local = allocate_port(guest_port);
         int pair[2];
         if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) < 0)
-            return post_result(std::move(done), std::error_code(errno, std::system_category()), -1);
+            return post_result(std::move(done), error_code(errno, boost::system::system_category()), -1);
         auto c = make_connection(local, guest_port, pair[0]);
         c->user_fd = pair[1];
         c->on_connect = std::move(done);
@@ -239,7 +239,7 @@ private:
         }
     };
 
-    void post_result(connect_handler done, std::error_code ec, int fd, std::uint32_t port = 0) {
+    void post_result(connect_handler done, error_code ec, int fd, std::uint32_t port = 0) {
         if (!executor_) {
             done(ec, fd, port);
             return;
@@ -265,12 +265,12 @@ private:
         return c;
     }
 
-    void fail_connect(connection& c, std::error_code ec) {
+    void fail_connect(connection& c, error_code ec) {
         if (c.on_connect) post_result(std::move(c.on_connect), ec, -1);
         c.on_connect = nullptr;
     }
 
-    void drop_all_connections(std::error_code ec) {
+    void drop_all_connections(error_code ec) {
         for (auto& [k, c] : connections_) {
             fail_connect(*c, ec);
             close_socket(*c);
@@ -368,7 +368,7 @@ private:
             return;
         case vsock_op::rst:
             if (!c->established)
-                fail_connect(*c, std::make_error_code(std::errc::connection_refused));
+                fail_connect(*c, boost::system::errc::make_error_code(boost::system::errc::connection_refused));
             erase_connection(key);
             return;
         case vsock_op::rw: {
@@ -442,7 +442,7 @@ private:
         c.rst_pending = true;
         c.to_host.clear();
         c.from_host.clear();
-        fail_connect(c, std::make_error_code(std::errc::connection_reset));
+        fail_connect(c, boost::system::errc::make_error_code(boost::system::errc::connection_reset));
     }
 
     // Guest -> host bytes into the socket; credit goes back as the socket takes them.
@@ -723,17 +723,17 @@ public:
     template <class Executor, class Token>
     auto async_connect(const Executor& executor, std::uint32_t guest_port, Token&& token) {
         using socket_type = boost::asio::local::stream_protocol::socket;
-        return boost::asio::async_initiate<Token, void(std::error_code, socket_type)>(
+        return boost::asio::async_initiate<Token, void(error_code, socket_type)>(
             [impl = impl_, executor](auto handler, std::uint32_t port) {
                 auto shared = std::make_shared<decltype(handler)>(std::move(handler));
-                impl->connect(port, [shared, executor](std::error_code ec, int fd, std::uint32_t) {
+                impl->connect(port, [shared, executor](error_code ec, int fd, std::uint32_t) {
                     socket_type socket(executor);
                     if (!ec) {
                         boost::system::error_code assign_error;
                         socket.assign(boost::asio::local::stream_protocol(), fd, assign_error);
                         if (assign_error) {
                             ::close(fd);
-                            ec = std::error_code(assign_error.value(), std::system_category());
+                            ec = error_code(assign_error.value(), boost::system::system_category());
                         }
                     }
                     auto ex = boost::asio::get_associated_executor(*shared, executor);
@@ -756,7 +756,7 @@ public:
     /// The callback form of async_connect: done(error, fd, host_port) on the device's
     /// executor; the fd (host end) belongs to the callee.
     void connect(std::uint32_t guest_port,
-                 std::function<void(std::error_code, int, std::uint32_t)> done) {
+                 std::function<void(error_code, int, std::uint32_t)> done) {
         impl_->connect(guest_port, std::move(done));
     }
 
@@ -791,7 +791,7 @@ public:
         e->acceptor_.open(protocol(), ec);
         if (!ec) e->acceptor_.bind(protocol::endpoint(e->path_), ec);
         if (!ec) e->acceptor_.listen(64, ec);
-        if (ec) return std::error_code(ec.value(), std::system_category());
+        if (ec) return error_code(ec.value(), boost::system::system_category());
         e->accept();
         return e;
     }
@@ -864,7 +864,7 @@ private:
                 std::uint32_t port = 0;
                 if (!parse_connect(line, port)) return s->finish();
                 self->device_.connect(
-                    port, [s](std::error_code ec, int fd, std::uint32_t host_port) {
+                    port, [s](error_code ec, int fd, std::uint32_t host_port) {
                         if (ec) return s->finish();
                         boost::system::error_code assign_error;
                         s->guest.assign(protocol(), fd, assign_error);

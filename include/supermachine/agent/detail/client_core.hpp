@@ -12,6 +12,7 @@
 #include <supermachine/agent/protocol.hpp>
 #include <supermachine/error.hpp>
 
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
@@ -35,7 +36,7 @@ struct exec_output {
 };
 
 /// Maps an agent error frame to an error code.
-inline std::error_code to_error_code(const error_message& m) {
+inline error_code to_error_code(const error_message& m) {
     switch (m.code) {
     case agent_error::command_not_found:
         return errc::command_not_found;
@@ -44,15 +45,15 @@ inline std::error_code to_error_code(const error_message& m) {
     case agent_error::not_found:
         return errc::not_found;
     case agent_error::permission_denied:
-        return std::make_error_code(std::errc::permission_denied);
+        return boost::system::errc::make_error_code(boost::system::errc::permission_denied);
     case agent_error::connection_refused:
-        return std::make_error_code(std::errc::connection_refused);
+        return boost::system::errc::make_error_code(boost::system::errc::connection_refused);
     case agent_error::too_many_streams:
         return errc::out_of_resources;
     case agent_error::unsupported:
         return errc::not_supported;
     case agent_error::file_too_large:
-        return std::make_error_code(std::errc::file_too_large);
+        return boost::system::errc::make_error_code(boost::system::errc::file_too_large);
     case agent_error::invalid_request:
         return errc::invalid_argument;
     case agent_error::io_error:
@@ -67,8 +68,8 @@ namespace detail {
 
 enum class stream_kind { exec, read_file, write_file, tcp };
 
-using error_handler = unique_function<void(std::error_code)>;
-using chunk_handler = unique_function<void(std::error_code, std::string)>;
+using error_handler = unique_function<void(error_code)>;
+using chunk_handler = unique_function<void(error_code, std::string)>;
 
 struct stream_state {
     stream_kind kind;
@@ -105,11 +106,27 @@ struct stream_state {
     error_handler on_started;
     bool ended = false;
     bool we_closed = false; // tcp: our tcp_close went out
-    std::error_code end_error;
+    error_code end_error;
     std::string end_message;
     exit_status status;
-    unique_function<void(std::error_code, exit_status)> on_exit;
+    unique_function<void(error_code, exit_status)> on_exit;
     error_handler on_end; // read_file / write_file
+};
+
+/// One async_exec in flight: its completion, called once, by whichever comes
+/// first of the process's exit and a cancellation (both on the client's
+/// executor).
+struct cancellable_exec {
+    explicit cancellable_exec(unique_function<void(error_code, exec_output)> d)
+        : done(std::move(d)) {}
+    void finish(error_code ec, exec_output out) {
+        if (!done) return;
+        if (slot.is_connected()) slot.clear();
+        done.take_and_call(ec, std::move(out));
+    }
+    unique_function<void(error_code, exec_output)> done;
+    std::shared_ptr<stream_state> state;
+    boost::asio::cancellation_slot slot;
 };
 
 template <class Stream>
@@ -122,7 +139,7 @@ public:
 
     executor_type get_executor() { return stream_.get_executor(); }
     Stream& next_layer() { return stream_; }
-    std::error_code failure() const { return failed_; }
+    error_code failure() const { return failed_; }
     const std::string& last_agent_message() const { return last_agent_message_; }
 
     /// Upper bound on what the collected forms keep in memory per operation.
@@ -130,7 +147,7 @@ public:
 
     // ---- operations (called on the executor) ----------------------------------
 
-    void start_hello(std::string token, unique_function<void(std::error_code, hello_ok)> done) {
+    void start_hello(std::string token, unique_function<void(error_code, hello_ok)> done) {
         if (failed_) return done.take_and_call(failed_, hello_ok{});
         if (hello_done_ || authenticated_)
             return done.take_and_call(make_error_code(errc::invalid_argument), hello_ok{});
@@ -183,8 +200,8 @@ public:
     /// Queues data (split into chunks as credit allows); `done` when all of it is framed.
     void send_data(stream_state& s, message_type type, std::string data, error_handler done) {
         if (failed_ || s.ended || s.we_closed) {
-            std::error_code ec = failed_ ? failed_ : s.end_error;
-            if (!ec) ec = std::make_error_code(std::errc::broken_pipe);
+            error_code ec = failed_ ? failed_ : s.end_error;
+            if (!ec) ec = boost::system::errc::make_error_code(boost::system::errc::broken_pipe);
             if (done) done.take_and_call(ec);
             return;
         }
@@ -223,13 +240,13 @@ public:
             send_marker(s, message_type::tcp_close, 0, {});
     }
 
-    void wait_exit(stream_state& s, unique_function<void(std::error_code, exit_status)> done) {
+    void wait_exit(stream_state& s, unique_function<void(error_code, exit_status)> done) {
         if (s.ended) return done.take_and_call(s.end_error, s.status);
         s.on_exit = std::move(done);
     }
 
     /// Fails everything pending with `ec` and closes the connection.
-    void fail(std::error_code ec) {
+    void fail(error_code ec) {
         if (failed_) return;
         failed_ = ec;
         boost::system::error_code ignored;
@@ -442,7 +459,7 @@ private:
         }
     }
 
-    void take_ack(std::error_code ec) {
+    void take_ack(error_code ec) {
         auto done = std::move(session_acks_.front());
         session_acks_.pop_front();
         done.take_and_call(ec);
@@ -490,18 +507,18 @@ private:
             return s.reader[channel].take_and_call({}, std::move(chunk));
         }
         if (s.ended || s.inbox_eof[channel]) {
-            std::error_code ec = make_error_code(errc::end_of_stream);
+            error_code ec = make_error_code(errc::end_of_stream);
             if (s.ended && s.end_error) ec = s.end_error;
             s.reader[channel].take_and_call(ec, {});
         }
     }
 
-    void finish(stream_state& s, std::error_code ec) {
+    void finish(stream_state& s, error_code ec) {
         streams_.erase(s.id);
         end_stream(s, ec);
     }
 
-    void end_stream(stream_state& s, std::error_code ec) {
+    void end_stream(stream_state& s, error_code ec) {
         if (s.ended) return;
         s.ended = true;
         s.end_error = ec;
@@ -510,7 +527,7 @@ private:
         auto sends = std::move(s.sends);
         for (auto& p : sends)
             if (p.done)
-                p.done.take_and_call(ec ? ec : std::make_error_code(std::errc::broken_pipe));
+                p.done.take_and_call(ec ? ec : boost::system::errc::make_error_code(boost::system::errc::broken_pipe));
         pump_reader(s, 0);
         pump_reader(s, 1);
         if (s.on_exit) s.on_exit.take_and_call(ec, s.status);
@@ -525,10 +542,10 @@ private:
     std::array<char, frame_header_size> header_{};
     frame_header current_{};
     std::string payload_;
-    std::error_code failed_;
+    error_code failed_;
     bool got_ready_ = false;
     bool authenticated_ = false;
-    unique_function<void(std::error_code, hello_ok)> hello_done_;
+    unique_function<void(error_code, hello_ok)> hello_done_;
     std::deque<error_handler> session_acks_;
     std::map<std::uint32_t, std::shared_ptr<stream_state>> streams_;
     std::uint32_t next_stream_id_ = 1;

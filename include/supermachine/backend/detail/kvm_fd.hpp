@@ -13,7 +13,7 @@ namespace supermachine::backend::detail {
 
 /// The errno of the ioctl that just failed, as an error_code (system category,
 /// so the message names the errno); errc::kvm_failed when errno is 0.
-inline std::error_code kvm_error() noexcept {
+inline error_code kvm_error() noexcept {
     const int e = errno;
     return e ? errno_code(e) : make_error_code(errc::kvm_failed);
 }
