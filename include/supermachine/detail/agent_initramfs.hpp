@@ -20,7 +20,10 @@
 namespace supermachine::detail {
 
 /// Where the guest agent binary is: $SUPERMACHINE_AGENT, else beside the
-/// running program (the build puts both in bin/), else the install's libexec.
+/// running program (the build puts both in bin/), else ../libexec/supermachine
+/// from it (an installed CLI), else the libexec directory of the installed
+/// library this program was compiled against (SUPERMACHINE_LIBEXEC_DIR, set
+/// by the installed CMake package), so an embedding program needs no set-up.
 inline result<std::filesystem::path> find_agent_binary() {
     namespace fs = std::filesystem;
     std::error_code ec;
@@ -35,6 +38,11 @@ inline result<std::filesystem::path> find_agent_binary() {
               self.parent_path().parent_path() / "libexec" / "supermachine" / "supermachine-agent"})
             if (fs::is_regular_file(candidate, ec)) return candidate;
     }
+#ifdef SUPERMACHINE_LIBEXEC_DIR
+    if (const fs::path installed = fs::path(SUPERMACHINE_LIBEXEC_DIR) / "supermachine-agent";
+        fs::is_regular_file(installed, ec))
+        return installed;
+#endif
     return errc::agent_unavailable;
 }
 
