@@ -1,0 +1,231 @@
+// supermachine::pool and one io_context thread driving many VMs, on real
+// restored clones (QEMU TCG here), each figure beside its peer in the same run:
+//
+//   1. bare exec round trip: `true` in one running VM (the floor)
+//   2. a request through the pool (acquire + exec `true` + drop the lease),
+//      min_idle 4, one client at a time and 4 at once: p50, p99, requests/s
+//   3. a VM per request instead (restore + exec + kill): p50, p99, requests/s
+//   4. N = 4, 8, 16 clones restored at once from one snapshot by one thread:
+//      total time, per-VM start latency (median), RSS growth per VM
+//
+//   bench_pool oci:DIR:TAG [requests=40]
+#include <supermachine/image.hpp>
+#include <supermachine/pool.hpp>
+#include <supermachine/vm.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "../support/statistics.hpp"
+
+namespace {
+
+namespace sm = supermachine;
+namespace asio = boost::asio;
+using clock_type = std::chrono::steady_clock;
+using supermachine::bench::median;
+using supermachine::bench::seconds_since;
+
+double percentile(std::vector<double> v, double p) {
+    if (v.empty()) return 0;
+    std::sort(v.begin(), v.end());
+    return v[std::min(v.size() - 1, static_cast<std::size_t>(p * static_cast<double>(v.size())))];
+}
+
+// Resident memory of this process and its children (QEMU), in MiB: PSS
+// would be fairer for shared RAM; RSS per process summed counts a shared
+// page in each, an upper bound.
+double rss_mib_of(pid_t pid) {
+    std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+    std::string key;
+    while (status >> key) {
+        if (key == "VmRSS:") {
+            double kib = 0;
+            status >> kib;
+            return kib / 1024;
+        }
+        status.ignore(1 << 12, '\n');
+    }
+    return 0;
+}
+double tree_rss_mib() {
+    double total = rss_mib_of(::getpid());
+    for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+        const auto name = entry.path().filename().string();
+        if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+        std::ifstream stat(entry.path() / "stat");
+        std::string pid, comm, state;
+        int ppid = 0;
+        stat >> pid >> comm >> state >> ppid;
+        if (ppid == ::getpid()) total += rss_mib_of(std::stoi(pid));
+    }
+    return total;
+}
+
+template <class Coroutine>
+void run(asio::io_context& io, Coroutine coroutine) {
+    std::exception_ptr failure;
+    asio::co_spawn(io, std::move(coroutine), [&](std::exception_ptr e) { failure = e; });
+    io.restart();
+    io.run();
+    if (failure) std::rethrow_exception(failure);
+}
+
+void report(const char* what, const std::vector<double>& ms, double seconds) {
+    std::printf("  %-44s p50 %7.1f ms  p99 %7.1f ms  %6.1f req/s\n", what, median(ms),
+                percentile(ms, 0.99), static_cast<double>(ms.size()) / seconds);
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2) {
+        std::fprintf(stderr, "usage: bench_pool oci:DIR:TAG [requests=40]\n");
+        return 2;
+    }
+    const std::string reference = argv[1];
+    const int requests = argc > 2 ? std::atoi(argv[2]) : 40;
+    asio::io_context io;
+    const auto snapshot = std::filesystem::temp_directory_path() /
+                          ("bench-pool." + std::to_string(::getpid()));
+
+    sm::prepared_image image;
+    std::vector<double> bare;
+    run(io, [&]() -> asio::awaitable<void> {
+        const auto source = sm::image::from_oci(reference); // named: doc/embedding.md (GCC 12)
+        image = co_await source.async_prepare(asio::use_awaitable);
+        sm::vm_options options;
+        options.snapshottable = true;
+        auto booted = co_await sm::vm::async_start(io, image, options, asio::use_awaitable);
+        for (int i = 0; i < requests; ++i) {
+            const auto t = clock_type::now();
+            co_await booted->async_exec({"true"}, asio::use_awaitable);
+            bare.push_back(seconds_since(t) * 1000);
+        }
+        co_await booted->async_snapshot(snapshot, false, asio::use_awaitable);
+        booted->kill();
+    }());
+
+    std::printf("pool benchmark: %d requests of `true`, busybox image, QEMU TCG, one io_context "
+                "thread\n\n",
+                requests);
+    std::printf("  %-44s p50 %7.1f ms  p99 %7.1f ms\n", "bare exec round trip (one running VM)",
+                median(bare), percentile(bare, 0.99));
+
+    double pool_p50 = 0;
+    {
+        sm::pool pool(io, snapshot, {.min_idle = 4, .max_size = 8, .clone = {}});
+        std::vector<double> one, four;
+        double one_s = 0, four_s = 0;
+        run(io, [&]() -> asio::awaitable<void> {
+            // Let the pool fill before timing (a server starts before its first request).
+            while (pool.counts().idle < 4) {
+                asio::steady_timer wait(io, std::chrono::milliseconds(50));
+                co_await wait.async_wait(asio::use_awaitable);
+            }
+            auto started = clock_type::now();
+            for (int i = 0; i < requests; ++i) {
+                const auto t = clock_type::now();
+                auto lease = co_await pool.async_acquire(asio::use_awaitable);
+                co_await lease->async_exec({"true"}, asio::use_awaitable);
+                one.push_back(seconds_since(t) * 1000);
+            }
+            one_s = seconds_since(started);
+        }());
+        run(io, [&]() -> asio::awaitable<void> {
+            while (pool.counts().idle < 4) {
+                asio::steady_timer wait(io, std::chrono::milliseconds(50));
+                co_await wait.async_wait(asio::use_awaitable);
+            }
+            co_return;
+        }());
+        const auto started = clock_type::now();
+        int remaining = requests;
+        for (int client = 0; client < 4; ++client)
+            asio::co_spawn(
+                io,
+                [&]() -> asio::awaitable<void> {
+                    while (remaining > 0) {
+                        --remaining;
+                        const auto t = clock_type::now();
+                        auto lease = co_await pool.async_acquire(asio::use_awaitable);
+                        co_await lease->async_exec({"true"}, asio::use_awaitable);
+                        four.push_back(seconds_since(t) * 1000);
+                    }
+                },
+                asio::detached);
+        io.restart();
+        while (static_cast<int>(four.size()) < requests)
+            io.run_one();
+        four_s = seconds_since(started);
+        report("pool (min_idle 4), 1 client", one, one_s);
+        report("pool (min_idle 4), 4 clients", four, four_s);
+        pool_p50 = median(one);
+        pool.close();
+        io.restart();
+        io.run_for(std::chrono::seconds(2));
+    }
+
+    {
+        std::vector<double> fresh;
+        const auto started = clock_type::now();
+        run(io, [&]() -> asio::awaitable<void> {
+            for (int i = 0; i < requests; ++i) {
+                const auto t = clock_type::now();
+                auto clone = co_await sm::vm::async_restore(io.get_executor(), snapshot,
+                                                            sm::snapshot_start_options{},
+                                                            asio::use_awaitable);
+                co_await clone->async_exec({"true"}, asio::use_awaitable);
+                clone->kill();
+                fresh.push_back(seconds_since(t) * 1000);
+            }
+        }());
+        report("a VM per request (restore + exec + kill)", fresh, seconds_since(started));
+        std::printf("\n  pool p50 / bare exec p50: %.2fx (goal <= 3x); VM-per-request p50 / pool "
+                    "p50: %.1fx\n\n",
+                    pool_p50 / median(bare), median(fresh) / pool_p50);
+    }
+
+    for (int n : {4, 8, 16}) {
+        const double rss_before = tree_rss_mib();
+        std::vector<std::shared_ptr<sm::vm>> clones;
+        std::vector<double> latency;
+        const auto started = clock_type::now();
+        for (int i = 0; i < n; ++i)
+            sm::vm::async_restore(io.get_executor(), snapshot, sm::snapshot_start_options{},
+                                  [&, t = clock_type::now()](sm::error_code ec,
+                                                             std::shared_ptr<sm::vm> v) {
+                                      if (ec) throw boost::system::system_error(ec, "restore");
+                                      latency.push_back(seconds_since(t) * 1000);
+                                      clones.push_back(std::move(v));
+                                  });
+        io.restart();
+        while (static_cast<int>(clones.size()) < n)
+            io.run_one();
+        const double total = seconds_since(started);
+        const double rss_after = tree_rss_mib();
+        std::printf("  %2d clones at once, one thread: total %6.2f s, start latency p50 %7.1f "
+                    "ms, RSS +%.1f MiB per VM\n",
+                    n, total, median(latency), (rss_after - rss_before) / n);
+        for (auto& c : clones)
+            c->kill();
+        clones.clear();
+        io.restart();
+        io.run_for(std::chrono::seconds(1));
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(snapshot, ignored);
+}

@@ -1,0 +1,306 @@
+#pragma once
+// A pool of restored clones of one image snapshot, for servers that run a
+// command per request: the clones are restored ahead of time, so a request
+// pays for an exec, not for a restore.
+//
+//   supermachine::pool vms(io, snapshot_dir, {.min_idle = 4, .max_size = 16});
+//   auto lease = co_await vms.async_acquire(asio::use_awaitable);
+//   auto out = co_await lease->async_exec({"sh", "-c", cmd}, asio::use_awaitable);
+//   // the lease's destructor discards the clone; the pool restores another
+//
+// A clone is never reused: whatever a request did to it (files, processes,
+// memory) leaves with it. The pool keeps `min_idle` clones ready, at most
+// `max_size` alive (idle + leased + restoring); acquires beyond that wait,
+// in order, and a waiting acquire is cancellable (Asio cancellation slots).
+// Everything runs on a strand of the pool's executor; leases may be dropped
+// on any thread.
+#include <supermachine/error.hpp>
+#include <supermachine/vm.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+
+namespace supermachine {
+
+struct pool_options {
+    std::size_t min_idle = 2;  // restored clones kept ready
+    std::size_t max_size = 8;  // clones alive at once: idle + leased + restoring
+    snapshot_start_options clone; // how each clone is restored (timeout, cache dir)
+};
+
+/// What the pool holds now, and what it has done.
+struct pool_counts {
+    std::size_t idle = 0, leased = 0, restoring = 0, waiting = 0;
+    std::uint64_t restored = 0, failed = 0, discarded = 0;
+};
+
+namespace detail {
+
+class pool_core : public std::enable_shared_from_this<pool_core> {
+public:
+    using strand_type = boost::asio::strand<boost::asio::any_io_executor>;
+    using waiter = std::function<void(error_code, std::shared_ptr<vm>)>;
+
+    pool_core(boost::asio::any_io_executor executor, std::filesystem::path snapshot,
+              pool_options options)
+        : strand_(boost::asio::make_strand(std::move(executor)))
+        , snapshot_(std::move(snapshot))
+        , options_(std::move(options)) {
+        if (options_.max_size == 0) options_.max_size = 1;
+        if (options_.min_idle > options_.max_size) options_.min_idle = options_.max_size;
+    }
+
+    strand_type& strand() noexcept { return strand_; }
+
+    // All below: on the strand.
+
+    void start() { refill(); }
+
+    void acquire(std::uint64_t id, waiter done) {
+        if (closed_) return done(make_error_code(errc::cancelled), nullptr);
+        if (!idle_.empty()) {
+            auto clone = std::move(idle_.front());
+            idle_.pop_front();
+            ++counts_.leased;
+            done({}, std::move(clone));
+        } else {
+            waiters_.push_back({id, std::move(done)});
+        }
+        refill();
+    }
+
+    void cancel(std::uint64_t id) {
+        for (auto it = waiters_.begin(); it != waiters_.end(); ++it)
+            if (it->id == id) {
+                auto done = std::move(it->done);
+                waiters_.erase(it);
+                done(make_error_code(errc::cancelled), nullptr);
+                publish();
+                return;
+            }
+    }
+
+    void release(std::shared_ptr<vm> clone) {
+        --counts_.leased;
+        ++counts_.discarded;
+        clone->kill(); // never reused: its state leaves with it
+        refill();
+    }
+
+    void close() {
+        closed_ = true;
+        auto waiters = std::move(waiters_);
+        waiters_.clear();
+        for (auto& w : waiters)
+            w.done(make_error_code(errc::cancelled), nullptr);
+        for (auto& clone : idle_)
+            clone->kill();
+        idle_.clear();
+        publish();
+    }
+
+    pool_counts published_counts() const {
+        std::lock_guard lock(published_mutex_);
+        return published_;
+    }
+
+private:
+    struct pending_acquire {
+        std::uint64_t id;
+        waiter done;
+    };
+
+    std::size_t alive() const { return idle_.size() + counts_.leased + restoring_; }
+
+    // Restore until min_idle clones are ready beyond those promised to
+    // waiters, within max_size. Every event ends here (or in close), so
+    // this is also where the counts are published.
+    void refill() {
+        while (!closed_ && idle_.size() + restoring_ < options_.min_idle + waiters_.size() &&
+               alive() < options_.max_size)
+            restore_one();
+        publish();
+    }
+
+    void publish() {
+        std::lock_guard lock(published_mutex_);
+        published_ = counts_;
+        published_.idle = idle_.size();
+        published_.restoring = restoring_;
+        published_.waiting = waiters_.size();
+    }
+
+    void restore_one() {
+        ++restoring_;
+        vm::async_restore(
+            strand_, snapshot_, options_.clone,
+            [self = shared_from_this()](error_code ec, std::shared_ptr<vm> clone) {
+                boost::asio::post(self->strand_, [self, ec, clone = std::move(clone)]() mutable {
+                    self->restored(ec, std::move(clone));
+                });
+            });
+    }
+
+    void restored(error_code ec, std::shared_ptr<vm> clone) {
+        --restoring_;
+        if (ec || closed_) {
+            if (clone) clone->kill();
+            if (ec) {
+                ++counts_.failed;
+                // A snapshot that cannot be restored would make waiters wait
+                // for ever: fail one per failed restore instead.
+                if (!waiters_.empty()) {
+                    auto w = std::move(waiters_.front());
+                    waiters_.pop_front();
+                    w.done(ec, nullptr);
+                }
+            }
+            return publish();
+        }
+        ++counts_.restored;
+        if (!waiters_.empty()) {
+            auto w = std::move(waiters_.front());
+            waiters_.pop_front();
+            ++counts_.leased;
+            w.done({}, std::move(clone));
+        } else {
+            idle_.push_back(std::move(clone));
+        }
+        refill();
+    }
+
+    strand_type strand_;
+    std::filesystem::path snapshot_;
+    pool_options options_;
+    std::deque<std::shared_ptr<vm>> idle_;
+    std::deque<pending_acquire> waiters_;
+    std::size_t restoring_ = 0;
+    pool_counts counts_;
+    bool closed_ = false;
+    mutable std::mutex published_mutex_;
+    pool_counts published_;
+};
+
+} // namespace detail
+
+class pool {
+public:
+    using executor_type = boost::asio::any_io_executor;
+
+    /// One clone, leased: use it like a std::shared_ptr<vm>. Dropping it
+    /// discards the clone (killed at once) and the pool restores another.
+    class lease {
+    public:
+        lease() = default;
+        lease(lease&&) noexcept = default;
+        lease& operator=(lease&& other) noexcept {
+            reset();
+            core_ = std::move(other.core_);
+            clone_ = std::move(other.clone_);
+            return *this;
+        }
+        ~lease() { reset(); }
+
+        vm* operator->() const noexcept { return clone_.get(); }
+        vm& operator*() const noexcept { return *clone_; }
+        const std::shared_ptr<vm>& get() const noexcept { return clone_; }
+        explicit operator bool() const noexcept { return clone_ != nullptr; }
+
+        /// Give the clone back now (it is discarded, as on destruction).
+        void reset() {
+            if (!clone_) return;
+            auto strand = core_->strand(); // before core_ moves into the handler
+            boost::asio::post(strand, [core = std::move(core_), clone = std::move(clone_)] {
+                core->release(clone);
+            });
+        }
+
+    private:
+        friend class pool;
+        lease(std::shared_ptr<detail::pool_core> core, std::shared_ptr<vm> clone)
+            : core_(std::move(core))
+            , clone_(std::move(clone)) {}
+        std::shared_ptr<detail::pool_core> core_;
+        std::shared_ptr<vm> clone_;
+    };
+
+    /// Clones of the snapshot directory `snapshot` (vm::async_snapshot,
+    /// `supermachine snapshot -o DIR`). Restoring starts at once.
+    pool(executor_type executor, std::filesystem::path snapshot, pool_options options = {})
+        : core_(std::make_shared<detail::pool_core>(std::move(executor), std::move(snapshot),
+                                                    std::move(options))) {
+        boost::asio::post(core_->strand(), [core = core_] { core->start(); });
+    }
+    template <class ExecutionContext>
+        requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+    pool(ExecutionContext& context, std::filesystem::path snapshot, pool_options options = {})
+        : pool(executor_type(context.get_executor()), std::move(snapshot), std::move(options)) {}
+
+    pool(const pool&) = delete;
+    pool& operator=(const pool&) = delete;
+    /// Fails waiting acquires (errc::cancelled) and kills idle clones;
+    /// leases already handed out stay usable.
+    ~pool() { close(); }
+
+    executor_type get_executor() const noexcept { return core_->strand().get_inner_executor(); }
+
+    /// A ready clone: void(error_code, pool::lease). Waits (in order) when
+    /// max_size clones are alive; cancellable while it waits.
+    template <class Token>
+    auto async_acquire(Token&& token) {
+        return boost::asio::async_initiate<Token, void(error_code, lease)>(
+            [core = core_](auto handler) {
+                const std::uint64_t id = next_id();
+                auto slot = boost::asio::get_associated_cancellation_slot(handler);
+                auto done = agent::detail::bind_completion<void(error_code, lease)>(
+                    std::move(handler), core->strand());
+                auto shared = std::make_shared<decltype(done)>(std::move(done));
+                if (slot.is_connected())
+                    slot.assign([core, id](boost::asio::cancellation_type) {
+                        boost::asio::post(core->strand(), [core, id] { core->cancel(id); });
+                    });
+                boost::asio::post(core->strand(), [core, id, shared, slot]() mutable {
+                    core->acquire(id, [core, shared, slot](error_code ec,
+                                                           std::shared_ptr<vm> clone) mutable {
+                        if (slot.is_connected()) slot.clear();
+                        if (!*shared) return;
+                        shared->take_and_call(ec, clone ? lease(core, std::move(clone)) : lease());
+                    });
+                });
+            },
+            token);
+    }
+
+    /// What the pool holds now (from any thread; a copy published after
+    /// every event on the pool's strand).
+    pool_counts counts() const { return core_->published_counts(); }
+
+    /// Stop refilling; fail waiting acquires; kill idle clones.
+    void close() {
+        boost::asio::post(core_->strand(), [core = core_] { core->close(); });
+    }
+
+private:
+    static std::uint64_t next_id() {
+        static std::atomic<std::uint64_t> id{0};
+        return ++id;
+    }
+
+    std::shared_ptr<detail::pool_core> core_;
+};
+
+} // namespace supermachine
