@@ -643,6 +643,7 @@ private:
                               "the DNS upstream must be IP[:PORT], not " + upstream);
             c.dns_upstream = boost::asio::ip::udp::endpoint(address, *port);
         }
+        const std::string mac = c.guest_mac;
         auto made = detail::qemu_network::create(std::move(c));
         if (!made) {
             std::string ports;
@@ -656,6 +657,7 @@ private:
         }
         network_ = std::move(made).value();
         q.network_socket = network_->qemu_end();
+        q.network_mac = mac;
         return success();
     }
 

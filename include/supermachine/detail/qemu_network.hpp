@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -61,6 +62,7 @@ public:
     struct config {
         virtio::net_slirp::config slirp; // executor required
         std::optional<boost::asio::ip::udp::endpoint> dns_upstream;
+        std::string guest_mac = "52:54:00:12:34:56"; // what QEMU's NIC is given
     };
 
     /// The socketpair and the NAT; QEMU gets qemu_end() (close it here once
@@ -95,6 +97,7 @@ public:
         slirp_->attach([weak](std::span<const std::byte> frame) {
             if (auto self = weak.lock()) self->to_guest(frame);
         });
+        announce_guest();
         boost::asio::post(strand_, [self = shared_from_this()] { self->read(); });
     }
 
@@ -111,6 +114,36 @@ public:
     }
 
 private:
+    /// Slirp learns the guest's MAC only from the guest's ARP (its DHCP is
+    /// off): until the guest sends something, a published port's first
+    /// SYN waits in slirp for an ARP answer and a TCP retransmission (≈ 3 s
+    /// measured), and so would every clone's, whose slirp is fresh. So slirp
+    /// hears the guest's gratuitous ARP from us at start: the address and
+    /// MAC are ours to know (config::guest_mac, the agent's 10.0.2.15).
+    void announce_guest() {
+        std::array<std::byte, 60> f{}; // the minimum Ethernet frame, zero padded
+        unsigned mac[6] = {};
+        if (std::sscanf(config_.guest_mac.c_str(), "%x:%x:%x:%x:%x:%x", &mac[0], &mac[1], &mac[2],
+                        &mac[3], &mac[4], &mac[5]) != 6)
+            return;
+        in_addr guest{};
+        if (::inet_pton(AF_INET, config_.slirp.dhcp_start.c_str(), &guest) != 1) return;
+        for (int i = 0; i < 6; ++i) {
+            f[i] = std::byte{0xff};
+            f[6 + i] = std::byte(mac[i]);
+            f[22 + i] = std::byte(mac[i]); // sender hardware address
+        }
+        store16(&f[12], 0x0806);
+        store16(&f[14], 1);      // Ethernet
+        store16(&f[16], 0x0800); // IPv4
+        f[18] = std::byte{6};
+        f[19] = std::byte{4};
+        store16(&f[20], 1);             // request
+        std::memcpy(&f[28], &guest, 4); // sender = target: gratuitous
+        std::memcpy(&f[38], &guest, 4);
+        if (slirp_) slirp_->send(f);
+    }
+
     qemu_network(boost::asio::any_io_executor executor, config c)
         : config_(std::move(c))
         , strand_(boost::asio::make_strand(executor))
