@@ -76,9 +76,11 @@ public:
         const int size = 1 << 20;
         ::setsockopt(ours.get(), SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
         ::setsockopt(ours.get(), SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
-        auto executor = c.slirp.executor;
         SUPERMACHINE_TRY(slirp, virtio::net_slirp::create(c.slirp));
-        auto n = std::shared_ptr<qemu_network>(new qemu_network(executor, std::move(c)));
+        // On slirp's own strand: frames go in and come out without a post
+        // and a copy of ours each, one slirp cycle per batch read.
+        const auto strand = slirp->stack().strand();
+        auto n = std::shared_ptr<qemu_network>(new qemu_network(strand, std::move(c)));
         n->slirp_ = std::move(slirp);
         n->qemu_end_ = std::move(theirs);
         boost::system::error_code ec;
@@ -97,7 +99,7 @@ public:
         slirp_->attach([weak](std::span<const std::byte> frame) {
             if (auto self = weak.lock()) self->to_guest(frame);
         });
-        announce_guest();
+        boost::asio::post(strand_, [self = shared_from_this()] { self->announce_guest(); });
         boost::asio::post(strand_, [self = shared_from_this()] { self->read(); });
     }
 
@@ -141,12 +143,14 @@ private:
         store16(&f[20], 1);             // request
         std::memcpy(&f[28], &guest, 4); // sender = target: gratuitous
         std::memcpy(&f[38], &guest, 4);
-        if (slirp_) slirp_->send(f);
+        if (!slirp_) return;
+        slirp_->stack().input_on_strand(f);
+        slirp_->stack().schedule();
     }
 
-    qemu_network(boost::asio::any_io_executor executor, config c)
+    qemu_network(const boost::asio::strand<boost::asio::any_io_executor>& strand, config c)
         : config_(std::move(c))
-        , strand_(boost::asio::make_strand(executor))
+        , strand_(strand)
         , socket_(strand_) {}
 
     void read() {
@@ -165,6 +169,7 @@ private:
     /// Hand every whole frame in in_ on; false when the stream is unusable.
     bool take_frames() {
         std::size_t at = 0;
+        const auto before = counters_.to_slirp.load(std::memory_order_relaxed);
         while (filled_ - at >= 4) {
             const auto* p = reinterpret_cast<const unsigned char*>(in_.data() + at);
             const std::uint32_t length = (std::uint32_t{p[0]} << 24) | (std::uint32_t{p[1]} << 16) |
@@ -180,6 +185,9 @@ private:
         }
         std::memmove(in_.data(), in_.data() + at, filled_ - at);
         filled_ -= at;
+        // One slirp cycle for the batch (what the frames opened or sent).
+        if (slirp_ && counters_.to_slirp.load(std::memory_order_relaxed) != before)
+            slirp_->stack().schedule();
         return true;
     }
 
@@ -189,14 +197,15 @@ private:
             return;
         }
         if (config_.dns_upstream && dns_query(frame)) return;
-        if (!slirp_ || !slirp_->send(frame)) {
+        if (!slirp_) {
             ++counters_.refused;
             return;
         }
+        slirp_->stack().input_on_strand(frame); // we run on slirp's strand
         ++counters_.to_slirp;
     }
 
-    /// From slirp's strand: framed, queued, written on ours.
+    /// On slirp's strand (ours): framed, queued, written.
     void to_guest(std::span<const std::byte> frame) {
         if (frame.empty() || frame.size() > max_frame) return;
         std::vector<std::byte> framed(4 + frame.size());
@@ -206,10 +215,7 @@ private:
         framed[2] = std::byte(n >> 8);
         framed[3] = std::byte(n);
         std::memcpy(framed.data() + 4, frame.data(), frame.size());
-        boost::asio::post(strand_,
-                          [self = shared_from_this(), framed = std::move(framed)]() mutable {
-                              self->queue(std::move(framed));
-                          });
+        queue(std::move(framed)); // the sink runs on slirp's strand: ours
     }
 
     void queue(std::vector<std::byte> framed) {

@@ -109,6 +109,26 @@ public:
         return true;
     }
 
+    /// The strand slirp runs on: a caller already on it may use
+    /// input_on_strand (no copy, no post) and schedule() once per batch.
+    const strand_type& strand() const noexcept { return strand_; }
+
+    /// On the strand only: slirp takes (copies) the frame now.
+    void input_on_strand(std::span<const std::byte> frame) {
+        if (!slirp_ || closed_) return;
+        ::slirp_input(slirp_, reinterpret_cast<const std::uint8_t*>(frame.data()),
+                      static_cast<int>(frame.size()));
+    }
+
+    /// Run a cycle soon, once however many ask (on or off the strand).
+    void schedule() {
+        if (scheduled_.exchange(true, std::memory_order_acq_rel)) return;
+        boost::asio::post(strand_, [self = shared_from_this()] {
+            self->scheduled_.store(false, std::memory_order_release);
+            self->cycle();
+        });
+    }
+
     /// Stop on the strand: no callback into the sink after this runs.
     void close() {
         {
@@ -204,15 +224,6 @@ private:
         cb.unregister_poll_fd = [](int, void*) {}; // a closed fd leaves the epoll set itself
         cb.notify = [](void* opaque) { static_cast<slirp_stack*>(opaque)->schedule(); };
         return cb;
-    }
-
-    /// Run a cycle soon, once however many ask (on or off the strand).
-    void schedule() {
-        if (scheduled_.exchange(true, std::memory_order_acq_rel)) return;
-        boost::asio::post(strand_, [self = shared_from_this()] {
-            self->scheduled_.store(false, std::memory_order_release);
-            self->cycle();
-        });
     }
 
     void cycle() {
@@ -358,6 +369,9 @@ public:
     ~net_slirp() { stack_->close(); }
 
     void attach(net_frame_sink sink) { stack_->set_sink(std::move(sink)); }
+    /// The stack behind (its strand, input_on_strand): for a frame source
+    /// that runs on slirp's strand itself (detail/qemu_network.hpp).
+    detail::slirp_stack& stack() noexcept { return *stack_; }
     bool send(std::span<const std::byte> frame) {
         return stack_->input(frame, config_.max_pending_frames);
     }
