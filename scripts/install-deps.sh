@@ -7,7 +7,7 @@ packages=(
   libboost1.81-dev libboost-test1.81-dev libboost-json1.81-dev librange-v3-dev nlohmann-json3-dev
   libssl-dev zlib1g-dev libzstd-dev zstd libslirp-dev
   e2fsprogs acpica-tools cpio lz4 qemu-system-x86 qemu-system-common qemu-utils busybox-static
-  skopeo umoci docker-registry debootstrap
+  skopeo umoci docker-registry debootstrap dnsmasq-base
 )
 missing=()
 for p in "${packages[@]}"; do

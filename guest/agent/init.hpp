@@ -8,8 +8,11 @@
 
 #include <cctype>
 
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -305,6 +308,75 @@ inline void mount_hostname_files() {
         if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) < 0)
             log("%s: bind mount failed: errno %d", target.c_str(), errno);
     }
+}
+
+/// The user-mode network (supermachine.net=user, doc/vm.md "Network"):
+/// eth0 at 10.0.2.15/24, default route via 10.0.2.2, DNS at 10.0.2.3, set
+/// with ioctls (images need no `ip`). /etc/resolv.conf is a file of ours
+/// bind-mounted over the image's, as /etc/hosts is (mount_hostname_files).
+/// Done once at boot, so a warm snapshot holds it; a restored clone keeps
+/// the configuration and sees at most a link flap.
+inline void configure_network(const std::string& cmdline) {
+    if (cmdline_value(cmdline, "supermachine.net") != "user") return;
+    const char* name = "eth0";
+    // virtio_net probes while the modules load: wait for eth0 briefly.
+    for (int i = 0; i < 200 && ::if_nametoindex(name) == 0; ++i)
+        ::usleep(10 * 1000);
+    const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || ::if_nametoindex(name) == 0) {
+        log("network: no %s (errno %d)", name, errno);
+        if (fd >= 0) ::close(fd);
+        return;
+    }
+    auto set_address = [&](unsigned long request, const char* text) {
+        ifreq req{};
+        std::strncpy(req.ifr_name, name, IFNAMSIZ - 1);
+        auto* in = reinterpret_cast<sockaddr_in*>(&req.ifr_addr);
+        in->sin_family = AF_INET;
+        ::inet_pton(AF_INET, text, &in->sin_addr);
+        if (::ioctl(fd, request, &req) != 0) log("network: address %s: errno %d", text, errno);
+    };
+    set_address(SIOCSIFADDR, "10.0.2.15");
+    set_address(SIOCSIFNETMASK, "255.255.255.0");
+    ifreq up{};
+    std::strncpy(up.ifr_name, name, IFNAMSIZ - 1);
+    if (::ioctl(fd, SIOCGIFFLAGS, &up) == 0) {
+        up.ifr_flags |= IFF_UP | IFF_RUNNING;
+        if (::ioctl(fd, SIOCSIFFLAGS, &up) != 0) log("network: %s up: errno %d", name, errno);
+    }
+    rtentry route{};
+    auto* gateway = reinterpret_cast<sockaddr_in*>(&route.rt_gateway);
+    gateway->sin_family = AF_INET;
+    ::inet_pton(AF_INET, "10.0.2.2", &gateway->sin_addr);
+    reinterpret_cast<sockaddr_in*>(&route.rt_dst)->sin_family = AF_INET;
+    reinterpret_cast<sockaddr_in*>(&route.rt_genmask)->sin_family = AF_INET;
+    route.rt_flags = RTF_UP | RTF_GATEWAY;
+    route.rt_dev = const_cast<char*>(name);
+    if (::ioctl(fd, SIOCADDRT, &route) != 0 && errno != EEXIST)
+        log("network: default route%s: errno %d", "", errno);
+    ::close(fd);
+
+    make_dir("/run/supermachine");
+    const char* source = "/run/supermachine/resolv.conf";
+    const char* target = "/etc/resolv.conf";
+    const std::string text = "nameserver 10.0.2.3\n";
+    const int out = ::open(source, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (out < 0) return;
+    const bool written =
+        ::write(out, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    ::close(out);
+    if (!written) return;
+    struct stat st {};
+    if (::lstat(target, &st) != 0 || !S_ISREG(st.st_mode)) {
+        // Missing, or a symlink (e.g. into systemd-resolved's /run): replaced in
+        // this vm's own copy-on-write root, never followed.
+        make_dir("/etc");
+        ::unlink(target);
+        const int made = ::open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+        if (made >= 0) ::close(made);
+    }
+    if (::mount(source, target, nullptr, MS_BIND, nullptr) < 0)
+        log("%s: bind mount failed: errno %d", target, errno);
 }
 
 /// A node of the workload's /dev: name, kind (S_IFCHR/S_IFBLK), device, mode.

@@ -101,6 +101,7 @@ void set_up_dev(const std::string& cmdline) {
     mount_volumes(cmdline); // inside the image's root, before any command runs
     bring_up_loopback();
     mount_hostname_files();
+    configure_network(cmdline);
     if (token.empty()) log("no token (/etc/supermachine/token in the initramfs): refusing all");
     // Only the host may connect (vsock): never a process of the guest.
     const server_options options{.token = token, .power_off_on_shutdown = true, .host_only = true};

@@ -534,7 +534,16 @@ private:
     /// warm path (measured ≈ 15 ms a run when they were written on the root
     /// disk). Without the mounts they are written on the root (the vm's own
     /// copy-on-write disk); a read-only root keeps its files: logged.
-    void set_hostname(connection& c, std::string_view name) {
+    /// The payload may go on after the name with "\n" and lines for
+    /// /etc/hosts (docker's --add-host, written by the host as "IP\tNAME\n").
+    void set_hostname(connection& c, std::string_view payload) {
+        const auto newline = payload.find('\n');
+        const std::string_view name = payload.substr(0, newline);
+        const std::string_view extra =
+            newline == std::string_view::npos ? std::string_view() : payload.substr(newline + 1);
+        for (char ch : extra)
+            if (ch != '\n' && ch != '\t' && (ch < 0x20 || ch > 0x7e))
+                return send_error(c, 0, agent_error::invalid_request, 0, "bad hosts line");
         if (::sethostname(name.data(), name.size()) != 0)
             return send_error(c, 0, agent_error::io_error, errno, "sethostname failed");
         const std::string n(name);
@@ -545,7 +554,7 @@ private:
                                   "ff00::1\tip6-allnodes\n"
                                   "ff00::2\tip6-allrouters\n"
                                   "127.0.1.1\t" +
-                                  n + "\n";
+                                  n + "\n" + std::string(extra);
         for (const auto& [path, text] :
              {std::pair{"/etc/hostname", n + "\n"}, std::pair{"/etc/hosts", hosts}}) {
             const int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW;

@@ -24,12 +24,14 @@
 #include <supermachine/backend/qemu.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
+#include <supermachine/detail/qemu_network.hpp>
 #include <supermachine/detail/runtime_directory.hpp>
 #include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/detail/warm_snapshot_contents.hpp>
 #include <supermachine/error.hpp>
+#include <supermachine/network.hpp>
 #include <supermachine/prepared_image.hpp>
 #include <supermachine/shared_directory.hpp>
 #include <supermachine/storage/cow_file.hpp>
@@ -112,6 +114,24 @@ struct vm_options {
     /// Data disks after the root disk (at most max_data_disks). Like
     /// volumes, a vm with them cannot be snapshottable nor restored.
     std::vector<data_disk> disks;
+    /// The guest network (doc/vm.md, "Network"): docker's default, a
+    /// user-mode NAT (eth0 10.0.2.15/24), or none (no device). Part of the
+    /// kernel command line, so of a warm snapshot's identity.
+    network_mode network = network_mode::user;
+    /// docker's -p on the user network: host ports forwarded to the guest.
+    /// (expose_tcp() forwards over the agent channel instead, any network.)
+    std::vector<published_port> publish;
+    /// docker's --add-host: /etc/hosts lines, written with the hostname
+    /// (async_set_hostname). A "host-gateway" entry is what lets the guest
+    /// reach the host's loopback (10.0.2.2); without one it cannot.
+    std::vector<extra_host> add_hosts;
+    /// The resolver the guest's DNS (10.0.2.3) forwards to, "IP:PORT";
+    /// default: $SUPERMACHINE_DNS_UPSTREAM, else the host's resolv.conf
+    /// nameserver (libslirp's own forwarding).
+    std::string dns_upstream;
+    /// Appended to the engine's command line as they are (QEMU: e.g. its
+    /// own devices beside ours, for benchmarks). Cold boots only.
+    std::vector<std::string> engine_arguments;
 };
 
 /// What the caller still chooses when a vm starts from a snapshot directory
@@ -143,6 +163,7 @@ public:
         kill();
         client_.reset();
         machine_.reset(); // reaps QEMU
+        if (network_) network_->stop();
         detail::trace_point("engine reaped");
         if (owns_runtime_dir_) { // sockets, initramfs and (snapshottable) the RAM file
             std::error_code ignored;
@@ -232,14 +253,25 @@ public:
                                          std::forward<Token>(token));
     }
 
-    /// Listen on 127.0.0.1:host_port (0: any free port); each connection is
-    /// forwarded to guest_port inside the guest through the agent. Returns
-    /// the bound host port.
-    result<std::uint16_t> expose_tcp(std::uint16_t host_port, std::uint16_t guest_port) {
+    /// The guest's hostname (sethostname, /etc/hostname, /etc/hosts) and
+    /// vm_options::add_hosts's lines in /etc/hosts: void(error_code).
+    template <class Token>
+    auto async_set_hostname(std::string name, Token&& token) {
+        if (!options_.add_hosts.empty()) name += "\n" + extra_hosts_lines(options_.add_hosts);
+        return client_->async_set_hostname(std::move(name), std::forward<Token>(token));
+    }
+
+    /// Listen on address:host_port (0: any free port); each connection is
+    /// forwarded to guest_port inside the guest through the agent (no guest
+    /// network needed). Returns the bound host port.
+    result<std::uint16_t> expose_tcp(std::uint16_t host_port, std::uint16_t guest_port,
+                                     const std::string& address = "127.0.0.1") {
         namespace ip = boost::asio::ip;
         auto acceptor = std::make_shared<ip::tcp::acceptor>(executor_);
         boost::system::error_code ec;
-        const ip::tcp::endpoint endpoint(ip::make_address_v4("127.0.0.1"), host_port);
+        const auto bind_address = ip::make_address_v4(address, ec);
+        if (ec) return errc::invalid_argument;
+        const ip::tcp::endpoint endpoint(bind_address, host_port);
         acceptor->open(endpoint.protocol(), ec);
         if (!ec) acceptor->set_option(ip::tcp::acceptor::reuse_address(true), ec);
         if (!ec) acceptor->bind(endpoint, ec);
@@ -514,6 +546,12 @@ private:
         return success();
     }
 
+    static constexpr const char* network_word = "supermachine.net=user";
+    static bool has_network_word(std::string_view cmdline) {
+        return cmdline == network_word || cmdline.ends_with(std::string(" ") + network_word) ||
+               cmdline.find(std::string(" ") + network_word + " ") != std::string_view::npos;
+    }
+
     // Ours, under $TMPDIR (else /tmp), locked while we live: a SIGKILLed
     // run's directory (its overlay grows with what the guest wrote) is
     // removed by the next start (detail/runtime_directory.hpp).
@@ -607,8 +645,60 @@ private:
             SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
             vsock_ = std::move(vsock);
         }
+        SUPERMACHINE_TRY(make_network(q));
+        q.extra_arguments = options_.engine_arguments;
         remember_for_snapshot(image, q.cmdline, agent_binary);
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
+        return success();
+    }
+
+    // The user-mode network (detail/qemu_network.hpp): our slirp NAT on one
+    // end of a socketpair, QEMU's virtio-net on the other. The host's
+    // loopback is reachable (10.0.2.2) only with a host-gateway --add-host.
+    result<void> make_network(backend::qemu_config& q) {
+        if (options_.network != network_mode::user) {
+            if (!options_.publish.empty())
+                return refuse(errc::invalid_argument,
+                              "published ports need the user network (network_mode::user)");
+            return success();
+        }
+        detail::qemu_network::config c;
+        c.slirp.executor = executor_;
+        c.slirp.disable_host_loopback = !reaches_host_loopback(options_.add_hosts);
+        c.slirp.disable_dhcp = true; // the agent configures eth0 (init.hpp)
+        for (const auto& p : options_.publish)
+            c.slirp.forwards.push_back({p.udp, p.host_address, p.host_port, p.guest_port});
+        std::string upstream = options_.dns_upstream;
+        if (const char* env = std::getenv("SUPERMACHINE_DNS_UPSTREAM");
+            upstream.empty() && env && *env)
+            upstream = env;
+        if (!upstream.empty()) {
+            const auto colon = upstream.rfind(':');
+            boost::system::error_code ec;
+            const auto address = boost::asio::ip::make_address_v4(upstream.substr(0, colon), ec);
+            const auto port = colon == std::string::npos
+                                  ? std::optional<std::uint16_t>(53)
+                                  : detail::parse_port_number(upstream.substr(colon + 1));
+            if (ec || !port || *port == 0)
+                return refuse(errc::invalid_argument,
+                              "the DNS upstream must be IP[:PORT], not " + upstream);
+            c.dns_upstream = boost::asio::ip::udp::endpoint(address, *port);
+        }
+        const std::string mac = c.guest_mac;
+        auto made = detail::qemu_network::create(std::move(c));
+        if (!made) {
+            std::string ports;
+            for (const auto& p : options_.publish)
+                ports += " " + p.host_address + ":" + std::to_string(p.host_port) +
+                         (p.udp ? "/udp" : "/tcp");
+            return refuse(made.error(), made.error() == errno_code(EADDRINUSE)
+                                            ? "cannot publish a port (address in use?):" + ports
+                                            : "the user-mode network could not be set up: " +
+                                                  made.error().message());
+        }
+        network_ = std::move(made).value();
+        q.network_socket = network_->qemu_end();
+        q.network_mac = mac;
         return success();
     }
 
@@ -628,6 +718,10 @@ private:
         auto started = machine_->start([weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
         });
+        if (network_) {
+            network_->close_qemu_end(); // QEMU holds its own now (or failed to start)
+            if (started) network_->start();
+        }
         if (!started) {
             // What the engine said (e.g. which helper program is missing).
             auto said = machine_->diagnostics();
@@ -809,7 +903,13 @@ private:
     /// The kernel command line of an image vm: the root
     /// disk, and its channel (virtio-serial for snapshottable vms, else vsock).
     std::string guest_cmdline() const {
-        return detail::image_vm_cmdline(options_.snapshottable, agent_port, options_.extra_cmdline);
+        auto cmdline =
+            detail::image_vm_cmdline(options_.snapshottable, agent_port, options_.extra_cmdline);
+        // The agent configures eth0 at boot: a snapshot with it and one
+        // without are different snapshots (the command line is in the key).
+        if (options_.network == network_mode::user && !has_network_word(cmdline))
+            cmdline += std::string(" ") + network_word;
+        return cmdline;
     }
 
     /// A qcow2 overlay over the read-only cached rootfs (QEMU's own blk
@@ -1205,6 +1305,9 @@ private:
         if (copy_error) return errc::io_error;
         serial_socket_ = options_.runtime_dir / "agent.sock";
         q.agent_serial_socket = serial_socket_;
+        // A fresh NAT on a fresh socketpair (QEMU does not migrate the
+        // netdev): the guest's eth0 and its configuration are in the stream.
+        SUPERMACHINE_TRY(make_network(q));
         remember_for_snapshot(image, q.cmdline, agent_binary.value());
         machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
         return success();
@@ -1226,6 +1329,11 @@ private:
         options_.cpus = contents.value().cpus;
         options_.kernel = std::move(contents.value().kernel);
         options_.extra_cmdline = std::move(contents.value().extra_cmdline);
+        // The snapshot says whether the guest has a network device.
+        std::string extra;
+        for (const auto& e : options_.extra_cmdline)
+            extra += " " + e;
+        options_.network = has_network_word(extra) ? network_mode::user : network_mode::none;
         return prepare_restore(contents.value().image);
     }
 
@@ -1266,6 +1374,7 @@ private:
     // Destroyed in reverse order: the engine before the devices it uses.
     std::unique_ptr<root_disk> disk_;
     std::unique_ptr<virtio::vsock> vsock_;
+    std::shared_ptr<detail::qemu_network> network_; // before the engine that uses it
     std::unique_ptr<backend::qemu_machine> machine_;
     std::unique_ptr<client_type> client_;
     std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> listeners_;

@@ -210,4 +210,10 @@ BOOST_AUTO_TEST_CASE(limits_resize_and_hostname_are_bounded) {
     for (std::string bad : {std::string(), std::string("-a"), std::string("a-"), std::string("a.b"),
                             std::string("a b"), std::string(64, 'a'), std::string("a\0b", 3)})
         BOOST_TEST((validate(message_type::set_hostname, bad) == decode_error::malformed), bad);
+    // docker's --add-host lines may follow the name (printable ASCII, tabs, newlines).
+    BOOST_TEST((validate(message_type::set_hostname, "web\n10.0.2.2\thostbox\n") ==
+                decode_error::none));
+    for (std::string bad : {std::string("web\n\x01"), std::string("-a\n1.2.3.4\tx\n"),
+                            std::string("web\n") + std::string(16 * 1024 + 1, 'a')})
+        BOOST_TEST((validate(message_type::set_hostname, bad) == decode_error::malformed));
 }

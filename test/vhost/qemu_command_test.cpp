@@ -123,3 +123,16 @@ BOOST_AUTO_TEST_CASE(kvm_passes_the_host_cpu_and_no_tcg_settings) {
     BOOST_TEST(!has(argv, "-icount"));
     BOOST_TEST(after(argv, "-append") == "console=ttyS0");
 }
+
+// The network: QEMU's virtio-net on the inherited socket (fd 6), only when
+// a socket is given; a MAC that would break the option string is refused.
+BOOST_AUTO_TEST_CASE(the_network_is_virtio_net_on_the_inherited_socket) {
+    auto config = boot_config();
+    BOOST_TEST(!has(arguments(config), "-netdev"));
+    config.network_socket = 42; // the engine passes it on as fd 6
+    const auto argv = arguments(config);
+    BOOST_TEST(after(argv, "-netdev") == "socket,id=net0,fd=6");
+    BOOST_TEST(has(argv, "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"));
+    config.network_mac = "52:54:00:12:34:56,x=y";
+    BOOST_TEST(!backend::detail::qemu_arguments("qemu-system-x86_64", config, {}, false));
+}

@@ -686,6 +686,11 @@ int run_boot(std::span<char*> args) {
             return bad_input;
         }
     }
+    if (exec.network != supermachine::network_mode::user || !exec.add_hosts.empty()) {
+        // boot's disks carry no agent network set-up: `run` has the network.
+        std::fprintf(stderr, "supermachine boot: --network and --add-host are `run` options\n");
+        return boot_bad_input;
+    }
     if (command) return boot_command(options, exec, std::move(*command));
     if (exec.any_command_option()) {
         std::fprintf(stderr, "supermachine boot: -e, -w, -u, -p, -v, -i and -t need a command "

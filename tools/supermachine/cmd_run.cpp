@@ -239,6 +239,16 @@ int run_run(std::span<char*> args) {
     }
     auto request = sm::cli::make_exec_request(process.value(), exec);
     vm_options.volumes = exec.volumes;
+    vm_options.network = exec.network;
+    vm_options.add_hosts = exec.add_hosts;
+    if (exec.network == sm::network_mode::none && !exec.ports.empty()) {
+        // docker: "conflicting options: port publishing and the container type network mode".
+        std::fprintf(stderr, "supermachine run: -p needs a network (not --network none)\n");
+        return 125;
+    }
+    // The user network publishes them (bound where asked, TCP and UDP).
+    vm_options.publish = std::move(exec.ports);
+    exec.ports.clear();
     if (console)
         vm_options.console = [](std::string_view text) {
             sm::cli::write_all_fd(2, std::string(text));

@@ -87,6 +87,12 @@ inline int run_image_restore(std::span<char*> args) {
         }
     }
     if (i >= args.size()) return image_restore_usage(stderr, 125);
+    if (exec.network != network_mode::user || !exec.add_hosts.empty()) {
+        // The network device is the snapshot's; its NAT's options are run's.
+        std::fprintf(stderr, "%.*s: --network and --add-host are `run` options\n",
+                     static_cast<int>(who.size()), who.data());
+        return 125;
+    }
     const auto directory = std::filesystem::absolute(args[i++]);
     // `restore DIR --snapshot-to NEW -- CMD` reads naturally too.
     if (i + 1 < args.size() && std::string_view(args[i]) == "--snapshot-to" &&

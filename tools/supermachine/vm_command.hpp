@@ -34,38 +34,14 @@
 
 namespace supermachine::cli {
 
-struct port_mapping {
-    std::uint16_t host = 0, guest = 0;
-};
-
-/// docker's -p forms: GUEST, HOST:GUEST, 127.0.0.1:HOST:GUEST, each with an optional /tcp.
-inline std::optional<port_mapping> parse_port(std::string_view text) {
-    auto number = [](std::string_view s) -> std::optional<std::uint16_t> {
-        unsigned v = 0;
-        auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-        if (ec != std::errc() || end != s.data() + s.size() || v > 65535) return std::nullopt;
-        return static_cast<std::uint16_t>(v);
-    };
-    if (text.ends_with("/tcp")) text.remove_suffix(4);
-    if (text.starts_with("127.0.0.1:")) text.remove_prefix(10);
-    const auto colon = text.find(':');
-    if (colon == std::string_view::npos) {
-        auto p = number(text);
-        if (!p || *p == 0) return std::nullopt;
-        return port_mapping{*p, *p};
-    }
-    auto host = number(text.substr(0, colon));
-    auto guest = number(text.substr(colon + 1));
-    if (!host || !guest || *guest == 0) return std::nullopt;
-    return port_mapping{*host, *guest};
-}
-
 /// The shared options, as given on the command line.
 struct exec_cli_options {
-    oci::process_overrides overrides;      // -e, -w, -u (command and entrypoint: the caller's)
-    std::vector<port_mapping> ports;       // -p
-    bool interactive = false;              // -i
-    bool tty = false;                      // -t
+    oci::process_overrides overrides;          // -e, -w, -u (command and entrypoint: the caller's)
+    std::vector<published_port> ports;         // -p
+    network_mode network = network_mode::user; // --network (run; restore: the snapshot's)
+    std::vector<extra_host> add_hosts;         // --add-host
+    bool interactive = false;                  // -i
+    bool tty = false;                          // -t
     std::uint32_t timeout_seconds = 0;     // --timeout: kill the command after this long (0: never)
     std::vector<shared_directory> volumes; // -v, checked (host path resolved)
     std::string hostname;                  // --hostname; default: a random 12-hex id, like docker's
@@ -75,7 +51,7 @@ struct exec_cli_options {
     bool any_command_option() const {
         return !overrides.env.empty() || overrides.working_dir || overrides.user ||
                !ports.empty() || interactive || tty || !volumes.empty() || !hostname.empty() ||
-               !limits.empty();
+               !limits.empty() || !add_hosts.empty();
     }
 };
 
@@ -83,7 +59,13 @@ inline constexpr const char* exec_options_usage =
     "  -e, --env KEY[=VALUE]   set an environment variable (KEY alone: the host's value)\n"
     "  -w, --workdir DIR       working directory in the guest\n"
     "  -u, --user USER[:GROUP] user to run as (name or id)\n"
-    "  -p, --publish HOST:GUEST  forward 127.0.0.1:HOST to the guest's port GUEST\n"
+    "  -p, --publish [IP:]HOST:GUEST[/tcp|/udp]  forward HOST (on IP, default every\n"
+    "                          interface) to the guest's port GUEST; several allowed\n"
+    "      --network MODE      default (user-mode NAT: eth0 10.0.2.15, gateway 10.0.2.2)\n"
+    "                          or none (no network device; -p is refused)\n"
+    "      --add-host NAME:IP  an /etc/hosts line; IP host-gateway: 10.0.2.2, through\n"
+    "                          which the guest reaches the host's loopback (without\n"
+    "                          such an entry the host's loopback is unreachable)\n"
     "  -v, --volume HOST:GUEST[:ro|:rw]  mount the host directory HOST at GUEST (virtio-fs;\n"
     "                          a relative HOST is from the current directory; up to 8;\n"
     "                          such a run cold boots: volumes are not snapshotted)\n"
@@ -158,7 +140,8 @@ inline option_parse parse_exec_option(std::span<char*> args, std::size_t& i,
     const bool takes_value = a == "-e" || a == "--env" || a == "-w" || a == "--workdir" ||
                              a == "-u" || a == "--user" || a == "-p" || a == "--publish" ||
                              a == "-v" || a == "--volume" || a == "--timeout" ||
-                             a == "--hostname" || a == "--ulimit";
+                             a == "--hostname" || a == "--ulimit" || a == "--network" ||
+                             a == "--net" || a == "--add-host";
     if (!takes_value) return option_parse::not_ours;
     auto fail = [&](const char* what, std::string_view value) {
         std::fprintf(stderr, "%.*s: %.*s%s%.*s\n", static_cast<int>(who.size()), who.data(),
@@ -177,9 +160,20 @@ inline option_parse parse_exec_option(std::span<char*> args, std::size_t& i,
     } else if (a == "-u" || a == "--user") {
         options.overrides.user = std::string(v);
     } else if (a == "-p" || a == "--publish") {
-        auto p = parse_port(v);
-        if (!p) return fail(": bad port mapping (want HOST:GUEST): ", v);
+        auto p = parse_published_port(v);
+        if (!p) return fail(": bad port mapping (want [IP:]HOST:GUEST[/tcp|/udp]): ", v);
         options.ports.push_back(*p);
+    } else if (a == "--network" || a == "--net") {
+        if (v == "none")
+            options.network = network_mode::none;
+        else if (v == "default" || v == "bridge" || v == "slirp")
+            options.network = network_mode::user;
+        else
+            return fail(": need none or default, not ", v);
+    } else if (a == "--add-host") {
+        auto h = parse_extra_host(v);
+        if (!h) return fail(": need NAME:IP or NAME:host-gateway, not ", v);
+        options.add_hosts.push_back(*h);
     } else if (a == "-v" || a == "--volume") {
         if (options.volumes.size() >= max_shared_directories)
             return fail(": too many volumes (at most 8): ", v);
@@ -312,12 +306,15 @@ public:
         machine_ = std::move(machine);
         // Raw only now: every progress line of the start is already out.
         if (options.tty && options.interactive) raw_.emplace(true);
+        // Ports the vm did not publish itself (vm_options::publish, the
+        // user network's): forwarded over the agent channel, TCP only.
         for (const auto& p : options.ports) {
-            auto bound = machine_->expose_tcp(p.host, p.guest);
+            auto bound = p.udp ? result<std::uint16_t>(errc::not_supported)
+                               : machine_->expose_tcp(p.host_port, p.guest_port, p.host_address);
             if (!bound) {
-                std::fprintf(stderr, "%.*s: cannot listen on 127.0.0.1:%u: %s\n",
-                             static_cast<int>(who.size()), who.data(), p.host,
-                             bound.error().message().c_str());
+                std::fprintf(stderr, "%.*s: cannot listen on %s:%u%s: %s\n",
+                             static_cast<int>(who.size()), who.data(), p.host_address.c_str(),
+                             p.host_port, p.udp ? "/udp" : "", bound.error().message().c_str());
                 return fail(125);
             }
         }
@@ -328,12 +325,11 @@ public:
         if (std::none_of(request.env.begin(), request.env.end(),
                          [](const std::string& e) { return e.starts_with("HOSTNAME="); }))
             request.env.push_back("HOSTNAME=" + hostname);
-        machine_->agent().async_set_hostname(
-            hostname, [who = std::string(who)](supermachine::error_code ec) {
-                if (ec && ec != errc::cancelled && ec != errc::agent_unavailable)
-                    std::fprintf(stderr, "%s: cannot set the hostname: %s\n", who.c_str(),
-                                 ec.message().c_str());
-            });
+        machine_->async_set_hostname(hostname, [who = std::string(who)](supermachine::error_code ec) {
+            if (ec && ec != errc::cancelled && ec != errc::agent_unavailable)
+                std::fprintf(stderr, "%s: cannot set the hostname: %s\n", who.c_str(),
+                             ec.message().c_str());
+        });
         tty_ = options.tty;
         session_ = exec_session<vm::socket_type>::start(
             machine_->agent(), std::move(request), options.interactive, [this](int exit_status) {

@@ -40,7 +40,8 @@ inline std::string warm_snapshot_key(const prepared_image& image, const vm_optio
     const std::string identity = "v5|qemu|serial|" + image.digest.str() + "|" +
                                  image.rootfs.string() + "|" + std::to_string(options.memory_mib) +
                                  "|" + std::to_string(options.cpus) + "|" +
-                                 options.kernel->release + "|" + agent_identity;
+                                 options.kernel->release + "|" + agent_identity +
+                                 (options.network == network_mode::user ? "|net=user" : "");
     std::string extra;
     for (const auto& e : options.extra_cmdline)
         extra += e + "\n";
@@ -102,6 +103,7 @@ inline void async_build_snapshot(boost::asio::any_io_executor executor, prepared
                                  vm_options options, std::filesystem::path dir,
                                  std::function<void(supermachine::error_code, vm::snapshot_report)> done) {
     options.snapshottable = true;
+    options.publish.clear(); // the clones publish
     vm::async_start(executor, std::move(image), std::move(options),
                     [dir, done](supermachine::error_code ec, std::shared_ptr<vm> v) {
                         if (ec) {
@@ -197,6 +199,9 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
         progress("cold boot: creating the warm snapshot " + dir.filename().string());
         auto snapshottable = for_boot(options);
         snapshottable.snapshottable = true;
+        // The template binds no published port: the clone that runs the
+        // command does (both may live at once).
+        snapshottable.publish.clear();
         vm::async_start(
             executor, image, snapshottable,
             [image, options, dir, say, progress, done, lock_fd, restore_then, cold,

@@ -64,6 +64,21 @@ inline bool valid_hostname(std::string_view name) {
             return false;
     return true;
 }
+/// Extra /etc/hosts lines after a set_hostname name (docker's --add-host).
+inline constexpr std::size_t max_hosts_lines_size = 16 * 1024;
+
+/// A set_hostname payload: the name, optionally "\n" and /etc/hosts lines
+/// (printable ASCII, tabs and newlines only).
+inline bool valid_set_hostname_payload(std::string_view payload) {
+    const auto newline = payload.find('\n');
+    if (!valid_hostname(payload.substr(0, newline))) return false;
+    if (newline == std::string_view::npos) return true;
+    const auto extra = payload.substr(newline + 1);
+    if (extra.size() > max_hosts_lines_size) return false;
+    for (char c : extra)
+        if (c != '\n' && c != '\t' && (c < 0x20 || c > 0x7e)) return false;
+    return true;
+}
 /// set_clock bound: 2200-01-01T00:00:00Z in ns (a later clock is a hostile or broken host).
 inline constexpr std::uint64_t max_clock_ns = 7'258'118'400ull * 1'000'000'000ull;
 
@@ -93,7 +108,8 @@ enum class message_type : std::uint8_t {
     shutdown,      // host -> agent, stream 0: empty
     credit,        // either way: {bytes} more may be sent on this stream
     set_clock,     // host -> agent, stream 0: {realtime ns since the epoch} -> ok (after a restore)
-    set_hostname,  // host -> agent, stream 0: the name, raw (valid_hostname) -> ok
+    set_hostname,  // host -> agent, stream 0: the name, raw, then optionally "\n" and
+                   // /etc/hosts lines (valid_set_hostname_payload) -> ok
     resize,        // host -> agent, exec stream with a tty: {rows, cols} (the host terminal's)
 };
 inline constexpr std::uint8_t last_message_type = static_cast<std::uint8_t>(message_type::resize);
@@ -658,7 +674,7 @@ inline decode_error validate(message_type type, std::string_view payload) {
     case message_type::reseed_rng:
         return payload.size() <= max_rng_seed ? decode_error::none : decode_error::too_large;
     case message_type::set_hostname:
-        return valid_hostname(payload) ? decode_error::none : decode_error::malformed;
+        return valid_set_hostname_payload(payload) ? decode_error::none : decode_error::malformed;
     case message_type::stdin_close:
     case message_type::tcp_connected:
     case message_type::tcp_close:

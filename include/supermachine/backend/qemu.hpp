@@ -287,7 +287,8 @@ public:
             if (written < 0) return errno_code(errno);
             if (written != static_cast<ssize_t>(commands.size())) return errc::io_error;
         }
-        SUPERMACHINE_TRY(child, detail::spawn(argv, {incoming_stream.get(), monitor_theirs.get()}));
+        SUPERMACHINE_TRY(child, detail::spawn(argv, {incoming_stream.get(), monitor_theirs.get(),
+                                                     config_.network_socket}));
         supermachine::detail::trace_point("engine spawned");
         child_ = child;
         console_ = std::move(console);

@@ -37,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -56,7 +57,14 @@ public:
         if (slirp_) ::slirp_cleanup(slirp_); // calls timer_free for its timers
     }
 
-    result<void> start(const SlirpConfig& cfg) {
+    struct forward {
+        bool udp = false;
+        in_addr host{}, guest{};
+        std::uint16_t host_port = 0, guest_port = 0;
+    };
+
+    /// `forwards` are bound before any cycle runs (slirp is not thread-safe).
+    result<void> start(const SlirpConfig& cfg, std::span<const forward> forwards = {}) {
         const int fd = ::epoll_create1(EPOLL_CLOEXEC);
         if (fd < 0) return errno_code(errno);
         boost::system::error_code ec;
@@ -69,6 +77,12 @@ public:
         static const SlirpCb callbacks = make_callbacks();
         slirp_ = ::slirp_new(&cfg, &callbacks, this);
         if (!slirp_) return errc::invalid_argument;
+        for (const auto& f : forwards)
+            if (::slirp_add_hostfwd(slirp_, f.udp, f.host, f.host_port, f.guest, f.guest_port) <
+                0) {
+                // slirp says only -1: the bind (or listen) failed, e.g. the port is taken.
+                return errno_code(EADDRINUSE);
+            }
         schedule();
         return success();
     }
@@ -93,6 +107,26 @@ public:
             self->schedule(); // the frame may have opened a socket
         });
         return true;
+    }
+
+    /// The strand slirp runs on: a caller already on it may use
+    /// input_on_strand (no copy, no post) and schedule() once per batch.
+    const strand_type& strand() const noexcept { return strand_; }
+
+    /// On the strand only: slirp takes (copies) the frame now.
+    void input_on_strand(std::span<const std::byte> frame) {
+        if (!slirp_ || closed_) return;
+        ::slirp_input(slirp_, reinterpret_cast<const std::uint8_t*>(frame.data()),
+                      static_cast<int>(frame.size()));
+    }
+
+    /// Run a cycle soon, once however many ask (on or off the strand).
+    void schedule() {
+        if (scheduled_.exchange(true, std::memory_order_acq_rel)) return;
+        boost::asio::post(strand_, [self = shared_from_this()] {
+            self->scheduled_.store(false, std::memory_order_release);
+            self->cycle();
+        });
     }
 
     /// Stop on the strand: no callback into the sink after this runs.
@@ -190,15 +224,6 @@ private:
         cb.unregister_poll_fd = [](int, void*) {}; // a closed fd leaves the epoll set itself
         cb.notify = [](void* opaque) { static_cast<slirp_stack*>(opaque)->schedule(); };
         return cb;
-    }
-
-    /// Run a cycle soon, once however many ask (on or off the strand).
-    void schedule() {
-        if (scheduled_.exchange(true, std::memory_order_acq_rel)) return;
-        boost::asio::post(strand_, [self = shared_from_this()] {
-            self->scheduled_.store(false, std::memory_order_release);
-            self->cycle();
-        });
     }
 
     void cycle() {
@@ -299,6 +324,14 @@ public:
         bool disable_dhcp = false;
         std::size_t mtu = 1500;
         std::size_t max_pending_frames = 1024; // guest frames posted to slirp, not yet taken
+        /// Host ports forwarded to the guest (docker's -p): host_address
+        /// "0.0.0.0" is every interface; the guest end is dhcp_start.
+        struct port_forward {
+            bool udp = false;
+            std::string host_address = "0.0.0.0";
+            std::uint16_t host_port = 0, guest_port = 0;
+        };
+        std::vector<port_forward> forwards;
     };
 
     static result<std::unique_ptr<net_slirp>> create(const config& c) {
@@ -319,12 +352,26 @@ public:
         cfg.disable_dhcp = c.disable_dhcp;
         auto b = std::unique_ptr<net_slirp>(new net_slirp(c));
         if (!c.hostname.empty()) cfg.vhostname = b->config_.hostname.c_str();
-        SUPERMACHINE_TRY(b->stack_->start(cfg));
+        std::vector<detail::slirp_stack::forward> forwards;
+        for (const auto& f : c.forwards) {
+            detail::slirp_stack::forward out;
+            out.udp = f.udp;
+            out.host_port = f.host_port;
+            out.guest_port = f.guest_port;
+            out.guest = cfg.vdhcp_start;
+            if (f.guest_port == 0 || !parse(f.host_address, out.host))
+                return errc::invalid_argument;
+            forwards.push_back(out);
+        }
+        SUPERMACHINE_TRY(b->stack_->start(cfg, forwards));
         return b;
     }
     ~net_slirp() { stack_->close(); }
 
     void attach(net_frame_sink sink) { stack_->set_sink(std::move(sink)); }
+    /// The stack behind (its strand, input_on_strand): for a frame source
+    /// that runs on slirp's strand itself (detail/qemu_network.hpp).
+    detail::slirp_stack& stack() noexcept { return *stack_; }
     bool send(std::span<const std::byte> frame) {
         return stack_->input(frame, config_.max_pending_frames);
     }

@@ -112,6 +112,14 @@ struct qemu_config {
     std::vector<qemu_shared_directory> shared_directories;
     /// The C virtiofsd of QEMU 7.2 (Debian's qemu-system-common).
     std::filesystem::path virtiofsd_binary = "/usr/lib/qemu/virtiofsd";
+    /// A connected SOCK_STREAM socket (not owned) QEMU's own virtio-net
+    /// frontend sends and receives Ethernet frames on (-netdev socket,fd=N:
+    /// each frame after a 4-byte big-endian length); -1: no network device.
+    /// QEMU inherits it as network_fd. The netdev is not migrated, so a
+    /// restore passes a fresh one and the guest keeps its eth0.
+    int network_socket = -1;
+    /// The guest's MAC address (QEMU's default for its first NIC).
+    std::string network_mac = "52:54:00:12:34:56";
     /// Appended verbatim (e.g. QEMU's own -drive/-device for comparisons).
     std::vector<std::string> extra_arguments;
 };
@@ -126,6 +134,9 @@ inline std::string incoming_uri() {
 /// A restore's start-up monitor (incoming_ignores_shared_memory): a socket
 /// QEMU inherits at this fd, holding restore_monitor_commands().
 inline constexpr int restore_monitor_fd = inherited_fd + 1;
+
+/// Where QEMU finds qemu_config::network_socket.
+inline constexpr int network_fd = inherited_fd + 2;
 
 /// Written before QEMU starts; QEMU answers on the same socket (the engine
 /// drains the answers; a QMP error joins its diagnostics). A stream that
@@ -265,6 +276,15 @@ qemu_arguments(const std::filesystem::path& binary, const qemu_config& config,
                   "socket,id=agent,path=" + comma_escape(config.agent_serial_socket.string()) +
                       ",server=on,wait=off",
                   "-device", "virtserialport,chardev=agent,name=" + config.agent_serial_name});
+    }
+    if (config.network_socket >= 0) {
+        // After the agent's channel in the slot order: adding the NIC moves
+        // no existing device (a snapshot's stream names them by slot).
+        if (config.network_mac.size() != 17 ||
+            config.network_mac.find_first_not_of("0123456789abcdefABCDEF:") != std::string::npos)
+            return errc::invalid_argument;
+        a.insert(a.end(), {"-netdev", "socket,id=net0,fd=" + std::to_string(network_fd), "-device",
+                           "virtio-net-device,netdev=net0,mac=" + config.network_mac});
     }
     for (const auto& d : devices) {
         a.insert(a.end(), {"-chardev", "socket,id=" + d.id + ",path=" + d.socket.string()});

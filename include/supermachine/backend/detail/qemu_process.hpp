@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <functional>
 #include <future>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -157,8 +158,22 @@ private:
 /// The descriptor numbers a spawned child finds its `inherited` fds at:
 /// inherited[i] becomes fd inherited_fd + i.
 inline constexpr int inherited_fd = 4;
-inline constexpr int max_inherited = 2;
-using inherited_fds = std::array<int, max_inherited>; // -1: none
+inline constexpr int max_inherited = 3;
+/// fd[i] (-1: none) becomes the child's inherited_fd + i. A brace list
+/// shorter than max_inherited leaves the rest -1 (a std::array would leave
+/// them 0: the caller's stdin passed on unasked).
+struct inherited_fds {
+    static_assert(max_inherited == 3, "one -1 per slot below");
+    int fd[max_inherited] = {-1, -1, -1};
+    constexpr inherited_fds() = default;
+    constexpr inherited_fds(std::initializer_list<int> fds) {
+        int i = 0;
+        for (int f : fds)
+            if (i < max_inherited) fd[i++] = f;
+    }
+    constexpr int& operator[](int i) noexcept { return fd[i]; }
+    constexpr int operator[](int i) const noexcept { return fd[i]; }
+};
 
 /// What the child of clone_exec needs, all made before the clone: the
 /// child shares our memory until it execs and must not allocate.
@@ -167,7 +182,7 @@ struct child_plan {
     char* const* env;
     int out_write, err_write;
     int report_write;        // the child's exec failure (errno); EOF when exec succeeded
-    inherited_fds inherited; // become the child's fds 4, 5 (not close-on-exec)
+    inherited_fds inherited; // become the child's fds 4, 5, 6 (not close-on-exec)
     pid_t parent;
 };
 
@@ -187,7 +202,7 @@ inline int child_main(void* opaque) noexcept {
     constexpr int above = inherited_fd + max_inherited;
     int report_fd = ::fcntl(plan.report_write, F_DUPFD_CLOEXEC, above);
     if (report_fd < 0) child_failed(plan.report_write, errno);
-    inherited_fds inherited{-1, -1};
+    inherited_fds inherited;
     for (int i = 0; i < max_inherited; ++i) {
         if (plan.inherited[i] < 0) continue;
         inherited[i] = ::fcntl(plan.inherited[i], F_DUPFD_CLOEXEC, above);
@@ -198,7 +213,7 @@ inline int child_main(void* opaque) noexcept {
         ::dup2(plan.err_write, 2) < 0)
         child_failed(report_fd, errno);
     // The report pipe becomes fd 3 (close-on-exec), the inherited ones fds
-    // 4 and 5 (dup2 clears close-on-exec); every other fd goes: Asio opens
+    // 4, 5 and 6 (dup2 clears close-on-exec); every other fd goes: Asio opens
     // sockets without CLOEXEC, and QEMU must not hold our listening and
     // vhost-user sockets open.
     if (::dup3(report_fd, 3, O_CLOEXEC) < 0) child_failed(report_fd, errno);
@@ -288,7 +303,7 @@ inline result<child_process> clone_exec(const std::vector<std::string>& argv, in
 /// fds inherited_fd + i, those >= 0), and is SIGKILLed by the kernel when
 /// this process dies (however it dies; see child_spawner).
 inline result<child_process> spawn(const std::vector<std::string>& argv,
-                                   inherited_fds inherited = {-1, -1}) {
+                                   inherited_fds inherited = {}) {
     if (argv.empty()) return errc::invalid_argument;
     int out[2], err[2];
     if (::pipe2(out, O_CLOEXEC) != 0) return errno_code(errno);
