@@ -72,7 +72,7 @@ public:
     /// would boot; `token` receives the agent's token. Nothing runs until start().
     static result<std::unique_ptr<kvm_image_engine>>
     restore(config c, const std::filesystem::path& file, std::string& token, std::string* why) {
-        auto refuse = [why](std::error_code ec, std::string text) {
+        auto refuse = [why](error_code ec, std::string text) {
             if (why) *why = std::move(text);
             return ec;
         };
