@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <sstream>
+#include <thread>
 
 using namespace supermachine::test;
 namespace fs = std::filesystem;
@@ -186,4 +188,51 @@ BOOST_AUTO_TEST_CASE(corrupt_snapshot_is_rebuilt) {
     auto after = run_loud({"--engine", "kvm", "--verbose"}, {"echo", "warm-again"});
     BOOST_TEST(after.status == 0, describe(after));
     BOOST_TEST(contains(after.err, "warm start: restored"), describe(after));
+}
+
+BOOST_AUTO_TEST_CASE(two_concurrent_clones_are_independent) {
+    // Both restore the same file at once; each writes its own marker on the
+    // root disk (its own overlay) and reads it back after the other wrote.
+    auto clone = [] {
+        return run_kvm({}, {"sh", "-c",
+                            "m=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'); "
+                            "echo $m > /root/marker; sleep 2; echo marker=$m; cat /root/marker; "
+                            "hostname"});
+    };
+    process_result a, b;
+    std::thread other([&] { b = clone(); });
+    a = clone();
+    other.join();
+    BOOST_TEST_REQUIRE(a.status == 0, describe(a));
+    BOOST_TEST_REQUIRE(b.status == 0, describe(b));
+    auto lines = [](const std::string& text) {
+        std::vector<std::string> out;
+        std::istringstream in(text);
+        for (std::string line; std::getline(in, line);)
+            out.push_back(line);
+        return out;
+    };
+    const auto la = lines(a.out), lb = lines(b.out);
+    BOOST_TEST_REQUIRE(la.size() == 3u, describe(a));
+    BOOST_TEST_REQUIRE(lb.size() == 3u, describe(b));
+    BOOST_TEST(la[0] == "marker=" + la[1], describe(a)); // its own write, not the other's
+    BOOST_TEST(lb[0] == "marker=" + lb[1], describe(b));
+    BOOST_TEST(la[1] != lb[1]); // different randomness
+    BOOST_TEST(la[2] != lb[2]); // a hostname of its own
+}
+
+BOOST_AUTO_TEST_CASE(boot_disk_cmd_runs_on_the_kvm_engine) {
+    // `boot --disk ROOT -- CMD` goes through the same vm: the rootfs the runs
+    // above built is an ext4 image.
+    fs::path rootfs;
+    std::error_code ec;
+    for (auto it = fs::directory_iterator(env().work / "cache" / "supermachine" / "rootfs", ec);
+         !ec && it != fs::directory_iterator(); it.increment(ec))
+        if (it->path().extension() == ".ext4") rootfs = it->path();
+    BOOST_TEST_REQUIRE(!rootfs.empty());
+    auto r = run_process({env().cli.string(), "boot", "--engine", "kvm", "--disk", rootfs.string(),
+                          "--", "sh", "-c", "echo booted-kvm; exit 7"},
+                         "", std::chrono::seconds(240), false, {});
+    BOOST_TEST(r.status == 7, describe(r));
+    BOOST_TEST(contains(r.out, "booted-kvm"), describe(r));
 }
