@@ -10,11 +10,13 @@
 //       });
 //   io.run();
 //
-// What runs where: the engine (QEMU here; see doc/engines.md) runs the vCPUs;
-// this process serves the root disk (virtio-blk, a copy-on-write overlay in
-// memory over the image's cached ext4, so the base is never written) and
-// virtio-vsock; the guest agent (/init of our initramfs) mounts the disk and
-// serves exec/file/TCP requests over vsock, authenticated by a per-VM token
+// What runs where: the engine runs the vCPUs (vm_options::engine: the kvm
+// engine, basic_machine in this process, where the host's KVM runs Linux;
+// else QEMU, see doc/engines.md); this process serves the root disk
+// (virtio-blk, a copy-on-write overlay in memory over the image's cached
+// ext4, so the base is never written) and virtio-vsock (and, on kvm,
+// virtio-rng, the serial console and ACPI power-off); the guest agent (/init of our initramfs)
+// mounts the disk and serves exec/file/TCP requests over vsock, authenticated by a per-VM token
 // passed on the kernel command line.
 //
 // Every async operation takes an Asio completion token and completes on the
@@ -1231,6 +1233,10 @@ private:
         // A snapshot implies the kernel is cached: no fetch.
         if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
             return refuse(selected.error(), "no engine or cached kernel for the restore");
+        if (kind_ != backend::engine_kind::qemu)
+            return refuse(
+                errc::snapshot_mismatch,
+                "the snapshot directory is the qemu engine's; --engine kvm was asked for");
         auto agent_binary = detail::find_agent_binary();
         if (!agent_binary)
             return refuse(agent_binary.error(), "the guest agent binary is not found "
