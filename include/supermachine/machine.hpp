@@ -127,6 +127,13 @@ struct machine_exit {
     }
 };
 
+/// An exit with only its reason (the other fields keep their defaults).
+inline machine_exit make_exit(machine_exit::reason what) {
+    machine_exit e;
+    e.what = what;
+    return e;
+}
+
 inline std::string_view to_string(machine_exit::reason r) noexcept {
     using R = machine_exit::reason;
     switch (r) {
@@ -465,7 +472,7 @@ public:
     }
 
     /// End the machine from any thread (exit reason `stopped`, unless it already ended).
-    void stop() { finish(machine_exit{.what = machine_exit::reason::stopped}); }
+    void stop() { finish(make_exit(machine_exit::reason::stopped)); }
 
     /// Completes with the machine_exit when the machine ends: void(machine_exit).
     template <class CompletionToken>
@@ -818,7 +825,7 @@ private:
                 std::unique_lock lock(mutex_);
                 if (exited_.wait_for(lock, panic_grace_, [&] { return exit_.has_value(); })) return;
                 lock.unlock();
-                finish(machine_exit{.what = machine_exit::reason::panic});
+                finish(make_exit(machine_exit::reason::panic));
             });
             return;
         }

@@ -10,11 +10,13 @@
 //       });
 //   io.run();
 //
-// What runs where: the engine (QEMU here; see doc/engines.md) runs the vCPUs;
-// this process serves the root disk (virtio-blk, a copy-on-write overlay in
-// memory over the image's cached ext4, so the base is never written) and
-// virtio-vsock; the guest agent (/init of our initramfs) mounts the disk and
-// serves exec/file/TCP requests over vsock, authenticated by a per-VM token
+// What runs where: the engine runs the vCPUs (vm_options::engine: the kvm
+// engine, basic_machine in this process, where the host's KVM runs Linux;
+// else QEMU, see doc/engines.md); this process serves the root disk
+// (virtio-blk, a copy-on-write overlay in memory over the image's cached
+// ext4, so the base is never written) and virtio-vsock (and, on kvm,
+// virtio-rng, the serial console and ACPI power-off); the guest agent (/init of our initramfs)
+// mounts the disk and serves exec/file/TCP requests over vsock, authenticated by a per-VM token
 // passed on the kernel command line.
 //
 // Every async operation takes an Asio completion token and completes on the
@@ -28,8 +30,10 @@
 #include <supermachine/detail/runtime_directory.hpp>
 #include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
+#include <supermachine/detail/vm_engine_kvm.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/detail/warm_snapshot_contents.hpp>
+#include <supermachine/engine.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/network.hpp>
 #include <supermachine/prepared_image.hpp>
@@ -84,7 +88,10 @@ inline constexpr std::size_t max_data_disks = 8;
 struct vm_options {
     std::uint32_t memory_mib = 512;
     std::uint32_t cpus = 1;
-    std::string engine = "auto"; // "kvm" | "qemu" | "auto"
+    /// kvm: basic_machine on backend::kvm in this process (no QEMU);
+    /// qemu: QEMU runs the vCPUs; automatic: kvm where the host's KVM runs
+    /// Linux, else qemu (decide_engine, engine.hpp).
+    engine_choice engine = engine_choice::automatic;
     /// The guest kernel; default: boot::default_kernel(), fetched on first use.
     std::optional<boot::kernel_files> kernel;
     /// Guest console lines (kernel + agent). Default: kept only as a tail
@@ -157,6 +164,8 @@ public:
 
     static constexpr std::uint32_t agent_port = 1024;
     static constexpr std::uint64_t guest_cid = 3;
+    /// A kvm engine snapshot directory holds this one container file.
+    static constexpr const char* kvm_snapshot_file = "machine.snap";
 
     ~vm() {
         detail::trace_point("vm teardown");
@@ -164,6 +173,7 @@ public:
         client_.reset();
         machine_.reset(); // reaps QEMU
         if (network_) network_->stop();
+        kvm_.reset();     // joins the vCPUs, then its devices go
         detail::trace_point("engine reaped");
         if (owns_runtime_dir_) { // sockets, initramfs and (snapshottable) the RAM file
             std::error_code ignored;
@@ -291,6 +301,7 @@ public:
             l->close(ignored);
         }
         if (machine_) machine_->kill();
+        if (kvm_) kvm_->kill();
     }
 
     /// The guest's last console lines, for error messages. A kernel panic's
@@ -470,17 +481,27 @@ private:
         });
     }
 
-    // Image VMs run on the QEMU engine today (doc/architecture.md): "auto"
-    // and "qemu" mean qemu, "kvm" is refused until image VMs are wired to
-    // the in-process engine. Then the kernel: the caller's, else the cached
-    // default (fetched on first use when allowed).
+    // The engine (engine.hpp: kvm where the host's KVM runs Linux), then the
+    // kernel: the caller's, else the cached default (fetched on first use
+    // when allowed). A snapshottable vm runs on kvm only when kvm is asked
+    // for (the warm cache of `run` does): `supermachine snapshot`'s
+    // directories, restored from alone, are the QEMU engine's.
     result<void> select_engine_and_kernel(bool may_fetch_kernel, std::string_view suffix) {
-        if (options_.engine == "kvm") return errc::not_supported;
-        if (options_.engine != "auto" && options_.engine != "qemu") return errc::invalid_argument;
-        std::string why = "requested";
-        if (options_.engine == "auto" && backend::host_kvm_runs_linux(&why))
-            why = "image VMs run on the qemu engine; the kvm engine does not run them yet";
-        engine_description_ = "qemu (" + why + ")" + std::string(suffix);
+        auto decision = decide_engine(options_.engine);
+        // What the kvm engine does not serve yet: auto keeps such vms on
+        // qemu; an explicit kvm is refused (prepare says which).
+        if (decision.kind == backend::engine_kind::kvm &&
+            options_.engine == engine_choice::automatic) {
+            if (options_.snapshottable)
+                decision = {backend::engine_kind::qemu,
+                            "snapshots of image vms are taken on the qemu engine"};
+            else if (!options_.volumes.empty() || !options_.disks.empty())
+                decision = {backend::engine_kind::qemu,
+                            "volumes and data disks are served on the qemu engine"};
+        }
+        kind_ = decision.kind;
+        engine_description_ = std::string(kind_ == backend::engine_kind::kvm ? "kvm" : "qemu") +
+                              " (" + decision.reason + ")" + std::string(suffix);
         if (!options_.kernel) {
             auto kernel = boot::default_kernel();
             if (!kernel && may_fetch_kernel) kernel = boot::fetch_default_kernel();
@@ -566,9 +587,16 @@ private:
 
     // Blocking set-up, on setup_pool().
     result<void> prepare(const prepared_image& image) {
+        SUPERMACHINE_TRY(select_engine_and_kernel(true, ""));
+        if (kind_ == backend::engine_kind::kvm && !options_.volumes.empty())
+            return refuse(errc::not_supported,
+                          "volumes (-v) are not served on the kvm engine yet (virtio-fs); use "
+                          "--engine qemu");
+        if (kind_ == backend::engine_kind::kvm && !options_.disks.empty())
+            return refuse(errc::not_supported,
+                          "data disks are not attached on the kvm engine yet; use --engine qemu");
         SUPERMACHINE_TRY(check_volumes());
         SUPERMACHINE_TRY(check_disks());
-        SUPERMACHINE_TRY(select_engine_and_kernel(true, ""));
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
         auto kernel = *options_.kernel;
         if (!options_.volumes.empty()) {
@@ -600,6 +628,29 @@ private:
             const bool ok =
                 std::fwrite(initramfs.data(), 1, initramfs.size(), f) == initramfs.size();
             if (std::fclose(f) != 0 || !ok) return errc::io_error;
+        }
+
+        if (kind_ == backend::engine_kind::kvm) {
+            detail::kvm_image_engine::config k;
+            k.kernel = options_.kernel->vmlinuz;
+            k.initrd = initrd_path;
+            k.rootfs = image.rootfs;
+            k.disk_id = image.digest.hex().substr(0, 20);
+            k.memory_mib = options_.memory_mib;
+            k.cpus = options_.cpus;
+            k.cmdline = guest_cmdline();
+            k.guest_cid = guest_cid;
+            std::weak_ptr<vm> weak = weak_from_this();
+            k.console = [weak](std::string_view text) {
+                if (auto self = weak.lock()) self->on_console(text);
+            };
+            remember_for_snapshot(image, k.cmdline, agent_binary);
+            auto made = detail::kvm_image_engine::create(std::move(k));
+            if (!made)
+                return refuse(made.error(), "the kvm engine could not create the machine: " +
+                                                made.error().message());
+            kvm_ = std::move(made).value();
+            return success();
         }
 
         backend::qemu_config q;
@@ -704,6 +755,7 @@ private:
 
     // On the executor: attach devices, start the engine, wait for the agent.
     void launch() {
+        if (kvm_) return launch_kvm();
         if (disk_) {
             if (auto r = machine_->attach(backend::vhost_user_device_kind::blk, *disk_); !r)
                 return finish_start(r.error());
@@ -745,9 +797,42 @@ private:
         try_connect();
     }
 
+    // The kvm engine: the vCPUs start in this process; its exit is seen on
+    // the engine's thread and handled on ours.
+    void launch_kvm() {
+        launched_at_ = std::chrono::steady_clock::now();
+        std::weak_ptr<vm> weak = shared_from_this();
+        kvm_->async_wait([weak, executor = executor_](machine_exit e) {
+            boost::asio::post(executor, [weak, e] {
+                auto self = weak.lock();
+                if (!self) return;
+                self->machine_exited_ = true;
+                self->on_engine_exit();
+                if (self->start_) {
+                    if (!e.clean()) self->failure_detail_ = e.describe();
+                    self->finish_start(errc::agent_unavailable);
+                } else if (self->client_) {
+                    self->client_->close(); // pending operations fail
+                }
+            });
+        });
+        detail::trace_point("engine start");
+        if (auto started = kvm_->start(); !started) return finish_start(started.error());
+        deadline_ = std::chrono::steady_clock::now() + options_.ready_timeout;
+        try_connect();
+    }
+
+    // The agent's vsock device: ours served to QEMU, or the kvm engine's.
+    virtio::vsock* agent_vsock() noexcept {
+        if (vsock_) return vsock_.get();
+        if (kvm_) return &kvm_->vsock();
+        return nullptr;
+    }
+
     void try_connect() {
         auto self = shared_from_this();
-        if (!vsock_) { // the agent on virtio-serial
+        auto* vsock = agent_vsock();
+        if (!vsock) { // the agent on virtio-serial
             return connect_serial([self](error_code ec, bool may_retry) {
                 if (!self->start_) return;
                 if (ec && !may_retry) return self->finish_start(ec);
@@ -757,20 +842,30 @@ private:
             });
         }
         // Restores always come up on virtio-serial: a vsock vm was booted.
-        vsock_->async_connect(executor_, agent_port,
-                              [self](error_code ec, socket_type socket) {
-                                  if (!self->start_) return;
-                                  if (ec) return self->retry_connect();
-                                  self->client_ = std::make_unique<client_type>(std::move(socket));
-                                  self->client_->async_hello(
-                                      self->token_, [self](error_code ec, agent::hello_ok) {
-                                          if (!self->start_) return;
-                                          if (ec == errc::agent_auth_failed)
-                                              return self->finish_start(ec);
-                                          if (ec) return self->retry_connect();
-                                          self->finish_start({});
-                                      });
-                              });
+        vsock->async_connect(executor_, agent_port, [self](error_code ec, socket_type socket) {
+            if (!self->start_) return;
+            if (ec) return self->retry_connect();
+            self->client_ = std::make_unique<client_type>(std::move(socket));
+            // A restored clone's set-up (new RNG seed, wall clock) goes
+            // right behind the hello, as on the serial channel.
+            auto outstanding = std::make_shared<int>(1);
+            auto first_error = std::make_shared<error_code>();
+            auto answered = [self, outstanding, first_error](error_code ec) {
+                if (ec && !*first_error) *first_error = ec;
+                if (--*outstanding || !self->start_) return;
+                self->agent_ready_at_ = std::chrono::steady_clock::now();
+                self->finish_start(*first_error);
+            };
+            self->client_->async_hello(self->token_,
+                                       [self, answered](error_code ec, agent::hello_ok) {
+                                           if (!self->start_) return;
+                                           if (ec == errc::agent_auth_failed)
+                                               return self->finish_start(ec);
+                                           if (ec) return self->retry_connect();
+                                           answered({});
+                                       });
+            if (self->restore_from_) self->restore_setup(answered, *outstanding);
+        });
     }
 
     void retry_connect() {
@@ -780,7 +875,7 @@ private:
         // The serial socket appears during QEMU's start (a connect is cheap:
         // poll it closely, a restore waits on it: 1 ms, not 3, is ≈ 1 ms of a
         // warm run); vsock connects go through the guest.
-        timer_.expires_after(std::chrono::milliseconds(vsock_ ? 50 : 1));
+        timer_.expires_after(std::chrono::milliseconds(agent_vsock() ? 50 : 1));
         timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
             if (!ec) self->try_connect();
         });
@@ -903,11 +998,15 @@ private:
     /// The kernel command line of an image vm: the root
     /// disk, and its channel (virtio-serial for snapshottable vms, else vsock).
     std::string guest_cmdline() const {
-        auto cmdline =
-            detail::image_vm_cmdline(options_.snapshottable, agent_port, options_.extra_cmdline);
+        // The kvm engine's snapshots keep virtio-vsock (TRANSPORT_RESET on restore).
+        auto cmdline = detail::image_vm_cmdline(options_.snapshottable &&
+                                                    kind_ == backend::engine_kind::qemu,
+                                                agent_port, options_.extra_cmdline);
         // The agent configures eth0 at boot: a snapshot with it and one
         // without are different snapshots (the command line is in the key).
-        if (options_.network == network_mode::user && !has_network_word(cmdline))
+        // The kvm engine has no network device yet (doc/vm.md).
+        if (options_.network == network_mode::user && kind_ == backend::engine_kind::qemu &&
+            !has_network_word(cmdline))
             cmdline += std::string(" ") + network_word;
         return cmdline;
     }
@@ -968,6 +1067,7 @@ private:
 
     void start_snapshot(std::filesystem::path path, bool resume,
                         std::function<void(error_code, snapshot_report)> done) {
+        if (kvm_) return start_snapshot_kvm(std::move(path), resume, std::move(done));
         auto finish = [this, done](error_code ec, snapshot_report report) {
             boost::asio::post(executor_, [done, ec, report] { done(ec, report); });
         };
@@ -1053,11 +1153,11 @@ private:
 
     void begin_stop(std::chrono::steady_clock::duration grace,
                     agent::detail::unique_function<void(error_code)> done) {
-        if (!machine_ || machine_exited_) return done.take_and_call({});
+        if ((!machine_ && !kvm_) || machine_exited_) return done.take_and_call({});
         stop_waiters_.push_back(std::move(done));
         if (stop_waiters_.size() > 1) return; // already stopping
         if (client_) client_->async_shutdown([](error_code) {});
-        else machine_->kill();
+        else kill();
         stop_timer_.expires_after(grace);
         stop_timer_.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
             auto self = weak.lock();
@@ -1072,6 +1172,95 @@ private:
         stop_waiters_.clear();
         for (auto& w : waiters)
             w.take_and_call({});
+    }
+
+    // The kvm engine: the snapshot is one container file, `path`/machine.snap
+    // (snapshot/container.hpp): vCPUs, irqchip, PIT, clock, each device's
+    // record (the root disk's overlay chunks with it), the agent's token,
+    // then the RAM. The host's agent connection is simply dropped: a restore
+    // resets every vsock connection (TRANSPORT_RESET) and connects anew.
+    // Written on setup_pool(); the vm stops afterwards.
+    void start_snapshot_kvm(std::filesystem::path path, bool resume,
+                            std::function<void(error_code, snapshot_report)> done) {
+        auto finish = [this, done](error_code ec, snapshot_report report) {
+            boost::asio::post(executor_, [done, ec, report] { done(ec, report); });
+        };
+        if (snapshot_.token.empty() || !client_) return finish(errc::invalid_argument, {});
+        if (resume || restore_from_) {
+            snapshot_report report;
+            report.refusal = "the kvm engine snapshots a booted vm and stops it (no resume, "
+                             "no snapshot of a restored vm yet)";
+            return finish({}, report);
+        }
+        client_->close();
+        auto self = shared_from_this();
+        auto work = boost::asio::make_work_guard(executor_);
+        boost::asio::post(setup_pool(), [self, path, finish, work = std::move(work)]() mutable {
+            const auto started = std::chrono::steady_clock::now();
+            snapshot::agent_record agent;
+            const auto& token = self->snapshot_.token;
+            agent.token.assign(reinterpret_cast<const std::byte*>(token.data()),
+                               reinterpret_cast<const std::byte*>(token.data()) + token.size());
+            agent.vsock_port = agent_port;
+            std::error_code ec;
+            std::filesystem::create_directories(path, ec);
+            result<std::uint64_t> written =
+                ec ? result<std::uint64_t>(ec)
+                   : self->kvm_->snapshot_and_stop(path / kvm_snapshot_file, std::move(agent));
+            snapshot_report report;
+            report.saved = written.has_value();
+            if (written) report.bytes = written.value();
+            report.duration = std::chrono::duration_cast<std::chrono::milliseconds>(
+                std::chrono::steady_clock::now() - started);
+            const error_code error = written ? error_code{} : written.error();
+            auto executor = self->executor_;
+            boost::asio::dispatch(executor, [self = std::move(self), error, report,
+                                             finish = std::move(finish), work = std::move(work)] {
+                self->kill();
+                finish(error, report);
+            });
+        });
+    }
+
+    // Blocking, on setup_pool(): a kvm engine restore of `dir`/machine.snap.
+    // The cache key (image, rootfs, memory, vCPUs, kernel, agent, command
+    // line) chose the directory; the file is still hostile input, validated
+    // by read_snapshot (counts before allocation, RAM within the file) and
+    // its command line compared with what these options would boot.
+    result<void> prepare_restore_kvm(const prepared_image& image) {
+        if (options_.engine == engine_choice::qemu)
+            return refuse(errc::snapshot_mismatch,
+                          "the snapshot was taken on the kvm engine; --engine qemu was asked for");
+        kind_ = backend::engine_kind::kvm;
+        engine_description_ = "kvm (the snapshot's engine), restored";
+        if (!options_.kernel) {
+            auto kernel = boot::default_kernel();
+            if (!kernel) return refuse(kernel.error(), "no cached kernel for the restore");
+            options_.kernel = std::move(kernel).value();
+        }
+        auto agent_binary = detail::find_agent_binary();
+        if (!agent_binary)
+            return refuse(agent_binary.error(), "the guest agent binary is not found "
+                                                "(SUPERMACHINE_AGENT, or beside the program)");
+        detail::kvm_image_engine::config k;
+        k.kernel = options_.kernel->vmlinuz;
+        k.rootfs = image.rootfs;
+        k.disk_id = image.digest.hex().substr(0, 20);
+        k.memory_mib = options_.memory_mib;
+        k.cpus = options_.cpus;
+        k.cmdline = guest_cmdline();
+        k.guest_cid = guest_cid;
+        std::weak_ptr<vm> weak = weak_from_this();
+        k.console = [weak](std::string_view text) {
+            if (auto self = weak.lock()) self->on_console(text);
+        };
+        const auto cmdline = k.cmdline;
+        SUPERMACHINE_TRY(engine, detail::kvm_image_engine::restore(
+                                     std::move(k), *restore_from_ / kvm_snapshot_file, token_,
+                                     &failure_detail_));
+        kvm_ = std::move(engine);
+        remember_for_snapshot(image, cmdline, agent_binary.value());
+        return success();
     }
 
     void on_detached() {
@@ -1203,6 +1392,8 @@ private:
     // starts; then QEMU with the same devices, RAM mapped privately from the
     // snapshot, root disk writes to a throw-away overlay, -incoming.
     result<void> prepare_restore(const prepared_image& image) {
+        if (std::error_code ec; std::filesystem::exists(*restore_from_ / kvm_snapshot_file, ec))
+            return prepare_restore_kvm(image);
         if (!options_.volumes.empty())
             return refuse(errc::invalid_argument, "a vm with volumes cannot be restored (virtio-fs "
                                                   "state does not migrate)");
@@ -1211,6 +1402,10 @@ private:
         // A snapshot implies the kernel is cached: no fetch.
         if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
             return refuse(selected.error(), "no engine or cached kernel for the restore");
+        if (kind_ != backend::engine_kind::qemu)
+            return refuse(
+                errc::snapshot_mismatch,
+                "the snapshot directory is the qemu engine's; --engine kvm was asked for");
         auto agent_binary = detail::find_agent_binary();
         if (!agent_binary)
             return refuse(agent_binary.error(), "the guest agent binary is not found "
@@ -1376,6 +1571,8 @@ private:
     std::unique_ptr<virtio::vsock> vsock_;
     std::shared_ptr<detail::qemu_network> network_; // before the engine that uses it
     std::unique_ptr<backend::qemu_machine> machine_;
+    std::unique_ptr<detail::kvm_image_engine> kvm_; // the kvm engine (no QEMU, no devices above)
+    backend::engine_kind kind_ = backend::engine_kind::qemu;
     std::unique_ptr<client_type> client_;
     std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> listeners_;
     // Snapshottable vms: the agent's virtio-serial socket (QEMU listens),

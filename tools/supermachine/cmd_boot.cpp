@@ -454,9 +454,6 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
         return refuse("--initrd and --cmdline cannot be combined with -- CMD (the agent's "
                       "initramfs and command line are used; --append adds to it)");
     if (!options.snapshot_to.empty()) return refuse("--snapshot-to cannot be combined with -- CMD");
-    if (options.engine == "kvm")
-        return refuse("-- CMD runs on the qemu engine; the kvm engine does not run agent VMs yet "
-                      "(use --engine qemu or auto)");
     const auto& disk = options.disks.front();
     struct stat st {};
     if (::access(disk.path.c_str(), R_OK) != 0 || ::stat(disk.path.c_str(), &st) != 0) {
@@ -471,7 +468,8 @@ inline int boot_command(const boot_options& options, const exec_cli_options& exe
     vm_options vm_options;
     vm_options.memory_mib = static_cast<std::uint32_t>(options.memory_mib);
     vm_options.cpus = options.cpus;
-    vm_options.engine = options.engine;
+    // (auto keeps data disks on the qemu engine: vm.hpp)
+    vm_options.engine = parse_engine_choice(options.engine).value_or(engine_choice::automatic);
     vm_options.volumes = exec.volumes;
     // The disks after the root: /dev/vdb, ... in order, written in place
     // unless ,ro (,cow has no meaning here: refused).

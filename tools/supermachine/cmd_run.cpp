@@ -144,7 +144,12 @@ int run_run(std::span<char*> args) {
             image_options.pull.platform = p.value();
         } else if (a == "--engine") {
             if (!(v = value(a))) return usage();
-            vm_options.engine = v;
+            auto engine = sm::parse_engine_choice(v);
+            if (!engine) {
+                std::fprintf(stderr, "supermachine run: --engine '%s': kvm, qemu or auto\n", v);
+                return 125;
+            }
+            vm_options.engine = *engine;
         } else if (a == "--insecure") {
             image_options.pull.registry.insecure = true;
         } else if (a == "-q" || a == "--quiet") {

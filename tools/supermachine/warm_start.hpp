@@ -37,11 +37,13 @@ inline std::string warm_snapshot_key(const prepared_image& image, const vm_optio
     // v3: TCG without -icount (a v2 stream does not load into it); v4:
     // streams without QEMU's run state (a restore resumes by itself); v5:
     // the token in the initramfs, not on the command line.
-    const std::string identity = "v5|qemu|serial|" + image.digest.str() + "|" +
-                                 image.rootfs.string() + "|" + std::to_string(options.memory_mib) +
-                                 "|" + std::to_string(options.cpus) + "|" +
-                                 options.kernel->release + "|" + agent_identity +
-                                 (options.network == network_mode::user ? "|net=user" : "");
+    // kvm v1: the engine's container file, agent on vsock.
+    const bool kvm = options.engine == engine_choice::kvm;
+    const std::string identity =
+        std::string(kvm ? "v1|kvm|vsock|" : "v5|qemu|serial|") + image.digest.str() + "|" +
+        image.rootfs.string() + "|" + std::to_string(options.memory_mib) + "|" +
+        std::to_string(options.cpus) + "|" + options.kernel->release + "|" + agent_identity +
+        (options.network == network_mode::user ? "|net=user" : "");
     std::string extra;
     for (const auto& e : options.extra_cmdline)
         extra += e + "\n";
@@ -147,8 +149,12 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
         say("cold boot: volumes (-v) cannot be snapshotted (virtio-fs does not migrate)");
         return vm::async_start(executor, image, for_boot(options), done);
     }
-    auto engine = backend::select_engine(options.engine, nullptr);
-    if (!engine || engine.value().kind != backend::engine_kind::qemu) return cold(image, options);
+    // The engine is fixed here (auto resolved once), so the snapshot, its
+    // key and every restore agree: the kvm engine's snapshot is one
+    // container file in the key's directory, QEMU's a directory of files.
+    const bool kvm = decide_engine(options.engine).kind == backend::engine_kind::kvm;
+    options.engine = kvm ? engine_choice::kvm : engine_choice::qemu;
+    const std::filesystem::path complete_marker = kvm ? vm::kvm_snapshot_file : "meta";
     if (!options.kernel) {
         auto kernel = boot::default_kernel_identity();
         if (!kernel) {
@@ -254,10 +260,10 @@ inline void async_warm_start(boost::asio::any_io_executor executor, prepared_ima
             create(fd);
         });
     };
-    if (std::filesystem::exists(dir / "meta", fs_ec)) return restore();
+    if (std::filesystem::exists(dir / complete_marker, fs_ec)) return restore();
     const int fd = try_creation_lock(dir);
-    if (fd < 0) return cold(image, options);            // another run is creating it: do not queue
-    if (std::filesystem::exists(dir / "meta", fs_ec)) { // made while we looked
+    if (fd < 0) return cold(image, options); // another run is creating it: do not queue
+    if (std::filesystem::exists(dir / complete_marker, fs_ec)) { // made while we looked
         ::close(fd);
         return restore();
     }

@@ -20,6 +20,7 @@
 #include <supermachine/detail/runtime_directory.hpp>
 #include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
+#include <supermachine/engine.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/vhost_user/backend.hpp>
 #include <supermachine/virtio/device.hpp>
@@ -56,32 +57,6 @@
 namespace supermachine::backend {
 
 // ---------------------------------------------------------------- engine choice
-
-enum class engine_kind { kvm, qemu };
-
-struct engine_decision {
-    engine_kind kind;
-    std::string reason;
-};
-
-/// Whether this host's KVM can run a Linux guest. A software KVM (kvm_pvm:
-/// /sys/module/kvm_pvm) runs our tiny guests but not Linux (emulation
-/// failures at XRSTOR/CMPXCHG16B); no usable /dev/kvm means no KVM at all.
-inline bool host_kvm_runs_linux(std::string* why = nullptr) {
-    auto say = [&](std::string s) {
-        if (why) *why = std::move(s);
-    };
-    if (::access("/dev/kvm", R_OK | W_OK) != 0) {
-        say("/dev/kvm is not usable");
-        return false;
-    }
-    if (std::filesystem::exists("/sys/module/kvm_pvm")) {
-        say("the host's KVM is kvm_pvm (software; it cannot run Linux guests)");
-        return false;
-    }
-    say("/dev/kvm is hardware KVM");
-    return true;
-}
 
 /// "kvm" | "qemu" | "auto". For auto, prints the choice and its reason once
 /// per process on `announce` (stderr by default; null: silent).

@@ -67,7 +67,8 @@ prune_warm_snapshots(const std::filesystem::path& root, const std::filesystem::p
         if (name.starts_with(".") && name.find(".tmp-") != std::string::npos) {
             if (now - mtime > policy.temp_age && fs::remove_all(it->path(), e) > 0 && !e)
                 removed.push_back(it->path());
-        } else if (fs::exists(it->path() / "meta", e)) {
+        } else if (fs::exists(it->path() / "meta", e) ||
+                   fs::exists(it->path() / "machine.snap", e)) { // QEMU's, or the kvm engine's
             snapshots.push_back({it->path(), mtime});
         }
     }

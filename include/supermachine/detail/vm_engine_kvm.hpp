@@ -1,0 +1,165 @@
+#pragma once
+// The kvm engine of an image vm (vm.hpp): basic_machine on backend::kvm in
+// this process, with the image's devices as compile-time policies: the
+// 16550 console, the i8042 reset line, ACPI power-off, virtio-blk over a
+// copy-on-write overlay of the cached rootfs (the base is opened read-only
+// and shared by every vm), virtio-vsock for the agent channel and
+// virtio-rng. No other process runs.
+//
+// The device cores serve their queues on a private io_context thread, not
+// on the vm's executor: a caller blocking its own executor can never stall
+// the guest's disk, and the machine's teardown does not depend on the
+// caller's io_context still running.
+#include <supermachine/backend/kvm.hpp>
+#include <supermachine/devices/acpi_power.hpp>
+#include <supermachine/devices/i8042.hpp>
+#include <supermachine/devices/serial.hpp>
+#include <supermachine/error.hpp>
+#include <supermachine/machine.hpp>
+#include <supermachine/snapshot/file_store.hpp>
+#include <supermachine/snapshot/records.hpp>
+#include <supermachine/storage/cow_file.hpp>
+#include <supermachine/storage/raw_file.hpp>
+#include <supermachine/virtio/blk.hpp>
+#include <supermachine/virtio/mmio_transport.hpp>
+#include <supermachine/virtio/rng.hpp>
+#include <supermachine/virtio/vsock.hpp>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+
+namespace supermachine::detail {
+
+class kvm_image_engine {
+public:
+    using root_disk = virtio::blk<storage::cow_file<storage::raw_file>>;
+    using machine = basic_machine<backend::kvm, devices::serial, devices::i8042,
+                                  devices::acpi_power, root_disk, virtio::vsock, virtio::rng>;
+    static constexpr std::size_t vsock_slot = 4;
+
+    struct config {
+        std::filesystem::path kernel, initrd, rootfs;
+        std::string disk_id;
+        std::uint32_t memory_mib = 512;
+        std::uint32_t cpus = 1;
+        std::string cmdline; // the image vm's (agent, root, channel), after the machine's own
+        std::uint64_t guest_cid = 3;
+        std::function<void(std::string_view)> console; // from vCPU threads
+    };
+
+    static result<std::unique_ptr<kvm_image_engine>> create(config c) {
+        std::unique_ptr<kvm_image_engine> self(new kvm_image_engine());
+        auto cfg = machine_config(std::move(c));
+        SUPERMACHINE_TRY(made, machine::create(self->io_.get_executor(), std::move(cfg)));
+        self->machine_ = std::move(made);
+        return self;
+    }
+
+    /// A machine from a warm snapshot file (snapshot/container.hpp): read and
+    /// validated as hostile input, RAM mapped MAP_PRIVATE (clones share the
+    /// file, restore cost follows pages touched), the root disk's overlay
+    /// chunks from its device record, vsock TRANSPORT_RESET by the restore.
+    /// The file must carry the agent record and the kernel command line `c`
+    /// would boot; `token` receives the agent's token. Nothing runs until start().
+    static result<std::unique_ptr<kvm_image_engine>>
+    restore(config c, const std::filesystem::path& file, std::string& token, std::string* why) {
+        auto refuse = [why](error_code ec, std::string text) {
+            if (why) *why = std::move(text);
+            return ec;
+        };
+        auto loaded = snapshot::read_snapshot(file);
+        if (!loaded)
+            return refuse(loaded.error(),
+                          file.string() + " is not a valid snapshot: " + loaded.error().message());
+        const auto& records = loaded.value().records;
+        if (!records.agent || records.agent->token.empty())
+            return refuse(errc::snapshot_bad_record, file.string() + " has no agent record");
+        // (The machine's own fragments surround it: devices, backend workarounds.)
+        if (records.machine.kernel_identity.find(c.cmdline) == std::string::npos)
+            return refuse(errc::snapshot_mismatch,
+                          "the snapshot's kernel command line differs from this vm's");
+        token.assign(reinterpret_cast<const char*>(records.agent->token.data()),
+                     records.agent->token.size());
+        std::unique_ptr<kvm_image_engine> self(new kvm_image_engine());
+        auto cfg = machine_config(std::move(c));
+        auto made =
+            machine::restore(self->io_.get_executor(), std::move(cfg), std::move(loaded).value());
+        if (!made)
+            return refuse(made.error(), "the kvm engine could not restore " + file.string() + ": " +
+                                            made.error().message());
+        self->machine_ = std::move(made).value();
+        return self;
+    }
+
+    /// Pause, write the machine with `agent` into `file` (atomically:
+    /// temp file, fsync, rename), stop. Blocking: not on a vCPU thread.
+    result<std::uint64_t> snapshot_and_stop(const std::filesystem::path& file,
+                                            snapshot::agent_record agent) {
+        SUPERMACHINE_TRY(image, machine_->pause_and_capture());
+        image.records.agent = std::move(agent);
+        auto written = snapshot::write_snapshot(file, image);
+        machine_->resume_after_capture(after_snapshot::stop);
+        if (!written) return written.error();
+        return written.value().file_size;
+    }
+
+    kvm_image_engine(const kvm_image_engine&) = delete;
+    kvm_image_engine& operator=(const kvm_image_engine&) = delete;
+
+    ~kvm_image_engine() {
+        machine_.reset(); // stops and joins the vCPUs, then the devices go
+        work_.reset();
+        io_.stop();
+        if (thread_.joinable()) thread_.join();
+    }
+
+    result<void> start() { return machine_->start(); }
+
+    /// void(machine_exit), on the engine's own thread.
+    void async_wait(std::function<void(machine_exit)> done) {
+        machine_->async_wait([done = std::move(done)](machine_exit e) { done(std::move(e)); });
+    }
+
+    void kill() noexcept { machine_->stop(); }
+
+    virtio::vsock& vsock() noexcept { return machine_->template device_at<vsock_slot>()->core(); }
+
+private:
+    static machine::config machine_config(config c) {
+        machine::config cfg;
+        cfg.memory_mib = c.memory_mib;
+        cfg.vcpus = c.cpus;
+        cfg.kernel_path = c.kernel.string();
+        cfg.initrd_path = c.initrd.string();
+        cfg.extra_cmdline = std::move(c.cmdline);
+        if (const char* device = std::getenv("SUPERMACHINE_KVM_DEVICE"); device && *device)
+            cfg.backend.device_path = device;
+        std::get<0>(cfg.devices).sink = std::move(c.console);
+        auto& disk = std::get<3>(cfg.devices);
+        disk.storage.base.path = c.rootfs.string();
+        disk.storage.base.read_only = true; // one cached base serves every vm
+        disk.id = std::move(c.disk_id);
+        std::get<vsock_slot>(cfg.devices).guest_cid = c.guest_cid;
+        return cfg;
+    }
+
+    kvm_image_engine()
+        : work_(boost::asio::make_work_guard(io_))
+        , thread_([this] { io_.run(); }) {}
+
+    boost::asio::io_context io_;
+    boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
+    std::thread thread_;
+    std::unique_ptr<machine> machine_;
+};
+
+} // namespace supermachine::detail
