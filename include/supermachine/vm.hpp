@@ -44,6 +44,7 @@
 #include <supermachine/virtio/vsock.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
@@ -451,10 +452,22 @@ private:
                           SetUp set_up) {
         auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
         self->restore_from_ = std::move(restore_from);
+        // Cancellation (any type) ends the start at once with errc::cancelled
+        // (operation_aborted): the engine, if it runs, is killed; a set-up
+        // still running on setup_pool() finishes and launches nothing.
+        auto slot = boost::asio::get_associated_cancellation_slot(handler);
         auto done = std::make_shared<Handler>(std::move(handler));
-        self->start_ = [done](error_code ec, std::shared_ptr<vm> v) {
+        self->start_ = [done, slot](error_code ec, std::shared_ptr<vm> v) mutable {
+            if (slot.is_connected()) slot.clear();
             (*done)(ec, std::move(v));
         };
+        if (slot.is_connected())
+            slot.assign([weak = std::weak_ptr<vm>(self), executor](boost::asio::cancellation_type) {
+                boost::asio::post(executor, [weak] {
+                    if (auto self = weak.lock(); self && self->start_)
+                        self->finish_start(errc::cancelled);
+                });
+            });
         set_up_then_launch(std::move(self), std::move(set_up));
     }
 
@@ -475,6 +488,7 @@ private:
             auto executor = self->executor_;
             boost::asio::dispatch(executor,
                                   [self = std::move(self), prepared, work = std::move(work)] {
+                                      if (!self->start_) return; // cancelled meanwhile
                                       if (!prepared) return self->finish_start(prepared.error());
                                       self->launch();
                                   });

@@ -259,6 +259,25 @@ BOOST_AUTO_TEST_CASE(awaitable_errors_plain_arguments_and_cancellation) {
                 co_await pause.async_wait(asio::use_awaitable);
             }
             BOOST_TEST(left.find("status=1") != std::string::npos, "sleep still running: " << left);
+
+            // A start cancelled while the guest boots ends at once, its engine killed.
+            const auto demo = sm::image::from_oci(env().image);
+            auto ready = co_await demo.async_prepare(asio::use_awaitable);
+            asio::cancellation_signal cancel_start;
+            asio::steady_timer start_timer(io, 300ms);
+            start_timer.async_wait([&](boost::system::error_code) {
+                cancel_start.emit(asio::cancellation_type::terminal);
+            });
+            const auto start_began = std::chrono::steady_clock::now();
+            sm::error_code start_code;
+            try {
+                (void)co_await sm::vm::async_start(
+                    io, ready, {}, asio::bind_cancellation_slot(cancel_start.slot(), asio::use_awaitable));
+            } catch (const boost::system::system_error& e) {
+                start_code = e.code();
+            }
+            BOOST_TEST((start_code == asio::error::operation_aborted), start_code.message());
+            BOOST_TEST(std::chrono::steady_clock::now() - start_began < 5s);
         },
         [&](std::exception_ptr failure) {
             finished = true;
