@@ -65,7 +65,7 @@ asio::awaitable<sm::agent::exec_output> run_command(sm::pool* pool, const sm::pr
         auto lease = co_await pool->async_acquire(asio::use_awaitable);
         co_return co_await lease->async_exec({"sh", "-c", command}, asio::use_awaitable);
     } // the lease is dropped here: the clone is discarded, the pool refills
-    auto fresh = co_await sm::vm::async_start(co_await asio::this_coro::executor, image, {},
+    auto fresh = co_await sm::vm::async_start(co_await asio::this_coro::executor, image,
                                               asio::use_awaitable);
     auto out = co_await fresh->async_exec({"sh", "-c", command}, asio::use_awaitable);
     fresh->kill();

@@ -87,6 +87,13 @@ struct data_disk {
 inline constexpr std::size_t max_data_disks = 8;
 
 struct vm_options {
+    // Not an aggregate on purpose (a declared constructor): GCC 12
+    // miscompiles an aggregate temporary built inside a co_await expression
+    // (`co_await vm::async_start(ex, image, {}, use_awaitable)` copies it
+    // bitwise and frees its strings twice); a class with a constructor is
+    // built correctly (doc/embedding.md, "GCC 12").
+    vm_options() = default;
+
     std::uint32_t memory_mib = 512;
     std::uint32_t cpus = 1;
     /// kvm: basic_machine on backend::kvm in this process (no QEMU);
@@ -146,6 +153,8 @@ struct vm_options {
 /// alone; the rest (image, memory, vCPUs, kernel, command line) is the
 /// snapshot's. Fields as in vm_options.
 struct snapshot_start_options {
+    snapshot_start_options() = default; // not an aggregate: see vm_options
+
     std::function<void(std::string_view)> console;
     std::chrono::milliseconds ready_timeout{120'000};
     std::filesystem::path runtime_dir;
@@ -205,6 +214,21 @@ public:
                             Token&& token) {
         return async_start(executor_type(context.get_executor()), std::move(image),
                            std::move(options), std::forward<Token>(token));
+    }
+
+    /// The same with default vm_options.
+    template <class Token>
+        requires(!std::is_convertible_v<Token, const vm_options&>)
+    static auto async_start(executor_type executor, prepared_image image, Token&& token) {
+        return async_start(std::move(executor), std::move(image), vm_options(),
+                           std::forward<Token>(token));
+    }
+    template <class ExecutionContext, class Token>
+        requires(std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&> &&
+                 !std::is_convertible_v<Token, const vm_options&>)
+    static auto async_start(ExecutionContext& context, prepared_image image, Token&& token) {
+        return async_start(executor_type(context.get_executor()), std::move(image), vm_options(),
+                           std::forward<Token>(token));
     }
 
     executor_type get_executor() const noexcept { return executor_; }
@@ -480,6 +504,7 @@ private:
     template <class SetUp>
     static void set_up_then_launch(std::shared_ptr<vm> self, SetUp set_up) {
         auto work = boost::asio::make_work_guard(self->executor_);
+        self->setting_up_ = true;
         boost::asio::post(setup_pool(), [self = std::move(self), work = std::move(work),
                                          set_up = std::move(set_up)]() mutable {
             detail::trace_point("vm set-up");
@@ -488,6 +513,7 @@ private:
             auto executor = self->executor_;
             boost::asio::dispatch(executor,
                                   [self = std::move(self), prepared, work = std::move(work)] {
+                                      self->setting_up_ = false;
                                       if (!self->start_) return; // cancelled meanwhile
                                       if (!prepared) return self->finish_start(prepared.error());
                                       self->launch();
@@ -899,7 +925,9 @@ private:
         auto done = std::move(start_);
         start_ = nullptr;
         if (!done) return;
-        if (ec) kill();
+        // While the set-up runs on setup_pool() it owns the engine members:
+        // a cancelled start leaves them to it (nothing launches after it).
+        if (ec && !setting_up_) kill();
         done(ec, shared_from_this()); // on error: for console_tail() only
     }
 
@@ -1575,6 +1603,7 @@ private:
     boost::asio::steady_timer timer_;
     std::chrono::steady_clock::time_point deadline_{};
     std::function<void(error_code, std::shared_ptr<vm>)> start_;
+    bool setting_up_ = false; // set_up_then_launch's job runs (read on the executor only)
     std::string token_;
     std::string engine_description_;
     bool owns_runtime_dir_ = false;

@@ -7,10 +7,8 @@
 #include <cstddef>
 #include <ostream>
 
+// errc's operator<< lives in <supermachine/error.hpp>.
 namespace supermachine {
-inline std::ostream& operator<<(std::ostream& out, errc e) {
-    return out << make_error_code(e).message();
-}
 namespace boot {
 inline std::ostream& operator<<(std::ostream& out, entry_mode m) {
     return out << (m == entry_mode::long_mode_64 ? "long_mode_64" : "protected_mode_32_pvh");

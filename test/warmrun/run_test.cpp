@@ -291,7 +291,7 @@ BOOST_AUTO_TEST_CASE(async_restore_validates_before_it_trusts) {
     meta.agent_identity = sm::detail::agent_identity(s.agent);
     meta.token = "0123456789abcdef0123456789abcdef";
     meta.cmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init "
-                   "supermachine.root=/dev/vda supermachine.channel=serial";
+                   "supermachine.root=/dev/vda supermachine.channel=serial supermachine.net=user";
     meta.stream = sm::detail::fingerprint_file(dir / "state").value();
     meta.devices = sm::detail::fingerprint_file(dir / "disk.qcow2").value();
     meta.ram = sm::detail::stat_fingerprint(dir / "ram").value();
