@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -77,11 +78,35 @@ double tree_rss_mib() {
 
 template <class Coroutine>
 void run(asio::io_context& io, Coroutine coroutine) {
+    // Until the coroutine ends, not until the io_context runs out of work:
+    // live VMs (the pool's idle clones) keep operations pending.
     std::exception_ptr failure;
-    asio::co_spawn(io, std::move(coroutine), [&](std::exception_ptr e) { failure = e; });
+    bool done = false;
+    asio::co_spawn(io, std::move(coroutine), [&](std::exception_ptr e) {
+        failure = e;
+        done = true;
+    });
     io.restart();
-    io.run();
+    while (!done)
+        io.run_one();
     if (failure) std::rethrow_exception(failure);
+}
+
+// Until the pool holds 4 idle clones; a pool that cannot get there (its
+// restores fail) ends the benchmark with its counts rather than hanging.
+asio::awaitable<void> wait_until_filled(asio::io_context& io, sm::pool& pool) {
+    const auto deadline = clock_type::now() + std::chrono::minutes(3);
+    while (pool.counts().idle < 4) {
+        if (clock_type::now() > deadline) {
+            const auto c = pool.counts();
+            throw std::runtime_error(
+                "the pool did not fill in 3 minutes: idle " + std::to_string(c.idle) +
+                ", restoring " + std::to_string(c.restoring) + ", restored " +
+                std::to_string(c.restored) + ", failed " + std::to_string(c.failed));
+        }
+        asio::steady_timer wait(io, std::chrono::milliseconds(50));
+        co_await wait.async_wait(asio::use_awaitable);
+    }
 }
 
 void report(const char* what, const std::vector<double>& ms, double seconds) {
@@ -132,10 +157,7 @@ int main(int argc, char** argv) {
         double one_s = 0, four_s = 0;
         run(io, [&]() -> asio::awaitable<void> {
             // Let the pool fill before timing (a server starts before its first request).
-            while (pool.counts().idle < 4) {
-                asio::steady_timer wait(io, std::chrono::milliseconds(50));
-                co_await wait.async_wait(asio::use_awaitable);
-            }
+            co_await wait_until_filled(io, pool);
             auto started = clock_type::now();
             for (int i = 0; i < requests; ++i) {
                 const auto t = clock_type::now();
@@ -145,13 +167,7 @@ int main(int argc, char** argv) {
             }
             one_s = seconds_since(started);
         }());
-        run(io, [&]() -> asio::awaitable<void> {
-            while (pool.counts().idle < 4) {
-                asio::steady_timer wait(io, std::chrono::milliseconds(50));
-                co_await wait.async_wait(asio::use_awaitable);
-            }
-            co_return;
-        }());
+        run(io, [&]() -> asio::awaitable<void> { co_await wait_until_filled(io, pool); }());
         const auto started = clock_type::now();
         int remaining = requests;
         for (int client = 0; client < 4; ++client)

@@ -31,8 +31,10 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace supermachine {
 
@@ -40,6 +42,11 @@ struct pool_options {
     std::size_t min_idle = 2;  // restored clones kept ready
     std::size_t max_size = 8;  // clones alive at once: idle + leased + restoring
     snapshot_start_options clone; // how each clone is restored (timeout, cache dir)
+    /// Run once in each clone before it is ready (empty: none). A restored
+    /// guest's first command pays for faulting in what it touches (its
+    /// memory is the snapshot's, mapped copy-on-write); this moves that off
+    /// the request path. A clone whose warm-up fails is discarded (failed).
+    std::vector<std::string> warm_up = {"true"};
 };
 
 /// What the pool holds now, and what it has done.
@@ -149,12 +156,24 @@ private:
         vm::async_restore(
             strand_, snapshot_, options_.clone,
             [self = shared_from_this()](error_code ec, std::shared_ptr<vm> clone) {
-                boost::asio::post(self->strand_, [self, ec, clone = std::move(clone)]() mutable {
-                    self->restored(ec, std::move(clone));
+                if (ec || !clone || self->options_.warm_up.empty())
+                    return boost::asio::post(self->strand_,
+                                             [self, ec, clone = std::move(clone)]() mutable {
+                                                 self->restored(ec, std::move(clone));
+                                             });
+                agent::exec_request warm_up;
+                warm_up.argv = self->options_.warm_up;
+                auto* target = clone.get();
+                target->async_exec(std::move(warm_up), [self, clone = std::move(clone)](
+                                                           error_code ec, agent::exec_output) {
+                    boost::asio::post(self->strand_, [self, ec, clone = std::move(clone)]() mutable {
+                        self->restored(ec, std::move(clone));
+                    });
                 });
             });
     }
 
+    // A clone restored (and warmed up), or a failure: on the strand.
     void restored(error_code ec, std::shared_ptr<vm> clone) {
         --restoring_;
         if (ec || closed_) {
