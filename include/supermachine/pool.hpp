@@ -39,13 +39,14 @@
 namespace supermachine {
 
 struct pool_options {
-    std::size_t min_idle = 2;  // restored clones kept ready
-    std::size_t max_size = 8;  // clones alive at once: idle + leased + restoring
+    std::size_t min_idle = 2;     // restored clones kept ready
+    std::size_t max_size = 8;     // clones alive at once: idle + leased + restoring
     snapshot_start_options clone; // how each clone is restored (timeout, cache dir)
     /// Run once in each clone before it is ready (empty: none). A restored
     /// guest's first command pays for faulting in what it touches (its
     /// memory is the snapshot's, mapped copy-on-write); this moves that off
-    /// the request path. A clone whose warm-up fails is discarded (failed).
+    /// the request path. A clone whose warm-up cannot run, or runs past 30 s,
+    /// is discarded and counted as failed (its exit status is not checked).
     std::vector<std::string> warm_up = {"true"};
 };
 
@@ -163,12 +164,15 @@ private:
                                              });
                 agent::exec_request warm_up;
                 warm_up.argv = self->options_.warm_up;
+                warm_up.timeout_ms = 30'000; // a warm-up that hangs fails the clone
                 auto* target = clone.get();
                 target->async_exec(std::move(warm_up), [self, clone = std::move(clone)](
-                                                           error_code ec, agent::exec_output) {
-                    boost::asio::post(self->strand_, [self, ec, clone = std::move(clone)]() mutable {
-                        self->restored(ec, std::move(clone));
-                    });
+                                                           error_code ec, agent::exec_output out) {
+                    if (!ec && out.timed_out) ec = make_error_code(errc::timeout);
+                    boost::asio::post(self->strand_,
+                                      [self, ec, clone = std::move(clone)]() mutable {
+                                          self->restored(ec, std::move(clone));
+                                      });
                 });
             });
     }

@@ -10,7 +10,10 @@
 #include <arpa/inet.h>
 #include <poll.h>
 
+#include <array>
 #include <cstring>
+#include <span>
+#include <string>
 #include <vector>
 
 namespace sm = supermachine;
@@ -209,4 +212,53 @@ BOOST_AUTO_TEST_CASE(dns_goes_to_the_upstream_and_lying_lengths_are_dropped) {
     BOOST_TEST(get16(*frame, 36) == 5353);
     BOOST_TEST(std::string(frame->begin() + 42, frame->end()) == "answer");
     BOOST_TEST(q.net->counters().dns_answered.load() == 1u);
+}
+
+// The pure readers behind it (detail/qemu_network_frames.hpp), which the
+// fuzz target drives: a stream cut anywhere gives the same frames, and the
+// DNS parser tells a query from a liar and from everything else.
+BOOST_AUTO_TEST_CASE(frame_stream_in_any_pieces_and_dns_verdicts) {
+    const auto query = dns_query("q");
+    bytes stream;
+    for (const auto* frame : {&query, &query}) {
+        bytes length(4);
+        put16(length, 2, static_cast<std::uint16_t>(frame->size()));
+        stream.insert(stream.end(), length.begin(), length.end());
+        stream.insert(stream.end(), frame->begin(), frame->end());
+    }
+    const auto all = std::as_bytes(std::span(stream));
+    for (std::size_t cut = 0; cut <= stream.size(); ++cut) {
+        std::vector<std::size_t> sizes;
+        auto on_frame = [&](std::span<const std::byte> f) { sizes.push_back(f.size()); };
+        const auto first = sm::detail::split_length_prefixed(all.first(cut), 65536, on_frame);
+        BOOST_TEST_REQUIRE(first.has_value());
+        const auto rest = sm::detail::split_length_prefixed(all.subspan(*first), 65536, on_frame);
+        BOOST_TEST_REQUIRE(rest.has_value());
+        BOOST_TEST(*first + *rest == stream.size());
+        BOOST_TEST(sizes == (std::vector<std::size_t>{query.size(), query.size()}));
+    }
+    bytes huge = {0x00, 0x01, 0x00, 0x01}; // 65537 > max
+    BOOST_TEST(!sm::detail::split_length_prefixed(std::as_bytes(std::span(huge)), 65536,
+                                                  [](auto) { BOOST_FAIL("no frame"); }));
+
+    const std::array<std::byte, 4> resolver{std::byte{10}, std::byte{0}, std::byte{2},
+                                            std::byte{3}};
+    using kind = sm::detail::dns_query_view::kind;
+    auto verdict = [&](const bytes& f) {
+        return sm::detail::parse_dns_query(std::as_bytes(std::span(f)), resolver);
+    };
+    const auto ok = verdict(query);
+    BOOST_TEST((ok.what == kind::query));
+    BOOST_TEST(ok.guest_port == 5353);
+    BOOST_TEST(std::string(reinterpret_cast<const char*>(ok.payload.data()), ok.payload.size()) ==
+               "q");
+    BOOST_TEST((verdict(dns_query("q", 2000)).what == kind::malformed));
+    BOOST_TEST((verdict(dns_query("q", 0, 4000)).what == kind::malformed));
+    auto fragment = query;
+    put16(fragment, 14 + 6, 0x2000); // more fragments
+    BOOST_TEST((verdict(fragment).what == kind::not_dns));
+    auto elsewhere = query;
+    elsewhere[14 + 19] = 4; // to 10.0.2.4
+    BOOST_TEST((verdict(elsewhere).what == kind::not_dns));
+    BOOST_TEST((verdict(bytes(query.begin(), query.begin() + 40)).what == kind::not_dns));
 }

@@ -18,6 +18,7 @@
 // are answered here instead, through a UDP socket to that resolver (tests
 // use a resolver on the host's loopback, which the guest cannot otherwise
 // reach).
+#include <supermachine/detail/qemu_network_frames.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
 #include <supermachine/virtio/net_slirp.hpp>
@@ -135,12 +136,12 @@ private:
             f[6 + i] = std::byte(mac[i]);
             f[22 + i] = std::byte(mac[i]); // sender hardware address
         }
-        store16(&f[12], 0x0806);
-        store16(&f[14], 1);      // Ethernet
-        store16(&f[16], 0x0800); // IPv4
+        store_be16(&f[12], 0x0806);
+        store_be16(&f[14], 1);      // Ethernet
+        store_be16(&f[16], 0x0800); // IPv4
         f[18] = std::byte{6};
         f[19] = std::byte{4};
-        store16(&f[20], 1);             // request
+        store_be16(&f[20], 1);          // request
         std::memcpy(&f[28], &guest, 4); // sender = target: gratuitous
         std::memcpy(&f[38], &guest, 4);
         if (!slirp_) return;
@@ -168,23 +169,17 @@ private:
 
     /// Hand every whole frame in in_ on; false when the stream is unusable.
     bool take_frames() {
-        std::size_t at = 0;
         const auto before = counters_.to_slirp.load(std::memory_order_relaxed);
-        while (filled_ - at >= 4) {
-            const auto* p = reinterpret_cast<const unsigned char*>(in_.data() + at);
-            const std::uint32_t length = (std::uint32_t{p[0]} << 24) | (std::uint32_t{p[1]} << 16) |
-                                         (std::uint32_t{p[2]} << 8) | p[3];
-            if (length > max_frame) {
-                boost::system::error_code ignored;
-                socket_.close(ignored);
-                return false;
-            }
-            if (filled_ - at - 4 < length) break;
-            from_guest(std::span(in_.data() + at + 4, length));
-            at += 4 + length;
+        const auto consumed =
+            split_length_prefixed(std::span<const std::byte>(in_.data(), filled_), max_frame,
+                                  [this](std::span<const std::byte> frame) { from_guest(frame); });
+        if (!consumed) {
+            boost::system::error_code ignored;
+            socket_.close(ignored);
+            return false;
         }
-        std::memmove(in_.data(), in_.data() + at, filled_ - at);
-        filled_ -= at;
+        std::memmove(in_.data(), in_.data() + *consumed, filled_ - *consumed);
+        filled_ -= *consumed;
         // One slirp cycle for the batch (what the frames opened or sent).
         if (slirp_ && counters_.to_slirp.load(std::memory_order_relaxed) != before)
             slirp_->stack().schedule();
@@ -269,45 +264,24 @@ private:
         std::array<std::byte, 4096> answer{};
     };
 
-    static std::uint16_t load16(const std::byte* p) {
-        return static_cast<std::uint16_t>((std::to_integer<unsigned>(p[0]) << 8) |
-                                          std::to_integer<unsigned>(p[1]));
-    }
-    static void store16(std::byte* p, std::uint16_t v) {
-        p[0] = std::byte(v >> 8);
-        p[1] = std::byte(v & 0xff);
-    }
-
     /// A UDP datagram to 10.0.2.3:53 (unfragmented IPv4): true when taken.
     bool dns_query(std::span<const std::byte> f) {
-        if (f.size() < 14 + 20 + 8 || load16(&f[12]) != 0x0800) return false;
-        const auto ip = f.subspan(14);
-        const unsigned ihl = (std::to_integer<unsigned>(ip[0]) & 15) * 4;
-        if ((std::to_integer<unsigned>(ip[0]) >> 4) != 4 || ihl < 20 || ip.size() < ihl + 8 ||
-            std::to_integer<unsigned>(ip[9]) != 17)
-            return false;
-        if ((load16(&ip[6]) & 0x3fff) != 0) return false; // a fragment: slirp's
-        in_addr dns{};
-        if (::inet_pton(AF_INET, config_.slirp.dns.c_str(), &dns) != 1 ||
-            std::memcmp(&ip[16], &dns, 4) != 0)
-            return false;
-        const std::size_t total = load16(&ip[2]);
-        if (total < ihl + 8 || total > ip.size()) return true; // malformed: dropped
-        const auto udp = ip.subspan(ihl, total - ihl);
-        if (load16(&udp[2]) != 53) return false;
-        const std::size_t udp_length = load16(&udp[4]);
-        if (udp_length < 8 || udp_length > udp.size()) return true;
-        const auto payload = udp.subspan(8, udp_length - 8);
+        std::array<std::byte, 4> resolver{};
+        if (::inet_pton(AF_INET, config_.slirp.dns.c_str(), resolver.data()) != 1) return false;
+        const auto query = parse_dns_query(f, resolver);
+        if (query.what == dns_query_view::kind::not_dns) return false;
+        if (query.what == dns_query_view::kind::malformed) return true; // dropped
+        const auto payload = query.payload;
         std::size_t slot = 0;
         while (slot < dns_.size() && dns_[slot])
             ++slot;
         if (slot == max_dns_queries) return true; // too many in flight: the guest retries
         if (slot == dns_.size()) dns_.emplace_back();
         auto q = std::make_shared<dns_query_state>(strand_);
-        std::memcpy(q->guest_mac.data(), &f[6], 6);
-        std::memcpy(q->our_mac.data(), &f[0], 6);
-        std::memcpy(q->guest_ip.data(), &ip[12], 4);
-        q->guest_port = load16(&udp[0]);
+        q->guest_mac = query.guest_mac;
+        q->our_mac = query.our_mac;
+        q->guest_ip = query.guest_ip;
+        q->guest_port = query.guest_port;
         boost::system::error_code ec;
         q->socket.open(config_.dns_upstream->protocol(), ec);
         if (!ec) q->socket.connect(*config_.dns_upstream, ec);
@@ -335,10 +309,10 @@ private:
         std::vector<std::byte> f(14 + 20 + 8 + payload.size());
         std::memcpy(&f[0], q.guest_mac.data(), 6);
         std::memcpy(&f[6], q.our_mac.data(), 6);
-        store16(&f[12], 0x0800);
+        store_be16(&f[12], 0x0800);
         std::byte* ip = &f[14];
         ip[0] = std::byte{0x45};
-        store16(ip + 2, static_cast<std::uint16_t>(20 + 8 + payload.size()));
+        store_be16(ip + 2, static_cast<std::uint16_t>(20 + 8 + payload.size()));
         ip[8] = std::byte{64};
         ip[9] = std::byte{17};
         in_addr dns{};
@@ -347,14 +321,14 @@ private:
         std::memcpy(ip + 16, q.guest_ip.data(), 4);
         std::uint32_t sum = 0;
         for (int i = 0; i < 20; i += 2)
-            sum += load16(ip + i);
+            sum += load_be16(ip + i);
         while (sum >> 16)
             sum = (sum & 0xffff) + (sum >> 16);
-        store16(ip + 10, static_cast<std::uint16_t>(~sum));
+        store_be16(ip + 10, static_cast<std::uint16_t>(~sum));
         std::byte* udp = ip + 20;
-        store16(udp, 53);
-        store16(udp + 2, q.guest_port);
-        store16(udp + 4, static_cast<std::uint16_t>(8 + payload.size()));
+        store_be16(udp, 53);
+        store_be16(udp + 2, q.guest_port);
+        store_be16(udp + 4, static_cast<std::uint16_t>(8 + payload.size()));
         // UDP checksum 0: none (allowed over IPv4).
         if (!payload.empty()) std::memcpy(udp + 8, payload.data(), payload.size());
         ++counters_.dns_answered;
