@@ -51,7 +51,7 @@ std::optional<std::size_t> split_length_prefixed(std::span<const std::byte> in,
 struct dns_query_view {
     enum class kind {
         not_dns,   // anything else: the NAT's
-        malformed, // addressed to the resolver's port 53 but lying about its lengths: dropped
+        malformed, // UDP to the resolver whose IP or UDP length lies: dropped
         query,     // a query: the fields below are set
     } what = kind::not_dns;
     std::array<std::byte, 6> guest_mac{}, our_mac{};
