@@ -23,6 +23,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -118,6 +119,8 @@ public:
         for (auto& clone : idle_)
             clone->kill();
         idle_.clear();
+        for (auto& clone : warming_)
+            clone->kill(); // its warm-up fails; restored() sees closed_
         publish();
     }
 
@@ -154,27 +157,43 @@ private:
 
     void restore_one() {
         ++restoring_;
-        vm::async_restore(
-            strand_, snapshot_, options_.clone,
-            [self = shared_from_this()](error_code ec, std::shared_ptr<vm> clone) {
-                if (ec || !clone || self->options_.warm_up.empty())
-                    return boost::asio::post(self->strand_,
-                                             [self, ec, clone = std::move(clone)]() mutable {
-                                                 self->restored(ec, std::move(clone));
-                                             });
-                agent::exec_request warm_up;
-                warm_up.argv = self->options_.warm_up;
-                warm_up.timeout_ms = 30'000; // a warm-up that hangs fails the clone
-                auto* target = clone.get();
-                target->async_exec(std::move(warm_up), [self, clone = std::move(clone)](
-                                                           error_code ec, agent::exec_output out) {
-                    if (!ec && out.timed_out) ec = make_error_code(errc::timeout);
-                    boost::asio::post(self->strand_,
-                                      [self, ec, clone = std::move(clone)]() mutable {
-                                          self->restored(ec, std::move(clone));
-                                      });
-                });
+        vm::async_restore(strand_, snapshot_, options_.clone,
+                          [self = shared_from_this()](error_code ec, std::shared_ptr<vm> clone) {
+                              boost::asio::post(self->strand_, [self, ec,
+                                                                clone = std::move(clone)]() mutable {
+                                  if (ec || !clone || self->options_.warm_up.empty() ||
+                                      self->closed_)
+                                      return self->restored(ec, std::move(clone));
+                                  self->warm_up(std::move(clone));
+                              });
+                          });
+    }
+
+    // The clone stays in warming_ (still counted as restoring) until its
+    // warm-up answers; close() kills it meanwhile. The exec's handler holds
+    // neither the clone nor the core (weak pointers): it lives inside the
+    // clone, so a strong one would keep both alive for ever.
+    void warm_up(std::shared_ptr<vm> clone) {
+        agent::exec_request request;
+        request.argv = options_.warm_up;
+        request.timeout_ms = 30'000; // a warm-up that hangs fails the clone
+        std::weak_ptr<vm> weak_clone = clone;
+        std::weak_ptr<pool_core> weak_self = shared_from_this();
+        auto* target = clone.get();
+        warming_.push_back(std::move(clone));
+        target->async_exec(std::move(request), [weak_self, weak_clone](error_code ec,
+                                                                       agent::exec_output out) {
+            if (!ec && out.timed_out) ec = make_error_code(errc::timeout);
+            auto self = weak_self.lock();
+            if (!self) return;
+            boost::asio::post(self->strand_, [self, weak_clone, ec] {
+                auto clone = weak_clone.lock();
+                const auto it = std::find(self->warming_.begin(), self->warming_.end(), clone);
+                if (!clone || it == self->warming_.end()) return;
+                self->warming_.erase(it);
+                self->restored(ec, std::move(clone));
             });
+        });
     }
 
     // A clone restored (and warmed up), or a failure: on the strand.
@@ -210,6 +229,7 @@ private:
     std::filesystem::path snapshot_;
     pool_options options_;
     std::deque<std::shared_ptr<vm>> idle_;
+    std::vector<std::shared_ptr<vm>> warming_; // restored, running their warm-up
     std::deque<pending_acquire> waiters_;
     std::size_t restoring_ = 0;
     pool_counts counts_;
