@@ -157,16 +157,15 @@ private:
 
     void restore_one() {
         ++restoring_;
-        vm::async_restore(strand_, snapshot_, options_.clone,
-                          [self = shared_from_this()](error_code ec, std::shared_ptr<vm> clone) {
-                              boost::asio::post(self->strand_, [self, ec,
-                                                                clone = std::move(clone)]() mutable {
-                                  if (ec || !clone || self->options_.warm_up.empty() ||
-                                      self->closed_)
-                                      return self->restored(ec, std::move(clone));
-                                  self->warm_up(std::move(clone));
-                              });
-                          });
+        vm::async_restore(
+            strand_, snapshot_, options_.clone,
+            [self = shared_from_this()](error_code ec, std::shared_ptr<vm> clone) {
+                boost::asio::post(self->strand_, [self, ec, clone = std::move(clone)]() mutable {
+                    if (ec || !clone || self->options_.warm_up.empty() || self->closed_)
+                        return self->restored(ec, std::move(clone));
+                    self->warm_up(std::move(clone));
+                });
+            });
     }
 
     // The clone stays in warming_ (still counted as restoring) until its
@@ -181,19 +180,19 @@ private:
         std::weak_ptr<pool_core> weak_self = shared_from_this();
         auto* target = clone.get();
         warming_.push_back(std::move(clone));
-        target->async_exec(std::move(request), [weak_self, weak_clone](error_code ec,
-                                                                       agent::exec_output out) {
-            if (!ec && out.timed_out) ec = make_error_code(errc::timeout);
-            auto self = weak_self.lock();
-            if (!self) return;
-            boost::asio::post(self->strand_, [self, weak_clone, ec] {
-                auto clone = weak_clone.lock();
-                const auto it = std::find(self->warming_.begin(), self->warming_.end(), clone);
-                if (!clone || it == self->warming_.end()) return;
-                self->warming_.erase(it);
-                self->restored(ec, std::move(clone));
+        target->async_exec(
+            std::move(request), [weak_self, weak_clone](error_code ec, agent::exec_output out) {
+                if (!ec && out.timed_out) ec = make_error_code(errc::timeout);
+                auto self = weak_self.lock();
+                if (!self) return;
+                boost::asio::post(self->strand_, [self, weak_clone, ec] {
+                    auto clone = weak_clone.lock();
+                    const auto it = std::find(self->warming_.begin(), self->warming_.end(), clone);
+                    if (!clone || it == self->warming_.end()) return;
+                    self->warming_.erase(it);
+                    self->restored(ec, std::move(clone));
+                });
             });
-        });
     }
 
     // A clone restored (and warmed up), or a failure: on the strand.
