@@ -152,7 +152,10 @@ private:
     qemu_network(const boost::asio::strand<boost::asio::any_io_executor>& strand, config c)
         : config_(std::move(c))
         , strand_(strand)
-        , socket_(strand_) {}
+        , socket_(strand_) {
+        // Valid: net_slirp::create refused the config otherwise.
+        ::inet_pton(AF_INET, config_.slirp.dns.c_str(), resolver_.data());
+    }
 
     void read() {
         if (stopped_) return;
@@ -266,9 +269,7 @@ private:
 
     /// A UDP datagram to 10.0.2.3:53 (unfragmented IPv4): true when taken.
     bool dns_query(std::span<const std::byte> f) {
-        std::array<std::byte, 4> resolver{};
-        if (::inet_pton(AF_INET, config_.slirp.dns.c_str(), resolver.data()) != 1) return false;
-        const auto query = parse_dns_query(f, resolver);
+        const auto query = parse_dns_query(f, resolver_);
         if (query.what == dns_query_view::kind::not_dns) return false;
         if (query.what == dns_query_view::kind::malformed) return true; // dropped
         const auto payload = query.payload;
@@ -315,9 +316,7 @@ private:
         store_be16(ip + 2, static_cast<std::uint16_t>(20 + 8 + payload.size()));
         ip[8] = std::byte{64};
         ip[9] = std::byte{17};
-        in_addr dns{};
-        ::inet_pton(AF_INET, config_.slirp.dns.c_str(), &dns);
-        std::memcpy(ip + 12, &dns, 4);
+        std::memcpy(ip + 12, resolver_.data(), 4);
         std::memcpy(ip + 16, q.guest_ip.data(), 4);
         std::uint32_t sum = 0;
         for (int i = 0; i < 20; i += 2)
@@ -336,6 +335,7 @@ private:
     }
 
     config config_;
+    std::array<std::byte, 4> resolver_{}; // config_.slirp.dns, network order
     boost::asio::strand<boost::asio::any_io_executor> strand_;
     boost::asio::posix::stream_descriptor socket_;
     unique_fd qemu_end_;
