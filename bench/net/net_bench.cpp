@@ -1,14 +1,20 @@
-// Guest -> host TCP through a user-mode NAT, ours vs QEMU's, in one guest:
-// eth0 is QEMU's virtio-net on our libslirp (detail/qemu_network.hpp), eth1
-// QEMU's virtio-net on its own `-netdev user` (QEMU's libslirp in its main
-// loop). A server on the host's 127.0.0.1 counts what arrives; the guest
-// sends with busybox nc to 10.0.2.2 (ours, --add-host host-gateway) and to
-// 10.0.3.2 (QEMU's). Throughput is bytes over the time from the accept to
-// the sender's EOF, as the host sees it. Connections: the guest runs N
-// `echo x | nc` in a loop, per second (fork/exec in the guest included on
-// both sides alike). Runs alternate ours/QEMU's; medians printed.
+// Guest -> host TCP through a user-mode NAT, ours vs QEMU's. A server on the
+// host's 127.0.0.1 counts what arrives; the guest sends with busybox nc.
+// Throughput is bytes over the time from the accept to the sender's EOF, as
+// the host sees it. Connections: the guest runs N `echo x | nc` in a loop,
+// per second (fork/exec in the guest included on both sides alike). Runs
+// alternate ours/QEMU's; medians printed.
 //
-//   bench_net oci:DIR:TAG [mib=64] [rounds=3] [connections=100]
+// engine=qemu (default): one guest on the QEMU engine. eth0 is QEMU's
+// virtio-net on our libslirp (detail/qemu_network.hpp, 10.0.2.2 through
+// --add-host host-gateway), eth1 QEMU's virtio-net on its own `-netdev user`
+// (QEMU's libslirp in its main loop, 10.0.3.2): the same guest, the same VMM.
+// engine=kvm (where KVM runs Linux: the nested harness here): two guests of
+// the same image and kernel, ours on the kvm engine (our virtio-net core and
+// our NAT, virtio/net_user.hpp) and the peer on the QEMU engine (`-accel
+// kvm`) with only QEMU's `-netdev user`: whole stack against whole stack.
+//
+//   bench_net oci:DIR:TAG [mib=64] [rounds=3] [connections=100] [engine=qemu|kvm]
 #include <supermachine/image.hpp>
 #include <supermachine/vm.hpp>
 
@@ -102,14 +108,20 @@ private:
 
 int main(int argc, char** argv) {
     if (argc < 2) {
-        std::fprintf(stderr,
-                     "usage: bench_net oci:DIR:TAG [mib=64] [rounds=3] [connections=100]\n");
+        std::fprintf(stderr, "usage: bench_net oci:DIR:TAG [mib=64] [rounds=3] [connections=100] "
+                             "[engine=qemu|kvm]\n");
         return 2;
     }
     const std::string image_name = argv[1];
     const int mib = argc > 2 ? std::max(1, std::atoi(argv[2])) : 64;
     const int rounds = argc > 3 ? std::max(1, std::atoi(argv[3])) : 3;
     const int connections = argc > 4 ? std::max(0, std::atoi(argv[4])) : 100;
+    const std::string engine = argc > 5 ? argv[5] : "qemu";
+    if (engine != "qemu" && engine != "kvm") {
+        std::fprintf(stderr, "bench_net: engine is qemu or kvm, not %s\n", engine.c_str());
+        return 2;
+    }
+    const bool two_vms = engine == "kvm";
     const fs::path bin = fs::read_symlink("/proc/self/exe").parent_path();
     if (!std::getenv("SUPERMACHINE_AGENT"))
         ::setenv("SUPERMACHINE_AGENT", (bin / "supermachine-agent").c_str(), 1);
@@ -120,32 +132,35 @@ int main(int argc, char** argv) {
         return 1;
     }
     boost::asio::io_context io;
-    sm::vm_options options;
-    options.add_hosts = {{"hostbox", "host-gateway"}};
-    // QEMU's own user network as a second NIC (eth1), 10.0.3.0/24.
-    options.engine_arguments = {"-netdev", "user,id=qemunet,net=10.0.3.0/24", "-device",
-                                "virtio-net-device,netdev=qemunet,mac=52:54:00:12:34:57"};
-    std::shared_ptr<sm::vm> machine;
-    std::optional<supermachine::error_code> started;
-    sm::vm::async_start(io.get_executor(), ready.value(), options,
-                        [&](supermachine::error_code ec, std::shared_ptr<sm::vm> v) {
-                            started = ec;
-                            machine = std::move(v);
-                        });
-    run_until(io, [&] { return started.has_value(); });
-    if (*started) {
-        std::fprintf(stderr, "bench_net: VM did not start: %s\n%s", started->message().c_str(),
-                     machine ? machine->console_tail().c_str() : "");
-        return 1;
-    }
-    auto exec = [&](const std::string& script) {
+    // QEMU's own user network, 10.0.3.0/24: a second NIC beside ours (one
+    // vm), or the peer vm's only one.
+    const std::vector<std::string> qemu_user_nic = {
+        "-netdev", "user,id=qemunet,net=10.0.3.0/24", "-device",
+        "virtio-net-device,netdev=qemunet,mac=52:54:00:12:34:57"};
+    auto start = [&](sm::vm_options options) -> std::shared_ptr<sm::vm> {
+        std::shared_ptr<sm::vm> machine;
+        std::optional<supermachine::error_code> started;
+        sm::vm::async_start(io.get_executor(), ready.value(), options,
+                            [&](supermachine::error_code ec, std::shared_ptr<sm::vm> v) {
+                                started = ec;
+                                machine = std::move(v);
+                            });
+        run_until(io, [&] { return started.has_value(); });
+        if (*started) {
+            std::fprintf(stderr, "bench_net: VM did not start: %s\n%s", started->message().c_str(),
+                         machine ? machine->console_tail().c_str() : "");
+            return nullptr;
+        }
+        return machine;
+    };
+    auto exec = [&](sm::vm& machine, const std::string& script) {
         std::optional<supermachine::error_code> done;
         sm::agent::exec_output out;
-        machine->async_exec({.argv = {"sh", "-c", script}},
-                            [&](supermachine::error_code ec, sm::agent::exec_output o) {
-                                done = ec;
-                                out = std::move(o);
-                            });
+        machine.async_exec({.argv = {"sh", "-c", script}},
+                           [&](supermachine::error_code ec, sm::agent::exec_output o) {
+                               done = ec;
+                               out = std::move(o);
+                           });
         run_until(io, [&] { return done.has_value(); });
         if (*done || out.exit_code != 0)
             std::fprintf(stderr, "bench_net: `%s`: %s, status %d: %s%s\n", script.c_str(),
@@ -153,21 +168,48 @@ int main(int argc, char** argv) {
                          out.stderr_data.c_str());
         return !*done && out.exit_code == 0;
     };
-    if (!exec("ifconfig eth1 10.0.3.15 netmask 255.255.255.0 up")) return 1;
+    sm::vm_options ours_options;
+    ours_options.add_hosts = {{"hostbox", "host-gateway"}};
+    std::shared_ptr<sm::vm> ours, peer;
+    if (two_vms) {
+        ours_options.engine = sm::engine_choice::kvm;
+        sm::vm_options peer_options;
+        peer_options.engine = sm::engine_choice::qemu;
+        peer_options.network = sm::network_mode::none; // QEMU's NIC is its eth0
+        peer_options.engine_arguments = qemu_user_nic;
+        if (!(ours = start(ours_options)) || !(peer = start(peer_options))) return 1;
+        if (!exec(*peer, "ifconfig eth0 10.0.3.15 netmask 255.255.255.0 up")) return 1;
+        std::printf("ours: %s; peer: %s\n", ours->engine_description().c_str(),
+                    peer->engine_description().c_str());
+    } else {
+        ours_options.engine_arguments = qemu_user_nic;
+        if (!(ours = start(ours_options))) return 1;
+        peer = ours;
+        if (!exec(*peer, "ifconfig eth1 10.0.3.15 netmask 255.255.255.0 up")) return 1;
+    }
 
     sink_server server;
     const std::string port = std::to_string(server.port());
     struct path {
         const char* name;
         const char* gateway;
+        sm::vm* machine;
         std::vector<double> mib_per_s, connections_per_s;
-    } paths[] = {{"ours (libslirp on our executor)", "10.0.2.2", {}, {}},
-                 {"QEMU -netdev user", "10.0.3.2", {}, {}}};
+    } paths[] = {{two_vms ? "ours (kvm engine, our virtio-net)" : "ours (libslirp on our executor)",
+                  "10.0.2.2",
+                  ours.get(),
+                  {},
+                  {}},
+                 {two_vms ? "QEMU -accel kvm, -netdev user" : "QEMU -netdev user",
+                  "10.0.3.2",
+                  peer.get(),
+                  {},
+                  {}}};
     for (int round = 0; round < rounds + 1; ++round) { // round 0 warms up
         for (auto& p : paths) {
             const auto before = server.connections.load();
-            if (!exec("dd if=/dev/zero bs=64k count=" + std::to_string(mib * 16) +
-                      " 2>/dev/null | nc " + p.gateway + " " + port))
+            if (!exec(*p.machine, "dd if=/dev/zero bs=64k count=" + std::to_string(mib * 16) +
+                                      " 2>/dev/null | nc " + p.gateway + " " + port))
                 return 1;
             while (server.connections.load() == before)
                 std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -177,9 +219,9 @@ int main(int argc, char** argv) {
             if (round > 0) p.mib_per_s.push_back(bytes / (1 << 20) / server.last_seconds.load());
             if (connections > 0 && round > 0) {
                 const auto t = clock_type::now();
-                if (!exec("i=0; while [ $i -lt " + std::to_string(connections) +
-                          " ]; do echo x | nc " + p.gateway + " " + port +
-                          " || exit 1; i=$((i+1)); done"))
+                if (!exec(*p.machine, "i=0; while [ $i -lt " + std::to_string(connections) +
+                                          " ]; do echo x | nc " + p.gateway + " " + port +
+                                          " || exit 1; i=$((i+1)); done"))
                     return 1;
                 p.connections_per_s.push_back(
                     connections / std::chrono::duration<double>(clock_type::now() - t).count());
@@ -200,6 +242,7 @@ int main(int argc, char** argv) {
         std::printf(", connections %.2fx", sm::bench::median(paths[0].connections_per_s) /
                                                sm::bench::median(paths[1].connections_per_s));
     std::printf("\n");
-    machine->kill();
+    ours->kill();
+    peer->kill();
     return 0;
 }

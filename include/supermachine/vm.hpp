@@ -41,6 +41,7 @@
 #include <supermachine/storage/cow_file.hpp>
 #include <supermachine/storage/raw_file.hpp>
 #include <supermachine/virtio/blk.hpp>
+#include <supermachine/virtio/net_user.hpp>
 #include <supermachine/virtio/vsock.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
@@ -680,12 +681,17 @@ private:
             k.cpus = options_.cpus;
             k.cmdline = guest_cmdline();
             k.guest_cid = guest_cid;
+            SUPERMACHINE_TRY(network, user_network_config());
+            k.network = std::move(network);
             std::weak_ptr<vm> weak = weak_from_this();
             k.console = [weak](std::string_view text) {
                 if (auto self = weak.lock()) self->on_console(text);
             };
             remember_for_snapshot(image, k.cmdline, agent_binary);
+            const bool networked = k.network.has_value();
             auto made = detail::kvm_image_engine::create(std::move(k));
+            if (!made && networked && made.error() == errno_code(EADDRINUSE))
+                return refuse_network(made.error());
             if (!made)
                 return refuse(made.error(), "the kvm engine could not create the machine: " +
                                                 made.error().message());
@@ -743,18 +749,18 @@ private:
         return success();
     }
 
-    // The user-mode network (detail/qemu_network.hpp): our slirp NAT on one
-    // end of a socketpair, QEMU's virtio-net on the other. The host's
-    // loopback is reachable (10.0.2.2) only with a host-gateway --add-host.
-    result<void> make_network(backend::qemu_config& q) {
+    // The user-mode network's NAT (virtio/net_user.hpp), either engine's;
+    // nullopt: no network device (network_mode::none). The host's loopback
+    // is reachable (10.0.2.2) only with a host-gateway --add-host. The
+    // executor is left to the caller.
+    result<std::optional<virtio::net_user::config>> user_network_config() {
         if (options_.network != network_mode::user) {
             if (!options_.publish.empty())
                 return refuse(errc::invalid_argument,
                               "published ports need the user network (network_mode::user)");
-            return success();
+            return std::optional<virtio::net_user::config>();
         }
-        detail::qemu_network::config c;
-        c.slirp.executor = executor_;
+        virtio::net_user::config c;
         c.slirp.disable_host_loopback = !reaches_host_loopback(options_.add_hosts);
         c.slirp.disable_dhcp = true; // the agent configures eth0 (init.hpp)
         for (const auto& p : options_.publish)
@@ -775,18 +781,30 @@ private:
                               "the DNS upstream must be IP[:PORT], not " + upstream);
             c.dns_upstream = boost::asio::ip::udp::endpoint(address, *port);
         }
+        return std::optional<virtio::net_user::config>(std::move(c));
+    }
+
+    // Why the user network could not be made (a published port taken, most often).
+    error_code refuse_network(error_code ec) {
+        std::string ports;
+        for (const auto& p : options_.publish)
+            ports += " " + p.host_address + ":" + std::to_string(p.host_port) +
+                     (p.udp ? "/udp" : "/tcp");
+        return refuse(ec, ec == errno_code(EADDRINUSE)
+                              ? "cannot publish a port (address in use?):" + ports
+                              : "the user-mode network could not be set up: " + ec.message());
+    }
+
+    // The QEMU engine's: our slirp NAT on one end of a socketpair, QEMU's
+    // virtio-net on the other (detail/qemu_network.hpp).
+    result<void> make_network(backend::qemu_config& q) {
+        SUPERMACHINE_TRY(wanted, user_network_config());
+        if (!wanted) return success();
+        auto c = std::move(*wanted);
+        c.slirp.executor = executor_;
         const std::string mac = c.guest_mac;
         auto made = detail::qemu_network::create(std::move(c));
-        if (!made) {
-            std::string ports;
-            for (const auto& p : options_.publish)
-                ports += " " + p.host_address + ":" + std::to_string(p.host_port) +
-                         (p.udp ? "/udp" : "/tcp");
-            return refuse(made.error(), made.error() == errno_code(EADDRINUSE)
-                                            ? "cannot publish a port (address in use?):" + ports
-                                            : "the user-mode network could not be set up: " +
-                                                  made.error().message());
-        }
+        if (!made) return refuse_network(made.error());
         network_ = std::move(made).value();
         q.network_socket = network_->qemu_end();
         q.network_mac = mac;
@@ -1046,9 +1064,7 @@ private:
                                                 agent_port, options_.extra_cmdline);
         // The agent configures eth0 at boot: a snapshot with it and one
         // without are different snapshots (the command line is in the key).
-        // The kvm engine has no network device yet (doc/vm.md).
-        if (options_.network == network_mode::user && kind_ == backend::engine_kind::qemu &&
-            !has_network_word(cmdline))
+        if (options_.network == network_mode::user && !has_network_word(cmdline))
             cmdline += std::string(" ") + network_word;
         return cmdline;
     }
@@ -1292,15 +1308,21 @@ private:
         k.cpus = options_.cpus;
         k.cmdline = guest_cmdline();
         k.guest_cid = guest_cid;
+        // A fresh NAT: the guest sees its link flap (virtio::net's
+        // transport_reset) and keeps its configuration.
+        SUPERMACHINE_TRY(network, user_network_config());
+        k.network = std::move(network);
         std::weak_ptr<vm> weak = weak_from_this();
         k.console = [weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
         };
         const auto cmdline = k.cmdline;
-        SUPERMACHINE_TRY(engine, detail::kvm_image_engine::restore(
-                                     std::move(k), *restore_from_ / kvm_snapshot_file, token_,
-                                     &failure_detail_));
-        kvm_ = std::move(engine);
+        auto engine = detail::kvm_image_engine::restore(
+            std::move(k), *restore_from_ / kvm_snapshot_file, token_, &failure_detail_);
+        if (!engine && engine.error() == errno_code(EADDRINUSE))
+            return refuse_network(engine.error());
+        if (!engine) return engine.error();
+        kvm_ = std::move(engine).value();
         remember_for_snapshot(image, cmdline, agent_binary.value());
         return success();
     }

@@ -54,6 +54,8 @@ public:
         // A backend that runs on an executor (net_slirp) gets this driver's.
         if constexpr (requires { config.backend.executor; })
             if (!config.backend.executor) config.backend.executor = io.get_executor();
+        if constexpr (requires { config.backend.slirp.executor; }) // net_user
+            if (!config.backend.slirp.executor) config.backend.slirp.executor = io.get_executor();
         device = device_type::create(config).value();
         if (start) activate();
     }

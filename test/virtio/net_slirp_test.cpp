@@ -2,10 +2,13 @@
 // frames a guest would send (ARP, DHCP DISCOVER, UDP) go through the device
 // core to slirp on the driver's executor, and slirp's answers come back into
 // the guest's receive buffers. The UDP case crosses the NAT to a real socket
-// on the host's 127.0.0.1 (10.0.2.2 is the host's loopback).
+// on the host's 127.0.0.1 (10.0.2.2 is the host's loopback). The net_user
+// suite: the same device on the user network both engines use (the guest
+// announced to slirp, DNS answered by a chosen upstream).
 #include "net_driver.hpp"
 
 #include <supermachine/virtio/net_slirp.hpp>
+#include <supermachine/virtio/net_user.hpp>
 
 #include <boost/asio/ip/udp.hpp>
 #include <boost/test/unit_test.hpp>
@@ -18,6 +21,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <thread>
 
 namespace sm = supermachine;
 namespace vio = supermachine::virtio;
@@ -110,18 +114,19 @@ bytes dhcp_discover(std::uint32_t xid) {
     return udp_frame(broadcast, 0, 68, 0xffffffff, 67, b);
 }
 
-struct guest {
-    driver d;
+template <class Driver = driver>
+struct basic_guest {
+    Driver d;
     std::uint16_t seen = 0;
     std::vector<bytes> received;
 
-    guest()
-        : d(config()) {
+    explicit basic_guest(typename Driver::device_type::config c = config())
+        : d(std::move(c)) {
         for (int i = 0; i < 32; ++i)
             d.post_rx();
     }
-    static driver::device_type::config config() {
-        driver::device_type::config c;
+    static typename Driver::device_type::config config() {
+        typename Driver::device_type::config c;
         c.mac = {guest_mac[0], guest_mac[1], guest_mac[2],
                  guest_mac[3], guest_mac[4], guest_mac[5]};
         return c;
@@ -132,8 +137,8 @@ struct guest {
         std::optional<bytes> found;
         d.run_until(
             [&] {
-                while (seen != d.used_index(driver::rx)) {
-                    const auto u = d.used(driver::rx, seen++);
+                while (seen != d.used_index(Driver::rx)) {
+                    const auto u = d.used(Driver::rx, seen++);
                     BOOST_REQUIRE(u.length >= 12);
                     auto host =
                         d.host(d.rx_address(static_cast<std::uint16_t>(u.id)) + 12, u.length - 12);
@@ -149,6 +154,8 @@ struct guest {
         return found;
     }
 };
+
+using guest = basic_guest<>;
 
 bool is_udp(const bytes& f, std::uint16_t sport, std::uint16_t dport) {
     return f.size() >= 42 && get16(f, 12) == 0x0800 && f[23] == 17 && get16(f, 34) == sport &&
@@ -233,6 +240,100 @@ BOOST_AUTO_TEST_CASE(idles_without_spinning) {
     const auto before = cpu();
     g.d.settle(std::chrono::milliseconds(1500));
     BOOST_TEST((cpu() - before) < std::chrono::milliseconds(150));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(net_user)
+
+using user_driver = sm::test::basic_net_driver<vio::net_user>;
+using user_guest = basic_guest<user_driver>;
+const std::uint8_t gateway_mac[6] = {0x52, 0x55, 0x0a, 0x00, 0x02, 0x02};
+
+BOOST_AUTO_TEST_CASE(the_guest_is_announced_so_slirp_never_asks) {
+    // No ARP from the guest: slirp already knows 10.0.2.15's MAC from the
+    // announcement, so the answer comes without an ARP request first.
+    user_guest g;
+    using boost::asio::ip::udp;
+    udp::socket server(g.d.io, udp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+    const std::uint16_t port = server.local_endpoint().port();
+    std::array<char, 256> buffer{};
+    udp::endpoint peer;
+    server.async_receive_from(boost::asio::buffer(buffer), peer,
+                              [&](boost::system::error_code ec, std::size_t n) {
+                                  if (!ec)
+                                      server.send_to(boost::asio::buffer(buffer.data(), n), peer);
+                              });
+    g.send(udp_frame(gateway_mac, ip("10.0.2.15"), 40002, ip("10.0.2.2"), port, bytes(8, 0x42)));
+    auto answer = g.wait_for([&](const bytes& f) { return is_udp(f, port, 40002); });
+    BOOST_REQUIRE(answer);
+    BOOST_TEST(std::memcmp(answer->data(), guest_mac, 6) == 0);
+    for (const auto& f : g.received)
+        BOOST_TEST(get16(f, 12) != 0x0806); // slirp asked nothing
+    BOOST_TEST(g.d.device->backend().counters().to_slirp.load() >= 1u);
+}
+
+BOOST_AUTO_TEST_CASE(dns_goes_to_the_upstream_and_a_lying_length_is_dropped) {
+    // The upstream: a UDP socket on 127.0.0.1 answering one query on its own thread.
+    const int resolver = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_in at{};
+    at.sin_family = AF_INET;
+    at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    BOOST_REQUIRE(::bind(resolver, reinterpret_cast<sockaddr*>(&at), sizeof at) == 0);
+    socklen_t length = sizeof at;
+    ::getsockname(resolver, reinterpret_cast<sockaddr*>(&at), &length);
+    timeval limit{10, 0};
+    ::setsockopt(resolver, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+    std::string asked;
+    std::thread upstream([&] {
+        char buffer[512];
+        sockaddr_in peer{};
+        socklen_t peer_length = sizeof peer;
+        const auto n = ::recvfrom(resolver, buffer, sizeof buffer, 0,
+                                  reinterpret_cast<sockaddr*>(&peer), &peer_length);
+        if (n <= 0) return;
+        asked.assign(buffer, static_cast<std::size_t>(n));
+        const std::string reply = "answer-to-" + asked;
+        ::sendto(resolver, reply.data(), reply.size(), 0, reinterpret_cast<sockaddr*>(&peer),
+                 peer_length);
+    });
+    auto c = user_guest::config();
+    c.backend.dns_upstream = boost::asio::ip::udp::endpoint(
+        boost::asio::ip::make_address("127.0.0.1"), ntohs(at.sin_port));
+    c.backend.slirp.disable_dhcp = true;
+    std::optional<bytes> answer;
+    {
+        user_guest g(c);
+        // The lie first: a UDP length beyond the datagram. Dropped, not forwarded.
+        auto lie = udp_frame(gateway_mac, ip("10.0.2.15"), 5353, ip("10.0.2.3"), 53, bytes(12, 1));
+        put16(lie, 38, 400);
+        g.send(lie);
+        const std::string query = "query-bytes";
+        g.send(udp_frame(gateway_mac, ip("10.0.2.15"), 5354, ip("10.0.2.3"), 53,
+                         bytes(query.begin(), query.end())));
+        answer = g.wait_for([](const bytes& f) { return is_udp(f, 53, 5354); });
+        upstream.join();
+        BOOST_TEST(asked == query); // only the honest one reached the upstream
+        BOOST_TEST(g.d.device->backend().counters().dns_answered.load() == 1u);
+    }
+    ::close(resolver);
+    BOOST_REQUIRE(answer);
+    BOOST_TEST(get32(*answer, 26) == ip("10.0.2.3"));
+    const std::string payload(answer->begin() + 42, answer->begin() + 42 + get16(*answer, 38) - 8);
+    BOOST_TEST(payload == "answer-to-query-bytes");
+}
+
+BOOST_AUTO_TEST_CASE(a_bad_configuration_is_refused) {
+    vio::net_user::config c;
+    boost::asio::io_context io;
+    c.slirp.executor = io.get_executor();
+    c.guest_mac = "52:54:00:12:34";
+    BOOST_TEST(!vio::net_user::create(c).has_value());
+    c.guest_mac = "52:54:00:12:34:5g6";
+    BOOST_TEST(!vio::net_user::create(c).has_value());
+    c.guest_mac = "52:54:00:12:34:56";
+    c.slirp.dns = "not-an-address";
+    BOOST_TEST(!vio::net_user::create(c).has_value());
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -147,7 +147,7 @@ BOOST_AUTO_TEST_CASE(frames_cross_both_ways) {
     BOOST_TEST_REQUIRE(reply.has_value());
     BOOST_TEST(std::memcmp(reply->data(), guest_mac, 6) == 0);
     BOOST_TEST(get16(*reply, 20) == 2); // ARP reply
-    BOOST_TEST(q.net->counters().to_slirp.load() >= 1u);
+    BOOST_TEST(q.net->user_counters().to_slirp.load() >= 1u);
 }
 
 // A runt is dropped and counted; the stream goes on.
@@ -211,7 +211,7 @@ BOOST_AUTO_TEST_CASE(dns_goes_to_the_upstream_and_lying_lengths_are_dropped) {
     BOOST_TEST(get16(*frame, 34) == 53);
     BOOST_TEST(get16(*frame, 36) == 5353);
     BOOST_TEST(std::string(frame->begin() + 42, frame->end()) == "answer");
-    BOOST_TEST(q.net->counters().dns_answered.load() == 1u);
+    BOOST_TEST(q.net->user_counters().dns_answered.load() == 1u);
 }
 
 // The pure readers behind it (detail/qemu_network_frames.hpp), which the

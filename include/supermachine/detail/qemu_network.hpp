@@ -2,7 +2,7 @@
 // The QEMU engine's guest network (doc/virtio.md, "The QEMU engine's
 // network"): QEMU's own virtio-net frontend on `-netdev socket,fd=N`, the
 // other end of a socketpair served here by our libslirp NAT
-// (virtio::net_slirp) on the vm's executor. On a SOCK_STREAM socket QEMU
+// (virtio::net_user) on the vm's executor. On a SOCK_STREAM socket QEMU
 // frames each Ethernet frame with a 4-byte big-endian length (net/socket.c);
 // we do the same toward it.
 //
@@ -13,34 +13,27 @@
 // dropped beyond (as a NIC would), so a guest that stops reading costs us
 // bounded memory.
 //
-// DNS: slirp forwards what the guest sends to 10.0.2.3:53 to the host's
-// resolv.conf nameserver. With `dns_upstream` set, queries to 10.0.2.3:53
-// are answered here instead, through a UDP socket to that resolver (tests
-// use a resolver on the host's loopback, which the guest cannot otherwise
-// reach).
+// The NAT behind it, with the guest's announcement and the DNS upstream,
+// is virtio::net_user (virtio/net_user.hpp), the kvm engine's too; this
+// file is only the stream transport to QEMU.
 #include <supermachine/detail/qemu_network_frames.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/error.hpp>
-#include <supermachine/virtio/net_slirp.hpp>
+#include <supermachine/virtio/net_user.hpp>
 
-#include <boost/asio/ip/udp.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 
 #include <sys/socket.h>
 
-#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
-#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -48,8 +41,7 @@
 namespace supermachine::detail {
 
 struct qemu_network_counters {
-    std::atomic<std::uint64_t> to_slirp{0}, to_guest{0}, runts{0}, refused{0}, guest_drops{0},
-        dns_answered{0};
+    std::atomic<std::uint64_t> to_guest{0}, runts{0}, guest_drops{0};
 };
 
 class qemu_network : public std::enable_shared_from_this<qemu_network> {
@@ -58,13 +50,8 @@ public:
     static constexpr std::size_t max_frame = 65536 + 4096;
     static constexpr std::size_t min_frame = 14; // an Ethernet header
     static constexpr std::size_t max_queued_bytes = std::size_t{8} << 20;
-    static constexpr std::size_t max_dns_queries = 64;
 
-    struct config {
-        virtio::net_slirp::config slirp; // executor required
-        std::optional<boost::asio::ip::udp::endpoint> dns_upstream;
-        std::string guest_mac = "52:54:00:12:34:56"; // what QEMU's NIC is given
-    };
+    using config = virtio::net_user::config; // guest_mac: what QEMU's NIC is given
 
     /// The socketpair and the NAT; QEMU gets qemu_end() (close it here once
     /// QEMU has it: close_qemu_end()).
@@ -77,12 +64,11 @@ public:
         const int size = 1 << 20;
         ::setsockopt(ours.get(), SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
         ::setsockopt(ours.get(), SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
-        SUPERMACHINE_TRY(slirp, virtio::net_slirp::create(c.slirp));
+        SUPERMACHINE_TRY(user, virtio::net_user::create(c));
         // On slirp's own strand: frames go in and come out without a post
         // and a copy of ours each, one slirp cycle per batch read.
-        const auto strand = slirp->stack().strand();
-        auto n = std::shared_ptr<qemu_network>(new qemu_network(strand, std::move(c)));
-        n->slirp_ = std::move(slirp);
+        auto n = std::shared_ptr<qemu_network>(new qemu_network(user->strand()));
+        n->user_ = std::move(user);
         n->qemu_end_ = std::move(theirs);
         boost::system::error_code ec;
         n->socket_.assign(ours.release(), ec);
@@ -93,14 +79,15 @@ public:
     int qemu_end() const noexcept { return qemu_end_.get(); }
     void close_qemu_end() noexcept { qemu_end_.reset(); }
     const qemu_network_counters& counters() const noexcept { return counters_; }
+    /// The NAT's own (frames it took, DNS answered): valid until stop().
+    const virtio::net_user_counters& user_counters() const noexcept { return user_->counters(); }
 
     /// Start moving frames (after QEMU has its end).
     void start() {
         std::weak_ptr<qemu_network> weak = shared_from_this();
-        slirp_->attach([weak](std::span<const std::byte> frame) {
+        user_->attach([weak](std::span<const std::byte> frame) {
             if (auto self = weak.lock()) self->to_guest(frame);
         });
-        boost::asio::post(strand_, [self = shared_from_this()] { self->announce_guest(); });
         boost::asio::post(strand_, [self = shared_from_this()] { self->read(); });
     }
 
@@ -110,52 +97,14 @@ public:
             self->stopped_ = true;
             boost::system::error_code ignored;
             self->socket_.close(ignored);
-            for (auto& q : self->dns_)
-                if (q) q->socket.close(ignored);
-            self->slirp_.reset();
+            self->user_.reset();
         });
     }
 
 private:
-    /// Slirp learns the guest's MAC only from the guest's ARP (its DHCP is
-    /// off): until the guest sends something, a published port's first
-    /// SYN waits in slirp for an ARP answer and a TCP retransmission (≈ 3 s
-    /// measured), and so would every clone's, whose slirp is fresh. So slirp
-    /// hears the guest's gratuitous ARP from us at start: the address and
-    /// MAC are ours to know (config::guest_mac, the agent's 10.0.2.15).
-    void announce_guest() {
-        std::array<std::byte, 60> f{}; // the minimum Ethernet frame, zero padded
-        unsigned mac[6] = {};
-        if (std::sscanf(config_.guest_mac.c_str(), "%x:%x:%x:%x:%x:%x", &mac[0], &mac[1], &mac[2],
-                        &mac[3], &mac[4], &mac[5]) != 6)
-            return;
-        in_addr guest{};
-        if (::inet_pton(AF_INET, config_.slirp.dhcp_start.c_str(), &guest) != 1) return;
-        for (int i = 0; i < 6; ++i) {
-            f[i] = std::byte{0xff};
-            f[6 + i] = std::byte(mac[i]);
-            f[22 + i] = std::byte(mac[i]); // sender hardware address
-        }
-        store_be16(&f[12], 0x0806);
-        store_be16(&f[14], 1);      // Ethernet
-        store_be16(&f[16], 0x0800); // IPv4
-        f[18] = std::byte{6};
-        f[19] = std::byte{4};
-        store_be16(&f[20], 1);          // request
-        std::memcpy(&f[28], &guest, 4); // sender = target: gratuitous
-        std::memcpy(&f[38], &guest, 4);
-        if (!slirp_) return;
-        slirp_->stack().input_on_strand(f);
-        slirp_->stack().schedule();
-    }
-
-    qemu_network(const boost::asio::strand<boost::asio::any_io_executor>& strand, config c)
-        : config_(std::move(c))
-        , strand_(strand)
-        , socket_(strand_) {
-        // Valid: net_slirp::create refused the config otherwise.
-        ::inet_pton(AF_INET, config_.slirp.dns.c_str(), resolver_.data());
-    }
+    explicit qemu_network(const boost::asio::strand<boost::asio::any_io_executor>& strand)
+        : strand_(strand)
+        , socket_(strand_) {}
 
     void read() {
         if (stopped_) return;
@@ -172,10 +121,10 @@ private:
 
     /// Hand every whole frame in in_ on; false when the stream is unusable.
     bool take_frames() {
-        const auto before = counters_.to_slirp.load(std::memory_order_relaxed);
-        const auto consumed =
-            split_length_prefixed(std::span<const std::byte>(in_.data(), filled_), max_frame,
-                                  [this](std::span<const std::byte> frame) { from_guest(frame); });
+        bool any = false;
+        const auto consumed = split_length_prefixed(
+            std::span<const std::byte>(in_.data(), filled_), max_frame,
+            [&](std::span<const std::byte> frame) { any |= from_guest(frame); });
         if (!consumed) {
             boost::system::error_code ignored;
             socket_.close(ignored);
@@ -184,23 +133,19 @@ private:
         std::memmove(in_.data(), in_.data() + *consumed, filled_ - *consumed);
         filled_ -= *consumed;
         // One slirp cycle for the batch (what the frames opened or sent).
-        if (slirp_ && counters_.to_slirp.load(std::memory_order_relaxed) != before)
-            slirp_->stack().schedule();
+        if (any && user_) user_->schedule();
         return true;
     }
 
-    void from_guest(std::span<const std::byte> frame) {
+    /// true: handed to the NAT (which then needs a cycle).
+    bool from_guest(std::span<const std::byte> frame) {
         if (frame.size() < min_frame) {
             ++counters_.runts;
-            return;
+            return false;
         }
-        if (config_.dns_upstream && dns_query(frame)) return;
-        if (!slirp_) {
-            ++counters_.refused;
-            return;
-        }
-        slirp_->stack().input_on_strand(frame); // we run on slirp's strand
-        ++counters_.to_slirp;
+        if (!user_) return false;
+        user_->input_on_strand(frame); // we run on slirp's strand
+        return true;
     }
 
     /// On slirp's strand (ours): framed, queued, written.
@@ -253,93 +198,10 @@ private:
             });
     }
 
-    // --- DNS toward dns_upstream ---------------------------------------
-
-    struct dns_query_state {
-        explicit dns_query_state(const boost::asio::strand<boost::asio::any_io_executor>& s)
-            : socket(s)
-            , timer(s) {}
-        boost::asio::ip::udp::socket socket;
-        boost::asio::steady_timer timer;
-        std::array<std::byte, 6> guest_mac{}, our_mac{};
-        std::array<std::byte, 4> guest_ip{};
-        std::uint16_t guest_port = 0;
-        std::array<std::byte, 4096> answer{};
-    };
-
-    /// A UDP datagram to 10.0.2.3:53 (unfragmented IPv4): true when taken.
-    bool dns_query(std::span<const std::byte> f) {
-        const auto query = parse_dns_query(f, resolver_);
-        if (query.what == dns_query_view::kind::not_dns) return false;
-        if (query.what == dns_query_view::kind::malformed) return true; // dropped
-        const auto payload = query.payload;
-        std::size_t slot = 0;
-        while (slot < dns_.size() && dns_[slot])
-            ++slot;
-        if (slot == max_dns_queries) return true; // too many in flight: the guest retries
-        if (slot == dns_.size()) dns_.emplace_back();
-        auto q = std::make_shared<dns_query_state>(strand_);
-        q->guest_mac = query.guest_mac;
-        q->our_mac = query.our_mac;
-        q->guest_ip = query.guest_ip;
-        q->guest_port = query.guest_port;
-        boost::system::error_code ec;
-        q->socket.open(config_.dns_upstream->protocol(), ec);
-        if (!ec) q->socket.connect(*config_.dns_upstream, ec);
-        if (!ec) q->socket.send(boost::asio::buffer(payload.data(), payload.size()), 0, ec);
-        if (ec) return true;
-        dns_[slot] = q;
-        q->timer.expires_after(std::chrono::seconds(5));
-        q->timer.async_wait([q](boost::system::error_code e) {
-            if (e) return;
-            boost::system::error_code ignored;
-            q->socket.close(ignored);
-        });
-        q->socket.async_receive(
-            boost::asio::buffer(q->answer),
-            [self = shared_from_this(), q, slot](boost::system::error_code e, std::size_t n) {
-                q->timer.cancel();
-                if (slot < self->dns_.size() && self->dns_[slot] == q) self->dns_[slot].reset();
-                if (e || self->stopped_) return;
-                self->dns_answer(*q, std::span(q->answer.data(), n));
-            });
-        return true;
-    }
-
-    void dns_answer(const dns_query_state& q, std::span<const std::byte> payload) {
-        std::vector<std::byte> f(14 + 20 + 8 + payload.size());
-        std::memcpy(&f[0], q.guest_mac.data(), 6);
-        std::memcpy(&f[6], q.our_mac.data(), 6);
-        store_be16(&f[12], 0x0800);
-        std::byte* ip = &f[14];
-        ip[0] = std::byte{0x45};
-        store_be16(ip + 2, static_cast<std::uint16_t>(20 + 8 + payload.size()));
-        ip[8] = std::byte{64};
-        ip[9] = std::byte{17};
-        std::memcpy(ip + 12, resolver_.data(), 4);
-        std::memcpy(ip + 16, q.guest_ip.data(), 4);
-        std::uint32_t sum = 0;
-        for (int i = 0; i < 20; i += 2)
-            sum += load_be16(ip + i);
-        while (sum >> 16)
-            sum = (sum & 0xffff) + (sum >> 16);
-        store_be16(ip + 10, static_cast<std::uint16_t>(~sum));
-        std::byte* udp = ip + 20;
-        store_be16(udp, 53);
-        store_be16(udp + 2, q.guest_port);
-        store_be16(udp + 4, static_cast<std::uint16_t>(8 + payload.size()));
-        // UDP checksum 0: none (allowed over IPv4).
-        if (!payload.empty()) std::memcpy(udp + 8, payload.data(), payload.size());
-        ++counters_.dns_answered;
-        to_guest(f);
-    }
-
-    config config_;
-    std::array<std::byte, 4> resolver_{}; // config_.slirp.dns, network order
     boost::asio::strand<boost::asio::any_io_executor> strand_;
     boost::asio::posix::stream_descriptor socket_;
     unique_fd qemu_end_;
-    std::unique_ptr<virtio::net_slirp> slirp_;
+    std::unique_ptr<virtio::net_user> user_;
     std::vector<std::byte> in_;
     std::size_t filled_ = 0;
     std::deque<std::vector<std::byte>> out_;
@@ -347,7 +209,6 @@ private:
     std::size_t queued_bytes_ = 0;
     bool writing_ = false;
     bool stopped_ = false;
-    std::vector<std::shared_ptr<dns_query_state>> dns_;
     qemu_network_counters counters_;
 };
 

@@ -1,11 +1,11 @@
 #pragma once
-// What detail/qemu_network.hpp reads from the guest, as pure functions (no
+// What the user network reads from the guest, as pure functions (no
 // sockets, no slirp) so a fuzz target can drive them: QEMU's length-prefixed
 // frame stream (`-netdev socket` on a stream socket: a 4-byte big-endian
-// length, then the frame; net/socket.c), and the one kind of frame the
-// network answers itself, a DNS query to the NAT's resolver address.
-// Every byte here comes from the guest (QEMU copies frames out of its
-// virtqueue unchecked).
+// length, then the frame; net/socket.c; detail/qemu_network.hpp), and the
+// one kind of frame the network answers itself, a DNS query to the NAT's
+// resolver address (virtio/net_user.hpp, both engines). Every byte here
+// comes from the guest (QEMU copies frames out of its virtqueue unchecked).
 #include <array>
 #include <cstddef>
 #include <cstdint>

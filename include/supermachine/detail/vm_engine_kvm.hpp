@@ -3,8 +3,9 @@
 // this process, with the image's devices as compile-time policies: the
 // 16550 console, the i8042 reset line, ACPI power-off, virtio-blk over a
 // copy-on-write overlay of the cached rootfs (the base is opened read-only
-// and shared by every vm), virtio-vsock for the agent channel and
-// virtio-rng. No other process runs.
+// and shared by every vm), virtio-vsock for the agent channel, virtio-rng
+// and, on the user network, virtio-net on our slirp NAT (virtio/net_user.hpp;
+// the slot stays empty with --network none). No other process runs.
 //
 // The device cores serve their queues on a private io_context thread, not
 // on the vm's executor: a caller blocking its own executor can never stall
@@ -22,15 +23,19 @@
 #include <supermachine/storage/raw_file.hpp>
 #include <supermachine/virtio/blk.hpp>
 #include <supermachine/virtio/mmio_transport.hpp>
+#include <supermachine/virtio/net.hpp>
+#include <supermachine/virtio/net_user.hpp>
 #include <supermachine/virtio/rng.hpp>
 #include <supermachine/virtio/vsock.hpp>
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <memory>
 #include <optional>
 #include <string>
@@ -42,9 +47,11 @@ namespace supermachine::detail {
 class kvm_image_engine {
 public:
     using root_disk = virtio::blk<storage::cow_file<storage::raw_file>>;
-    using machine = basic_machine<backend::kvm, devices::serial, devices::i8042,
-                                  devices::acpi_power, root_disk, virtio::vsock, virtio::rng>;
+    using machine =
+        basic_machine<backend::kvm, devices::serial, devices::i8042, devices::acpi_power, root_disk,
+                      virtio::vsock, virtio::rng, virtio::net<virtio::net_user>>;
     static constexpr std::size_t vsock_slot = 4;
+    static constexpr std::size_t network_slot = 6;
 
     struct config {
         std::filesystem::path kernel, initrd, rootfs;
@@ -54,11 +61,14 @@ public:
         std::string cmdline; // the image vm's (agent, root, channel), after the machine's own
         std::uint64_t guest_cid = 3;
         std::function<void(std::string_view)> console; // from vCPU threads
+        /// The user network's NAT (its executor is the engine's; ignored
+        /// here); none: no network device at all.
+        std::optional<virtio::net_user::config> network;
     };
 
     static result<std::unique_ptr<kvm_image_engine>> create(config c) {
         std::unique_ptr<kvm_image_engine> self(new kvm_image_engine());
-        auto cfg = machine_config(std::move(c));
+        auto cfg = self->machine_config(std::move(c));
         SUPERMACHINE_TRY(made, machine::create(self->io_.get_executor(), std::move(cfg)));
         self->machine_ = std::move(made);
         return self;
@@ -90,7 +100,7 @@ public:
         token.assign(reinterpret_cast<const char*>(records.agent->token.data()),
                      records.agent->token.size());
         std::unique_ptr<kvm_image_engine> self(new kvm_image_engine());
-        auto cfg = machine_config(std::move(c));
+        auto cfg = self->machine_config(std::move(c));
         auto made =
             machine::restore(self->io_.get_executor(), std::move(cfg), std::move(loaded).value());
         if (!made)
@@ -118,7 +128,9 @@ public:
     ~kvm_image_engine() {
         machine_.reset(); // stops and joins the vCPUs, then the devices go
         work_.reset();
-        io_.stop();
+        // The NAT closes on its strand (sockets, timers): let that run out
+        // rather than destroy its handlers inside io_context's destructor.
+        if (ran_out_.wait_for(std::chrono::seconds(2)) != std::future_status::ready) io_.stop();
         if (thread_.joinable()) thread_.join();
     }
 
@@ -134,7 +146,7 @@ public:
     virtio::vsock& vsock() noexcept { return machine_->template device_at<vsock_slot>()->core(); }
 
 private:
-    static machine::config machine_config(config c) {
+    machine::config machine_config(config c) {
         machine::config cfg;
         cfg.memory_mib = c.memory_mib;
         cfg.vcpus = c.cpus;
@@ -149,15 +161,27 @@ private:
         disk.storage.base.read_only = true; // one cached base serves every vm
         disk.id = std::move(c.disk_id);
         std::get<vsock_slot>(cfg.devices).guest_cid = c.guest_cid;
+        auto& network = std::get<network_slot>(cfg.devices);
+        network.attached = c.network.has_value();
+        if (c.network) {
+            network.backend = std::move(*c.network);
+            network.backend.slirp.executor = io_.get_executor();
+        }
         return cfg;
     }
 
     kvm_image_engine()
         : work_(boost::asio::make_work_guard(io_))
-        , thread_([this] { io_.run(); }) {}
+        , ran_out_(ran_out_promise_.get_future())
+        , thread_([this] {
+            io_.run();
+            ran_out_promise_.set_value();
+        }) {}
 
     boost::asio::io_context io_;
     boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
+    std::promise<void> ran_out_promise_;
+    std::future<void> ran_out_;
     std::thread thread_;
     std::unique_ptr<machine> machine_;
 };
