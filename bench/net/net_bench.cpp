@@ -122,6 +122,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     const bool two_vms = engine == "kvm";
+    const bool progress = std::getenv("BENCH_PROGRESS") != nullptr; // per round, on stderr
     const fs::path bin = fs::read_symlink("/proc/self/exe").parent_path();
     if (!std::getenv("SUPERMACHINE_AGENT"))
         ::setenv("SUPERMACHINE_AGENT", (bin / "supermachine-agent").c_str(), 1);
@@ -211,12 +212,22 @@ int main(int argc, char** argv) {
             if (!exec(*p.machine, "dd if=/dev/zero bs=64k count=" + std::to_string(mib * 16) +
                                       " 2>/dev/null | nc " + p.gateway + " " + port))
                 return 1;
-            while (server.connections.load() == before)
+            const auto waited = clock_type::now();
+            while (server.connections.load() == before) {
+                if (clock_type::now() - waited > std::chrono::seconds(120)) {
+                    std::fprintf(stderr, "bench_net: %s: the transfer never reached the host\n",
+                                 p.name);
+                    return 1;
+                }
                 std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            }
             const double bytes = static_cast<double>(server.last_bytes.load());
             if (bytes != static_cast<double>(mib) * (1 << 20))
                 std::fprintf(stderr, "bench_net: %s: %.0f bytes arrived\n", p.name, bytes);
             if (round > 0) p.mib_per_s.push_back(bytes / (1 << 20) / server.last_seconds.load());
+            if (progress)
+                std::fprintf(stderr, "bench_net: round %d, %s: %.1f MiB/s\n", round, p.name,
+                             bytes / (1 << 20) / server.last_seconds.load());
             if (connections > 0 && round > 0) {
                 const auto t = clock_type::now();
                 if (!exec(*p.machine, "i=0; while [ $i -lt " + std::to_string(connections) +

@@ -173,7 +173,7 @@ public:
     using client_type = agent::basic_client<socket_type>;
     using root_disk = virtio::blk<storage::cow_file<storage::raw_file>>;
 
-    static constexpr std::uint32_t agent_port = 1024;
+    static constexpr std::uint32_t agent_port = detail::kvm_agent_port;
     static constexpr std::uint64_t guest_cid = 3;
     /// A kvm engine snapshot directory holds this one container file.
     static constexpr const char* kvm_snapshot_file = "machine.snap";
@@ -860,10 +860,16 @@ private:
     void launch_kvm() {
         launched_at_ = std::chrono::steady_clock::now();
         std::weak_ptr<vm> weak = shared_from_this();
+        // The running engine is outstanding work on the executor (as QEMU's
+        // exit watch is): its exit is delivered there, and until then
+        // io_context::run() must not run out (the agent connection waits
+        // on the engine's own thread, not on the executor).
+        engine_work_.emplace(boost::asio::make_work_guard(executor_));
         kvm_->async_wait([weak, executor = executor_](machine_exit e) {
             boost::asio::post(executor, [weak, e] {
                 auto self = weak.lock();
                 if (!self) return;
+                self->engine_work_.reset();
                 self->machine_exited_ = true;
                 self->on_engine_exit();
                 if (self->start_) {
@@ -875,7 +881,10 @@ private:
             });
         });
         detail::trace_point("engine start");
-        if (auto started = kvm_->start(); !started) return finish_start(started.error());
+        if (auto started = kvm_->start(); !started) {
+            engine_work_.reset();
+            return finish_start(started.error());
+        }
         deadline_ = std::chrono::steady_clock::now() + options_.ready_timeout;
         try_connect();
     }
@@ -1265,6 +1274,18 @@ private:
             result<std::uint64_t> written =
                 ec ? result<std::uint64_t>(ec)
                    : self->kvm_->snapshot_and_stop(path / kvm_snapshot_file, std::move(agent));
+            // The record that makes the directory self-describing (`restore
+            // DIR`): written after the container, so a directory with a
+            // record has its container. (Its fingerprints stay empty: the
+            // container checks itself, CRC and bounds, on every read.)
+            if (written) {
+                const auto meta_file = path / "meta";
+                const auto staged = path / ".meta.tmp";
+                auto recorded = write_meta(self->snapshot_meta(), staged);
+                if (recorded && ::rename(staged.c_str(), meta_file.c_str()) != 0)
+                    recorded = errno_code(errno);
+                if (!recorded) written = recorded.error();
+            }
             snapshot_report report;
             report.saved = written.has_value();
             if (written) report.bytes = written.value();
@@ -1393,14 +1414,12 @@ private:
 
     // On setup_pool(): fingerprint the files, write the record last, fsync,
     // and move the staging directory into place.
-    result<void> seal_snapshot(const std::filesystem::path& staging,
-                               const std::filesystem::path& path) {
-        auto cleanup = [&](error_code ec) -> result<void> {
-            std::error_code ignored;
-            std::filesystem::remove_all(staging, ignored);
-            return ec;
-        };
+    //
+    // (The record of what the snapshot needs, for `restore DIR` and
+    // image::from_snapshot: detail/warm_snapshot_contents.hpp.)
+    detail::warm_snapshot_meta snapshot_meta() const {
         detail::warm_snapshot_meta meta;
+        meta.engine = kind_ == backend::engine_kind::kvm ? "kvm" : "qemu";
         meta.image_digest = snapshot_.image_digest;
         meta.rootfs = snapshot_.rootfs;
         meta.memory_mib = options_.memory_mib;
@@ -1410,6 +1429,30 @@ private:
         meta.cmdline = snapshot_.cmdline;
         meta.agent_identity = snapshot_.agent_identity;
         meta.token = snapshot_.token;
+        return meta;
+    }
+    static result<void> write_meta(const detail::warm_snapshot_meta& meta,
+                                   const std::filesystem::path& file) {
+        const auto bytes = meta.encode();
+        if (bytes.empty()) return errc::snapshot_too_large;
+        const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0) return errno_code(errno);
+        const bool ok =
+            ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()) &&
+            ::fsync(fd) == 0;
+        ::close(fd);
+        if (!ok) return errc::io_error;
+        return success();
+    }
+
+    result<void> seal_snapshot(const std::filesystem::path& staging,
+                               const std::filesystem::path& path) {
+        auto cleanup = [&](error_code ec) -> result<void> {
+            std::error_code ignored;
+            std::filesystem::remove_all(staging, ignored);
+            return ec;
+        };
+        auto meta = snapshot_meta();
         for (const char* name : {"state", "disk.qcow2", "ram"}) {
             const int fd = ::open((staging / name).c_str(), O_RDONLY | O_CLOEXEC);
             if (fd < 0 || ::fsync(fd) != 0) {
@@ -1425,18 +1468,8 @@ private:
         meta.stream = stream.value();
         meta.devices = disk.value();
         meta.ram = ram.value();
-        const auto bytes = meta.encode();
-        if (bytes.empty()) return cleanup(errc::snapshot_too_large);
-        {
-            const int fd =
-                ::open((staging / "meta").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-            if (fd < 0) return cleanup(errno_code(errno));
-            const bool ok =
-                ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()) &&
-                ::fsync(fd) == 0;
-            ::close(fd);
-            if (!ok) return cleanup(errc::io_error);
-        }
+        if (auto written = write_meta(meta, staging / "meta"); !written)
+            return cleanup(written.error());
         if (::rename(staging.c_str(), path.c_str()) != 0) {
             if (errno != ENOTEMPTY && errno != EEXIST) return cleanup(errno_code(errno));
             // Replace an older snapshot: move it aside first (rename(2) will
@@ -1593,6 +1626,7 @@ private:
         for (const auto& e : options_.extra_cmdline)
             extra += " " + e;
         options_.network = has_network_word(extra) ? network_mode::user : network_mode::none;
+        if (contents.value().meta.engine == "kvm") options_.engine = engine_choice::kvm;
         return prepare_restore(contents.value().image);
     }
 
@@ -1637,6 +1671,7 @@ private:
     std::shared_ptr<detail::qemu_network> network_; // before the engine that uses it
     std::unique_ptr<backend::qemu_machine> machine_;
     std::unique_ptr<detail::kvm_image_engine> kvm_; // the kvm engine (no QEMU, no devices above)
+    std::optional<boost::asio::executor_work_guard<executor_type>> engine_work_; // kvm_ runs
     backend::engine_kind kind_ = backend::engine_kind::qemu;
     std::unique_ptr<client_type> client_;
     std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> listeners_;

@@ -2,7 +2,9 @@
 // basic_machine<backend::kvm, ...> in the CLI's own process (no QEMU), with
 // our virtio-blk over the cached rootfs, virtio-vsock to the agent,
 // virtio-rng and the serial console; cold (--no-snapshot) and warm (the
-// first run creates the single-file snapshot, later runs restore it).
+// first run creates the single-file snapshot, later runs restore it), and
+// `snapshot -o DIR` / `restore DIR` on it. The network's own cases are
+// vm_kvm_network_test (network_test.cpp).
 // Label linux-kvm: nested here (support/linux-kvm.sh), all in one L1.
 #include "exec_contract.hpp"
 #include "vm_fixture.hpp"
@@ -235,4 +237,37 @@ BOOST_AUTO_TEST_CASE(boot_disk_cmd_runs_on_the_kvm_engine) {
                          "", std::chrono::seconds(240), false, {});
     BOOST_TEST(r.status == 7, describe(r));
     BOOST_TEST(contains(r.out, "booted-kvm"), describe(r));
+}
+
+BOOST_AUTO_TEST_CASE(snapshot_then_restore_a_directory) {
+    // `snapshot -o DIR` on the kvm engine (auto picks it here), then
+    // `restore DIR -- CMD` from the directory alone: its record names the
+    // image, kernel and engine; the container file holds the machine.
+    const auto dir = env().work / "kvm-snapshot-dir";
+    auto made = run_process({env().cli.string(), "snapshot", "-q", "-o", dir.string(), env().image},
+                            "", std::chrono::seconds(240), false, {});
+    BOOST_TEST_REQUIRE(made.status == 0, describe(made));
+    BOOST_TEST(contains(made.out, dir.string()), describe(made));
+    BOOST_TEST(fs::exists(dir / "machine.snap"));
+    BOOST_TEST(fs::exists(dir / "meta"));
+    auto restored = run_process({env().cli.string(), "restore", dir.string(), "--", "sh", "-c",
+                                 "echo restored-from-dir; exit 3"},
+                                "", std::chrono::seconds(240), false, {});
+    BOOST_TEST(restored.status == 3, describe(restored));
+    BOOST_TEST(restored.out == "restored-from-dir\n", describe(restored));
+    BOOST_TEST(contains(restored.err, "restored " + dir.string()), describe(restored));
+    // A damaged container is refused with a clear error, never run.
+    {
+        std::fstream f(dir / "machine.snap", std::ios::in | std::ios::out | std::ios::binary);
+        f.seekg(100);
+        char c = 0;
+        f.read(&c, 1);
+        c = static_cast<char>(c ^ 0x5a);
+        f.seekp(100);
+        f.write(&c, 1);
+    }
+    auto refused = run_process({env().cli.string(), "restore", dir.string(), "--", "true"}, "",
+                               std::chrono::seconds(240), false, {});
+    BOOST_TEST(refused.status == 125, describe(refused));
+    BOOST_TEST(contains(refused.err, "not a valid snapshot"), describe(refused));
 }

@@ -3,7 +3,10 @@
 // (doc/warm-start.md): cold boot the image snapshottable, snapshot right
 // after its agent is ready, stop it. Prints the snapshot directory on
 // stdout. With -o DIR the snapshot goes to DIR instead of the cache; use it
-// with `supermachine run --snapshot-dir DIR IMAGE ...`.
+// with `supermachine run --snapshot-dir DIR IMAGE ...` or `supermachine
+// restore DIR -- CMD`. The engine is resolved here as `run` resolves it
+// (auto: kvm where the host's KVM runs Linux), so the cache entry is the one
+// `run` restores: the kvm engine's is one container file, QEMU's a directory.
 #include "command.hpp"
 #include "warm_start.hpp"
 
@@ -28,6 +31,7 @@ int usage() {
                  "                     `supermachine run` uses for these options)\n"
                  "  -m, --memory MIB   guest memory in MiB (default 512)\n"
                  "      --cpus N       vCPUs (default 1)\n"
+                 "      --engine E     kvm, qemu or auto (default: as `run` picks)\n"
                  "      --insecure     allow plain HTTP / unverified TLS registries\n"
                  "  -q, --quiet        no progress output\n");
     return 2;
@@ -57,6 +61,11 @@ int run_snapshot(std::span<char*> args) {
             ++i;
         } else if (a == "--cpus" && v) {
             if (!parse_number(v, 1, 64, options.cpus)) return usage();
+            ++i;
+        } else if (a == "--engine" && v) {
+            auto engine = sm::parse_engine_choice(v);
+            if (!engine) return usage();
+            options.engine = *engine;
             ++i;
         } else if (a == "--insecure") {
             image_options.pull.registry.insecure = true;
@@ -88,6 +97,9 @@ int run_snapshot(std::span<char*> args) {
         return 1;
     }
     options.kernel = kernel.value();
+    options.engine = sm::decide_engine(options.engine).kind == sm::backend::engine_kind::kvm
+                         ? sm::engine_choice::kvm
+                         : sm::engine_choice::qemu;
     if (output.empty()) {
         auto dir = sm::cli::warm_snapshot_dir(ready.value(), options);
         if (!dir) {

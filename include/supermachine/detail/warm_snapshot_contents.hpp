@@ -36,13 +36,15 @@ struct warm_snapshot_contents {
 /// Bounds on what a record may ask for (the options' own limits in the CLI).
 inline constexpr std::uint32_t max_snapshot_memory_mib = 1u << 20;
 inline constexpr std::uint32_t max_snapshot_cpus = 64;
+/// The vsock port of the agent on the kvm engine (vm::agent_port).
+inline constexpr std::uint32_t kvm_agent_port = 1024;
 
 /// Read `dir`'s record and find what it names in the content store at
 /// `cache_dir` and in the kernel cache. `why` (if given) gets one sentence
 /// on failure. Errors: not_found (no directory, no record, image not in the
 /// store, root filesystem missing), kernel_not_found, the record's codec
 /// errors (snapshot_truncated, snapshot_bad_magic, snapshot_bad_record, ...),
-/// snapshot_mismatch (another engine or another cache's root filesystem).
+/// snapshot_mismatch (an unknown engine or another cache's root filesystem).
 inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::path& dir,
                                                          const std::filesystem::path& cache_dir,
                                                          std::string* why = nullptr) {
@@ -67,9 +69,9 @@ inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::
     warm_snapshot_contents out;
     out.meta = std::move(decoded).value();
     const auto& meta = out.meta;
-    if (meta.engine != "qemu")
+    if (meta.engine != "qemu" && meta.engine != "kvm")
         return refuse(errc::snapshot_mismatch,
-                      "the snapshot was taken on engine '" + meta.engine + "'; only qemu restores");
+                      "the snapshot was taken on engine '" + meta.engine + "', unknown here");
     if (meta.memory_mib > max_snapshot_memory_mib || meta.cpus > max_snapshot_cpus)
         return refuse(errc::snapshot_bad_record,
                       (dir / "meta").string() + ": memory or vCPU count out of range");
@@ -145,9 +147,10 @@ inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::
                                                   ", or $SUPERMACHINE_KERNEL_DIR)");
     out.kernel = std::move(kernel).value();
 
-    // The saved line is the image vm's own (snapshottable, agent on serial)
-    // followed by the extra arguments it was booted with.
-    const auto own = image_vm_cmdline(true, 0);
+    // The saved line is the image vm's own (QEMU's snapshottable vms: agent
+    // on serial; the kvm engine's: on vsock) followed by the extra arguments
+    // it was booted with.
+    const auto own = image_vm_cmdline(meta.engine == "qemu", kvm_agent_port);
     if (!meta.cmdline.starts_with(own))
         return refuse(errc::snapshot_mismatch,
                       "the snapshot's kernel command line is not an image vm's of this version");
