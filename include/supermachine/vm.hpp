@@ -1329,8 +1329,8 @@ private:
         k.cpus = options_.cpus;
         k.cmdline = guest_cmdline();
         k.guest_cid = guest_cid;
-        // A fresh NAT: the guest sees its link flap (virtio::net's
-        // transport_reset) and keeps its configuration.
+        // A fresh NAT (it announces the guest); the guest keeps its
+        // configuration (detail/vm_engine_kvm.hpp: no link flap).
         SUPERMACHINE_TRY(network, user_network_config());
         k.network = std::move(network);
         std::weak_ptr<vm> weak = weak_from_this();

@@ -304,13 +304,7 @@ public:
                 resumed_at_ = std::chrono::steady_clock::now();
             });
         }
-        pidfd_->async_wait(
-            boost::asio::posix::stream_descriptor::wait_read,
-            [this, alive = std::weak_ptr<int>(alive_)](const boost::system::error_code& ec) {
-                if (ec || alive.expired()) return;
-                reap_blocking();
-                maybe_finish();
-            });
+        watch_exit();
         return success();
     }
 
@@ -686,13 +680,32 @@ private:
             });
     }
 
-    void reap_blocking() noexcept {
-        if (child_.pid <= 0 || exited_) return;
+    // QEMU's exit, seen on its pidfd. A wake-up is only a hint: the reactor
+    // may report an fd whose number and state were recycled (an epoll
+    // registration outlives a close while a forked child, not yet exec'd,
+    // still holds the old file). So reap without blocking and wait again if
+    // QEMU still runs; a blocking waitpid here once hung the executor on a
+    // live QEMU (pool_test, CI).
+    void watch_exit() {
+        pidfd_->async_wait(
+            boost::asio::posix::stream_descriptor::wait_read,
+            [this, alive = std::weak_ptr<int>(alive_)](const boost::system::error_code& ec) {
+                if (ec || alive.expired()) return;
+                if (!reap_if_exited()) return watch_exit();
+                maybe_finish();
+            });
+    }
+
+    bool reap_if_exited() noexcept {
+        if (child_.pid <= 0 || exited_) return true;
         int status = 0;
-        if (::waitpid(child_.pid, &status, 0) == child_.pid) {
+        const pid_t reaped = ::waitpid(child_.pid, &status, WNOHANG);
+        if (reaped == 0) return false; // still running: a spurious wake-up
+        if (reaped == child_.pid) {
             exited_ = true;
             exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
         }
+        return true; // reaped, or not ours to reap any more (ECHILD)
     }
 
     void maybe_finish() {

@@ -166,6 +166,12 @@ private:
         if (c.network) {
             network.backend = std::move(*c.network);
             network.backend.slirp.executor = io_.get_executor();
+            // No link flap on restore: the NAT announces the guest itself
+            // (net_user.hpp) and keeps the gateway's MAC, so the guest has
+            // nothing to re-learn, and a command connecting at once (the
+            // agent answers in milliseconds on hardware) would otherwise
+            // lose its SYN to a down link and wait a retransmission.
+            network.restore_link_flap = std::chrono::milliseconds(0);
         }
         return cfg;
     }
