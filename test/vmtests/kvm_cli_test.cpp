@@ -66,6 +66,17 @@ std::vector<fs::path> kvm_snapshots() {
     return found;
 }
 
+/// Damage one byte of `file` in place (XOR, so it always changes).
+void flip_byte(const fs::path& file, std::streamoff at) {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(at);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x5a);
+    f.seekp(at);
+    f.write(&c, 1);
+}
+
 } // namespace
 
 const exec_contract::runner kvm_entry = [](const auto& options, const auto& command,
@@ -173,16 +184,8 @@ BOOST_AUTO_TEST_CASE(corrupt_snapshot_is_rebuilt) {
     BOOST_TEST_REQUIRE(made.status == 0, describe(made));
     const auto files = kvm_snapshots();
     BOOST_TEST_REQUIRE(files.size() == 1u);
-    {
-        // A flipped byte inside the body: the container's checksum refuses it.
-        std::fstream f(files.front(), std::ios::in | std::ios::out | std::ios::binary);
-        f.seekg(100);
-        char c = 0;
-        f.read(&c, 1);
-        c = static_cast<char>(c ^ 0x5a);
-        f.seekp(100);
-        f.write(&c, 1);
-    }
+    // A flipped byte inside the body: the container's checksum refuses it.
+    flip_byte(files.front(), 100);
     auto rebuilt = run_loud({"--engine", "kvm", "--verbose"}, {"echo", "still-runs"});
     BOOST_TEST(rebuilt.status == 0, describe(rebuilt));
     BOOST_TEST(rebuilt.out == "still-runs\n", describe(rebuilt));
@@ -257,15 +260,7 @@ BOOST_AUTO_TEST_CASE(snapshot_then_restore_a_directory) {
     BOOST_TEST(restored.out == "restored-from-dir\n", describe(restored));
     BOOST_TEST(contains(restored.err, "restored " + dir.string()), describe(restored));
     // A damaged container is refused with a clear error, never run.
-    {
-        std::fstream f(dir / "machine.snap", std::ios::in | std::ios::out | std::ios::binary);
-        f.seekg(100);
-        char c = 0;
-        f.read(&c, 1);
-        c = static_cast<char>(c ^ 0x5a);
-        f.seekp(100);
-        f.write(&c, 1);
-    }
+    flip_byte(dir / "machine.snap", 100);
     auto refused = run_process({env().cli.string(), "restore", dir.string(), "--", "true"}, "",
                                std::chrono::seconds(240), false, {});
     BOOST_TEST(refused.status == 125, describe(refused));
