@@ -10,10 +10,10 @@
 #include <supermachine/detail/agent_initramfs.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/error.hpp>
-#include <supermachine/prepared_image.hpp>
 #include <supermachine/oci/content_store.hpp>
 #include <supermachine/oci/digest.hpp>
-#include <supermachine/oci/rootfs_builder.hpp>
+#include <supermachine/oci/rootfs_cache.hpp>
+#include <supermachine/prepared_image.hpp>
 
 #include <cstdint>
 #include <filesystem>
@@ -121,11 +121,10 @@ inline result<warm_snapshot_contents> read_warm_snapshot(const std::filesystem::
                                            "run IMAGE true` rebuilds it; the snapshot may not "
                                            "match a rebuilt one)");
     // The accounts the rootfs builder keeps beside the image (bounded as there).
-    const oci::rootfs_build_options limits;
     auto accounts = [&](const char* extension) {
         auto path = rootfs.value();
         path.replace_extension(extension);
-        return oci::detail::rootfs_read_small(path, limits.max_account_file);
+        return oci::detail::rootfs_read_small(path, oci::default_max_account_file);
     };
     auto passwd = accounts(".passwd");
     auto group = accounts(".group");
