@@ -40,6 +40,7 @@
 
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -310,7 +311,7 @@ public:
 
     /// Completes when QEMU has exited and its console is drained:
     /// void(error_code, int exit_status) (status as from waitpid's WEXITSTATUS, 128+signal if
-    /// killed).
+    /// killed, -1 if another waitpid in this process reaped QEMU first).
     template <class CompletionToken>
     auto async_wait(CompletionToken&& token) {
         return boost::asio::async_initiate<CompletionToken, void(error_code, int)>(
@@ -699,13 +700,18 @@ private:
     bool reap_if_exited() noexcept {
         if (child_.pid <= 0 || exited_) return true;
         int status = 0;
-        const pid_t reaped = ::waitpid(child_.pid, &status, WNOHANG);
+        pid_t reaped;
+        do
+            reaped = ::waitpid(child_.pid, &status, WNOHANG);
+        while (reaped < 0 && errno == EINTR);
         if (reaped == 0) return false; // still running: a spurious wake-up
-        if (reaped == child_.pid) {
-            exited_ = true;
-            exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        }
-        return true; // reaped, or not ours to reap any more (ECHILD)
+        exited_ = true;
+        // Not ours to reap any more (ECHILD: someone else's waitpid took it):
+        // gone all the same, its status unknown (-1), so waiters still finish.
+        exit_status_ = reaped != child_.pid ? -1
+                       : WIFEXITED(status)  ? WEXITSTATUS(status)
+                                            : 128 + WTERMSIG(status);
+        return true;
     }
 
     void maybe_finish() {
