@@ -582,6 +582,10 @@ private:
         std::memcpy(pool + sizeof(rand_pool_info), seed.data(), seed.size());
         bool ok = ::ioctl(fd, RNDADDENTROPY, pool) == 0 ||
                   ::write(fd, seed.data(), seed.size()) == static_cast<ssize_t>(seed.size());
+        // Mixed in is not yet used: once initialized, Linux (5.18+) reseeds
+        // its crng only on a schedule (up to a minute), so two clones would
+        // read the same /dev/urandom bytes until then. Reseed it now.
+        if (ok) ok = ::ioctl(fd, RNDRESEEDCRNG) == 0;
         int err = errno;
         ::close(fd);
         if (!ok) return send_error(c, 0, agent_error::io_error, err, "reseed failed");
