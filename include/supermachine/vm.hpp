@@ -166,19 +166,22 @@ struct snapshot_start_options {
     bool snapshottable_after_restore = false;
 };
 
-class vm : public std::enable_shared_from_this<vm> {
+template <class Executor = boost::asio::any_io_executor>
+class basic_vm : public std::enable_shared_from_this<basic_vm<Executor>> {
 public:
-    using executor_type = boost::asio::any_io_executor;
+    using executor_type = Executor;
     using socket_type = boost::asio::local::stream_protocol::socket;
     using client_type = agent::basic_client<socket_type>;
     using root_disk = virtio::blk<storage::cow_file<storage::raw_file>>;
+    using kvm_engine = detail::basic_kvm_image_engine<Executor>;
+    static_assert(kvm_engine::data_disk_slots == max_data_disks);
 
     static constexpr std::uint32_t agent_port = detail::kvm_agent_port;
     static constexpr std::uint64_t guest_cid = 3;
     /// A kvm engine snapshot directory holds this one container file.
     static constexpr const char* kvm_snapshot_file = "machine.snap";
 
-    ~vm() {
+    ~basic_vm() {
         detail::trace_point("vm teardown");
         kill();
         client_.reset();
@@ -199,10 +202,10 @@ public:
     template <class Token>
     static auto async_start(executor_type executor, prepared_image image, vm_options options,
                             Token&& token) {
-        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<vm>)>(
+        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<basic_vm>)>(
             [executor](auto handler, prepared_image image, vm_options options) {
                 start_new(executor, std::move(options), std::nullopt, std::move(handler),
-                          [image = std::move(image)](vm& v) { return v.prepare(image); });
+                          [image = std::move(image)](basic_vm& v) { return v.prepare(image); });
             },
             token, std::move(image), std::move(options));
     }
@@ -240,7 +243,7 @@ public:
     template <class Token>
     auto async_stop(std::chrono::steady_clock::duration grace, Token&& token) {
         return boost::asio::async_initiate<Token, void(error_code)>(
-            [self = shared_from_this(), grace](auto handler) {
+            [self = this->shared_from_this(), grace](auto handler) {
                 auto done = agent::detail::bind_completion<void(error_code)>(std::move(handler),
                                                                              self->executor_);
                 boost::asio::post(self->executor_, [self, grace, done = std::move(done)]() mutable {
@@ -362,6 +365,9 @@ public:
     // many clones share one snapshot and restore cost follows pages touched;
     // with snapshottable_after_restore it copies `ram` instead and the clone
     // can be snapshotted again (chains of any length).
+    // On the kvm engine every vm can be snapshotted, restored ones too, with
+    // or without resume, and the directory holds one container file
+    // (start_snapshot_kvm); `snapshottable` changes nothing there.
 
     using snapshot_report = backend::qemu_machine::snapshot_report;
 
@@ -377,7 +383,7 @@ public:
         return boost::asio::async_initiate<Token, void(error_code, snapshot_report)>(
             [this](auto handler, std::filesystem::path path, bool resume) {
                 auto done = std::make_shared<decltype(handler)>(std::move(handler));
-                auto self = shared_from_this();
+                auto self = this->shared_from_this();
                 start_snapshot(std::move(path), resume,
                                [done](error_code ec, snapshot_report report) {
                                    std::move (*done)(ec, std::move(report));
@@ -397,12 +403,13 @@ public:
     template <class Token>
     static auto async_restore(executor_type executor, std::filesystem::path snapshot,
                               prepared_image image, vm_options options, Token&& token) {
-        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<vm>)>(
+        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<basic_vm>)>(
             [executor](auto handler, std::filesystem::path snapshot, prepared_image image,
                        vm_options options) {
                 options.snapshottable = true;
-                start_new(executor, std::move(options), std::move(snapshot), std::move(handler),
-                          [image = std::move(image)](vm& v) { return v.prepare_restore(image); });
+                start_new(
+                    executor, std::move(options), std::move(snapshot), std::move(handler),
+                    [image = std::move(image)](basic_vm& v) { return v.prepare_restore(image); });
             },
             token, std::move(snapshot), std::move(image), std::move(options));
     }
@@ -419,7 +426,7 @@ public:
     template <class Token>
     static auto async_restore(executor_type executor, std::filesystem::path snapshot,
                               snapshot_start_options options, Token&& token) {
-        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<vm>)>(
+        return boost::asio::async_initiate<Token, void(error_code, std::shared_ptr<basic_vm>)>(
             [executor](auto handler, std::filesystem::path snapshot,
                        snapshot_start_options options) {
                 vm_options vm_opts;
@@ -429,7 +436,7 @@ public:
                 vm_opts.snapshottable = true;
                 vm_opts.snapshottable_after_restore = options.snapshottable_after_restore;
                 start_new(executor, std::move(vm_opts), std::move(snapshot), std::move(handler),
-                          [cache_dir = options.cache_dir](vm& v) {
+                          [cache_dir = options.cache_dir](basic_vm& v) {
                               return v.prepare_restore_from_directory(cache_dir);
                           });
             },
@@ -455,7 +462,7 @@ public:
     }
 
 private:
-    vm(executor_type executor, vm_options options)
+    basic_vm(executor_type executor, vm_options options)
         : executor_(std::move(executor))
         , options_(std::move(options))
         , timer_(executor_)
@@ -475,19 +482,20 @@ private:
     static void start_new(executor_type executor, vm_options options,
                           std::optional<std::filesystem::path> restore_from, Handler handler,
                           SetUp set_up) {
-        auto self = std::shared_ptr<vm>(new vm(executor, std::move(options)));
+        auto self = std::shared_ptr<basic_vm>(new basic_vm(executor, std::move(options)));
         self->restore_from_ = std::move(restore_from);
         // Cancellation (any type) ends the start at once with errc::cancelled
         // (operation_aborted): the engine, if it runs, is killed; a set-up
         // still running on setup_pool() finishes and launches nothing.
         auto slot = boost::asio::get_associated_cancellation_slot(handler);
         auto done = std::make_shared<Handler>(std::move(handler));
-        self->start_ = [done, slot](error_code ec, std::shared_ptr<vm> v) mutable {
+        self->start_ = [done, slot](error_code ec, std::shared_ptr<basic_vm> v) mutable {
             if (slot.is_connected()) slot.clear();
             (*done)(ec, std::move(v));
         };
         if (slot.is_connected())
-            slot.assign([weak = std::weak_ptr<vm>(self), executor](boost::asio::cancellation_type) {
+            slot.assign([weak = std::weak_ptr<basic_vm>(self),
+                         executor](boost::asio::cancellation_type) {
                 boost::asio::post(executor, [weak] {
                     if (auto self = weak.lock(); self && self->start_)
                         self->finish_start(errc::cancelled);
@@ -503,7 +511,7 @@ private:
     // destroy its io_context while the pool thread is still unwinding, so
     // nothing tied to it may be released there.
     template <class SetUp>
-    static void set_up_then_launch(std::shared_ptr<vm> self, SetUp set_up) {
+    static void set_up_then_launch(std::shared_ptr<basic_vm> self, SetUp set_up) {
         auto work = boost::asio::make_work_guard(self->executor_);
         self->setting_up_ = true;
         boost::asio::post(setup_pool(), [self = std::move(self), work = std::move(work),
@@ -524,21 +532,15 @@ private:
 
     // The engine (engine.hpp: kvm where the host's KVM runs Linux), then the
     // kernel: the caller's, else the cached default (fetched on first use
-    // when allowed). A snapshottable vm runs on kvm only when kvm is asked
-    // for (the warm cache of `run` does): `supermachine snapshot`'s
-    // directories, restored from alone, are the QEMU engine's.
+    // when allowed).
     result<void> select_engine_and_kernel(bool may_fetch_kernel, std::string_view suffix) {
         auto decision = decide_engine(options_.engine);
         // What the kvm engine does not serve yet: auto keeps such vms on
         // qemu; an explicit kvm is refused (prepare says which).
         if (decision.kind == backend::engine_kind::kvm &&
             options_.engine == engine_choice::automatic) {
-            if (options_.snapshottable)
-                decision = {backend::engine_kind::qemu,
-                            "snapshots of image vms are taken on the qemu engine"};
-            else if (!options_.volumes.empty() || !options_.disks.empty())
-                decision = {backend::engine_kind::qemu,
-                            "volumes and data disks are served on the qemu engine"};
+            if (!options_.volumes.empty())
+                decision = {backend::engine_kind::qemu, "volumes are served on the qemu engine"};
         }
         kind_ = decision.kind;
         engine_description_ = std::string(kind_ == backend::engine_kind::kvm ? "kvm" : "qemu") +
@@ -608,6 +610,12 @@ private:
         return success();
     }
 
+    // The agent waits for the data disks before it makes /dev.
+    std::string data_disks_word() const {
+        if (options_.disks.empty()) return {};
+        return " supermachine.disks=" + std::to_string(options_.disks.size());
+    }
+
     static constexpr const char* network_word = "supermachine.net=user";
     static bool has_network_word(std::string_view cmdline) {
         return cmdline == network_word || cmdline.ends_with(std::string(" ") + network_word) ||
@@ -633,9 +641,6 @@ private:
             return refuse(errc::not_supported,
                           "volumes (-v) are not served on the kvm engine yet (virtio-fs); use "
                           "--engine qemu");
-        if (kind_ == backend::engine_kind::kvm && !options_.disks.empty())
-            return refuse(errc::not_supported,
-                          "data disks are not attached on the kvm engine yet; use --engine qemu");
         SUPERMACHINE_TRY(check_volumes());
         SUPERMACHINE_TRY(check_disks());
         SUPERMACHINE_TRY(agent_binary, detail::find_agent_binary());
@@ -672,7 +677,7 @@ private:
         }
 
         if (kind_ == backend::engine_kind::kvm) {
-            detail::kvm_image_engine::config k;
+            typename kvm_engine::config k;
             k.kernel = options_.kernel->vmlinuz;
             k.initrd = initrd_path;
             k.rootfs = image.rootfs;
@@ -681,15 +686,18 @@ private:
             k.cpus = options_.cpus;
             k.cmdline = guest_cmdline();
             k.guest_cid = guest_cid;
+            for (const auto& disk : options_.disks)
+                k.data_disks.push_back({disk.path, disk.read_only});
+            k.cmdline += data_disks_word();
             SUPERMACHINE_TRY(network, user_network_config());
             k.network = std::move(network);
-            std::weak_ptr<vm> weak = weak_from_this();
+            std::weak_ptr<basic_vm> weak = this->weak_from_this();
             k.console = [weak](std::string_view text) {
                 if (auto self = weak.lock()) self->on_console(text);
             };
             remember_for_snapshot(image, k.cmdline, agent_binary);
             const bool networked = k.network.has_value();
-            auto made = detail::kvm_image_engine::create(std::move(k));
+            auto made = kvm_engine::create(std::move(k));
             if (!made && networked && made.error() == errno_code(EADDRINUSE))
                 return refuse_network(made.error());
             if (!made)
@@ -710,9 +718,7 @@ private:
             q.virtiofsd_binary = virtiofsd;
         for (const auto& disk : options_.disks)
             q.data_drives.push_back({disk.path, disk.read_only});
-        // The agent waits for them before it makes /dev.
-        if (!options_.disks.empty())
-            q.cmdline += " supermachine.disks=" + std::to_string(options_.disks.size());
+        q.cmdline += data_disks_word();
         for (std::size_t i = 0; i < options_.volumes.size(); ++i) {
             const auto& volume = options_.volumes[i];
             const std::string tag = "supermachine" + std::to_string(i);
@@ -823,7 +829,7 @@ private:
                 return finish_start(r.error());
         }
         launched_at_ = std::chrono::steady_clock::now();
-        std::weak_ptr<vm> weak = shared_from_this();
+        std::weak_ptr<basic_vm> weak = this->shared_from_this();
         detail::trace_point("engine start");
         auto started = machine_->start([weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
@@ -859,7 +865,7 @@ private:
     // the engine's thread and handled on ours.
     void launch_kvm() {
         launched_at_ = std::chrono::steady_clock::now();
-        std::weak_ptr<vm> weak = shared_from_this();
+        std::weak_ptr<basic_vm> weak = this->shared_from_this();
         // The running engine is outstanding work on the executor (as QEMU's
         // exit watch is): its exit is delivered there, and until then
         // io_context::run() must not run out (the agent connection waits
@@ -897,7 +903,7 @@ private:
     }
 
     void try_connect() {
-        auto self = shared_from_this();
+        auto self = this->shared_from_this();
         auto* vsock = agent_vsock();
         if (!vsock) { // the agent on virtio-serial
             return connect_serial([self](error_code ec, bool may_retry) {
@@ -943,7 +949,7 @@ private:
         // poll it closely, a restore waits on it: 1 ms, not 3, is ≈ 1 ms of a
         // warm run); vsock connects go through the guest.
         timer_.expires_after(std::chrono::milliseconds(agent_vsock() ? 50 : 1));
-        timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+        timer_.async_wait([self = this->shared_from_this()](boost::system::error_code ec) {
             if (!ec) self->try_connect();
         });
     }
@@ -955,7 +961,7 @@ private:
         // While the set-up runs on setup_pool() it owns the engine members:
         // a cancelled start leaves them to it (nothing launches after it).
         if (ec && !setting_up_) kill();
-        done(ec, shared_from_this()); // on error: for console_tail() only
+        done(ec, this->shared_from_this()); // on error: for console_tail() only
     }
 
     void on_console(std::string_view text) {
@@ -964,7 +970,7 @@ private:
         for (char c : text) {
             if (c == '\n') {
                 if (partial_line_.find("supermachine-agent: host detached") != std::string::npos)
-                    boost::asio::post(executor_, [weak = weak_from_this()] {
+                    boost::asio::post(executor_, [weak = this->weak_from_this()] {
                         if (auto self = weak.lock()) self->on_detached();
                     });
                 if (panic_line_.empty() && partial_line_.find("Kernel panic") != std::string::npos)
@@ -980,7 +986,7 @@ private:
 
     void accept_forward(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor,
                         std::uint16_t guest_port) {
-        auto self = shared_from_this();
+        auto self = this->shared_from_this();
         acceptor->async_accept([self, acceptor, guest_port](boost::system::error_code ec,
                                                             boost::asio::ip::tcp::socket peer) {
             if (ec) return; // closed
@@ -1157,7 +1163,7 @@ private:
         std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX"));
         if (!::mkdtemp(pattern.data())) return finish(errno_code(errno), {});
         const std::filesystem::path staging = pattern;
-        auto self = shared_from_this();
+        auto self = this->shared_from_this();
         auto fail = [self, staging, finish](error_code ec) {
             std::error_code ignored;
             std::filesystem::remove_all(staging, ignored);
@@ -1226,7 +1232,7 @@ private:
         if (client_) client_->async_shutdown([](error_code) {});
         else kill();
         stop_timer_.expires_after(grace);
-        stop_timer_.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+        stop_timer_.async_wait([weak = this->weak_from_this()](boost::system::error_code ec) {
             auto self = weak.lock();
             if (ec || !self || self->machine_exited_) return;
             self->kill(); // the guest did not power off in time
@@ -1244,25 +1250,22 @@ private:
     // The kvm engine: the snapshot is one container file, `path`/machine.snap
     // (snapshot/container.hpp): vCPUs, irqchip, PIT, clock, each device's
     // record (the root disk's overlay chunks with it), the agent's token,
-    // then the RAM. The host's agent connection is simply dropped: a restore
-    // resets every vsock connection (TRANSPORT_RESET) and connects anew.
-    // Written on setup_pool(); the vm stops afterwards.
+    // then the RAM. Any kvm vm can be captured, a restored one too (its RAM
+    // is read through its private mapping: nothing to copy first). The
+    // agent connection stays open across the capture when the vm resumes: a
+    // restore resets every vsock connection (TRANSPORT_RESET) and connects
+    // anew, so the saved guest needs no farewell. Written on setup_pool().
     void start_snapshot_kvm(std::filesystem::path path, bool resume,
                             std::function<void(error_code, snapshot_report)> done) {
         auto finish = [this, done](error_code ec, snapshot_report report) {
             boost::asio::post(executor_, [done, ec, report] { done(ec, report); });
         };
         if (snapshot_.token.empty() || !client_) return finish(errc::invalid_argument, {});
-        if (resume || restore_from_) {
-            snapshot_report report;
-            report.refusal = "the kvm engine snapshots a booted vm and stops it (no resume, "
-                             "no snapshot of a restored vm yet)";
-            return finish({}, report);
-        }
-        client_->close();
-        auto self = shared_from_this();
+        if (!resume) client_->close();
+        auto self = this->shared_from_this();
         auto work = boost::asio::make_work_guard(executor_);
-        boost::asio::post(setup_pool(), [self, path, finish, work = std::move(work)]() mutable {
+        boost::asio::post(setup_pool(), [self, path, resume, finish,
+                                         work = std::move(work)]() mutable {
             const auto started = std::chrono::steady_clock::now();
             snapshot::agent_record agent;
             const auto& token = self->snapshot_.token;
@@ -1273,7 +1276,8 @@ private:
             std::filesystem::create_directories(path, ec);
             result<std::uint64_t> written =
                 ec ? result<std::uint64_t>(ec)
-                   : self->kvm_->snapshot_and_stop(path / kvm_snapshot_file, std::move(agent));
+                   : self->kvm_->snapshot(path / kvm_snapshot_file, std::move(agent),
+                                          resume ? after_snapshot::resume : after_snapshot::stop);
             // The record that makes the directory self-describing (`restore
             // DIR`): written after the container, so a directory with a
             // record has its container. (Its fingerprints stay empty: the
@@ -1293,9 +1297,9 @@ private:
                 std::chrono::steady_clock::now() - started);
             const error_code error = written ? error_code{} : written.error();
             auto executor = self->executor_;
-            boost::asio::dispatch(executor, [self = std::move(self), error, report,
+            boost::asio::dispatch(executor, [self = std::move(self), error, report, resume,
                                              finish = std::move(finish), work = std::move(work)] {
-                self->kill();
+                if (!resume) self->kill();
                 finish(error, report);
             });
         });
@@ -1321,7 +1325,7 @@ private:
         if (!agent_binary)
             return refuse(agent_binary.error(), "the guest agent binary is not found "
                                                 "(SUPERMACHINE_AGENT, or beside the program)");
-        detail::kvm_image_engine::config k;
+        typename kvm_engine::config k;
         k.kernel = options_.kernel->vmlinuz;
         k.rootfs = image.rootfs;
         k.disk_id = image.digest.hex().substr(0, 20);
@@ -1333,13 +1337,13 @@ private:
         // configuration (detail/vm_engine_kvm.hpp: no link flap).
         SUPERMACHINE_TRY(network, user_network_config());
         k.network = std::move(network);
-        std::weak_ptr<vm> weak = weak_from_this();
+        std::weak_ptr<basic_vm> weak = this->weak_from_this();
         k.console = [weak](std::string_view text) {
             if (auto self = weak.lock()) self->on_console(text);
         };
         const auto cmdline = k.cmdline;
-        auto engine = detail::kvm_image_engine::restore(
-            std::move(k), *restore_from_ / kvm_snapshot_file, token_, &failure_detail_);
+        auto engine = kvm_engine::restore(std::move(k), *restore_from_ / kvm_snapshot_file, token_,
+                                          &failure_detail_);
         if (!engine && engine.error() == errno_code(EADDRINUSE))
             return refuse_network(engine.error());
         if (!engine) return engine.error();
@@ -1372,7 +1376,7 @@ private:
             return boost::asio::post(executor_, [done] { done(errc::agent_unavailable, true); });
         detail::trace_point("agent socket connected");
         client_ = std::make_unique<client_type>(std::move(socket));
-        auto self = shared_from_this();
+        auto self = this->shared_from_this();
         serial_timer_.expires_at(
             std::max(deadline_, std::chrono::steady_clock::now() + std::chrono::seconds(30)));
         serial_timer_.async_wait([self, client = client_.get()](boost::system::error_code ec) {
@@ -1496,6 +1500,9 @@ private:
                                                   "state does not migrate)");
         if (!options_.disks.empty())
             return refuse(errc::invalid_argument, "a vm with data disks cannot be restored");
+        // A QEMU engine directory is restored by QEMU; auto must not pick
+        // kvm for it where the host's KVM runs Linux.
+        if (options_.engine == engine_choice::automatic) options_.engine = engine_choice::qemu;
         // A snapshot implies the kernel is cached: no fetch.
         if (auto selected = select_engine_and_kernel(false, ", restored"); !selected)
             return refuse(selected.error(), "no engine or cached kernel for the restore");
@@ -1626,7 +1633,10 @@ private:
         for (const auto& e : options_.extra_cmdline)
             extra += " " + e;
         options_.network = has_network_word(extra) ? network_mode::user : network_mode::none;
-        if (contents.value().meta.engine == "kvm") options_.engine = engine_choice::kvm;
+        // The snapshot's engine restores it (prepare_restore refuses a kvm
+        // container asked of qemu and a qemu directory asked of kvm).
+        options_.engine =
+            contents.value().meta.engine == "kvm" ? engine_choice::kvm : engine_choice::qemu;
         return prepare_restore(contents.value().image);
     }
 
@@ -1658,7 +1668,7 @@ private:
     vm_options options_;
     boost::asio::steady_timer timer_;
     std::chrono::steady_clock::time_point deadline_{};
-    std::function<void(error_code, std::shared_ptr<vm>)> start_;
+    std::function<void(error_code, std::shared_ptr<basic_vm>)> start_;
     bool setting_up_ = false; // set_up_then_launch's job runs (read on the executor only)
     std::string token_;
     std::string engine_description_;
@@ -1670,7 +1680,7 @@ private:
     std::unique_ptr<virtio::vsock> vsock_;
     std::shared_ptr<detail::qemu_network> network_; // before the engine that uses it
     std::unique_ptr<backend::qemu_machine> machine_;
-    std::unique_ptr<detail::kvm_image_engine> kvm_; // the kvm engine (no QEMU, no devices above)
+    std::unique_ptr<kvm_engine> kvm_; // the kvm engine (no QEMU, no devices above)
     std::optional<boost::asio::executor_work_guard<executor_type>> engine_work_; // kvm_ runs
     backend::engine_kind kind_ = backend::engine_kind::qemu;
     std::unique_ptr<client_type> client_;
@@ -1691,5 +1701,10 @@ private:
     std::string partial_line_;
     std::string panic_line_; // the first "Kernel panic" line, kept for console_tail()
 };
+
+/// The vm on any executor, as Asio's I/O objects are (`basic_vm` is a
+/// template so that its members, the engines and the agent client under them,
+/// are compiled where they are used, not in every file that includes this).
+using vm = basic_vm<>;
 
 } // namespace supermachine

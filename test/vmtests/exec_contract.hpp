@@ -9,8 +9,11 @@
 #include <boost/test/unit_test.hpp>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace supermachine::test::exec_contract {
@@ -70,6 +73,34 @@ inline void stdin_is_streamed_with_i(const runner& run) {
     BOOST_TEST(closed.status == 0, describe(closed));
     BOOST_TEST(contains(closed.out, "0"), describe(closed));
     BOOST_TEST(!contains(closed.out, "8"), describe(closed));
+}
+
+// Data disks with a command: --disk FILE[:ro] are /dev/vdb, /dev/vdc... in
+// order (the root disk is not in /dev); a read-only one refuses writes, a
+// read-write one is written in place; a missing one is named (125).
+inline void data_disks_follow_the_root(const runner& run, const std::filesystem::path& work) {
+    const auto a = work / "a.img", b = work / "b.img";
+    for (const auto& [path, text] : {std::pair{a, "disk-a"}, std::pair{b, "disk-b"}}) {
+        std::ofstream out(path, std::ios::binary);
+        out << text << std::string(1 << 20, '\0');
+    }
+    auto r = run(
+        {"--disk", a.string() + ":ro", "--disk", b.string()},
+        {"sh", "-c",
+         "head -c 6 /dev/vdb; echo; head -c 6 /dev/vdc; echo; ls /dev | grep vd | tr '\\n' ' '; "
+         "echo; echo x 2>/dev/null > /dev/vdb || echo ro-refused; "
+         "printf hi-b | dd of=/dev/vdc conv=notrunc,fsync 2>/dev/null && echo written"},
+        "", std::chrono::seconds(240));
+    BOOST_TEST(r.status == 0, describe(r));
+    BOOST_TEST(r.out == "disk-a\ndisk-b\nvdb vdc \nro-refused\nwritten\n", describe(r));
+    std::ifstream in(b, std::ios::binary);
+    std::string head(6, '\0');
+    in.read(head.data(), 6);
+    BOOST_TEST(head == "hi-b-b", describe(r)); // "hi-b" over "disk-b"
+    auto missing =
+        run({"--disk", (work / "none.img").string()}, {"true"}, "", std::chrono::seconds(240));
+    BOOST_TEST(missing.status == 125, describe(missing));
+    BOOST_TEST(contains(missing.err, "none.img"), describe(missing));
 }
 
 } // namespace supermachine::test::exec_contract

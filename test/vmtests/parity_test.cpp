@@ -3,6 +3,7 @@
 // workload's reach, the agent serving only the host) and the container
 // surface a docker user expects (/dev, working directory, TERM, users).
 // docker's outcome is the oracle each case asserts.
+#include "exec_contract.hpp"
 #include "vm_fixture.hpp"
 
 #include <supermachine/detail/warm_snapshot.hpp>
@@ -355,30 +356,12 @@ BOOST_AUTO_TEST_CASE(nothing_of_a_killed_run_stays_in_tmp) {
         ::setenv("TMPDIR", saved.c_str(), 1);
 }
 
-// Data disks with a command: --disk FILE[:ro] are /dev/vdb, /dev/vdc... in
-// order (the root disk is not in /dev); a read-only one refuses writes, a
-// read-write one is written in place.
+// Data disks: exec_contract.hpp.
 BOOST_AUTO_TEST_CASE(data_disks_follow_the_root) {
-    const auto a = env().work / "a.img", b = env().work / "b.img";
-    for (const auto& [path, text] : {std::pair{a, "disk-a"}, std::pair{b, "disk-b"}}) {
-        std::ofstream out(path, std::ios::binary);
-        out << text << std::string(1 << 20, '\0');
-    }
-    auto r = env().run(
-        {"--disk", a.string() + ":ro", "--disk", b.string()},
-        {"sh", "-c",
-         "head -c 6 /dev/vdb; echo; head -c 6 /dev/vdc; echo; ls /dev | grep vd | tr '\\n' ' '; "
-         "echo; echo x 2>/dev/null > /dev/vdb || echo ro-refused; "
-         "printf hi-b | dd of=/dev/vdc conv=notrunc,fsync 2>/dev/null && echo written"});
-    BOOST_TEST(r.status == 0, describe(r));
-    BOOST_TEST(r.out == "disk-a\ndisk-b\nvdb vdc \nro-refused\nwritten\n", describe(r));
-    std::ifstream in(b, std::ios::binary);
-    std::string head(6, '\0');
-    in.read(head.data(), 6);
-    BOOST_TEST(head == "hi-b-b", describe(r)); // "hi-b" over "disk-b"
-    auto missing = env().run({"--disk", (env().work / "none.img").string()}, {"true"});
-    BOOST_TEST(missing.status == 125, describe(missing));
-    BOOST_TEST(contains(missing.err, "none.img"), describe(missing));
+    exec_contract::data_disks_follow_the_root(
+        [](const auto& options, const auto& command, const std::string& input,
+           std::chrono::seconds limit) { return env().run(options, command, input, limit); },
+        env().work);
 }
 
 // -t: the host terminal's size reaches the guest's, at the start and on

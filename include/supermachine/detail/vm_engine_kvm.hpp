@@ -3,7 +3,8 @@
 // this process, with the image's devices as compile-time policies: the
 // 16550 console, the i8042 reset line, ACPI power-off, virtio-blk over a
 // copy-on-write overlay of the cached rootfs (the base is opened read-only
-// and shared by every vm), virtio-vsock for the agent channel, virtio-rng
+// and shared by every vm), up to eight data disks (virtio-blk on the files
+// themselves), virtio-vsock for the agent channel, virtio-rng
 // and, on the user network, virtio-net on our slirp NAT (virtio/net_user.hpp;
 // the slot stays empty with --network none). No other process runs.
 //
@@ -41,17 +42,34 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
+#include <vector>
 
 namespace supermachine::detail {
 
-class kvm_image_engine {
+// A template (on the vm's executor, which it does not otherwise use) so that
+// basic_machine<kvm, ...> is compiled only where a vm is, not wherever
+// vm.hpp is included.
+template <class Executor>
+class basic_kvm_image_engine {
 public:
     using root_disk = virtio::blk<storage::cow_file<storage::raw_file>>;
+    using data_disk = virtio::blk<storage::raw_file>; // the file itself, no overlay
+    // Eight data-disk slots (vm.hpp's max_data_disks) after the others, so
+    // the guest names them /dev/vdb... in order; unused ones stay empty.
     using machine =
         basic_machine<backend::kvm, devices::serial, devices::i8042, devices::acpi_power, root_disk,
-                      virtio::vsock, virtio::rng, virtio::net<virtio::net_user>>;
+                      virtio::vsock, virtio::rng, virtio::net<virtio::net_user>, data_disk,
+                      data_disk, data_disk, data_disk, data_disk, data_disk, data_disk, data_disk>;
     static constexpr std::size_t vsock_slot = 4;
     static constexpr std::size_t network_slot = 6;
+    static constexpr std::size_t first_data_disk_slot = 7;
+    static constexpr std::size_t data_disk_slots = 8;
+
+    struct data_disk_file {
+        std::filesystem::path path;
+        bool read_only = false;
+    };
 
     struct config {
         std::filesystem::path kernel, initrd, rootfs;
@@ -64,10 +82,12 @@ public:
         /// The user network's NAT (its executor is the engine's; ignored
         /// here); none: no network device at all.
         std::optional<virtio::net_user::config> network;
+        std::vector<data_disk_file> data_disks; // at most data_disk_slots
     };
 
-    static result<std::unique_ptr<kvm_image_engine>> create(config c) {
-        std::unique_ptr<kvm_image_engine> self(new kvm_image_engine());
+    static result<std::unique_ptr<basic_kvm_image_engine>> create(config c) {
+        if (c.data_disks.size() > data_disk_slots) return errc::out_of_resources;
+        std::unique_ptr<basic_kvm_image_engine> self(new basic_kvm_image_engine());
         auto cfg = self->machine_config(std::move(c));
         SUPERMACHINE_TRY(made, machine::create(self->io_.get_executor(), std::move(cfg)));
         self->machine_ = std::move(made);
@@ -80,7 +100,7 @@ public:
     /// chunks from its device record, vsock TRANSPORT_RESET by the restore.
     /// The file must carry the agent record and the kernel command line `c`
     /// would boot; `token` receives the agent's token. Nothing runs until start().
-    static result<std::unique_ptr<kvm_image_engine>>
+    static result<std::unique_ptr<basic_kvm_image_engine>>
     restore(config c, const std::filesystem::path& file, std::string& token, std::string* why) {
         auto refuse = [why](error_code ec, std::string text) {
             if (why) *why = std::move(text);
@@ -99,7 +119,7 @@ public:
                           "the snapshot's kernel command line differs from this vm's");
         token.assign(reinterpret_cast<const char*>(records.agent->token.data()),
                      records.agent->token.size());
-        std::unique_ptr<kvm_image_engine> self(new kvm_image_engine());
+        std::unique_ptr<basic_kvm_image_engine> self(new basic_kvm_image_engine());
         auto cfg = self->machine_config(std::move(c));
         auto made =
             machine::restore(self->io_.get_executor(), std::move(cfg), std::move(loaded).value());
@@ -111,21 +131,23 @@ public:
     }
 
     /// Pause, write the machine with `agent` into `file` (atomically:
-    /// temp file, fsync, rename), stop. Blocking: not on a vCPU thread.
-    result<std::uint64_t> snapshot_and_stop(const std::filesystem::path& file,
-                                            snapshot::agent_record agent) {
+    /// temp file, fsync, rename), then resume or stop. A restored machine
+    /// is captured the same way (its RAM read through its private mapping).
+    /// Blocking: not on a vCPU thread. The file's size.
+    result<std::uint64_t> snapshot(const std::filesystem::path& file, snapshot::agent_record agent,
+                                   after_snapshot then) {
         SUPERMACHINE_TRY(image, machine_->pause_and_capture());
         image.records.agent = std::move(agent);
         auto written = snapshot::write_snapshot(file, image);
-        machine_->resume_after_capture(after_snapshot::stop);
+        machine_->resume_after_capture(then);
         if (!written) return written.error();
         return written.value().file_size;
     }
 
-    kvm_image_engine(const kvm_image_engine&) = delete;
-    kvm_image_engine& operator=(const kvm_image_engine&) = delete;
+    basic_kvm_image_engine(const basic_kvm_image_engine&) = delete;
+    basic_kvm_image_engine& operator=(const basic_kvm_image_engine&) = delete;
 
-    ~kvm_image_engine() {
+    ~basic_kvm_image_engine() {
         machine_.reset(); // stops and joins the vCPUs, then the devices go
         work_.reset();
         // The NAT closes on its strand (sockets, timers): let that run out
@@ -173,10 +195,25 @@ private:
             // lose its SYN to a down link and wait a retransmission.
             network.restore_link_flap = std::chrono::milliseconds(0);
         }
+        attach_data_disks(cfg, c.data_disks, std::make_index_sequence<data_disk_slots>());
         return cfg;
     }
 
-    kvm_image_engine()
+    template <std::size_t... I>
+    static void attach_data_disks(typename machine::config& cfg,
+                                  const std::vector<data_disk_file>& disks,
+                                  std::index_sequence<I...>) {
+        auto one = [&disks](typename data_disk::config& slot, std::size_t i) {
+            slot.attached = i < disks.size();
+            if (!slot.attached) return;
+            slot.storage.path = disks[i].path.string();
+            slot.storage.read_only = disks[i].read_only;
+            slot.io_threads = 1;
+        };
+        (one(std::get<first_data_disk_slot + I>(cfg.devices), I), ...);
+    }
+
+    basic_kvm_image_engine()
         : work_(boost::asio::make_work_guard(io_))
         , ran_out_(ran_out_promise_.get_future())
         , thread_([this] {
