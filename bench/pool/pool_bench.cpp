@@ -1,5 +1,7 @@
 // supermachine::pool and one io_context thread driving many VMs, on real
-// restored clones (QEMU TCG here), each figure beside its peer in the same run:
+// restored clones (QEMU TCG here; engine=kvm inside scripts/nested-kvm.sh: our
+// kvm engine, the clones in this process), each figure beside its peer in
+// the same run:
 //
 //   1. bare exec round trip: `true` in one running VM (the floor)
 //   2. a request through the pool (acquire + exec `true` + drop the lease),
@@ -8,7 +10,7 @@
 //   4. N = 4, 8, 16 clones restored at once from one snapshot by one thread:
 //      total time, per-VM start latency (median), RSS growth per VM
 //
-//   bench_pool oci:DIR:TAG [requests=40]
+//   bench_pool oci:DIR:TAG [requests=40] [engine=qemu|kvm|auto]
 #include <supermachine/image.hpp>
 #include <supermachine/pool.hpp>
 #include <supermachine/vm.hpp>
@@ -46,24 +48,33 @@ double percentile(std::vector<double> v, double p) {
     return v[std::min(v.size() - 1, static_cast<std::size_t>(p * static_cast<double>(v.size())))];
 }
 
-// Resident memory of this process and its children (QEMU), in MiB: PSS
-// would be fairer for shared RAM; RSS per process summed counts a shared
-// page in each, an upper bound.
-double rss_mib_of(pid_t pid) {
-    std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+// Memory of this process (the kvm engine's clones) and its children (QEMU),
+// in MiB: RSS counts a page shared by clones (the snapshot file's page
+// cache, mapped privately by each) once per mapping, an upper bound; PSS
+// splits it among its mappers, so its growth is what a clone really adds.
+struct memory_mib {
+    double rss = 0, pss = 0;
+};
+double status_field_mib(const std::filesystem::path& file, const std::string& field) {
+    std::ifstream in(file);
     std::string key;
-    while (status >> key) {
-        if (key == "VmRSS:") {
+    while (in >> key) {
+        if (key == field) {
             double kib = 0;
-            status >> kib;
+            in >> kib;
             return kib / 1024;
         }
-        status.ignore(1 << 12, '\n');
+        in.ignore(1 << 12, '\n');
     }
     return 0;
 }
-double tree_rss_mib() {
-    double total = rss_mib_of(::getpid());
+memory_mib memory_of(pid_t pid) {
+    const auto proc = std::filesystem::path("/proc") / std::to_string(pid);
+    return {status_field_mib(proc / "status", "VmRSS:"),
+            status_field_mib(proc / "smaps_rollup", "Pss:")};
+}
+memory_mib tree_memory() {
+    memory_mib total = memory_of(::getpid());
     for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
         const auto name = entry.path().filename().string();
         if (name.find_first_not_of("0123456789") != std::string::npos) continue;
@@ -71,7 +82,10 @@ double tree_rss_mib() {
         std::string pid, comm, state;
         int ppid = 0;
         stat >> pid >> comm >> state >> ppid;
-        if (ppid == ::getpid()) total += rss_mib_of(std::stoi(pid));
+        if (ppid != ::getpid()) continue;
+        const auto child = memory_of(std::stoi(pid));
+        total.rss += child.rss;
+        total.pss += child.pss;
     }
     return total;
 }
@@ -118,11 +132,18 @@ void report(const char* what, const std::vector<double>& ms, double seconds) {
 
 int main(int argc, char** argv) {
     if (argc < 2) {
-        std::fprintf(stderr, "usage: bench_pool oci:DIR:TAG [requests=40]\n");
+        std::fprintf(stderr, "usage: bench_pool oci:DIR:TAG [requests=40] [qemu|kvm|auto]\n");
         return 2;
     }
+    std::setvbuf(stdout, nullptr, _IOLBF, 0); // each row as it comes (a killed run keeps them)
     const std::string reference = argv[1];
     const int requests = argc > 2 ? std::atoi(argv[2]) : 40;
+    const std::string engine = argc > 3 ? argv[3] : "auto";
+    const auto choice = sm::parse_engine_choice(engine);
+    if (!choice) {
+        std::fprintf(stderr, "bench_pool: engine is qemu, kvm or auto, not %s\n", engine.c_str());
+        return 2;
+    }
     asio::io_context io;
     const auto snapshot = std::filesystem::temp_directory_path() /
                           ("bench-pool." + std::to_string(::getpid()));
@@ -134,6 +155,9 @@ int main(int argc, char** argv) {
         image = co_await source.async_prepare(asio::use_awaitable);
         sm::vm_options options;
         options.snapshottable = true;
+        // auto keeps a snapshottable vm on qemu; the snapshot's record
+        // carries the engine to every restore below.
+        options.engine = *choice;
         auto booted = co_await sm::vm::async_start(io, image, options, asio::use_awaitable);
         for (int i = 0; i < requests; ++i) {
             const auto t = clock_type::now();
@@ -144,9 +168,9 @@ int main(int argc, char** argv) {
         booted->kill();
     }());
 
-    std::printf("pool benchmark: %d requests of `true`, busybox image, QEMU TCG, one io_context "
+    std::printf("pool benchmark: %d requests of `true`, busybox image, engine %s, one io_context "
                 "thread\n\n",
-                requests);
+                requests, engine.c_str());
     std::printf("  %-44s p50 %7.1f ms  p99 %7.1f ms\n", "bare exec round trip (one running VM)",
                 median(bare), percentile(bare, 0.99));
 
@@ -216,7 +240,7 @@ int main(int argc, char** argv) {
     }
 
     for (int n : {4, 8, 16}) {
-        const double rss_before = tree_rss_mib();
+        const auto memory_before = tree_memory();
         std::vector<std::shared_ptr<sm::vm>> clones;
         std::vector<double> latency;
         const auto started = clock_type::now();
@@ -232,10 +256,11 @@ int main(int argc, char** argv) {
         while (static_cast<int>(clones.size()) < n)
             io.run_one();
         const double total = seconds_since(started);
-        const double rss_after = tree_rss_mib();
+        const auto memory_after = tree_memory();
         std::printf("  %2d clones at once, one thread: total %6.2f s, start latency p50 %7.1f "
-                    "ms, RSS +%.1f MiB per VM\n",
-                    n, total, median(latency), (rss_after - rss_before) / n);
+                    "ms, per VM: RSS +%.1f MiB, PSS +%.1f MiB\n",
+                    n, total, median(latency), (memory_after.rss - memory_before.rss) / n,
+                    (memory_after.pss - memory_before.pss) / n);
         for (auto& c : clones)
             c->kill();
         clones.clear();
