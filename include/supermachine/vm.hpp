@@ -1261,6 +1261,14 @@ private:
             boost::asio::post(executor_, [done, ec, report] { done(ec, report); });
         };
         if (snapshot_.token.empty() || !client_) return finish(errc::invalid_argument, {});
+        if (!options_.disks.empty()) {
+            // Their contents are the host's files, not the snapshot's: a
+            // restore could not give them back (and refuses the devices).
+            snapshot_report report;
+            report.refusal = "a vm with data disks is not snapshotted (the disks are host files, "
+                             "not part of the snapshot)";
+            return finish({}, report);
+        }
         if (!resume) client_->close();
         auto self = this->shared_from_this();
         auto work = boost::asio::make_work_guard(executor_);

@@ -342,4 +342,13 @@ BOOST_AUTO_TEST_CASE(snapshot_with_resume_keeps_the_vm_running) {
     auto clone = api.restore(dir, image, options);
     BOOST_TEST(api.exec(*clone, "cat /tmp/state") == "before\n");
     BOOST_TEST(api.exec(*running, "cat /tmp/state") == "after\n");
+    // A vm with a data disk is refused with a reason, and runs on.
+    const auto disk = env().work / "snapshot-disk.img";
+    std::ofstream(disk, std::ios::binary) << std::string(1 << 20, '\0');
+    options.disks.push_back({disk, false});
+    auto with_disk = api.boot(image, options);
+    const auto refused = api.try_snapshot(*with_disk, env().work / "kvm-with-disk", true);
+    BOOST_TEST(!refused.saved);
+    BOOST_TEST(contains(refused.refusal, "data disks"), refused.refusal);
+    BOOST_TEST(api.exec(*with_disk, "echo still-here") == "still-here\n");
 }
