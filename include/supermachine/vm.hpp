@@ -1641,10 +1641,6 @@ private:
         for (const auto& e : options_.extra_cmdline)
             extra += " " + e;
         options_.network = has_network_word(extra) ? network_mode::user : network_mode::none;
-        // The snapshot's engine restores it (prepare_restore refuses a kvm
-        // container asked of qemu and a qemu directory asked of kvm).
-        options_.engine =
-            contents.value().meta.engine == "kvm" ? engine_choice::kvm : engine_choice::qemu;
         return prepare_restore(contents.value().image);
     }
 

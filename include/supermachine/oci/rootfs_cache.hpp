@@ -5,6 +5,8 @@
 // compile the builder.
 #include <supermachine/error.hpp>
 
+#include <cerrno>
+#include <cstddef>
 #include <filesystem>
 #include <string>
 #include <string_view>
