@@ -23,14 +23,13 @@
 // vm's executor. Blocking set-up work (reading the kernel modules, writing
 // the initramfs) runs on a small private thread pool, not the caller's executor.
 #include <supermachine/agent/client.hpp>
-#include <supermachine/backend/qemu.hpp>
 #include <supermachine/boot/kernel_cache.hpp>
 #include <supermachine/detail/agent_initramfs.hpp>
-#include <supermachine/detail/qemu_network.hpp>
 #include <supermachine/detail/runtime_directory.hpp>
 #include <supermachine/detail/trace.hpp>
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/detail/vm_engine_kvm.hpp>
+#include <supermachine/detail/vm_engine_qemu.hpp>
 #include <supermachine/detail/warm_snapshot.hpp>
 #include <supermachine/detail/warm_snapshot_contents.hpp>
 #include <supermachine/engine.hpp>
@@ -38,9 +37,7 @@
 #include <supermachine/network.hpp>
 #include <supermachine/prepared_image.hpp>
 #include <supermachine/shared_directory.hpp>
-#include <supermachine/storage/cow_file.hpp>
-#include <supermachine/storage/raw_file.hpp>
-#include <supermachine/virtio/blk.hpp>
+#include <supermachine/snapshot_report.hpp>
 #include <supermachine/virtio/net_user.hpp>
 #include <supermachine/virtio/vsock.hpp>
 
@@ -56,8 +53,6 @@
 #include <boost/asio/thread_pool.hpp>
 
 #include <fcntl.h>
-#include <linux/fs.h> // FICLONE
-#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -172,8 +167,8 @@ public:
     using executor_type = Executor;
     using socket_type = boost::asio::local::stream_protocol::socket;
     using client_type = agent::basic_client<socket_type>;
-    using root_disk = virtio::blk<storage::cow_file<storage::raw_file>>;
     using kvm_engine = detail::basic_kvm_image_engine<Executor>;
+    using qemu_engine = detail::basic_qemu_image_engine<Executor>;
     static_assert(kvm_engine::data_disk_slots == max_data_disks);
 
     static constexpr std::uint32_t agent_port = detail::kvm_agent_port;
@@ -185,9 +180,8 @@ public:
         detail::trace_point("vm teardown");
         kill();
         client_.reset();
-        machine_.reset(); // reaps QEMU
-        if (network_) network_->stop();
-        kvm_.reset();     // joins the vCPUs, then its devices go
+        qemu_.reset(); // reaps QEMU, then its devices go
+        kvm_.reset();  // joins the vCPUs, then its devices go
         detail::trace_point("engine reaped");
         if (owns_runtime_dir_) { // sockets, initramfs and (snapshottable) the RAM file
             std::error_code ignored;
@@ -329,7 +323,7 @@ public:
             boost::system::error_code ignored;
             l->close(ignored);
         }
-        if (machine_) machine_->kill();
+        if (qemu_) qemu_->kill();
         if (kvm_) kvm_->kill();
     }
 
@@ -369,7 +363,7 @@ public:
     // or without resume, and the directory holds one container file
     // (start_snapshot_kvm); `snapshottable` changes nothing there.
 
-    using snapshot_report = backend::qemu_machine::snapshot_report;
+    using snapshot_report = supermachine::snapshot_report;
 
     /// Pause the guest and write a snapshot directory at `path` (replacing
     /// one there). The agent connection is closed first (the saved guest
@@ -676,27 +670,31 @@ private:
             if (std::fclose(f) != 0 || !ok) return errc::io_error;
         }
 
-        if (kind_ == backend::engine_kind::kvm) {
-            typename kvm_engine::config k;
-            k.kernel = options_.kernel->vmlinuz;
-            k.initrd = initrd_path;
-            k.rootfs = image.rootfs;
-            k.disk_id = image.digest.hex().substr(0, 20);
-            k.memory_mib = options_.memory_mib;
-            k.cpus = options_.cpus;
-            k.cmdline = guest_cmdline();
-            k.guest_cid = guest_cid;
+        // What both engines are given alike.
+        auto cmdline = guest_cmdline() + data_disks_word();
+        SUPERMACHINE_TRY(network, user_network_config());
+        const bool networked = network.has_value();
+        auto common = [&](auto& c) {
+            c.kernel = options_.kernel->vmlinuz;
+            c.initrd = initrd_path;
+            c.rootfs = image.rootfs;
+            c.disk_id = image.digest.hex().substr(0, 20);
+            c.memory_mib = options_.memory_mib;
+            c.cpus = options_.cpus;
+            c.guest_cid = guest_cid;
             for (const auto& disk : options_.disks)
-                k.data_disks.push_back({disk.path, disk.read_only});
-            k.cmdline += data_disks_word();
-            SUPERMACHINE_TRY(network, user_network_config());
-            k.network = std::move(network);
-            std::weak_ptr<basic_vm> weak = this->weak_from_this();
-            k.console = [weak](std::string_view text) {
+                c.data_disks.push_back({disk.path, disk.read_only});
+            c.network = std::move(network);
+            c.console = [weak = this->weak_from_this()](std::string_view text) {
                 if (auto self = weak.lock()) self->on_console(text);
             };
+        };
+
+        if (kind_ == backend::engine_kind::kvm) {
+            typename kvm_engine::config k;
+            common(k);
+            k.cmdline = cmdline;
             remember_for_snapshot(image, k.cmdline, agent_binary);
-            const bool networked = k.network.has_value();
             auto made = kvm_engine::create(std::move(k));
             if (!made && networked && made.error() == errno_code(EADDRINUSE))
                 return refuse_network(made.error());
@@ -707,51 +705,30 @@ private:
             return success();
         }
 
-        backend::qemu_config q;
-        q.kernel = options_.kernel->vmlinuz;
-        q.initrd = initrd_path;
-        q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
-        q.vcpus = options_.cpus;
-        q.cmdline = guest_cmdline();
-        // Another virtiofsd (same options as the C one of QEMU 7.2) may be named.
-        if (const char* virtiofsd = std::getenv("SUPERMACHINE_VIRTIOFSD"); virtiofsd && *virtiofsd)
-            q.virtiofsd_binary = virtiofsd;
-        for (const auto& disk : options_.disks)
-            q.data_drives.push_back({disk.path, disk.read_only});
-        q.cmdline += data_disks_word();
+        typename qemu_engine::config q;
+        common(q);
         for (std::size_t i = 0; i < options_.volumes.size(); ++i) {
             const auto& volume = options_.volumes[i];
             const std::string tag = "supermachine" + std::to_string(i);
-            q.shared_directories.push_back({volume.host, tag, volume.read_only});
+            q.volumes.push_back({volume.host, tag, volume.read_only});
             // The agent mounts TAG at the path inside the image's root.
-            q.cmdline += " supermachine.volume=" + tag + ":" + volume.guest +
-                         (volume.read_only ? ":ro" : "");
+            cmdline += " supermachine.volume=" + tag + ":" + volume.guest +
+                       (volume.read_only ? ":ro" : "");
         }
-        if (options_.snapshottable) {
-            // Everything QEMU can migrate: its own blk and virtio-serial, RAM
-            // in a file it shares with us (doc/warm-start.md).
-            SUPERMACHINE_TRY(create_overlay(image.rootfs, options_.runtime_dir / "disk.qcow2"));
-            q.root_drive = options_.runtime_dir / "disk.qcow2";
-            q.memory_file = options_.runtime_dir / "ram";
-            q.memory_file_shared = true;
-            serial_socket_ = options_.runtime_dir / "agent.sock";
-            q.agent_serial_socket = serial_socket_;
-        } else {
-            typename root_disk::config disk;
-            disk.storage.base.path = image.rootfs.string();
-            disk.storage.base.read_only = true; // one cached base serves every VM
-            disk.id = image.digest.hex().substr(0, 20);
-            SUPERMACHINE_TRY(blk, root_disk::create(disk));
-            disk_ = std::move(blk);
-            virtio::vsock::config socket_config;
-            socket_config.guest_cid = guest_cid;
-            SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
-            vsock_ = std::move(vsock);
-        }
-        SUPERMACHINE_TRY(make_network(q));
+        q.cmdline = cmdline;
+        q.snapshottable = options_.snapshottable;
+        q.runtime_dir = options_.runtime_dir;
         q.extra_arguments = options_.engine_arguments;
         remember_for_snapshot(image, q.cmdline, agent_binary);
-        machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
+        return adopt_qemu(qemu_engine::create(executor_, std::move(q), qemu_failure_));
+    }
+
+    // The QEMU engine made (or not) by create or restore.
+    result<void> adopt_qemu(result<std::unique_ptr<qemu_engine>> made) {
+        if (!made && qemu_failure_.network) return refuse_network(made.error());
+        if (!made && !qemu_failure_.why.empty()) return refuse(made.error(), qemu_failure_.why);
+        if (!made) return made.error();
+        qemu_ = std::move(made).value();
         return success();
     }
 
@@ -801,104 +778,65 @@ private:
                               : "the user-mode network could not be set up: " + ec.message());
     }
 
-    // The QEMU engine's: our slirp NAT on one end of a socketpair, QEMU's
-    // virtio-net on the other (detail/qemu_network.hpp).
-    result<void> make_network(backend::qemu_config& q) {
-        SUPERMACHINE_TRY(wanted, user_network_config());
-        if (!wanted) return success();
-        auto c = std::move(*wanted);
-        c.slirp.executor = executor_;
-        const std::string mac = c.guest_mac;
-        auto made = detail::qemu_network::create(std::move(c));
-        if (!made) return refuse_network(made.error());
-        network_ = std::move(made).value();
-        q.network_socket = network_->qemu_end();
-        q.network_mac = mac;
-        return success();
-    }
-
-    // On the executor: attach devices, start the engine, wait for the agent.
+    // On the executor: start the engine, watch for its end, wait for the agent.
     void launch() {
-        if (kvm_) return launch_kvm();
-        if (disk_) {
-            if (auto r = machine_->attach(backend::vhost_user_device_kind::blk, *disk_); !r)
-                return finish_start(r.error());
-        }
-        if (vsock_) {
-            if (auto r = machine_->attach(backend::vhost_user_device_kind::vsock, *vsock_); !r)
-                return finish_start(r.error());
-        }
         launched_at_ = std::chrono::steady_clock::now();
         std::weak_ptr<basic_vm> weak = this->shared_from_this();
         detail::trace_point("engine start");
-        auto started = machine_->start([weak](std::string_view text) {
-            if (auto self = weak.lock()) self->on_console(text);
-        });
-        if (network_) {
-            network_->close_qemu_end(); // QEMU holds its own now (or failed to start)
-            if (started) network_->start();
-        }
-        if (!started) {
-            // What the engine said (e.g. which helper program is missing).
-            auto said = machine_->diagnostics();
-            while (!said.empty() && (said.back() == '\n' || said.back() == '\r'))
-                said.pop_back();
-            if (said.size() > 500) said.erase(0, said.size() - 500);
-            if (!said.empty()) failure_detail_ = std::move(said);
-            return finish_start(started.error());
-        }
-        machine_->async_wait([weak](error_code, int) {
-            if (auto self = weak.lock()) {
-                self->machine_exited_ = true;
-                self->on_engine_exit();
-                if (self->start_)
-                    self->finish_start(errc::agent_unavailable);
-                else if (self->client_)
-                    self->client_->close(); // pending operations fail
-            }
-        });
-        deadline_ = std::chrono::steady_clock::now() + options_.ready_timeout;
-        try_connect();
-    }
-
-    // The kvm engine: the vCPUs start in this process; its exit is seen on
-    // the engine's thread and handled on ours.
-    void launch_kvm() {
-        launched_at_ = std::chrono::steady_clock::now();
-        std::weak_ptr<basic_vm> weak = this->shared_from_this();
-        // The running engine is outstanding work on the executor (as QEMU's
-        // exit watch is): its exit is delivered there, and until then
-        // io_context::run() must not run out (the agent connection waits
-        // on the engine's own thread, not on the executor).
-        engine_work_.emplace(boost::asio::make_work_guard(executor_));
-        kvm_->async_wait([weak, executor = executor_](machine_exit e) {
-            boost::asio::post(executor, [weak, e] {
-                auto self = weak.lock();
-                if (!self) return;
-                self->engine_work_.reset();
-                self->machine_exited_ = true;
-                self->on_engine_exit();
-                if (self->start_) {
-                    if (!e.clean()) self->failure_detail_ = e.describe();
-                    self->finish_start(errc::agent_unavailable);
-                } else if (self->client_) {
-                    self->client_->close(); // pending operations fail
-                }
+        if (kvm_) {
+            // The vCPUs run in this process; the end is seen on the engine's
+            // thread and handled on ours. The running engine is outstanding
+            // work on the executor (as QEMU's exit watch is): until its end
+            // io_context::run() must not run out (the agent connection waits
+            // on the engine's own thread, not on the executor).
+            engine_work_.emplace(boost::asio::make_work_guard(executor_));
+            kvm_->async_wait([weak, executor = executor_](machine_exit e) {
+                boost::asio::post(executor, [weak, e] {
+                    if (auto self = weak.lock())
+                        self->on_engine_exit(e.clean() ? "" : e.describe());
+                });
             });
-        });
-        detail::trace_point("engine start");
-        if (auto started = kvm_->start(); !started) {
-            engine_work_.reset();
-            return finish_start(started.error());
+            if (auto started = kvm_->start(); !started) {
+                engine_work_.reset();
+                return finish_start(started.error());
+            }
+        } else {
+            std::string said; // what QEMU said (e.g. which helper program is missing)
+            if (auto started = qemu_->start(said); !started) {
+                if (!said.empty()) failure_detail_ = std::move(said);
+                return finish_start(started.error());
+            }
+            qemu_->async_wait([weak] {
+                if (auto self = weak.lock()) self->on_engine_exit({});
+            });
         }
         deadline_ = std::chrono::steady_clock::now() + options_.ready_timeout;
         try_connect();
     }
 
-    // The agent's vsock device: ours served to QEMU, or the kvm engine's.
+    // The engine has gone (on the executor): a start fails (`failure` says
+    // why, when the engine knows), pending agent operations fail, stops complete.
+    void on_engine_exit(const std::string& failure) {
+        engine_work_.reset();
+        machine_exited_ = true;
+        stop_timer_.cancel();
+        auto waiters = std::move(stop_waiters_);
+        stop_waiters_.clear();
+        for (auto& w : waiters)
+            w.take_and_call({});
+        if (start_) {
+            if (!failure.empty()) failure_detail_ = failure;
+            finish_start(errc::agent_unavailable);
+        } else if (client_) {
+            client_->close(); // pending operations fail
+        }
+    }
+
+    // The agent's vsock device: the kvm engine's, or ours served to QEMU
+    // (null: the agent is on QEMU's virtio-serial).
     virtio::vsock* agent_vsock() noexcept {
-        if (vsock_) return vsock_.get();
         if (kvm_) return &kvm_->vsock();
+        if (qemu_) return qemu_->vsock();
         return nullptr;
     }
 
@@ -1084,67 +1022,17 @@ private:
         return cmdline;
     }
 
-    /// A qcow2 overlay over the read-only cached rootfs (QEMU's own blk
-    /// writes into it; the base is never written).
-    static result<void> create_overlay(const std::filesystem::path& base,
-                                       const std::filesystem::path& overlay) {
-        auto qemu_img = backend::detail::find_program("qemu-img");
-        if (!qemu_img) return errc::engine_unavailable;
-        SUPERMACHINE_TRY(backend::detail::capture_output(
-            {qemu_img->string(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-             std::filesystem::absolute(base).string(), overlay.string()}));
-        return success();
-    }
-
-    /// Copy `from` to `to` as cheaply as the filesystem allows: a reflink
-    /// (FICLONE: shared blocks, copy-on-write, cost per extent) where both
-    /// are on one btrfs/XFS, else only the data, keeping holes (a RAM file is
-    /// mostly holes). `to` is replaced, never written in place: a stale file
-    /// there may still be mapped by a gone vm.
-    static result<void> copy_file_data(const std::filesystem::path& from,
-                                       const std::filesystem::path& to) {
-        const supermachine::detail::unique_fd in(::open(from.c_str(), O_RDONLY | O_CLOEXEC));
-        if (!in) return errno_code(errno);
-        ::unlink(to.c_str());
-        const supermachine::detail::unique_fd out(
-            ::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
-        if (!out) return errno_code(errno);
-        if (::ioctl(out.get(), FICLONE, in.get()) == 0) return success();
-        // EOPNOTSUPP (ext4, tmpfs), EXDEV (another filesystem), …: the data.
-        struct stat st {};
-        bool ok = ::fstat(in.get(), &st) == 0 && ::ftruncate(out.get(), st.st_size) == 0;
-        for (off_t data = 0; ok;) {
-            data = ::lseek(in.get(), data, SEEK_DATA);
-            if (data < 0) break; // ENXIO: no data after this point
-            off_t hole = ::lseek(in.get(), data, SEEK_HOLE);
-            if (hole < 0) hole = st.st_size;
-            for (off_t position = data; ok && position < hole;) {
-                off_t out_position = position;
-                const ssize_t n = ::copy_file_range(in.get(), &position, out.get(), &out_position,
-                                                    static_cast<std::size_t>(hole - position), 0);
-                ok = n > 0;
-            }
-            data = hole;
-        }
-        const int e = errno;
-        return ok ? success() : result<void>(errno_code(e ? e : EIO));
-    }
-
-    /// Take a file of the running vm into the snapshot: moved when the vm
-    /// stops afterwards, else copied.
-    static result<void> take_file(const std::filesystem::path& from,
-                                  const std::filesystem::path& to, bool copy) {
-        if (!copy && ::rename(from.c_str(), to.c_str()) == 0) return success();
-        return copy_file_data(from, to);
-    }
-
+    // The QEMU engine: the agent is told the host goes (the saved guest
+    // must wait for a restore's host), QEMU saves into a staging directory
+    // beside `path`, which is sealed (fingerprints, record, fsync) on
+    // setup_pool() and moved into place; a resumed vm reconnects.
     void start_snapshot(std::filesystem::path path, bool resume,
                         std::function<void(error_code, snapshot_report)> done) {
         if (kvm_) return start_snapshot_kvm(std::move(path), resume, std::move(done));
         auto finish = [this, done](error_code ec, snapshot_report report) {
             boost::asio::post(executor_, [done, ec, report] { done(ec, report); });
         };
-        if (!machine_ || snapshot_.token.empty() || !client_)
+        if (!qemu_ || snapshot_.token.empty() || !client_)
             return finish(errc::invalid_argument, {});
         if (!options_.snapshottable || (restore_from_ && !options_.snapshottable_after_restore)) {
             snapshot_report report;
@@ -1156,13 +1044,9 @@ private:
                                    "(vm_options::snapshottable)";
             return finish({}, report);
         }
-        std::error_code fs_ec;
-        const auto parent =
-            path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
-        std::filesystem::create_directories(parent, fs_ec);
-        std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX"));
-        if (!::mkdtemp(pattern.data())) return finish(errno_code(errno), {});
-        const std::filesystem::path staging = pattern;
+        auto staged = detail::make_staging_directory(path);
+        if (!staged) return finish(staged.error(), {});
+        const std::filesystem::path staging = staged.value();
         auto self = this->shared_from_this();
         auto fail = [self, staging, finish](error_code ec) {
             std::error_code ignored;
@@ -1173,30 +1057,24 @@ private:
         // end and wait until the agent says it saw the host go.
         client_->close();
         detached_ = false;
-        detach_waiter_ = [self, staging, path, resume, finish, fail] {
+        detach_waiter_ = [self, staging, path, resume, finish] {
             self->snapshot_timer_.cancel();
-            const auto runtime = self->options_.runtime_dir;
-            self->machine_->set_snapshot_paused_step([runtime, staging, resume]() -> result<void> {
-                SUPERMACHINE_TRY(take_file(runtime / "ram", staging / "ram", resume));
-                return take_file(runtime / "disk.qcow2", staging / "disk.qcow2", resume);
-            });
-            self->machine_->async_save_snapshot(
-                staging / "state", resume,
-                [self, staging, path, resume, finish, fail](error_code ec,
-                                                            snapshot_report report) {
+            self->qemu_->async_save(
+                staging, resume,
+                [self, staging, path, resume, finish](error_code ec, snapshot_report report) {
                     if (ec || !report.saved) {
                         if (!resume) self->kill();
                         std::error_code ignored;
                         std::filesystem::remove_all(staging, ignored);
                         return finish(ec, report);
                     }
-                    // Fingerprinting and fsync: off the executor.
-                    // (What the pool's job holds moves into the completion, as in
+                    // Fingerprinting and fsync: off the executor. (What the
+                    // pool's job holds moves into the completion, as in
                     // set_up_then_launch.)
                     auto work = boost::asio::make_work_guard(self->executor_);
                     boost::asio::post(setup_pool(), [self, staging, path, report, resume, finish,
                                                      work = std::move(work)]() mutable {
-                        auto sealed = self->seal_snapshot(staging, path);
+                        auto sealed = qemu_engine::seal(staging, path, self->snapshot_meta());
                         auto executor = self->executor_;
                         boost::asio::dispatch(executor, [self = std::move(self), sealed, report,
                                                          resume, finish = std::move(finish),
@@ -1226,7 +1104,7 @@ private:
 
     void begin_stop(std::chrono::steady_clock::duration grace,
                     agent::detail::unique_function<void(error_code)> done) {
-        if ((!machine_ && !kvm_) || machine_exited_) return done.take_and_call({});
+        if ((!qemu_ && !kvm_) || machine_exited_) return done.take_and_call({});
         stop_waiters_.push_back(std::move(done));
         if (stop_waiters_.size() > 1) return; // already stopping
         if (client_) client_->async_shutdown([](error_code) {});
@@ -1237,14 +1115,6 @@ private:
             if (ec || !self || self->machine_exited_) return;
             self->kill(); // the guest did not power off in time
         });
-    }
-
-    void on_engine_exit() {
-        stop_timer_.cancel();
-        auto waiters = std::move(stop_waiters_);
-        stop_waiters_.clear();
-        for (auto& w : waiters)
-            w.take_and_call({});
     }
 
     // The kvm engine: the snapshot is one container file, `path`/machine.snap
@@ -1280,23 +1150,28 @@ private:
             agent.token.assign(reinterpret_cast<const std::byte*>(token.data()),
                                reinterpret_cast<const std::byte*>(token.data()) + token.size());
             agent.vsock_port = agent_port;
-            std::error_code ec;
-            std::filesystem::create_directories(path, ec);
+            // Written into a staging directory beside `path` and moved into
+            // place whole, as the QEMU engine's: an older snapshot there
+            // (either engine's) stays intact until the new one is complete,
+            // and clones restored from it keep their mapping.
+            auto staged = detail::make_staging_directory(path);
             result<std::uint64_t> written =
-                ec ? result<std::uint64_t>(ec)
-                   : self->kvm_->snapshot(path / kvm_snapshot_file, std::move(agent),
-                                          resume ? after_snapshot::resume : after_snapshot::stop);
+                !staged
+                    ? result<std::uint64_t>(staged.error())
+                    : self->kvm_->snapshot(staged.value() / kvm_snapshot_file, std::move(agent),
+                                           resume ? after_snapshot::resume : after_snapshot::stop);
             // The record that makes the directory self-describing (`restore
-            // DIR`): written after the container, so a directory with a
-            // record has its container. (Its fingerprints stay empty: the
-            // container checks itself, CRC and bounds, on every read.)
+            // DIR`). (Its fingerprints stay empty: the container checks
+            // itself, CRC and bounds, on every read.)
             if (written) {
-                const auto meta_file = path / "meta";
-                const auto staged = path / ".meta.tmp";
-                auto recorded = write_meta(self->snapshot_meta(), staged);
-                if (recorded && ::rename(staged.c_str(), meta_file.c_str()) != 0)
-                    recorded = errno_code(errno);
-                if (!recorded) written = recorded.error();
+                auto sealed = detail::write_warm_snapshot_meta(self->snapshot_meta(),
+                                                               staged.value() / "meta");
+                if (sealed) sealed = detail::replace_directory(staged.value(), path);
+                if (!sealed) written = sealed.error();
+            }
+            if (staged && !written) {
+                std::error_code ignored;
+                std::filesystem::remove_all(staged.value(), ignored);
             }
             snapshot_report report;
             report.saved = written.has_value();
@@ -1379,7 +1254,7 @@ private:
     void connect_serial(std::function<void(error_code, bool may_retry)> done) {
         socket_type socket(executor_);
         boost::system::error_code ec;
-        socket.connect(socket_type::endpoint_type(serial_socket_.string()), ec);
+        socket.connect(socket_type::endpoint_type(qemu_->serial_socket().string()), ec);
         if (ec)
             return boost::asio::post(executor_, [done] { done(errc::agent_unavailable, true); });
         detail::trace_point("agent socket connected");
@@ -1424,11 +1299,9 @@ private:
                           pending->outstanding);
     }
 
-    // On setup_pool(): fingerprint the files, write the record last, fsync,
-    // and move the staging directory into place.
-    //
-    // (The record of what the snapshot needs, for `restore DIR` and
-    // image::from_snapshot: detail/warm_snapshot_contents.hpp.)
+    // The record of what the snapshot needs, for `restore DIR` and
+    // image::from_snapshot (detail/warm_snapshot_contents.hpp); the QEMU
+    // engine adds its files' fingerprints.
     detail::warm_snapshot_meta snapshot_meta() const {
         detail::warm_snapshot_meta meta;
         meta.engine = kind_ == backend::engine_kind::kvm ? "kvm" : "qemu";
@@ -1443,63 +1316,11 @@ private:
         meta.token = snapshot_.token;
         return meta;
     }
-    static result<void> write_meta(const detail::warm_snapshot_meta& meta,
-                                   const std::filesystem::path& file) {
-        const auto bytes = meta.encode();
-        if (bytes.empty()) return errc::snapshot_too_large;
-        const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd < 0) return errno_code(errno);
-        const bool ok =
-            ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()) &&
-            ::fsync(fd) == 0;
-        ::close(fd);
-        if (!ok) return errc::io_error;
-        return success();
-    }
-
-    result<void> seal_snapshot(const std::filesystem::path& staging,
-                               const std::filesystem::path& path) {
-        auto cleanup = [&](error_code ec) -> result<void> {
-            std::error_code ignored;
-            std::filesystem::remove_all(staging, ignored);
-            return ec;
-        };
-        auto meta = snapshot_meta();
-        for (const char* name : {"state", "disk.qcow2", "ram"}) {
-            const int fd = ::open((staging / name).c_str(), O_RDONLY | O_CLOEXEC);
-            if (fd < 0 || ::fsync(fd) != 0) {
-                if (fd >= 0) ::close(fd);
-                return cleanup(errc::io_error);
-            }
-            ::close(fd);
-        }
-        auto stream = detail::fingerprint_file(staging / "state");
-        auto disk = detail::fingerprint_file(staging / "disk.qcow2");
-        auto ram = detail::stat_fingerprint(staging / "ram");
-        if (!stream || !disk || !ram) return cleanup(errc::io_error);
-        meta.stream = stream.value();
-        meta.devices = disk.value();
-        meta.ram = ram.value();
-        if (auto written = write_meta(meta, staging / "meta"); !written)
-            return cleanup(written.error());
-        if (::rename(staging.c_str(), path.c_str()) != 0) {
-            if (errno != ENOTEMPTY && errno != EEXIST) return cleanup(errno_code(errno));
-            // Replace an older snapshot: move it aside first (rename(2) will
-            // not replace a non-empty directory), then drop it. Clones still
-            // running on its files keep them (unlinked files stay mapped).
-            const auto old = staging.string() + ".old";
-            if (::rename(path.c_str(), old.c_str()) != 0) return cleanup(errno_code(errno));
-            if (::rename(staging.c_str(), path.c_str()) != 0) return cleanup(errno_code(errno));
-            std::error_code ignored;
-            std::filesystem::remove_all(old, ignored);
-        }
-        return success();
-    }
 
     // Blocking, on setup_pool(): validate the snapshot against this image and
-    // these options (record, then every file's fingerprint) before anything
-    // starts; then QEMU with the same devices, RAM mapped privately from the
-    // snapshot, root disk writes to a throw-away overlay, -incoming.
+    // these options (the record here, every file's fingerprint in the QEMU
+    // engine's restore) before anything starts; a kvm container is the kvm
+    // engine's (prepare_restore_kvm).
     result<void> prepare_restore(const prepared_image& image) {
         if (std::error_code ec; std::filesystem::exists(*restore_from_ / kvm_snapshot_file, ec))
             return prepare_restore_kvm(image);
@@ -1556,68 +1377,23 @@ private:
         if (guest_cmdline() != meta.cmdline)
             return refuse(errc::snapshot_mismatch,
                           "the snapshot's kernel command line differs from this vm's");
-        for (auto [name, want] :
-             {std::pair{"state", meta.stream}, std::pair{"disk.qcow2", meta.devices}}) {
-            const auto path = (dir / name).string();
-            auto got = detail::fingerprint_file(dir / name);
-            if (!got) return refuse(errc::snapshot_truncated, path + " cannot be read");
-            if (got.value().size != want.size)
-                return refuse(errc::snapshot_truncated, path + " changed size since the snapshot");
-            if (!(got.value() == want))
-                return refuse(errc::snapshot_bad_record, path + " changed since the snapshot");
-        }
-        {
-            const auto path = (dir / "ram").string();
-            auto got = detail::stat_fingerprint(dir / "ram");
-            if (!got || got.value().size != meta.ram.size)
-                return refuse(errc::snapshot_truncated, path + " is missing or changed size");
-            if (!(got.value() == meta.ram))
-                return refuse(errc::snapshot_bad_record, path + " changed since the snapshot");
-            if (meta.ram.size != std::uint64_t{options_.memory_mib} << 20)
-                return refuse(errc::snapshot_mismatch, path + " is not the guest memory's size");
-        }
         token_ = meta.token;
         SUPERMACHINE_TRY(ensure_runtime_dir());
-
-        backend::qemu_config q;
+        typename qemu_engine::config q;
         q.kernel = options_.kernel->vmlinuz;
-        q.memory_bytes = std::uint64_t{options_.memory_mib} << 20;
-        q.vcpus = options_.cpus;
+        q.memory_mib = options_.memory_mib;
+        q.cpus = options_.cpus;
         q.cmdline = meta.cmdline;
-        q.incoming = dir / "state";
-        q.incoming_ignores_shared_memory = true;
-        if (options_.snapshottable_after_restore) {
-            // This clone's own copy of the RAM, mapped shared like a booted
-            // snapshottable vm's: a later snapshot takes the file. QEMU sees
-            // a shared block on both sides, so x-ignore-shared still loads
-            // no pages and the copy's contents stand.
-            q.memory_file = options_.runtime_dir / "ram";
-            q.memory_file_shared = true;
-            if (auto copied = copy_file_data(dir / "ram", q.memory_file); !copied)
-                return refuse(copied.error(), (dir / "ram").string() +
-                                                  " could not be copied for a re-snapshottable "
-                                                  "restore: " +
-                                                  copied.error().message());
-        } else {
-            q.memory_file = dir / "ram";
-            q.memory_file_shared = false; // MAP_PRIVATE: this clone's writes are its own
-        }
-        // The clone writes to its own copy of the snapshot's overlay (a few
-        // hundred KiB; the rootfs stays its read-only backing file). QEMU's
-        // own throw-away overlay (snapshot=on) would create and format a
-        // temporary qcow2 at start-up: measured ≈ 3 ms more per restore.
-        q.root_drive = options_.runtime_dir / "disk.qcow2";
-        std::error_code copy_error;
-        std::filesystem::copy_file(dir / "disk.qcow2", q.root_drive, copy_error);
-        if (copy_error) return errc::io_error;
-        serial_socket_ = options_.runtime_dir / "agent.sock";
-        q.agent_serial_socket = serial_socket_;
-        // A fresh NAT on a fresh socketpair (QEMU does not migrate the
-        // netdev): the guest's eth0 and its configuration are in the stream.
-        SUPERMACHINE_TRY(make_network(q));
+        q.runtime_dir = options_.runtime_dir;
+        SUPERMACHINE_TRY(network, user_network_config());
+        q.network = std::move(network);
+        q.console = [weak = this->weak_from_this()](std::string_view text) {
+            if (auto self = weak.lock()) self->on_console(text);
+        };
         remember_for_snapshot(image, q.cmdline, agent_binary.value());
-        machine_ = std::make_unique<backend::qemu_machine>(executor_, std::move(q));
-        return success();
+        return adopt_qemu(qemu_engine::restore(executor_, std::move(q), dir, meta,
+                                               options_.snapshottable_after_restore,
+                                               qemu_failure_));
     }
 
     // A failed start's error with the sentence failure_detail() gives.
@@ -1679,20 +1455,17 @@ private:
     bool owns_runtime_dir_ = false;
     detail::unique_fd runtime_owner_; // closed after the directory is removed
     bool machine_exited_ = false;
-    // Destroyed in reverse order: the engine before the devices it uses.
-    std::unique_ptr<root_disk> disk_;
-    std::unique_ptr<virtio::vsock> vsock_;
-    std::shared_ptr<detail::qemu_network> network_; // before the engine that uses it
-    std::unique_ptr<backend::qemu_machine> machine_;
-    std::unique_ptr<kvm_engine> kvm_; // the kvm engine (no QEMU, no devices above)
+    // One of the two engines runs the vm (detail/vm_engine_*.hpp).
+    std::unique_ptr<qemu_engine> qemu_;
+    typename qemu_engine::failure qemu_failure_; // why its create or restore failed
+    std::unique_ptr<kvm_engine> kvm_;
     std::optional<boost::asio::executor_work_guard<executor_type>> engine_work_; // kvm_ runs
     backend::engine_kind kind_ = backend::engine_kind::qemu;
     std::unique_ptr<client_type> client_;
     std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> listeners_;
-    // Snapshottable vms: the agent's virtio-serial socket (QEMU listens),
-    // the bound on one connect + hello, and a snapshot's wait for the agent
-    // to see the host go ("host detached" on the console).
-    std::filesystem::path serial_socket_;
+    // Snapshottable QEMU vms: the bound on one connect + hello to the
+    // agent's virtio-serial socket, and a snapshot's wait for the agent to
+    // see the host go ("host detached" on the console).
     boost::asio::steady_timer serial_timer_;
     boost::asio::steady_timer snapshot_timer_;
     boost::asio::steady_timer stop_timer_;

@@ -16,6 +16,7 @@
 
 #include <vm_api_driver.hpp>
 
+#include <algorithm>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
@@ -290,6 +291,25 @@ BOOST_AUTO_TEST_CASE(a_qemu_snapshot_directory_restores_on_qemu) {
                                 "", std::chrono::seconds(240), false, {});
     BOOST_TEST(restored.status == 4, describe(restored));
     BOOST_TEST(restored.out == "restored-on-qemu\n", describe(restored));
+    // A kvm snapshot over it replaces the directory whole (staged beside
+    // it, then renamed): none of QEMU's files stay, no staging is left.
+    auto replaced =
+        run_process({env().cli.string(), "snapshot", "-q", "-o", dir.string(), env().image}, "",
+                    std::chrono::seconds(240), false, {});
+    BOOST_TEST_REQUIRE(replaced.status == 0, describe(replaced));
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(dir))
+        names.push_back(entry.path().filename().string());
+    std::sort(names.begin(), names.end());
+    BOOST_TEST(names == (std::vector<std::string>{"machine.snap", "meta"}),
+               boost::test_tools::per_element());
+    for (const auto& entry : fs::directory_iterator(dir.parent_path()))
+        BOOST_TEST(!contains(entry.path().filename().string(), ".tmp-"), entry.path());
+    auto on_kvm = run_process({env().cli.string(), "restore", "-q", dir.string(), "--", "sh", "-c",
+                               "echo restored-on-kvm"},
+                              "", std::chrono::seconds(240), false, {});
+    BOOST_TEST(on_kvm.status == 0, describe(on_kvm));
+    BOOST_TEST(on_kvm.out == "restored-on-kvm\n", describe(on_kvm));
 }
 
 BOOST_AUTO_TEST_CASE(restored_vm_snapshotted_again) {

@@ -22,6 +22,7 @@
 #include <supermachine/detail/unique_fd.hpp>
 #include <supermachine/engine.hpp>
 #include <supermachine/error.hpp>
+#include <supermachine/snapshot_report.hpp>
 #include <supermachine/vhost_user/backend.hpp>
 #include <supermachine/virtio/device.hpp>
 
@@ -329,15 +330,8 @@ public:
         if (child_.pid > 0 && !exited_) ::kill(child_.pid, SIGKILL);
     }
 
-    /// The outcome of a snapshot attempt.
-    struct snapshot_report {
-        bool saved = false;
-        /// Why QEMU refused, in its words (names the device, e.g. "State blocked
-        /// by non-migratable device '...'"); empty when saved.
-        std::string refusal;
-        std::uint64_t bytes = 0; // size of QEMU's migration stream
-        std::chrono::milliseconds duration{0};
-    };
+    /// The outcome of a snapshot attempt (snapshot_report.hpp).
+    using snapshot_report = supermachine::snapshot_report;
 
     /// Pause the guest and write QEMU's migration stream (CPU, RAM, its
     /// transports) to `file`, and our devices' own state (cores with

@@ -21,6 +21,7 @@
 #include <array>
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -229,6 +230,54 @@ inline result<std::vector<std::byte>> read_small_file(const std::filesystem::pat
     }
     ::close(fd);
     return out;
+}
+
+/// Write the record `meta` to `file` and fsync it.
+inline result<void> write_warm_snapshot_meta(const warm_snapshot_meta& meta,
+                                             const std::filesystem::path& file) {
+    const auto bytes = meta.encode();
+    if (bytes.empty()) return errc::snapshot_too_large;
+    const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return errno_code(errno);
+    const bool ok = ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()) &&
+                    ::fsync(fd) == 0;
+    ::close(fd);
+    if (!ok) return errc::io_error;
+    return success();
+}
+
+/// Move the finished snapshot directory `staging` to `path`, replacing an
+/// older snapshot there: moved aside first (rename(2) will not replace a
+/// non-empty directory), then dropped. Clones still running on its files
+/// keep them (unlinked files stay mapped). `staging` stays where it was on
+/// failure.
+inline result<void> replace_directory(const std::filesystem::path& staging,
+                                      const std::filesystem::path& path) {
+    if (::rename(staging.c_str(), path.c_str()) == 0) return success();
+    if (errno != ENOTEMPTY && errno != EEXIST) return errno_code(errno);
+    const auto old = staging.string() + ".old";
+    if (::rename(path.c_str(), old.c_str()) != 0) return errno_code(errno);
+    if (::rename(staging.c_str(), path.c_str()) != 0) {
+        const int e = errno;
+        ::rename(old.c_str(), path.c_str()); // put the older one back
+        return errno_code(e);
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(old, ignored);
+    return success();
+}
+
+/// A staging directory beside `path` (same filesystem, so the final
+/// rename is atomic), hidden by its leading dot.
+inline result<std::filesystem::path> make_staging_directory(const std::filesystem::path& path) {
+    std::error_code ec;
+    const auto parent =
+        path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
+    std::filesystem::create_directories(parent, ec);
+    if (ec) return ec;
+    std::string pattern = (parent / ("." + path.filename().string() + ".tmp-XXXXXX")).string();
+    if (!::mkdtemp(pattern.data())) return errno_code(errno);
+    return std::filesystem::path(pattern);
 }
 
 } // namespace supermachine::detail
