@@ -59,13 +59,14 @@ struct pool_counts {
 
 namespace detail {
 
-class pool_core : public std::enable_shared_from_this<pool_core> {
+template <class Executor>
+class basic_pool_core : public std::enable_shared_from_this<basic_pool_core<Executor>> {
 public:
-    using strand_type = boost::asio::strand<boost::asio::any_io_executor>;
-    using waiter = std::function<void(error_code, std::shared_ptr<vm>)>;
+    using strand_type = boost::asio::strand<Executor>;
+    using vm_type = basic_vm<Executor>;
+    using waiter = std::function<void(error_code, std::shared_ptr<vm_type>)>;
 
-    pool_core(boost::asio::any_io_executor executor, std::filesystem::path snapshot,
-              pool_options options)
+    basic_pool_core(Executor executor, std::filesystem::path snapshot, pool_options options)
         : strand_(boost::asio::make_strand(std::move(executor)))
         , snapshot_(std::move(snapshot))
         , options_(std::move(options)) {
@@ -103,7 +104,7 @@ public:
             }
     }
 
-    void release(std::shared_ptr<vm> clone) {
+    void release(std::shared_ptr<vm_type> clone) {
         --counts_.leased;
         ++counts_.discarded;
         clone->kill(); // never reused: its state leaves with it
@@ -135,6 +136,15 @@ private:
         waiter done;
     };
 
+    // The clones run on the pool's strand where their executor type can
+    // hold it (any_io_executor), else on the pool's executor itself.
+    Executor clone_executor() const {
+        if constexpr (std::is_constructible_v<Executor, strand_type>)
+            return Executor(strand_);
+        else
+            return strand_.get_inner_executor();
+    }
+
     std::size_t alive() const { return idle_.size() + counts_.leased + restoring_; }
 
     // Restore until min_idle clones are ready beyond those promised to
@@ -157,9 +167,9 @@ private:
 
     void restore_one() {
         ++restoring_;
-        vm::async_restore(
-            strand_, snapshot_, options_.clone,
-            [self = shared_from_this()](error_code ec, std::shared_ptr<vm> clone) {
+        vm_type::async_restore(
+            clone_executor(), snapshot_, options_.clone,
+            [self = this->shared_from_this()](error_code ec, std::shared_ptr<vm_type> clone) {
                 boost::asio::post(self->strand_, [self, ec, clone = std::move(clone)]() mutable {
                     if (ec || !clone || self->options_.warm_up.empty() || self->closed_)
                         return self->restored(ec, std::move(clone));
@@ -172,12 +182,12 @@ private:
     // warm-up answers; close() kills it meanwhile. The exec's handler holds
     // neither the clone nor the core (weak pointers): it lives inside the
     // clone, so a strong one would keep both alive for ever.
-    void warm_up(std::shared_ptr<vm> clone) {
+    void warm_up(std::shared_ptr<vm_type> clone) {
         agent::exec_request request;
         request.argv = options_.warm_up;
         request.timeout_ms = 30'000; // a warm-up that hangs fails the clone
-        std::weak_ptr<vm> weak_clone = clone;
-        std::weak_ptr<pool_core> weak_self = shared_from_this();
+        std::weak_ptr<vm_type> weak_clone = clone;
+        std::weak_ptr<basic_pool_core> weak_self = this->shared_from_this();
         auto* target = clone.get();
         warming_.push_back(std::move(clone));
         target->async_exec(
@@ -196,7 +206,7 @@ private:
     }
 
     // A clone restored (and warmed up), or a failure: on the strand.
-    void restored(error_code ec, std::shared_ptr<vm> clone) {
+    void restored(error_code ec, std::shared_ptr<vm_type> clone) {
         --restoring_;
         if (ec || closed_) {
             if (clone) clone->kill();
@@ -227,8 +237,8 @@ private:
     strand_type strand_;
     std::filesystem::path snapshot_;
     pool_options options_;
-    std::deque<std::shared_ptr<vm>> idle_;
-    std::vector<std::shared_ptr<vm>> warming_; // restored, running their warm-up
+    std::deque<std::shared_ptr<vm_type>> idle_;
+    std::vector<std::shared_ptr<vm_type>> warming_; // restored, running their warm-up
     std::deque<pending_acquire> waiters_;
     std::size_t restoring_ = 0;
     pool_counts counts_;
@@ -239,11 +249,18 @@ private:
 
 } // namespace detail
 
-class pool {
-public:
-    using executor_type = boost::asio::any_io_executor;
+/// Clones of one snapshot, ready ahead of requests (see above). A template
+/// on its executor as Asio's I/O objects are (and as basic_vm, its clones'
+/// type, is): it is compiled where it is used.
+template <class Executor = boost::asio::any_io_executor>
+class basic_pool {
+    using core_type = detail::basic_pool_core<Executor>;
 
-    /// One clone, leased: use it like a std::shared_ptr<vm>. Dropping it
+public:
+    using executor_type = Executor;
+    using vm_type = basic_vm<Executor>;
+
+    /// One clone, leased: use it like a std::shared_ptr<vm_type>. Dropping it
     /// discards the clone (killed at once) and the pool restores another.
     class lease {
     public:
@@ -257,9 +274,9 @@ public:
         }
         ~lease() { reset(); }
 
-        vm* operator->() const noexcept { return clone_.get(); }
-        vm& operator*() const noexcept { return *clone_; }
-        const std::shared_ptr<vm>& get() const noexcept { return clone_; }
+        vm_type* operator->() const noexcept { return clone_.get(); }
+        vm_type& operator*() const noexcept { return *clone_; }
+        const std::shared_ptr<vm_type>& get() const noexcept { return clone_; }
         explicit operator bool() const noexcept { return clone_ != nullptr; }
 
         /// Give the clone back now (it is discarded, as on destruction).
@@ -272,31 +289,32 @@ public:
         }
 
     private:
-        friend class pool;
-        lease(std::shared_ptr<detail::pool_core> core, std::shared_ptr<vm> clone)
+        friend class basic_pool;
+        lease(std::shared_ptr<core_type> core, std::shared_ptr<vm_type> clone)
             : core_(std::move(core))
             , clone_(std::move(clone)) {}
-        std::shared_ptr<detail::pool_core> core_;
-        std::shared_ptr<vm> clone_;
+        std::shared_ptr<core_type> core_;
+        std::shared_ptr<vm_type> clone_;
     };
 
     /// Clones of the snapshot directory `snapshot` (vm::async_snapshot,
     /// `supermachine snapshot -o DIR`). Restoring starts at once.
-    pool(executor_type executor, std::filesystem::path snapshot, pool_options options = {})
-        : core_(std::make_shared<detail::pool_core>(std::move(executor), std::move(snapshot),
-                                                    std::move(options))) {
+    basic_pool(executor_type executor, std::filesystem::path snapshot, pool_options options = {})
+        : core_(std::make_shared<core_type>(std::move(executor), std::move(snapshot),
+                                            std::move(options))) {
         boost::asio::post(core_->strand(), [core = core_] { core->start(); });
     }
     template <class ExecutionContext>
-        requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
-    pool(ExecutionContext& context, std::filesystem::path snapshot, pool_options options = {})
-        : pool(executor_type(context.get_executor()), std::move(snapshot), std::move(options)) {}
+    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+    basic_pool(ExecutionContext& context, std::filesystem::path snapshot, pool_options options = {})
+        : basic_pool(executor_type(context.get_executor()), std::move(snapshot),
+                     std::move(options)) {}
 
-    pool(const pool&) = delete;
-    pool& operator=(const pool&) = delete;
+    basic_pool(const basic_pool&) = delete;
+    basic_pool& operator=(const basic_pool&) = delete;
     /// Fails waiting acquires (errc::cancelled) and kills idle clones;
     /// leases already handed out stay usable.
-    ~pool() { close(); }
+    ~basic_pool() { close(); }
 
     executor_type get_executor() const noexcept { return core_->strand().get_inner_executor(); }
 
@@ -317,7 +335,7 @@ public:
                     });
                 boost::asio::post(core->strand(), [core, id, shared, slot]() mutable {
                     core->acquire(id, [core, shared, slot](error_code ec,
-                                                           std::shared_ptr<vm> clone) mutable {
+                                                           std::shared_ptr<vm_type> clone) mutable {
                         if (slot.is_connected()) slot.clear();
                         if (!*shared) return;
                         shared->take_and_call(ec, clone ? lease(core, std::move(clone)) : lease());
@@ -342,7 +360,10 @@ private:
         return ++id;
     }
 
-    std::shared_ptr<detail::pool_core> core_;
+    std::shared_ptr<core_type> core_;
 };
+
+/// The pool on any executor, its clones `vm`s.
+using pool = basic_pool<>;
 
 } // namespace supermachine

@@ -33,6 +33,11 @@ using namespace std::chrono_literals;
 namespace sm = supermachine;
 namespace asio = boost::asio;
 
+// A pool (and its clones, basic_vm) on an executor that cannot hold a
+// strand compiles whole: its clones then run on that executor itself.
+template class supermachine::basic_pool<asio::io_context::executor_type>;
+template class supermachine::detail::basic_pool_core<asio::io_context::executor_type>;
+
 namespace {
 
 vm_environment& env() {
