@@ -685,9 +685,7 @@ private:
             for (const auto& disk : options_.disks)
                 c.data_disks.push_back({disk.path, disk.read_only});
             c.network = std::move(network);
-            c.console = [weak = this->weak_from_this()](std::string_view text) {
-                if (auto self = weak.lock()) self->on_console(text);
-            };
+            c.console = console_sink();
         };
 
         if (kind_ == backend::engine_kind::kvm) {
@@ -900,6 +898,14 @@ private:
         // a cancelled start leaves them to it (nothing launches after it).
         if (ec && !setting_up_) kill();
         done(ec, this->shared_from_this()); // on error: for console_tail() only
+    }
+
+    // What an engine calls with console output (from its own threads); it
+    // holds the vm weakly, so a console line never keeps a gone vm alive.
+    std::function<void(std::string_view)> console_sink() {
+        return [weak = this->weak_from_this()](std::string_view text) {
+            if (auto self = weak.lock()) self->on_console(text);
+        };
     }
 
     void on_console(std::string_view text) {
@@ -1204,10 +1210,8 @@ private:
             if (!kernel) return refuse(kernel.error(), "no cached kernel for the restore");
             options_.kernel = std::move(kernel).value();
         }
-        auto agent_binary = detail::find_agent_binary();
-        if (!agent_binary)
-            return refuse(agent_binary.error(), "the guest agent binary is not found "
-                                                "(SUPERMACHINE_AGENT, or beside the program)");
+        auto agent_binary = find_agent_for_restore();
+        if (!agent_binary) return agent_binary.error();
         typename kvm_engine::config k;
         k.kernel = options_.kernel->vmlinuz;
         k.rootfs = image.rootfs;
@@ -1220,10 +1224,7 @@ private:
         // configuration (detail/vm_engine_kvm.hpp: no link flap).
         SUPERMACHINE_TRY(network, user_network_config());
         k.network = std::move(network);
-        std::weak_ptr<basic_vm> weak = this->weak_from_this();
-        k.console = [weak](std::string_view text) {
-            if (auto self = weak.lock()) self->on_console(text);
-        };
+        k.console = console_sink();
         const auto cmdline = k.cmdline;
         auto engine = kvm_engine::restore(std::move(k), *restore_from_ / kvm_snapshot_file, token_,
                                           &failure_detail_);
@@ -1339,10 +1340,8 @@ private:
             return refuse(
                 errc::snapshot_mismatch,
                 "the snapshot directory is the qemu engine's; --engine kvm was asked for");
-        auto agent_binary = detail::find_agent_binary();
-        if (!agent_binary)
-            return refuse(agent_binary.error(), "the guest agent binary is not found "
-                                                "(SUPERMACHINE_AGENT, or beside the program)");
+        auto agent_binary = find_agent_for_restore();
+        if (!agent_binary) return agent_binary.error();
         const auto& dir = *restore_from_;
         auto raw = detail::read_small_file(dir / "meta", 64 * 1024);
         if (!raw)
@@ -1387,13 +1386,21 @@ private:
         q.runtime_dir = options_.runtime_dir;
         SUPERMACHINE_TRY(network, user_network_config());
         q.network = std::move(network);
-        q.console = [weak = this->weak_from_this()](std::string_view text) {
-            if (auto self = weak.lock()) self->on_console(text);
-        };
+        q.console = console_sink();
         remember_for_snapshot(image, q.cmdline, agent_binary.value());
         return adopt_qemu(qemu_engine::restore(executor_, std::move(q), dir, meta,
                                                options_.snapshottable_after_restore,
                                                qemu_failure_));
+    }
+
+    // The agent binary a restore checks the snapshot against (its identity
+    // is in the record), or the refusal saying where it was looked for.
+    result<std::filesystem::path> find_agent_for_restore() {
+        auto agent_binary = detail::find_agent_binary();
+        if (!agent_binary)
+            return refuse(agent_binary.error(), "the guest agent binary is not found "
+                                                "(SUPERMACHINE_AGENT, or beside the program)");
+        return agent_binary;
     }
 
     // A failed start's error with the sentence failure_detail() gives.

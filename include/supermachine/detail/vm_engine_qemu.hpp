@@ -112,11 +112,7 @@ public:
             SUPERMACHINE_TRY(vsock, virtio::vsock::create(socket_config));
             self->vsock_ = std::move(vsock);
         }
-        SUPERMACHINE_TRY(self->make_network(executor, q, std::move(c.network), failed));
-        q.extra_arguments = std::move(c.extra_arguments);
-        self->console_ = std::move(c.console);
-        self->runtime_dir_ = c.runtime_dir;
-        self->machine_ = std::make_unique<backend::qemu_machine>(executor, std::move(q));
+        SUPERMACHINE_TRY(self->finish(executor, std::move(q), std::move(c), failed));
         return self;
     }
 
@@ -189,10 +185,7 @@ public:
         q.agent_serial_socket = self->serial_socket_;
         // A fresh NAT on a fresh socketpair (QEMU does not migrate the
         // netdev): the guest's eth0 and its configuration are in the stream.
-        SUPERMACHINE_TRY(self->make_network(executor, q, std::move(c.network), failed));
-        self->console_ = std::move(c.console);
-        self->runtime_dir_ = c.runtime_dir;
-        self->machine_ = std::make_unique<backend::qemu_machine>(executor, std::move(q));
+        SUPERMACHINE_TRY(self->finish(executor, std::move(q), std::move(c), failed));
         return self;
     }
 
@@ -287,6 +280,18 @@ public:
 
 private:
     basic_qemu_image_engine() = default;
+
+    // What create and restore end with alike: the NAT, then the QEMU
+    // process object (nothing runs until start()).
+    result<void> finish(const Executor& executor, backend::qemu_config q, config c,
+                        failure& failed) {
+        SUPERMACHINE_TRY(make_network(executor, q, std::move(c.network), failed));
+        q.extra_arguments = std::move(c.extra_arguments);
+        console_ = std::move(c.console);
+        runtime_dir_ = std::move(c.runtime_dir);
+        machine_ = std::make_unique<backend::qemu_machine>(executor, std::move(q));
+        return success();
+    }
 
     // Our slirp NAT on one end of a socketpair, QEMU's virtio-net on the other.
     result<void> make_network(const Executor& executor, backend::qemu_config& q,
