@@ -95,11 +95,13 @@ public:
         done({}, std::move(clone));
         // The lease's replacement is restored when the lease is dropped,
         // not while its request runs: a restore competes with that request
-        // for the CPU (measured: 4x the bare exec instead of ~1.5x at half
-        // the saturated rate). Only the last ready clone's acquire cannot
+        // for the CPU (measured at half the saturated rate: 4x the bare
+        // exec instead of 2x). Only the last ready clone's acquire cannot
         // wait: the next request would find none.
-        if (idle_.empty()) refill();
-        else publish();
+        if (idle_.empty())
+            refill();
+        else
+            publish();
     }
 
     void cancel(std::uint64_t id) {
