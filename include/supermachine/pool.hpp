@@ -43,7 +43,7 @@
 namespace supermachine {
 
 struct pool_options {
-    std::size_t min_idle = 2;     // restored clones kept ready
+    std::size_t min_idle = 2;     // restored clones kept ready (refilled as leases drop)
     std::size_t max_size = 8;     // clones alive at once: idle + leased + restoring
     snapshot_start_options clone; // how each clone is restored (timeout, cache dir)
     /// Run once in each clone before it is ready (empty: none). A restored
