@@ -16,9 +16,13 @@ usage: server_bench.py --server build/bin/pool_server --image oci:DIR:TAG [--req
 import argparse, http.client, re, statistics, subprocess, sys, threading, time
 
 
+servers = []  # killed on the way out, however it ends
+
+
 def start(server, image, extra):
     proc = subprocess.Popen([server, image, "--port", "0", *extra], stdout=subprocess.PIPE,
                             text=True)
+    servers.append(proc)
     banner = proc.stdout.readline()
     m = re.search(r"127\.0\.0\.1:(\d+)", banner)
     if not m:
@@ -40,19 +44,23 @@ def request(conn):
 def closed_loop(port, requests, clients):
     """`requests` in all, from `clients` connections each sending its next at
     once: (latencies ms, seconds)."""
-    latencies, lock, left = [], threading.Lock(), [requests]
+    latencies, lock, left, failures = [], threading.Lock(), [requests], []
 
     def client():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        while True:
-            with lock:
-                if left[0] == 0:
-                    break
-                left[0] -= 1
-            ms = request(conn)
-            with lock:
-                latencies.append(ms)
-        conn.close()
+        try:
+            while True:
+                with lock:
+                    if left[0] == 0:
+                        break
+                    left[0] -= 1
+                ms = request(conn)
+                with lock:
+                    latencies.append(ms)
+        except (SystemExit, OSError, http.client.HTTPException) as e:
+            failures.append(str(e))  # a thread's exit would end only the thread
+        finally:
+            conn.close()
 
     started = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -60,6 +68,8 @@ def closed_loop(port, requests, clients):
         t.start()
     for t in threads:
         t.join()
+    if failures:
+        sys.exit(failures[0])
     return latencies, time.monotonic() - started
 
 
@@ -130,4 +140,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for proc in servers:
+            if proc.poll() is None:
+                proc.kill()
